@@ -1,0 +1,193 @@
+"""Atomic, checksummed persistence: safetensors for tensors, strict JSON for everything else.
+
+Why: a half-written file must never replace a good one, and a damaged file must be named, not
+half-loaded. Every write goes to a temporary sibling, is fsynced, then renamed into place;
+folders are built beside their final name and renamed in one step. Nothing here unpickles.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import math
+import os
+import shutil
+import uuid
+from pathlib import Path
+from typing import Any, Iterator
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from saekit.errors import CorruptArtifactError
+
+FORMAT_VERSION = 1
+MANIFEST = "saekit_manifest.json"
+
+
+def sha256_bytes(data: bytes) -> str:
+    return hashlib.sha256(data).hexdigest()
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` so that readers see either the old file or the whole new one."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        with open(tmp, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+
+
+def to_strict_json(obj: Any) -> Any:
+    """Replace NaN/inf by None and tensors/numpy scalars by Python numbers, recursively."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): to_strict_json(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_strict_json(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return to_strict_json(obj.tolist())
+    if hasattr(obj, "item") and hasattr(obj, "dtype"):  # numpy scalar
+        return to_strict_json(obj.item())
+    if hasattr(obj, "tolist") and hasattr(obj, "dtype"):  # numpy array
+        return to_strict_json(obj.tolist())
+    if isinstance(obj, Path):
+        return str(obj)
+    return obj
+
+
+def dumps_json(obj: Any, indent: int | None = 2) -> str:
+    """Strict JSON (no NaN/Infinity), so every report parses everywhere."""
+    return json.dumps(to_strict_json(obj), indent=indent, allow_nan=False, sort_keys=False)
+
+
+def atomic_write_json(path: str | Path, obj: Any) -> None:
+    atomic_write_bytes(path, (dumps_json(obj) + "\n").encode())
+
+
+def read_json(path: str | Path) -> Any:
+    path = Path(path)
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise CorruptArtifactError(f"{path}: not valid JSON ({e})") from e
+    except UnicodeDecodeError as e:
+        raise CorruptArtifactError(f"{path}: not UTF-8 text ({e})") from e
+
+
+def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Atomically write a safetensors file; returns its sha256 (for a manifest)."""
+    data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
+    atomic_write_bytes(path, data)
+    return sha256_bytes(data)
+
+
+def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
+    """Read a whole safetensors file, checking its sha256 first when one is given."""
+    path = Path(path)
+    if not path.exists():
+        raise CorruptArtifactError(f"{path}: file is missing")
+    data = path.read_bytes()
+    if expected_sha256 is not None and sha256_bytes(data) != expected_sha256:
+        raise CorruptArtifactError(
+            f"{path}: sha256 mismatch (expected {expected_sha256[:12]}…, found {sha256_bytes(data)[:12]}…); "
+            "the file was truncated or altered"
+        )
+    try:
+        return st_load(data)
+    except (SafetensorError, ValueError, RuntimeError) as e:
+        raise CorruptArtifactError(f"{path}: not a readable safetensors file ({e})") from e
+
+
+def write_manifest(folder: str | Path, files: list[str], extra: dict | None = None) -> None:
+    """Record the sha256 of `files` (relative names) in the folder's manifest, written last."""
+    folder = Path(folder)
+    entry = {"format_version": FORMAT_VERSION, "files": {f: sha256_file(folder / f) for f in files}}
+    entry.update(extra or {})
+    atomic_write_json(folder / MANIFEST, entry)
+
+
+def verify_manifest(folder: str | Path) -> dict:
+    """Check every file listed in the folder's manifest; raise naming the first damaged one."""
+    folder = Path(folder)
+    mpath = folder / MANIFEST
+    if not mpath.exists():
+        return {}
+    manifest = read_json(mpath)
+    for name, digest in manifest.get("files", {}).items():
+        f = folder / name
+        if not f.exists():
+            raise CorruptArtifactError(f"{f}: listed in {MANIFEST} but missing")
+        if sha256_file(f) != digest:
+            raise CorruptArtifactError(f"{f}: sha256 mismatch with {MANIFEST}; the file was truncated or altered")
+    return manifest
+
+
+@contextlib.contextmanager
+def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
+    """Build a folder beside `final` and move it into place in one rename when the body succeeds.
+
+    If the body raises (or the process dies) the previous folder, if any, is untouched and the
+    half-built one is removed (or left as an ignorable `.tmp` sibling after a hard kill).
+    """
+    final = Path(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
+    tmp.mkdir()
+    try:
+        yield tmp
+        _fsync_dir(tmp)
+        if final.exists():
+            if not overwrite:
+                raise FileExistsError(f"{final} exists")
+            old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
+            os.replace(final, old)
+            os.replace(tmp, final)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, final)
+        _fsync_dir(final.parent)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def clean_stale_tmp(folder: str | Path) -> None:
+    """Remove `.tmp` leftovers of writes that a hard kill interrupted."""
+    folder = Path(folder)
+    if not folder.exists():
+        return
+    for p in folder.glob(".*.tmp"):
+        if p.is_dir():
+            shutil.rmtree(p, ignore_errors=True)
+        else:
+            p.unlink(missing_ok=True)

@@ -1,0 +1,1 @@
+"""Corpora (packaged default, local files, hub names) and synthetic planted-feature data."""

@@ -1,0 +1,68 @@
+"""Named errors. Every error a user can trigger says what was expected and what was found."""
+
+from __future__ import annotations
+
+
+class SaekitError(Exception):
+    """Base class of every error saekit raises on purpose."""
+
+
+class ConfigError(SaekitError, ValueError):
+    """A run or architecture config has an unknown key, a missing key, a wrong type or a bad value."""
+
+
+class CorruptArtifactError(SaekitError):
+    """A file on disk is truncated, altered or unreadable (checksum or format mismatch)."""
+
+
+class ShapeMismatchError(SaekitError, ValueError):
+    """A tensor's shape disagrees with the config or the other tensors it is used with."""
+
+
+class DtypeMismatchError(SaekitError, ValueError):
+    """A tensor's dtype disagrees with the config; saekit never casts silently."""
+
+
+class NonFiniteError(SaekitError, FloatingPointError):
+    """A NaN or infinity appeared in activations, a loss or a gradient."""
+
+
+class ResumeMismatchError(SaekitError):
+    """A checkpoint or partial store was made with a config incompatible with the current one."""
+
+
+class MissingCheckpointError(SaekitError, FileNotFoundError):
+    """Resume was asked for but there is no complete checkpoint to resume from."""
+
+
+class HookNotFoundError(SaekitError, KeyError):
+    """A hook point (HF module path or TransformerLens hook name) does not exist in the model."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
+class StoreExistsError(SaekitError, FileExistsError):
+    """An activation store already exists with different contents; saekit never overwrites it silently."""
+
+
+class ModelNotAvailableError(SaekitError):
+    """A model could not be found locally and the hub is not reachable."""
+
+
+def nearest(name: str, candidates, n: int = 3) -> list[str]:
+    """The candidates closest to `name`, for 'did you mean' messages."""
+    import difflib
+
+    cands = list(candidates)
+    close = difflib.get_close_matches(name, cands, n=n, cutoff=0.4)
+    if not close:  # fall back to shared-prefix matches so something useful is always listed
+        close = sorted(cands, key=lambda c: -len(_common_prefix(name, c)))[:n]
+    return close
+
+
+def _common_prefix(a: str, b: str) -> str:
+    i = 0
+    while i < min(len(a), len(b)) and a[i] == b[i]:
+        i += 1
+    return a[:i]

@@ -1,0 +1,185 @@
+"""The SparseAutoencoder contract every architecture keeps.
+
+An SAE maps activations `x [..., d_in]` to a sparse code over `d_sae` latents and back:
+
+    code  = sae.encode(x)      # SparseCode: indices [..., k], values [..., k]
+    x_hat = sae.decode(code)   # [..., d_in]
+    out   = sae(x)             # ForwardOutput: recon, code, and whatever the loss needs
+    loss  = sae.loss(x, out)   # LossOutput: total + named parts (pure function of its inputs)
+
+No architecture is assumed to have an encoder matrix (matching pursuit has none). Inputs shaped
+`(d_in)`, `(B, d_in)` and `(B, T, d_in)` all work: the base flattens leading dimensions, the
+architecture sees `[N, d_in]` only (`_encode_flat`, `_decode_flat`, `_forward_flat`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+from torch import Tensor, nn
+
+from saekit.config import Config, param
+from saekit.errors import ShapeMismatchError
+
+DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass
+class SAEConfig(Config):
+    """Fields every architecture shares; names follow SAELens's cfg.json where they exist."""
+
+    d_in: int = param(doc="width of the activations the SAE reads", ge=1)
+    d_sae: int = param(doc="number of latents (dictionary size)", ge=1)
+    dtype: str = param("float32", "parameter dtype", choices=list(DTYPES))
+    device: str = param("cpu", "device the SAE is created on")
+    model_name: str = param("", "model the activations come from (metadata)")
+    hook_name: str = param("", "hook point the activations come from (metadata)")
+    hook_layer: int = param(-1, "layer index of the hook (metadata; -1 unknown)")
+    context_size: int = param(0, "tokens per context when caching (metadata)")
+    dataset_path: str = param("", "corpus the SAE was trained on (metadata)")
+    normalize_activations: str = param("none", "input normalisation used during training; folded on export",
+                                       choices=["none", "expected_average_only_in", "constant_norm_rescale"])
+    seed: int = param(0, "initialisation seed")
+
+    @property
+    def torch_dtype(self) -> torch.dtype:
+        return DTYPES[self.dtype]
+
+
+@dataclass
+class SparseCode:
+    """A sparse code: `indices [..., k]` into the d_sae latents and their `values [..., k]`.
+
+    Slots with value 0 are inactive (an index may then be arbitrary). Architectures whose number of
+    active latents varies per row (BatchTopK, adaptive MP) pad with zeros.
+    """
+
+    indices: Tensor
+    values: Tensor
+    d_sae: int
+
+    def dense(self) -> Tensor:
+        """The dense view `[..., d_sae]` (zeros except the active latents)."""
+        out = self.values.new_zeros(*self.values.shape[:-1], self.d_sae)
+        return out.scatter_add_(-1, self.indices, self.values)
+
+    def l0(self) -> Tensor:
+        """Number of active (non-zero) latents per row, `[...]`."""
+        return (self.values != 0).sum(-1)
+
+    def reshape(self, *lead: int) -> "SparseCode":
+        k = self.indices.shape[-1]
+        return SparseCode(self.indices.reshape(*lead, k), self.values.reshape(*lead, k), self.d_sae)
+
+    def detach(self) -> "SparseCode":
+        return SparseCode(self.indices, self.values.detach(), self.d_sae)
+
+
+@dataclass
+class ForwardOutput:
+    """What `forward` returns: the reconstruction, the code, and loss ingredients in `aux`."""
+
+    recon: Tensor
+    code: SparseCode
+    aux: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class LossOutput:
+    """A scalar `total` to backpropagate and its named, detached parts for logging."""
+
+    total: Tensor
+    parts: dict[str, float] = field(default_factory=dict)
+
+
+class SparseAutoencoder(nn.Module):
+    """Base class: shape handling, save/load hooks and the training callbacks' defaults."""
+
+    architecture: ClassVar[str] = ""
+    config_class: ClassVar[type[SAEConfig]] = SAEConfig
+    supports_folding: ClassVar[bool] = True
+
+    def __init__(self, cfg: SAEConfig):
+        super().__init__()
+        self.cfg = cfg
+
+    # -- the public API, any leading shape ------------------------------------------------
+    def encode(self, x: Tensor) -> SparseCode:
+        x_ND, lead = self._flatten(x)
+        return self._encode_flat(x_ND).reshape(*lead)
+
+    def decode(self, code: SparseCode) -> Tensor:
+        lead = code.indices.shape[:-1]
+        flat = code.reshape(-1)
+        return self._decode_flat(flat).reshape(*lead, self.cfg.d_in)
+
+    def forward(self, x: Tensor) -> ForwardOutput:
+        x_ND, lead = self._flatten(x)
+        out = self._forward_flat(x_ND)
+        return ForwardOutput(out.recon.reshape(*lead, self.cfg.d_in), out.code.reshape(*lead), out.aux)
+
+    # -- what an architecture implements ---------------------------------------------------
+    def _encode_flat(self, x_ND: Tensor) -> SparseCode:
+        raise NotImplementedError
+
+    def _decode_flat(self, code: SparseCode) -> Tensor:
+        raise NotImplementedError
+
+    def _forward_flat(self, x_ND: Tensor) -> ForwardOutput:
+        code = self._encode_flat(x_ND)
+        return ForwardOutput(self._decode_flat(code), code)
+
+    def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
+        """Default: mean squared error summed over d_in, averaged over rows."""
+        err = (out.recon - x).pow(2).sum(-1).mean()
+        return LossOutput(err, {"mse": err.item()})
+
+    # -- training callbacks (no-ops unless an architecture needs them) ----------------------
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        """Data-dependent initialisation (e.g. decoder bias at the geometric median)."""
+
+    def before_optimizer_step(self) -> None:
+        """Called after backward, before the optimizer step (e.g. remove the parallel gradient)."""
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        """Called after the optimizer step (e.g. renormalise decoder rows, refresh a Gram matrix)."""
+
+    def set_input_scale(self, scale: float) -> None:
+        """Training-time input normalisation `x * scale`; the exported copy folds it away."""
+        self.register_buffer("input_scale", torch.tensor(float(scale)), persistent=False)
+
+    def folded_copy(self) -> "SparseAutoencoder":
+        """A copy that works on raw activations: normalisation folded into the weights.
+
+        Architectures for which folding is invalid raise NotImplementedError.
+        """
+        if not self.supports_folding:
+            raise NotImplementedError(f"{self.architecture}: folding is not valid for this architecture")
+        return self
+
+    # -- helpers ---------------------------------------------------------------------------
+    def _flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:
+        if x.shape[-1] != self.cfg.d_in:
+            raise ShapeMismatchError(
+                f"{self.architecture}: expected input [..., d_in={self.cfg.d_in}], found shape {tuple(x.shape)}")
+        lead = tuple(x.shape[:-1])
+        return x.reshape(-1, self.cfg.d_in), lead
+
+    @property
+    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
+        """Decoder directions `[d_sae, d_in]`; every architecture has a dictionary."""
+        raise NotImplementedError
+
+    def config_dict(self) -> dict:
+        """The cfg.json content: the config plus `architecture` (SAELens-style keys)."""
+        d = self.cfg.to_dict(redact=True)
+        d["architecture"] = self.architecture
+        return d
+
+    def clone_config(self, **changes) -> SAEConfig:
+        return dataclasses.replace(self.cfg, **changes)

@@ -1,0 +1,129 @@
+"""Architectures register by name; loading picks the class from cfg.json's `architecture`.
+
+Files: `cfg.json` + `sae_weights.safetensors` (SAELens-compatible keys) + a sha256 manifest.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from saekit.artifacts import MANIFEST, atomic_dir, load_tensors, read_json, save_tensors, write_manifest, atomic_write_json
+from saekit.errors import ConfigError, CorruptArtifactError, DtypeMismatchError, ShapeMismatchError, nearest
+from saekit.sae.base import SAEConfig, SparseAutoencoder
+
+_REGISTRY: dict[str, type[SparseAutoencoder]] = {}
+CFG_FILE = "cfg.json"
+WEIGHTS_FILE = "sae_weights.safetensors"
+
+
+def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
+    """Class decorator: make an architecture loadable by its `architecture` name."""
+    if not cls.architecture:
+        raise ValueError(f"{cls.__name__} has no architecture name")
+    _REGISTRY[cls.architecture] = cls
+    return cls
+
+
+def _ensure_builtins() -> None:
+    # Importing the architecture modules registers them; kept lazy so registry has no import cycle.
+    import saekit.sae.topk  # noqa: F401
+
+    for mod in ("saekit.sae.matching_pursuit", "saekit.sae.mdl"):
+        try:
+            __import__(mod)
+        except ModuleNotFoundError as e:
+            if e.name != mod:
+                raise
+
+
+def architectures() -> list[str]:
+    _ensure_builtins()
+    return sorted(_REGISTRY)
+
+
+def get_class(name: str) -> type[SparseAutoencoder]:
+    _ensure_builtins()
+    if name not in _REGISTRY:
+        raise ConfigError(f"unknown architecture '{name}' (did you mean {nearest(name, _REGISTRY, 1)}?); "
+                          f"registered: {sorted(_REGISTRY)}")
+    return _REGISTRY[name]
+
+
+def make_config(data: dict[str, Any], strict: bool = True) -> SAEConfig:
+    """Build the architecture's own config class from a dict with an `architecture` key."""
+    data = dict(data)
+    name = data.pop("architecture", None)
+    if name is None:
+        raise ConfigError("SAE config: missing required key 'architecture'")
+    return get_class(name).config_class.from_dict(data, strict=strict, where=f"sae[{name}]")
+
+
+def create(data: dict[str, Any] | SAEConfig, architecture: str | None = None) -> SparseAutoencoder:
+    if isinstance(data, SAEConfig):
+        cls = get_class(architecture) if architecture else _class_for_config(data)
+        return cls(data)
+    cfg = make_config(data)
+    return get_class(data["architecture"])(cfg)
+
+
+def _class_for_config(cfg: SAEConfig) -> type[SparseAutoencoder]:
+    _ensure_builtins()
+    for cls in _REGISTRY.values():
+        if type(cfg) is cls.config_class:
+            return cls
+    raise ConfigError(f"no registered architecture uses config class {type(cfg).__name__}")
+
+
+def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True) -> Path:
+    """Write `cfg.json` + `sae_weights.safetensors` atomically; normalisation folded by default."""
+    path = Path(path)
+    model = sae.folded_copy() if (fold and sae.supports_folding) else sae
+    with atomic_dir(path) as tmp:
+        atomic_write_json(tmp / CFG_FILE, model.config_dict())
+        save_tensors(tmp / WEIGHTS_FILE, dict(model.state_dict()))
+        write_manifest(tmp, [CFG_FILE, WEIGHTS_FILE])
+    return path
+
+
+def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool = True) -> SparseAutoencoder:
+    """Load an SAE folder; checksums, shapes and dtypes are checked against cfg.json."""
+    path = Path(path)
+    if (path / "final_sae").is_dir() and not (path / CFG_FILE).exists():
+        path = path / "final_sae"  # a training run folder
+    cfg_path = path / CFG_FILE
+    if not cfg_path.exists():
+        raise CorruptArtifactError(f"{path}: no {CFG_FILE} (expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE})")
+    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
+    files = manifest.get("files", {})
+    if CFG_FILE in files:
+        from saekit.artifacts import sha256_file
+
+        if sha256_file(cfg_path) != files[CFG_FILE]:
+            raise CorruptArtifactError(f"{cfg_path}: sha256 mismatch with {MANIFEST}; the file was altered")
+    cfg_dict = read_json(cfg_path)
+    sae = create(cfg_dict) if strict else get_class(cfg_dict["architecture"])(make_config(cfg_dict, strict=False))
+    tensors = load_tensors(path / WEIGHTS_FILE, files.get(WEIGHTS_FILE))
+    check_state(sae, tensors, source=str(path / WEIGHTS_FILE))
+    sae.load_state_dict(tensors, strict=True)
+    return sae.to(device)
+
+
+def check_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], source: str) -> None:
+    """Raise naming the tensor when weights disagree with the config; nothing is cast silently."""
+    expected = sae.state_dict()
+    missing = sorted(set(expected) - set(tensors))
+    extra = sorted(set(tensors) - set(expected))
+    if missing or extra:
+        raise ShapeMismatchError(f"{source}: tensors do not match the architecture "
+                                 f"'{sae.architecture}' (missing {missing}, unexpected {extra})")
+    for name, want in expected.items():
+        got = tensors[name]
+        if tuple(got.shape) != tuple(want.shape):
+            raise ShapeMismatchError(f"{source}: tensor '{name}' expected shape {tuple(want.shape)} "
+                                     f"from cfg.json, found {tuple(got.shape)}")
+        if got.dtype != want.dtype:
+            raise DtypeMismatchError(f"{source}: tensor '{name}' expected dtype {want.dtype} "
+                                     f"from cfg.json, found {got.dtype}")
