@@ -1,0 +1,43 @@
+"""Text-embedding source: one pooled sentence-transformers vector per document (pos = token_id = -1)."""
+
+from __future__ import annotations
+
+from typing import Iterator
+
+import torch
+
+from saekit.sources.base import ActivationBatch, SourceConfig
+from saekit.sources.models import hub_id, load_embedder
+
+EMBEDDING_HOOK = "sentence_embedding"
+
+
+class EmbeddingSource:
+    def __init__(self, cfg: SourceConfig, model=None):
+        self.cfg = cfg
+        self.model = model if model is not None else load_embedder(cfg.model, cfg.device)
+        self.hooks = [EMBEDDING_HOOK]
+        dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.d_in = {EMBEDDING_HOOK: int(dim())}
+
+    @torch.no_grad()
+    def embed(self, texts: list[str]) -> torch.Tensor:
+        out = self.model.encode(texts, batch_size=self.cfg.batch_size, convert_to_tensor=True,
+                                show_progress_bar=False)
+        return out.float().cpu()
+
+    def iter_batches(self, docs: list[dict]) -> Iterator[ActivationBatch]:
+        for i in range(0, len(docs), self.cfg.batch_size):
+            chunk = docs[i: i + self.cfg.batch_size]
+            n = len(chunk)
+            yield ActivationBatch(
+                acts={EMBEDDING_HOOK: self.embed([d["text"] for d in chunk])},
+                doc_id=torch.tensor([d["doc_id"] for d in chunk], dtype=torch.int64),
+                pos=torch.full((n,), -1, dtype=torch.int32),
+                token_id=torch.full((n,), -1, dtype=torch.int32),
+            )
+
+    def spec(self) -> dict:
+        return {"kind": "embedding", "model": hub_id(self.cfg.model), "revision": "packaged" if
+                self.cfg.model == "default" else (self.cfg.revision or "unknown"), "hooks": self.hooks,
+                "d_in": self.d_in, "dtype": "float32", "max_length": int(self.model.max_seq_length)}

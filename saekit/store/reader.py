@@ -1,0 +1,208 @@
+"""Reading an activation store: verified, memory-mapped, shuffled deterministically.
+
+Shards are memory-mapped straight from their safetensors files (header parsed by hand, data read
+in place), so opening a store costs nothing in RAM and shuffled batches gather rows from the page
+cache. Every shard is checked against the manifest's sha256 when first opened (`verify=True`), so
+a truncated or altered shard raises `CorruptArtifactError` naming the file instead of returning
+wrong rows.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saekit.artifacts import read_json, sha256_file
+from saekit.errors import CorruptArtifactError, SaekitError
+from saekit.store.batches import TensorBatches, epoch_permutation
+from saekit.store.writer import CACHE_INDEX, DOCS, MANIFEST
+
+_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32, "F64": np.float64}
+
+
+def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Map every tensor of a safetensors file without reading it (bf16 comes back as raw uint16)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        head = f.read(8)
+        if len(head) < 8:
+            raise CorruptArtifactError(f"{path}: truncated (no safetensors header)")
+        (n,) = struct.unpack("<Q", head)
+        if n > size - 8:
+            raise CorruptArtifactError(f"{path}: truncated (header says {n} bytes, file has {size - 8})")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise CorruptArtifactError(f"{path}: unreadable safetensors header ({e})") from e
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        if 8 + n + end > size:
+            raise CorruptArtifactError(f"{path}: truncated (tensor '{name}' ends past the end of the file)")
+        shape = tuple(info["shape"])
+        if end == start:
+            out[name] = np.zeros(shape, dtype=_NP[info["dtype"]])
+        else:
+            out[name] = np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=8 + n + start, shape=shape)
+        out[name + ".__dtype__"] = info["dtype"]
+    return out
+
+
+def _to_torch(arr: np.ndarray, st_dtype: str) -> Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(arr))
+    return t.view(torch.bfloat16).float() if st_dtype == "BF16" else t.float()
+
+
+class ActivationStore:
+    """One hook's store. Open a cache root with `hook=` (or leave it out when there is one hook)."""
+
+    def __init__(self, path: str | Path, hook: str | None = None, verify: bool = True):
+        path = Path(path)
+        if not (path / MANIFEST).exists() and (path / CACHE_INDEX).exists():
+            stores = read_json(path / CACHE_INDEX)["stores"]
+            if hook is None and len(stores) != 1:
+                raise SaekitError(f"{path} holds stores for several hooks {sorted(stores)}; pass hook=")
+            hook = hook or next(iter(stores))
+            if hook not in stores:
+                raise SaekitError(f"{path}: no store for hook '{hook}'; available: {sorted(stores)}")
+            path = path / stores[hook]
+        if not (path / MANIFEST).exists():
+            raise CorruptArtifactError(f"{path}: no {MANIFEST} (expected an activation store folder)")
+        self.path = path
+        self.manifest = read_json(path / MANIFEST)
+        self.verify = verify
+        self.shards = self.manifest["shards"]
+        self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
+        self._maps: dict[int, dict] = {}
+
+    # -- metadata ------------------------------------------------------------------------
+    @property
+    def hook(self) -> str:
+        return self.manifest["hook"]
+
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def d_in(self) -> int:
+        return int(self.manifest["d_in"])
+
+    @property
+    def complete(self) -> bool:
+        return bool(self.manifest["complete"])
+
+    def __len__(self) -> int:
+        return int(self.offsets[-1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self), self.d_in)
+
+    @property
+    def fingerprint(self) -> str:
+        return f"{self.manifest['corpus_fingerprint']}:{self.hook}:{len(self)}"
+
+    # -- shards --------------------------------------------------------------------------
+    def _shard(self, i: int) -> dict:
+        if i not in self._maps:
+            entry = self.shards[i]
+            f = self.path / entry["file"]
+            if not f.exists():
+                raise CorruptArtifactError(f"{f}: listed in {MANIFEST} but missing")
+            if self.verify and sha256_file(f) != entry["sha256"]:
+                raise CorruptArtifactError(f"{f}: sha256 mismatch with {MANIFEST}; the shard was truncated or altered")
+            self._maps[i] = _memmap_safetensors(f)
+        return self._maps[i]
+
+    def verify_all(self) -> None:
+        for i in range(len(self.shards)):
+            self._shard(i)
+
+    def _gather(self, name: str, rows: np.ndarray) -> Tensor:
+        order = np.argsort(rows, kind="stable")
+        sorted_rows = rows[order]
+        shard_of = np.searchsorted(self.offsets, sorted_rows, side="right") - 1
+        parts = []
+        for s in np.unique(shard_of):
+            sel = sorted_rows[shard_of == s] - self.offsets[s]
+            m = self._shard(int(s))
+            parts.append(_to_torch(m[name][sel], m[name + ".__dtype__"]) if name == "acts"
+                         else torch.from_numpy(np.array(m[name][sel])))
+        out = torch.cat(parts) if parts else torch.zeros(0, self.d_in)
+        inv = torch.from_numpy(np.argsort(order, kind="stable"))
+        return out[inv]
+
+    def __getitem__(self, idx) -> Tensor:
+        """Rows by global index: an int tensor/array, or a slice."""
+        if isinstance(idx, slice):
+            idx = np.arange(*idx.indices(len(self)))
+        rows = np.asarray(idx.numpy() if isinstance(idx, Tensor) else idx, dtype=np.int64)
+        return self._gather("acts", rows)
+
+    def meta(self, name: str) -> Tensor:
+        """A whole provenance column: 'doc_id', 'pos' or 'token_id' (small: one int per row)."""
+        parts = [torch.from_numpy(np.array(self._shard(i)[name])) for i in range(len(self.shards))]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    def iter_chunks(self, chunk_rows: int = 65536, start: int = 0, stop: int | None = None):
+        """Sequential `(row_start, acts [n, d_in])` chunks, for streaming evaluation and analysis."""
+        stop = len(self) if stop is None else stop
+        for lo in range(start, stop, chunk_rows):
+            hi = min(stop, lo + chunk_rows)
+            yield lo, self[lo:hi]
+
+    @cached_property
+    def docs(self) -> dict[int, dict]:
+        """doc_id -> {'text', 'labels'} for every document of the corpus slice."""
+        out = {}
+        with open(self.path / DOCS, encoding="utf-8") as f:
+            for line in f:
+                d = json.loads(line)
+                out[int(d["doc_id"])] = d
+        return out
+
+    # -- splits and batches ----------------------------------------------------------------
+    def split_by_document(self, holdout: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
+        """(train_rows, heldout_rows): whole documents go to one side, chosen deterministically."""
+        doc_ids = self.meta("doc_id")
+        uniq = torch.unique(doc_ids)
+        perm = uniq[epoch_permutation(len(uniq), seed, -1)]
+        held = perm[: max(1, int(round(holdout * len(uniq))))] if holdout > 0 else perm[:0]
+        is_held = torch.isin(doc_ids, held)
+        return (~is_held).nonzero().squeeze(1), is_held.nonzero().squeeze(1)
+
+    def batches(self, batch_size: int, seed: int = 0, rows: Tensor | None = None,
+                rank: int = 0, world_size: int = 1) -> TensorBatches:
+        """Endless shuffled batches (a trainer BatchSource) over all rows or a subset."""
+        view = self if rows is None else RowSubset(self, rows)
+        return TensorBatches(view, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+class RowSubset:
+    """A view of some rows of a store that indexes like a tensor."""
+
+    def __init__(self, store: ActivationStore, rows: Tensor):
+        self.store, self.rows = store, rows.to(torch.int64)
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return (len(self.rows), self.store.d_in)
+
+    def __getitem__(self, idx) -> Tensor:
+        return self.store[self.rows[idx]]
+
+
+def open_store(path: str | Path, hook: str | None = None, verify: bool = True) -> ActivationStore:
+    return ActivationStore(path, hook, verify)

@@ -1,0 +1,169 @@
+"""Writing an activation store: sharded safetensors + manifest.json, resumable and atomic.
+
+Layout of a cache folder (one store per hook, so each store is self-contained):
+
+    <root>/cache.json                      hooks -> store folders, the source spec, the corpus fingerprint
+    <root>/<hook>/manifest.json            format version, source spec, corpus fingerprint, rows, shards + sha256
+    <root>/<hook>/shard-00000.safetensors  acts [n, d_in], doc_id [n], pos [n], token_id [n]
+    <root>/<hook>/docs.jsonl               doc_id, text, labels of every document in the corpus slice
+
+Shard s always holds documents [s·docs_per_shard, (s+1)·docs_per_shard) of the corpus order, so a
+job killed at any point and run again redoes at most the unfinished shard and ends with exactly
+the rows an uninterrupted run writes. A shard file is renamed into place before the manifest that
+lists it; the manifest is rewritten (atomically) after every shard and marked complete at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from saekit.artifacts import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
+from saekit.config import Config, param
+from saekit.data.corpus import fingerprint
+from saekit.errors import StoreExistsError
+from saekit.sources.base import ActivationBatch, ActivationSource
+
+log = logging.getLogger(__name__)
+MANIFEST = "manifest.json"
+CACHE_INDEX = "cache.json"
+DOCS = "docs.jsonl"
+
+
+@dataclass
+class StoreConfig(Config):
+    """Where and how activations are stored."""
+
+    path: str = param("", "cache folder (one store per hook inside); empty = <run folder>/store")
+    docs_per_shard: int = param(256, "documents per shard (the unit of resume)", ge=1)
+    dtype: str = param("float32", "dtype of stored activations", choices=["float32", "bfloat16", "float16"])
+    overwrite: bool = param(False, "replace an existing store made from a different source or corpus")
+    sort_by_length: bool = param(True, "order documents by length inside a shard (less padding, same rows)")
+
+
+def hook_slug(hook: str) -> str:
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", hook)
+
+
+def shard_name(i: int) -> str:
+    return f"shard-{i:05d}.safetensors"
+
+
+def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> dict:
+    return {"source": spec, "corpus_fingerprint": corpus_fp, "n_docs": n_docs,
+            "docs_per_shard": cfg.docs_per_shard, "dtype": cfg.dtype}
+
+
+def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifest_name: str) -> dict[str, dict]:
+    """Create or reopen the per-hook stores; refuse to mix with a store made differently."""
+    identity = _identity(spec, fingerprint(docs), len(docs), cfg)
+    index_path = root / CACHE_INDEX
+    if index_path.exists():
+        old = read_json(index_path)
+        if old.get("identity") != identity:
+            if not cfg.overwrite:
+                raise StoreExistsError(
+                    f"{root} already holds a store made from a different source or corpus "
+                    f"(found {json.dumps(old.get('identity'))[:300]}…); choose another path or set store.overwrite")
+            import shutil
+
+            shutil.rmtree(root)
+    root.mkdir(parents=True, exist_ok=True)
+    if not index_path.exists():
+        atomic_write_json(index_path, {"format_version": FORMAT_VERSION, "identity": identity,
+                                       "stores": {h: hook_slug(h) for h in spec["hooks"]}})
+    manifests = {}
+    for h in spec["hooks"]:
+        folder = root / hook_slug(h)
+        folder.mkdir(exist_ok=True)
+        clean_stale_tmp(folder)
+        mpath = folder / manifest_name
+        if mpath.exists():
+            manifests[h] = read_json(mpath)
+        else:
+            lines = "".join(json.dumps(d, default=str) + "\n" for d in docs)
+            atomic_write_bytes(folder / DOCS, lines.encode())
+            manifests[h] = {"format_version": FORMAT_VERSION, "kind": spec["kind"], "hook": h,
+                            "d_in": spec["d_in"][h], "dtype": cfg.dtype, "source": spec,
+                            "corpus_fingerprint": identity["corpus_fingerprint"], "n_docs": len(docs),
+                            "docs_per_shard": cfg.docs_per_shard, "rows": 0, "shards": [], "complete": False}
+    return manifests
+
+
+def _write_shard(folder: Path, index: int, batches: list[ActivationBatch], hook: str, dtype: torch.dtype,
+                 doc_range: tuple[int, int]) -> dict:
+    acts = torch.cat([b.acts[hook] for b in batches]) if batches else torch.zeros(0, 0)
+    cols = {"acts": acts.to(dtype)}
+    for name in ("doc_id", "pos", "token_id"):
+        cols[name] = torch.cat([getattr(b, name) for b in batches]) if batches else torch.zeros(0)
+    sha = save_tensors(folder / shard_name(index), cols)
+    return {"file": shard_name(index), "rows": int(acts.shape[0]), "sha256": sha,
+            "doc_start": doc_range[0], "doc_end": doc_range[1]}
+
+
+def cache_activations(source: ActivationSource, docs: list[dict], root: str | Path, cfg: StoreConfig | None = None,
+                      shard_range: range | None = None, stop_after_shards: int | None = None,
+                      manifest_name: str = MANIFEST) -> dict[str, Path]:
+    """Fill (or finish) the stores under `root`; returns hook -> store folder.
+
+    `shard_range` restricts the job to some shards (distributed caching gives each rank its own);
+    `stop_after_shards` ends early (used by tests to simulate an interruption); `manifest_name` lets
+    each rank keep its own partial manifest (merged by `merge_manifests`).
+    """
+    cfg, root = cfg or StoreConfig(), Path(root)
+    spec = source.spec()
+    manifests = _prepare(root, spec, docs, cfg, manifest_name)
+    n_shards = max(1, -(-len(docs) // cfg.docs_per_shard))
+    todo = [s for s in (shard_range or range(n_shards))
+            if all(s not in {sh["index"] for sh in m["shards"]} for m in manifests.values())]
+    dtype = getattr(torch, cfg.dtype)
+    bar = tqdm(total=len(todo), desc="caching", unit="shard", dynamic_ncols=True)
+    tokens, t0 = 0, time.perf_counter()
+    for n_done, s in enumerate(todo):
+        lo, hi = s * cfg.docs_per_shard, min(len(docs), (s + 1) * cfg.docs_per_shard)
+        shard_docs = docs[lo:hi]
+        if cfg.sort_by_length:
+            shard_docs = sorted(shard_docs, key=lambda d: len(d["text"]))
+        batches = list(source.iter_batches(shard_docs))
+        for h, m in manifests.items():
+            entry = _write_shard(root / hook_slug(h), s, batches, h, dtype, (lo, hi))
+            entry["index"] = s
+            m["shards"] = sorted(m["shards"] + [entry], key=lambda e: e["index"])
+            m["rows"] = sum(e["rows"] for e in m["shards"])
+            m["complete"] = len(m["shards"]) == n_shards
+            atomic_write_json(root / hook_slug(h) / manifest_name, m)
+        tokens += sum(b.n for b in batches)
+        bar.update(1)
+        bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
+        if stop_after_shards is not None and n_done + 1 >= stop_after_shards:
+            break
+    bar.close()
+    return {h: root / hook_slug(h) for h in manifests}
+
+
+def merge_manifests(root: str | Path) -> None:
+    """Re-read every shard listed by per-rank partial manifests into one manifest per hook.
+
+    Used after distributed caching, where each rank wrote `manifest.rank-R.json`.
+    """
+    root = Path(root)
+    index = read_json(root / CACHE_INDEX)
+    for h, slug in index["stores"].items():
+        folder = root / slug
+        parts = [read_json(p) for p in sorted(folder.glob("manifest.rank-*.json"))]
+        if not parts:
+            continue
+        base = parts[0]
+        shards = {e["index"]: e for p in parts for e in p["shards"]}
+        base["shards"] = [shards[i] for i in sorted(shards)]
+        base["rows"] = sum(e["rows"] for e in base["shards"])
+        n_shards = max(1, -(-base["n_docs"] // base["docs_per_shard"]))
+        base["complete"] = len(shards) == n_shards
+        atomic_write_json(folder / MANIFEST, base)
