@@ -1,0 +1,156 @@
+"""Training callbacks: what the loop tells the outside world, kept out of the loop itself.
+
+A callback subclasses `Callback` and overrides any of its hooks. The loop calls them in order;
+`close` is always called, also when training raises.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import Tensor
+from tqdm.auto import tqdm
+
+from saekit.artifacts import atomic_write_bytes, dumps_json
+from saekit.sae.base import ForwardOutput, LossOutput
+
+if TYPE_CHECKING:
+    from saekit.train.loop import TrainRun
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class StepInfo:
+    """One training step as callbacks see it."""
+
+    step: int  # 1-based number of this step (== run.state.step after it)
+    batch_BD: Tensor  # the rows as read from the batch source
+    x_BD: Tensor | None  # the rows the SAE saw (normalised); None for a skipped non-finite batch
+    out: ForwardOutput | None
+    loss: LossOutput | None
+    lr: float
+    grad_norm: float | None
+    skipped: bool = False
+    reason: str = ""
+
+
+class Callback:
+    """No-op hooks; override what you need."""
+
+    def on_train_start(self, run: "TrainRun") -> None: ...
+
+    def on_step_end(self, run: "TrainRun", info: StepInfo) -> None: ...
+
+    def on_checkpoint(self, run: "TrainRun", path: Path) -> None: ...
+
+    def on_train_end(self, run: "TrainRun") -> None: ...
+
+    def close(self, run: "TrainRun") -> None: ...
+
+
+def fvu(x_BD: Tensor, recon_BD: Tensor) -> float:
+    """Fraction of variance unexplained, around the batch mean: sum|x - x_hat|^2 / sum|x - mean(x)|^2."""
+    x, r = x_BD.double(), recon_BD.double()
+    total = (x - x.mean(0)).pow(2).sum()
+    return float((x - r).pow(2).sum() / total) if total > 0 else float("nan")
+
+
+class MetricsLogger(Callback):
+    """Appends one strict-JSON line every `every` steps to `path` (normally run_dir/metrics.jsonl).
+
+    Fields: step, tokens, loss and its parts, fvu, l0, dead_fraction, tokens_per_s, lr, grad_norm,
+    nonfinite_skipped. The dead fraction is the SAE's own (`sae.dead_fraction()`) when it has one,
+    else the fraction of latents that did not fire during the last `dead_window_tokens` rows seen
+    since this process started. On resume, lines past the resumed step are dropped first.
+    """
+
+    def __init__(self, path: str | Path, every: int = 100, dead_window_tokens: int = 10_000_000):
+        self.path, self.every, self.window = Path(path), every, dead_window_tokens
+        self._since_fired: Tensor | None = None
+        self._f = None
+
+    def on_train_start(self, run: "TrainRun") -> None:
+        if self.path.exists():
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= run.start_step]
+            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in keep).encode())
+        self._f = open(self.path, "a")
+        self._t, self._tokens = time.perf_counter(), run.state.tokens
+
+    def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
+        if info.out is not None and not callable(getattr(run.sae, "dead_fraction", None)):
+            self._track_firing(info.out, run.sae.cfg.d_sae)
+        if info.step % self.every == 0 or info.step == run.cfg.total_steps:
+            self._write(run, info)
+
+    @torch.no_grad()
+    def _track_firing(self, out: ForwardOutput, d_sae: int) -> None:
+        code = out.code.reshape(-1)
+        if self._since_fired is None:
+            self._since_fired = torch.zeros(d_sae, dtype=torch.long)
+        self._since_fired += code.indices.shape[0]
+        fired = code.indices[code.values != 0].unique().cpu()
+        self._since_fired[fired] = 0
+
+    def _dead_fraction(self, run: "TrainRun") -> float | None:
+        fn = getattr(run.sae, "dead_fraction", None)
+        if callable(fn):
+            return float(fn())
+        if self._since_fired is None:
+            return None
+        return float((self._since_fired >= self.window).float().mean())
+
+    @torch.no_grad()
+    def _write(self, run: "TrainRun", info: StepInfo) -> None:
+        now = time.perf_counter()
+        rec: dict[str, Any] = {"step": info.step, "tokens": run.state.tokens}
+        if info.loss is not None and info.out is not None and info.x_BD is not None:
+            rec["loss"] = float(info.loss.total.detach())
+            rec.update({k: float(v) for k, v in info.loss.parts.items() if k not in rec})
+            rec["fvu"] = fvu(info.x_BD, info.out.recon.detach())
+            rec["l0"] = float(info.out.code.l0().float().mean())
+        rec["dead_fraction"] = self._dead_fraction(run)
+        rec["tokens_per_s"] = (run.state.tokens - self._tokens) / max(now - self._t, 1e-9)
+        rec["lr"] = info.lr
+        rec["grad_norm"] = info.grad_norm
+        rec["nonfinite_skipped"] = run.state.nonfinite_skipped
+        if info.skipped:
+            rec["skipped"] = info.reason
+        self._t, self._tokens = now, run.state.tokens
+        self._f.write(dumps_json(rec, indent=None) + "\n")
+        self._f.flush()
+        log.debug("step %d: %s", info.step, rec)
+
+    def close(self, run: "TrainRun") -> None:
+        if self._f is not None:
+            self._f.close()
+            self._f = None
+
+
+class ProgressBar(Callback):
+    """A tqdm bar over the training steps, showing the latest loss and L0."""
+
+    def __init__(self, enabled: bool = True, every: int = 10):
+        self.enabled, self.every = enabled, every
+        self._bar = None
+
+    def on_train_start(self, run: "TrainRun") -> None:
+        self._bar = tqdm(total=run.cfg.total_steps, initial=run.start_step, desc="train", unit="step",
+                         disable=not self.enabled, dynamic_ncols=True)
+
+    def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
+        self._bar.update(1)
+        if info.step % self.every == 0 and info.loss is not None:
+            self._bar.set_postfix(loss=f"{float(info.loss.total.detach()):.4g}", lr=f"{info.lr:.2e}", refresh=False)
+
+    def close(self, run: "TrainRun") -> None:
+        if self._bar is not None:
+            self._bar.close()
+            self._bar = None

@@ -1,0 +1,271 @@
+"""The training loop: Adam on `sae.loss`, with warm-up/decay, checkpoints, resume and fault handling.
+
+    result = train(sae, batches, TrainConfig(total_steps=10_000, batch_size=4096), "runs/my-sae")
+    result = train(sae, batches, cfg, "runs/my-sae", resume=True)   # continue from the latest checkpoint
+
+A fresh run seeds torch/numpy/python RNGs with `cfg.seed`, reads the first batches to estimate the
+input-normalisation scale and for `sae.init_from_data`, then trains. Every step: check the batch is
+finite, forward, loss, backward, `sae.before_optimizer_step()`, check the gradient is finite, clip,
+`optimizer.step()`, `sae.after_optimizer_step()`. SIGINT/SIGTERM stop after the current step with a
+complete checkpoint and raise `TrainingInterrupted` (a SystemExit, code 130 / 143).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import random
+import signal
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Literal
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from saekit.artifacts import atomic_write_json
+from saekit.errors import ConfigError, MissingCheckpointError, NonFiniteError, ShapeMismatchError
+from saekit.sae.base import SparseAutoencoder
+from saekit.sae.registry import save_sae
+from saekit.store.batches import BatchSource
+from saekit.train import checkpoint as ckpt_io
+from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, StepInfo
+from saekit.train.config import RESUME_KEYS, TrainConfig
+from saekit.train.schedules import lr_at
+
+log = logging.getLogger(__name__)
+
+
+class TrainingInterrupted(SystemExit):
+    """Training stopped on SIGINT/SIGTERM after writing a checkpoint; exit code 130 (SIGINT) or 143 (SIGTERM)."""
+
+    def __init__(self, signum: int, checkpoint: Path):
+        super().__init__(128 + signum)
+        self.signum, self.checkpoint = signum, checkpoint
+
+
+@dataclass
+class TrainRun:
+    """What callbacks see: the live objects of the run."""
+
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    batches: BatchSource
+    cfg: TrainConfig  # resolved: total_steps and lr filled in
+    run_dir: Path
+    state: ckpt_io.TrainState
+    start_step: int
+
+
+@dataclass
+class TrainResult:
+    sae: SparseAutoencoder  # the trained SAE in training form (normalisation not folded)
+    state: ckpt_io.TrainState
+    run_dir: Path
+    final_sae: Path  # run_dir/final_sae, the folded inference copy
+    start_step: int  # 0 for a fresh run, the checkpoint's step when resumed
+    steps_run: int  # steps this call executed
+
+
+def train(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_dir: str | Path,
+          callbacks: list[Callback] | None = None, resume: bool | Literal["auto"] = False) -> TrainResult:
+    """Train `sae` on `batches`; write checkpoints, metrics.jsonl, config.json and final_sae/ under `run_dir`.
+
+    resume=True continues from the latest checkpoint (MissingCheckpointError if there is none,
+    ResumeMismatchError if it was made by an incompatible run); "auto" resumes when a checkpoint exists.
+    """
+    run_dir, cfg = Path(run_dir), cfg.resolved(sae.cfg.d_sae)
+    _check_inputs(sae, batches, cfg)
+    found = ckpt_io.latest_checkpoint(run_dir)
+    if resume is True and found is None:
+        raise MissingCheckpointError(f"resume requested but {run_dir / ckpt_io.CHECKPOINTS} holds no complete checkpoint")
+    if resume is False and found is not None:
+        raise ConfigError(f"{run_dir} already holds checkpoints (latest {found.name}); pass resume=True to continue "
+                          "that run or choose a new run_dir")
+    params = [p for _, p in sae.named_parameters()]
+    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", cfg.log_every), ProgressBar(cfg.progress_bar),
+                 *(callbacks or [])]
+    with _deterministic(cfg.deterministic), _StopSignals() as stop:
+        if found is not None:
+            ckpt = ckpt_io.read_checkpoint(found)
+            ckpt_io.check_compatible(ckpt, sae, cfg.to_dict(), batches.fingerprint, RESUME_KEYS)
+            state = ckpt_io.restore(ckpt, sae, opt, batches)
+            log.info("resuming %s from %s (step %d of %d)", run_dir, found.name, state.step, cfg.total_steps)
+        else:
+            state = _fresh_start(sae, batches, cfg, run_dir)
+        run = TrainRun(sae, opt, batches, cfg, run_dir, state, state.step)
+        try:
+            for cb in callbacks:
+                cb.on_train_start(run)
+            sae.train()
+            while state.step < cfg.total_steps:
+                info = _train_step(sae, opt, batches, state, cfg)
+                for cb in callbacks:
+                    cb.on_step_end(run, info)
+                due = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
+                if due or stop.signum or state.step == cfg.total_steps:
+                    path = ckpt_io.save_checkpoint(run_dir, state, sae, opt, batches, cfg.to_dict(), cfg.keep_checkpoints)
+                    for cb in callbacks:
+                        cb.on_checkpoint(run, path)
+                    if stop.signum:
+                        log.warning("signal %d: stopped at step %d with checkpoint %s", stop.signum, state.step, path)
+                        raise TrainingInterrupted(stop.signum, path)
+            final = save_sae(sae, run_dir / "final_sae")
+            for cb in callbacks:
+                cb.on_train_end(run)
+        finally:
+            for cb in callbacks:
+                cb.close(run)
+    return TrainResult(sae, state, run_dir, final, run.start_step, state.step - run.start_step)
+
+
+def _check_inputs(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig) -> None:
+    if getattr(batches, "d_in", sae.cfg.d_in) != sae.cfg.d_in:
+        raise ShapeMismatchError(f"batch source has d_in={batches.d_in}, the SAE expects d_in={sae.cfg.d_in}")
+    if getattr(batches, "batch_size", cfg.batch_size) != cfg.batch_size:
+        raise ConfigError(f"TrainConfig.batch_size={cfg.batch_size} but the batch source yields "
+                          f"batch_size={batches.batch_size}")
+    if cfg.normalize_activations != "none" and not sae.supports_folding:
+        raise ConfigError(f"normalize_activations='{cfg.normalize_activations}' needs an architecture that can fold "
+                          f"the scale into its weights; '{sae.architecture}' cannot")
+
+
+def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_dir: Path) -> ckpt_io.TrainState:
+    """Seed RNGs, estimate the normalisation scale and initialise from the first batches, record the config."""
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed % 2**32)
+    random.seed(cfg.seed)
+    state = ckpt_io.TrainState()
+    n = max(cfg.init_batches, cfg.norm_batches if cfg.normalize_activations != "none" else 0)
+    first = []
+    for i in range(n):
+        x = batches.next_batch()
+        bad = _bad_rows(x)
+        if bad and cfg.nonfinite == "raise":
+            raise NonFiniteError(f"non-finite activations in warm-up batch {i} (read before step 1), rows {bad}"
+                                 + _describe(batches, bad))
+        first.append(x[torch.isfinite(x).all(-1)].double())
+    scale = 1.0
+    if cfg.normalize_activations != "none":
+        mean_sq = torch.cat(first).pow(2).sum(-1).mean().item()
+        scale = math.sqrt(sae.cfg.d_in / mean_sq) if mean_sq > 0 else 1.0
+        state.input_scale = scale
+        sae.set_input_scale(scale)
+        log.info("input normalisation scale %.6g (mean squared norm %.6g)", scale, mean_sq)
+    p = next(sae.parameters())
+    sae.init_from_data((torch.cat(first[: cfg.init_batches]) * scale).to(device=p.device, dtype=p.dtype))
+    atomic_write_json(run_dir / "config.json", {"train": cfg.to_dict(), "sae": sae.config_dict(),
+                                                "data_fingerprint": batches.fingerprint, "input_scale": state.input_scale})
+    return state
+
+
+def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: BatchSource,
+                state: ckpt_io.TrainState, cfg: TrainConfig) -> StepInfo:
+    """One optimizer step; a non-finite batch, loss or gradient raises or is skipped (cfg.nonfinite)."""
+    batch_BD = batches.next_batch()
+    step, lr = state.step + 1, lr_at(state.step, cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay,
+                                     cfg.decay_fraction)
+    state.tokens += batch_BD.shape[0]
+    info = StepInfo(step, batch_BD, None, None, None, lr, None)
+    if bad := _bad_rows(batch_BD):
+        return _nonfinite(sae, opt, state, cfg, info, {}, f"non-finite activations in rows {bad}"
+                          + _describe(batches, bad))
+    p = next(sae.parameters())
+    x_BD = batch_BD.to(device=p.device, dtype=p.dtype)
+    if state.input_scale is not None:
+        x_BD = x_BD * state.input_scale
+    buffers = {n: b.clone() for n, b in sae.named_buffers()}  # restored if the step is skipped
+    for group in opt.param_groups:
+        group["lr"] = lr
+    out = sae(x_BD)
+    loss = sae.loss(x_BD, out)
+    info.x_BD, info.out, info.loss = x_BD, out, loss
+    if not torch.isfinite(loss.total).all():
+        bad = _bad_rows((out.recon.detach() - x_BD).pow(2).sum(-1, keepdim=True))
+        return _nonfinite(sae, opt, state, cfg, info, buffers, f"non-finite loss (rows {bad} of the reconstruction)")
+    opt.zero_grad(set_to_none=True)
+    loss.total.backward()
+    sae.before_optimizer_step()
+    grads = [q.grad for q in sae.parameters() if q.grad is not None]
+    norm = torch.nn.utils.get_total_norm(grads)
+    info.grad_norm = float(norm)
+    if not math.isfinite(info.grad_norm):
+        return _nonfinite(sae, opt, state, cfg, info, buffers, "non-finite gradient")
+    if cfg.grad_clip is not None:
+        torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), cfg.grad_clip, norm)
+    opt.step()
+    sae.after_optimizer_step()
+    opt.zero_grad(set_to_none=True)
+    state.step, state.lr, state.consecutive_nonfinite = step, lr, 0
+    return info
+
+
+def _nonfinite(sae, opt, state, cfg, info: StepInfo, buffers: dict[str, Tensor], what: str) -> StepInfo:
+    if cfg.nonfinite == "raise":
+        raise NonFiniteError(f"training step {info.step}: {what}")
+    opt.zero_grad(set_to_none=True)
+    with torch.no_grad():
+        for name, b in sae.named_buffers():
+            if name in buffers:
+                b.copy_(buffers[name])
+    state.step, state.lr = info.step, info.lr
+    state.nonfinite_skipped += 1
+    state.consecutive_nonfinite += 1
+    log.warning("training step %d skipped: %s (%d skipped in total)", info.step, what, state.nonfinite_skipped)
+    if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
+        raise NonFiniteError(f"training step {info.step}: {state.consecutive_nonfinite} consecutive non-finite steps "
+                             f"(max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); last: {what}. "
+                             "The last good checkpoint is left as it was.")
+    info.skipped, info.reason = True, what
+    return info
+
+
+def _bad_rows(x_BD: Tensor, limit: int = 20) -> list[int]:
+    return (~torch.isfinite(x_BD)).any(-1).nonzero().flatten()[:limit].tolist()
+
+
+def _describe(batches: BatchSource, rows: list[int]) -> str:
+    """Optional: sources that can trace rows back to documents implement `describe_rows(rows) -> str`."""
+    fn = getattr(batches, "describe_rows", None)
+    return f" ({fn(rows)})" if callable(fn) else ""
+
+
+@contextlib.contextmanager
+def _deterministic(on: bool) -> Iterator[None]:
+    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    if on:
+        torch.use_deterministic_algorithms(True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+
+
+class _StopSignals:
+    """SIGINT/SIGTERM set `signum` (the loop checkpoints and stops); a second signal aborts at once.
+    The previous handlers are restored on exit. Outside the main thread nothing is installed."""
+
+    def __init__(self) -> None:
+        self.signum = 0
+        self._previous: dict[int, object] = {}
+
+    def _handle(self, signum, frame) -> None:
+        if self.signum:
+            raise KeyboardInterrupt(f"second signal {signum}: aborting without a checkpoint")
+        self.signum = signum
+        log.warning("signal %d received: finishing the current step and writing a checkpoint "
+                    "(send it again to abort at once)", signum)
+
+    def __enter__(self) -> "_StopSignals":
+        if threading.current_thread() is threading.main_thread():
+            for s in (signal.SIGINT, signal.SIGTERM):
+                self._previous[s] = signal.signal(s, self._handle)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for s, h in self._previous.items():
+            signal.signal(s, h)
