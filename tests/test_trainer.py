@@ -87,6 +87,25 @@ def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path):
     assert steps == [5, 10, 15, 20, 25, 30, 35, 40]
 
 
+def test_sigkill_then_resume_is_bit_exact_for_topk_with_auxk(tmp_path):
+    ref_dir = tmp_path / "ref"
+    sae, batches, cfg = make_setup(arch="topk", total_steps=30)
+    ref = Recorder()
+    train(sae, batches, cfg, ref_dir, callbacks=[ref])
+    run_dir = tmp_path / "killed"
+    proc = run_script({"run_dir": str(run_dir), "kill_at_step": 14, "cfg": {"arch": "topk", "total_steps": 30}})
+    assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+    ckpt = read_checkpoint(run_dir)
+    assert ckpt.state.step == 10 and int(ckpt.sae_tensors["tokens_since_fired"].max()) >= 96  # dead latents exist
+    sae, batches, cfg = make_setup(arch="topk", total_steps=30)
+    rec = Recorder()
+    result = train(sae, batches, cfg, run_dir, callbacks=[rec], resume=True)
+    assert result.steps_run == 20 and rec.steps == ref.steps[10:]
+    assert_same_checkpoint(ref_dir / "checkpoints" / "step-00000030", run_dir / "checkpoints" / "step-00000030")
+    metrics = [json.loads(ln) for ln in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert "auxk" in metrics[-1] and metrics[-1]["dead_fraction"] is not None
+
+
 def test_sigint_in_process_checkpoints_restores_handlers_and_resumes_exactly(reference_run, tmp_path):
     ref_dir, _, _ = reference_run
     seen = []

@@ -119,12 +119,21 @@ def make_data(n: int = 1024, seed: int = 0) -> Tensor:
 
 
 def make_setup(data: Tensor | None = None, sae_overrides: dict | None = None, shuffle: bool = True,
-               sae_class: type[SparseAutoencoder] | None = None, **cfg_overrides):
-    """(sae, batches, cfg) for a tiny deterministic run; kwargs override TrainConfig fields."""
+               sae_class: type[SparseAutoencoder] | None = None, arch: str = "toy", **cfg_overrides):
+    """(sae, batches, cfg) for a tiny deterministic run; kwargs override TrainConfig fields.
+
+    arch="topk" uses the real top-k SAE with AuxK engaged (a short dead-latent window)."""
     x = make_data() if data is None else data
     sae_cfg = dict(d_in=x.shape[-1], d_sae=D_SAE, k=K)
-    sae_cfg.update(sae_overrides or {})
-    sae = (sae_class or ToyTopK)(ToyTopKConfig(**sae_cfg))
+    if arch == "topk":
+        from saekit.sae.topk import TopKConfig, TopKSAE
+
+        sae_cfg.update(dead_tokens_threshold=96, aux_k=4)
+        sae_cfg.update(sae_overrides or {})
+        sae = TopKSAE(TopKConfig(**sae_cfg))
+    else:
+        sae_cfg.update(sae_overrides or {})
+        sae = (sae_class or ToyTopK)(ToyTopKConfig(**sae_cfg))
     batches = TensorBatches(x, BATCH, seed=1, shuffle=shuffle)
     cfg = dict(total_steps=40, batch_size=BATCH, lr=3e-3, warmup_steps=5, decay="linear", decay_fraction=0.3,
                checkpoint_every=10, keep_checkpoints=10, log_every=5, normalize_activations="expected_average_only_in",
