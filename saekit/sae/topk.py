@@ -1,0 +1,264 @@
+"""Top-k SAE (Gao et al. 2024, "Scaling and evaluating sparse autoencoders"), BatchTopK optional.
+
+    pre_NF = (x_ND - b_dec_D) @ W_enc_DF + b_enc_F
+    z_NF   = ReLU(TopK_k(pre_NF))            (BatchTopK: the k*N largest over the whole batch)
+    x_hat  = z_NF @ W_dec_FD + b_dec_D
+
+Why these choices (all from the paper unless noted):
+* top-k fixes L0 directly, so there is no sparsity coefficient to tune and no shrinkage;
+* tied init (W_enc = W_dec^T) and unit-norm decoder rows, kept by projecting out the gradient
+  component parallel to each row before the step and renormalising after it;
+* b_dec starts at the geometric median of the data (robust to outlier activations);
+* AuxK: dead latents (no firing for `dead_tokens_threshold` tokens) are asked to reconstruct the
+  residual with their own top-`aux_k`, which gives them gradient again;
+* training runs through `kernels.sparse_encode/decode`: the encoder product is the only dense op.
+
+Parameters use SAELens names and shapes, so `save_sae` writes a folder SAELens-style tools read.
+Training-only state (`tokens_since_fired`) is a non-persistent buffer: the trainer's checkpoint
+(which saves every named buffer) keeps it, the exported `sae_weights.safetensors` does not.
+The SAE does not scale its input: during training the caller feeds `x * input_scale`;
+`folded_copy()` returns the SAE for raw activations.
+"""
+
+from __future__ import annotations
+
+import itertools
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saekit.config import param
+from saekit.errors import ConfigError
+from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
+from saekit.sae.kernels import Select, sparse_decode, sparse_encode
+from saekit.sae.registry import register
+
+
+@dataclass
+class TopKConfig(SAEConfig):
+    k: int = param(32, "active latents per row (BatchTopK: on average per row)", ge=1)
+    batch_topk: bool = param(False, "BatchTopK: keep the k*B largest activations of a training batch; inference "
+                                    "uses a threshold learned as an EMA of the smallest kept activation")
+    threshold_momentum: float = param(0.99, "EMA momentum of the BatchTopK inference threshold", ge=0.0, lt=1.0)
+    aux_k: int | None = param(None, "latents in the AuxK reconstruction; None = d_in // 2 (Gao et al. use 512)", ge=1)
+    aux_coef: float = param(1 / 32, "weight of the AuxK loss (0 disables it)", ge=0.0)
+    dead_tokens_threshold: int = param(1_000_000, "tokens without firing after which a latent counts as dead "
+                                                  "(Gao et al. use 10M on far longer runs)", ge=1)
+    apply_b_dec_to_input: bool = param(True, "subtract b_dec from the input before encoding")
+
+    def validate(self) -> None:
+        if self.k > self.d_sae:
+            raise ConfigError(f"topk: expected k <= d_sae={self.d_sae}, found k={self.k}")
+
+    @property
+    def resolved_aux_k(self) -> int:
+        return min(self.aux_k or max(self.d_in // 2, 1), self.d_sae)
+
+
+@register
+class TopKSAE(SparseAutoencoder):
+    architecture = "topk"
+    config_class = TopKConfig
+
+    def __init__(self, cfg: TopKConfig):
+        super().__init__(cfg)
+        self.cfg: TopKConfig = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(**kw))
+        self.W_dec = nn.Parameter(W_dec_FD.to(**kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        if cfg.batch_topk:  # < 0: not estimated yet (inference then falls back to row-wise top-k)
+            self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=cfg.device))
+        self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=cfg.device),
+                             persistent=False)
+        self._workspace: Tensor | None = None  # reused [N, d_sae] pre-activation buffer (training only)
+
+    @property
+    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
+        # The base declares W_dec as a raising property, which would shadow the parameter (and make
+        # nn.Module's hasattr() check fail); look the parameter up explicitly instead.
+        try:
+            return self._parameters["W_dec"]
+        except KeyError:
+            raise AttributeError("W_dec") from None
+
+    # -- encoding --------------------------------------------------------------------------------
+    def _select(self, dead_idx: Tensor | None, widths: dict) -> Select:
+        k, cfg = self.cfg.k, self.cfg
+        batch_mode = cfg.batch_topk and self.training
+        threshold = float(self.threshold) if cfg.batch_topk and not self.training else -1.0
+
+        def select(pre_NF: Tensor) -> tuple[Tensor, Tensor]:
+            if batch_mode:
+                idx_NK, vals_NK = _batch_topk(pre_NF, k * pre_NF.shape[0])
+            elif threshold >= 0:
+                idx_NK, vals_NK = _threshold_select(pre_NF, threshold)
+            else:
+                vals_NK, idx_NK = pre_NF.topk(k, dim=1, sorted=False)
+                vals_NK.clamp_min_(0)  # ReLU on k values, not on the [N, F] block
+            widths["main"] = idx_NK.shape[1]
+            if dead_idx is None:
+                return idx_NK, vals_NK
+            aux_vals, aux_pos = pre_NF.index_select(1, dead_idx).topk(min(cfg.resolved_aux_k, dead_idx.numel()),
+                                                                       dim=1, sorted=False)
+            return torch.cat([idx_NK, dead_idx[aux_pos]], 1), torch.cat([vals_NK, aux_vals.clamp_min_(0)], 1)
+        return select
+
+    def _encode_parts(self, x_ND: Tensor, with_aux: bool) -> tuple[SparseCode, SparseCode | None]:
+        dead_idx = None
+        if with_aux:
+            dead = (self.tokens_since_fired >= self.cfg.dead_tokens_threshold).nonzero().flatten()
+            dead_idx = dead if dead.numel() else None
+        widths: dict = {}
+        out = None
+        if self.training and torch.is_grad_enabled():
+            n = x_ND.shape[0] * self.cfg.d_sae
+            if self._workspace is None or self._workspace.numel() != n or self._workspace.dtype != self.W_enc.dtype:
+                self._workspace = torch.empty(n, dtype=self.W_enc.dtype, device=self.W_enc.device)
+            out = self._workspace.view(x_ND.shape[0], self.cfg.d_sae)
+        b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+        vals, idx = sparse_encode(x_ND, self.W_enc, self.b_enc, b_dec, self._select(dead_idx, widths), out)
+        m = widths["main"]
+        if dead_idx is None:
+            return SparseCode(idx, vals, self.cfg.d_sae), None
+        main = SparseCode(idx[:, :m].contiguous(), vals[:, :m], self.cfg.d_sae)
+        aux = SparseCode(idx[:, m:].contiguous(), vals[:, m:], self.cfg.d_sae)
+        return main, aux
+
+    def _encode_flat(self, x_ND: Tensor) -> SparseCode:
+        return self._encode_parts(x_ND, with_aux=False)[0]
+
+    def _decode_flat(self, code: SparseCode) -> Tensor:
+        return sparse_decode(code.values, code.indices, self.W_dec, self.b_dec)
+
+    def _forward_flat(self, x_ND: Tensor) -> ForwardOutput:
+        train = self.training
+        code, aux_code = self._encode_parts(x_ND, with_aux=train and self.cfg.aux_coef > 0)
+        recon = self._decode_flat(code)
+        aux = {}
+        if aux_code is not None:  # AuxK reconstructs the residual without the bias
+            aux["auxk_recon"] = sparse_decode(aux_code.values, aux_code.indices, self.W_dec, None)
+        if train:
+            self._update_stats(code, x_ND.shape[0])
+        return ForwardOutput(recon, code, aux)
+
+    @torch.no_grad()
+    def _update_stats(self, code: SparseCode, n_tokens: int) -> None:
+        fired = torch.zeros(self.cfg.d_sae, dtype=torch.bool, device=code.indices.device)
+        fired[code.indices[code.values > 0]] = True
+        self.tokens_since_fired += n_tokens
+        self.tokens_since_fired.masked_fill_(fired, 0)
+        if self.cfg.batch_topk:  # Bussmann et al.: threshold = running estimate of the smallest kept value
+            pos = code.values[code.values > 0]
+            if pos.numel():
+                m, t = self.cfg.threshold_momentum, pos.min().float()
+                self.threshold.copy_(t if self.threshold < 0 else m * self.threshold + (1 - m) * t)
+
+    # -- loss ----------------------------------------------------------------------------------------
+    def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
+        """mse = mean over rows of ||x - x_hat||^2; auxk = mean over rows of ||e - e_hat||^2 with
+        e = (x - x_hat) detached and e_hat the dead latents' reconstruction; total = mse + aux_coef*auxk."""
+        mse = (out.recon - x).pow(2).sum(-1).mean()
+        parts = {"mse": mse.item()}
+        total = mse
+        if "auxk_recon" in out.aux:
+            e = (x - out.recon).detach().reshape(-1, self.cfg.d_in)
+            auxk = (out.aux["auxk_recon"] - e).pow(2).sum(-1).mean()
+            parts["auxk"] = auxk.item()
+            total = total + self.cfg.aux_coef * auxk
+        return LossOutput(total, parts)
+
+    def dead_fraction(self) -> float:
+        return (self.tokens_since_fired >= self.cfg.dead_tokens_threshold).float().mean().item()
+
+    def training_state(self) -> dict[str, Tensor]:
+        """Training-only tensors not in the exported state_dict (also reachable via named_buffers())."""
+        return {"tokens_since_fired": self.tokens_since_fired.clone()}
+
+    def load_training_state(self, state: dict[str, Tensor]) -> None:
+        self.tokens_since_fired.copy_(state["tokens_since_fired"])
+
+    # -- training callbacks --------------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        """b_dec <- geometric median of `x_ND` (Weiszfeld iterations, float64)."""
+        x = x_ND.reshape(-1, self.cfg.d_in).double()
+        self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each (unit) decoder row: the step then moves
+        the direction, not the norm that `after_optimizer_step` would undo anyway."""
+        g = self.W_dec.grad
+        if g is not None:
+            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    # -- export ----------------------------------------------------------------------------------------
+    def folded_copy(self) -> "TopKSAE":
+        """A copy for raw activations. With x' = s*x: pre' = pre(x)*s, so dividing both biases (and
+        the BatchTopK threshold) by s gives codes z/s on raw x and x_hat/s exactly; the top-k set is
+        unchanged (s > 0) and the decoder rows stay unit norm."""
+        new = type(self)(self.cfg)
+        with torch.no_grad():
+            for name, t in itertools.chain(self.named_parameters(), self.named_buffers()):
+                if name != "input_scale":
+                    getattr(new, name).copy_(t)
+        new.train(self.training)
+        scale = getattr(self, "input_scale", None)
+        if scale is not None and float(scale) != 1.0:
+            s = float(scale)
+            with torch.no_grad():
+                new.b_enc.div_(s)
+                new.b_dec.div_(s)
+                if self.cfg.batch_topk and float(new.threshold) >= 0:
+                    new.threshold.div_(s)
+        return new
+
+
+def geometric_median(x_ND: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
+    """Weiszfeld's algorithm from the mean: y <- sum_i x_i/|x_i - y| / sum_i 1/|x_i - y|."""
+    y = x_ND.mean(0)
+    for _ in range(iters):
+        w = 1.0 / (x_ND - y).norm(dim=1).clamp_min(eps)
+        y = (w[:, None] * x_ND).sum(0) / w.sum()
+    return y
+
+
+def _pad_rows(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> tuple[Tensor, Tensor]:
+    """Pack (row, col, value) entries into `[n_rows, width]` index/value tensors, zero-padded."""
+    counts = torch.bincount(rows, minlength=n_rows)
+    width = max(int(counts.max()) if n_rows else 0, 1)
+    order = torch.argsort(rows, stable=True)
+    rows, cols, vals = rows[order], cols[order], vals[order]
+    starts = torch.zeros_like(counts)
+    starts[1:] = counts[:-1].cumsum(0)
+    pos = torch.arange(rows.numel(), device=rows.device) - starts[rows]
+    idx_NK = torch.zeros(n_rows, width, dtype=torch.long, device=rows.device)
+    vals_NK = torch.zeros(n_rows, width, dtype=vals.dtype, device=vals.device)
+    idx_NK[rows, pos] = cols
+    vals_NK[rows, pos] = vals
+    return idx_NK, vals_NK
+
+
+def _batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+    """The `n_keep` largest pre-activations of the whole batch (ReLU after), packed per row."""
+    N, F = pre_NF.shape
+    vals, flat = pre_NF.reshape(-1).topk(min(n_keep, N * F), sorted=False)
+    return _pad_rows(torch.div(flat, F, rounding_mode="floor"), flat % F, vals.clamp_min(0), N)
+
+
+def _threshold_select(pre_NF: Tensor, threshold: float) -> tuple[Tensor, Tensor]:
+    """BatchTopK inference: every latent whose pre-activation exceeds the threshold (and 0)."""
+    active = pre_NF > max(threshold, 0.0)
+    width = max(int(active.sum(1).max()) if pre_NF.shape[0] else 0, 1)
+    vals, idx = pre_NF.topk(width, dim=1, sorted=False)
+    return idx, torch.where(vals > max(threshold, 0.0), vals, torch.zeros_like(vals))
