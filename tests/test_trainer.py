@@ -73,6 +73,8 @@ def test_sigkill_then_resume_is_bit_exact(reference_run, tmp_path):
     proc = run_script({"run_dir": str(tmp_path), "kill_at_step": 23})
     assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
     assert latest_checkpoint(tmp_path).name == "step-00000020"
+    with open(tmp_path / "metrics.jsonl", "a") as f:
+        f.write('{"step": 2')  # a line the kill cut short
     sae, batches, cfg = make_setup()
     rec = Recorder()
     result = train(sae, batches, cfg, tmp_path, callbacks=[rec], resume=True)

@@ -77,10 +77,9 @@ class MetricsLogger(Callback):
         self._f = None
 
     def on_train_start(self, run: "TrainRun") -> None:
-        if self.path.exists():
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= run.start_step]
-            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in keep).encode())
+        if self.path.exists():  # drop lines past the resumed step (and a line a kill cut short)
+            atomic_write_bytes(self.path, "".join(ln + "\n" for ln in self.path.read_text().splitlines()
+                                                  if _step_of(ln) is not None and _step_of(ln) <= run.start_step).encode())
         self._f = open(self.path, "a")
         self._t, self._tokens = time.perf_counter(), run.state.tokens
 
@@ -132,6 +131,13 @@ class MetricsLogger(Callback):
         if self._f is not None:
             self._f.close()
             self._f = None
+
+
+def _step_of(line: str) -> int | None:
+    try:
+        return int(json.loads(line)["step"])
+    except (ValueError, KeyError, TypeError):
+        return None
 
 
 class ProgressBar(Callback):

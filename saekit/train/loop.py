@@ -89,7 +89,8 @@ def train(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_di
     opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
     callbacks = [MetricsLogger(run_dir / "metrics.jsonl", cfg.log_every), ProgressBar(cfg.progress_bar),
                  *(callbacks or [])]
-    with _deterministic(cfg.deterministic), _StopSignals() as stop:
+    on_cpu = all(p.device.type == "cpu" for p in params)
+    with _deterministic(cfg.deterministic, warn_only=not on_cpu), _StopSignals() as stop:
         if found is not None:
             ckpt = ckpt_io.read_checkpoint(found)
             ckpt_io.check_compatible(ckpt, sae, cfg.to_dict(), batches.fingerprint, RESUME_KEYS)
@@ -235,14 +236,16 @@ def _describe(batches: BatchSource, rows: list[int]) -> str:
 
 
 @contextlib.contextmanager
-def _deterministic(on: bool) -> Iterator[None]:
-    before, warn_only = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+def _deterministic(on: bool, warn_only: bool = False) -> Iterator[None]:
+    """Deterministic kernels while training. On accelerators some kernels have no deterministic
+    version (and cuBLAS needs CUBLAS_WORKSPACE_CONFIG): there they only warn instead of raising."""
+    before, before_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
     if on:
-        torch.use_deterministic_algorithms(True)
+        torch.use_deterministic_algorithms(True, warn_only=warn_only)
     try:
         yield
     finally:
-        torch.use_deterministic_algorithms(before, warn_only=warn_only)
+        torch.use_deterministic_algorithms(before, warn_only=before_warn)
 
 
 class _StopSignals:
