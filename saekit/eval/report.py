@@ -1,0 +1,340 @@
+"""Evaluation report for an SAE: one streaming pass of metrics, a strict-JSON file, a table, figures.
+
+    report = evaluate_sae(sae, batches, description_length=True, true_dictionary_GD=D)
+    write_report(report, "runs/x/eval")      # report.json, report.txt, l0_histogram.png, feature_density.png
+    print(compare_table({"a": rep_a, "b": rep_b}))
+
+`batches` yields activation tensors `[..., d_in]` (or `(acts, ...)` tuples, as an
+ActivationSource does). Memory is bounded by one batch plus per-dimension and per-latent
+statistics; the description-length sweep needs a second pass, so it requires a re-iterable (a list,
+a dataset) or a zero-argument function returning a fresh iterator.
+
+The report's `downstream` section is where results that need a model (splice-in language-model
+loss, computed through the hook adapter in `saekit.sources`) go; `attach_downstream` fills it.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from saekit.artifacts import atomic_write_bytes, atomic_write_json, dumps_json
+from saekit.errors import ConfigError, ShapeMismatchError
+from saekit.eval.description_length import (
+    DEFAULT_FVU_TOLERANCE,
+    DEFAULT_PRECISIONS,
+    DescriptionLengthAccumulator,
+    LatentValueRange,
+)
+from saekit.eval.ground_truth import ground_truth_metrics
+from saekit.eval.reconstruction import DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator
+from saekit.eval.retrieval import retrieval_metrics
+from saekit.sae.base import SparseAutoencoder, SparseCode
+
+REPORT_FORMAT_VERSION = 1
+REPORT_KIND = "saekit.eval_report"
+RECON_KEYS = ("mse", "sse_per_row", "total_variance_per_row", "fvu", "explained_variance", "cosine_mean",
+              "shrinkage_mean")
+
+
+# ---------------------------------------------------------------------------------------------
+# evaluation
+# ---------------------------------------------------------------------------------------------
+def _acts(item: Any) -> Tensor:
+    if isinstance(item, Tensor):
+        return item
+    if isinstance(item, (tuple, list)) and item and isinstance(item[0], Tensor):
+        return item[0]
+    if isinstance(item, dict) and isinstance(item.get("acts"), Tensor):
+        return item["acts"]
+    raise ShapeMismatchError(f"evaluate_sae: expected batches of activation tensors [..., d_in] or (acts, ...) "
+                             f"tuples, found {type(item).__name__}")
+
+
+def _fresh(batches: Iterable | Callable[[], Iterable]) -> Iterator:
+    return iter(batches()) if callable(batches) else iter(batches)
+
+
+def _limited(batches: Iterable | Callable[[], Iterable], max_rows: int | None, d_in: int) -> Iterator[Tensor]:
+    seen = 0
+    for item in _fresh(batches):
+        x = _acts(item)
+        if x.shape[-1] != d_in:
+            raise ShapeMismatchError(f"evaluate_sae: expected activations [..., d_in={d_in}], found {tuple(x.shape)}")
+        x_ND = x.reshape(-1, d_in)
+        if max_rows is not None:
+            x_ND = x_ND[: max_rows - seen]
+        if x_ND.shape[0] == 0:
+            break
+        seen += x_ND.shape[0]
+        yield x_ND
+        if max_rows is not None and seen >= max_rows:
+            break
+
+
+def _decoder_is_affine(sae: SparseAutoencoder, code: SparseCode, W_dec_FD: Tensor) -> bool:
+    """True when decode(v + δ) − decode(v) = δ · W_dec[idx] on a sample (the DL fast path's premise)."""
+    g = torch.Generator().manual_seed(0)
+    active = code.values != 0
+    delta = torch.randn(code.values.shape, generator=g).to(code.values) * 0.1 * active
+    x0 = sae.decode(code)
+    x1 = sae.decode(SparseCode(code.indices, code.values + delta, code.d_sae))
+    pred = torch.einsum("nk,nkd->nd", delta.to(W_dec_FD.dtype), W_dec_FD[code.indices])
+    scale = float(pred.abs().max()) + 1e-12
+    return bool(((x1 - x0).to(pred.dtype) - pred).abs().max() <= 1e-3 * scale)
+
+
+def sae_summary(sae: SparseAutoencoder) -> dict:
+    cfg = sae.cfg
+    return {"architecture": sae.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": getattr(cfg, "k", None),
+            "model_name": cfg.model_name, "hook_name": cfg.hook_name}
+
+
+@torch.no_grad()
+def evaluate_sae(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], *,
+                 max_rows: int | None = None, dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
+                 description_length: bool = False, dl_precisions: tuple[int, ...] = DEFAULT_PRECISIONS,
+                 fvu_tolerance: float = DEFAULT_FVU_TOLERANCE, true_dictionary_GD: Tensor | None = None,
+                 gt_threshold: float = 0.9, retrieval_rows: int = 0, retrieval_k: int = 10,
+                 device: str | torch.device | None = None, progress: bool = False) -> dict:
+    """Evaluate `sae` over `batches` and return the report dict (strict-JSON serialisable).
+
+    - reconstruction / sparsity: always (streaming, exact);
+    - `description_length=True`: the MDL sweep over `dl_precisions` (second pass over the data);
+    - `true_dictionary_GD`: ground-truth recovery against planted atoms;
+    - `retrieval_rows > 0`: retrieval fidelity (recall@k) on the first `retrieval_rows` rows, for
+      embedding SAEs (those rows are held in memory).
+    """
+    if description_length and not callable(batches) and iter(batches) is batches:
+        raise ConfigError("evaluate_sae: description_length needs two passes over the data; pass a re-iterable "
+                          "(list, dataset) or a function returning a fresh iterator, not a one-shot iterator")
+    from tqdm.auto import tqdm
+
+    cfg = sae.cfg
+    dev = torch.device(device) if device is not None else next(iter(sae.parameters()), torch.zeros(())).device
+    was_training = sae.training
+    sae.eval()
+    try:
+        recon_acc = ReconstructionAccumulator(cfg.d_in, cfg.d_sae, dense_threshold=dense_threshold)
+        ranges = LatentValueRange(cfg.d_sae) if description_length else None
+        kept_x, kept_r, kept = [], [], 0
+        sample_code = None
+        for x_ND in tqdm(_limited(batches, max_rows, cfg.d_in), desc="eval", disable=not progress, unit="batch"):
+            x_ND = x_ND.to(dev)
+            out = sae(x_ND)
+            recon_acc.update(x_ND, out.recon, out.code)
+            if ranges is not None:
+                ranges.update(out.code)
+                if sample_code is None:
+                    sample_code = SparseCode(out.code.indices[:64], out.code.values[:64], out.code.d_sae)
+            if kept < retrieval_rows:
+                take = min(retrieval_rows - kept, x_ND.shape[0])
+                kept_x.append(x_ND[:take].float().cpu())
+                kept_r.append(out.recon[:take].float().cpu())
+                kept += take
+        rec = recon_acc.result()
+        report: dict[str, Any] = {
+            "kind": REPORT_KIND,
+            "format_version": REPORT_FORMAT_VERSION,
+            "sae": sae_summary(sae),
+            "n_rows": rec["n_rows"],
+            "reconstruction": {k: rec[k] for k in RECON_KEYS},
+            "sparsity": {k: v for k, v in rec.items() if k not in RECON_KEYS and k != "n_rows"},
+            "ground_truth": None,
+            "retrieval": None,
+            "description_length": None,
+            "downstream": {},
+        }
+        if true_dictionary_GD is not None:
+            report["ground_truth"] = ground_truth_metrics(sae.W_dec.detach().cpu(), true_dictionary_GD.cpu(),
+                                                          threshold=gt_threshold)
+        if retrieval_rows > 0 and kept >= 2:
+            report["retrieval"] = retrieval_metrics(torch.cat(kept_x), torch.cat(kept_r), k=retrieval_k)
+        if ranges is not None and ranges.n_rows > 0:
+            W = None
+            try:
+                W = sae.W_dec.detach()
+            except NotImplementedError:
+                W = None
+            fast = W is not None and _decoder_is_affine(sae, sample_code, W)
+            acc = DescriptionLengthAccumulator(ranges.lo_F, ranges.hi_F, dl_precisions,
+                                               decoder_FD=W if fast else None,
+                                               decode_fn=None if fast else sae.decode)
+            for x_ND in tqdm(_limited(batches, max_rows, cfg.d_in), desc="description length",
+                             disable=not progress, unit="batch"):
+                x_ND = x_ND.to(dev)
+                out = sae(x_ND)
+                acc.update(out.code, x_ND, out.recon)
+            dl = acc.result(fvu_tolerance)
+            dl["error_path"] = "affine decoder (gathered W_dec rows)" if fast else "sae.decode per precision"
+            report["description_length"] = dl
+        return report
+    finally:
+        sae.train(was_training)
+
+
+def attach_downstream(report: dict, name: str, results: dict) -> dict:
+    """Put model-dependent results (e.g. splice-in LM loss) under `report["downstream"][name]`."""
+    report.setdefault("downstream", {})[name] = results
+    return report
+
+
+# ---------------------------------------------------------------------------------------------
+# text
+# ---------------------------------------------------------------------------------------------
+def _fmt(v: Any, digits: int = 4) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if isinstance(v, float):
+        if not math.isfinite(v):
+            return "-"
+        return f"{v:.{digits}g}"
+    return str(v)
+
+
+def _table(rows: list[list[str]], header: list[str]) -> str:
+    widths = [max(len(r[i]) for r in [header] + rows) for i in range(len(header))]
+    line = "  ".join("-" * w for w in widths)
+    fmt = lambda r: "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+    return "\n".join([fmt(header), line] + [fmt(r) for r in rows])
+
+
+def format_report(report: dict) -> str:
+    """A human-readable table of one report."""
+    s, rec, sp = report["sae"], report["reconstruction"], report["sparsity"]
+    rows = [
+        ["architecture", _fmt(s.get("architecture"))], ["d_in / d_sae", f"{s.get('d_in')} / {s.get('d_sae')}"],
+        ["rows", _fmt(report["n_rows"])],
+        ["MSE", _fmt(rec["mse"])], ["FVU", _fmt(rec["fvu"])], ["explained variance", _fmt(rec["explained_variance"])],
+        ["cosine(x, x_hat)", _fmt(rec["cosine_mean"])], ["shrinkage |x_hat|/|x|", _fmt(rec["shrinkage_mean"])],
+        ["L0 mean (std)", f"{_fmt(sp['l0_mean'])} ({_fmt(sp['l0_std'])})"],
+        ["dead fraction", _fmt(sp["dead_fraction"])],
+        [f"dense fraction (>{sp['dense_threshold']})", _fmt(sp["dense_fraction"])],
+    ]
+    gt = report.get("ground_truth")
+    if gt:
+        rows += [["GT mean max cos", _fmt(gt["mean_max_cosine"])],
+                 [f"GT recovered (>{gt['threshold']})", _fmt(gt["fraction_recovered"])],
+                 ["GT MCC (Hungarian)", _fmt(gt.get("mcc"))]]
+    rt = report.get("retrieval")
+    if rt:
+        rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", _fmt(rt["recall_at_k"])],
+                 ["retrieval cosine", _fmt(rt["cosine_mean"])]]
+    dl = report.get("description_length")
+    out = _table(rows, ["metric", "value"])
+    if dl:
+        out += (f"\n\nDescription length (bits per activation vector; activity {_fmt(dl['activity_bits_per_row'])}; "
+                f"selected {_fmt(dl['selected_bits'])} bits -> DL {_fmt(dl['dl_bits_per_row'])} "
+                f"within FVU +{dl['fvu_tolerance']})\n")
+        out += _table([[str(e["bits"]), _fmt(e["dl_bits_per_row"]), _fmt(e["dl_flat_bits_per_row"]),
+                        _fmt(e.get("fvu")), _fmt(e.get("fvu_increase"))] for e in dl["sweep"]],
+                      ["bits", "DL (entropy)", "DL (flat b)", "FVU", "FVU increase"])
+    if report.get("downstream"):
+        out += "\n\nDownstream\n" + "\n".join(f"  {k}: {dumps_json(v, indent=None)}" for k, v in report["downstream"].items())
+    return out
+
+
+def compare_table(reports: dict[str, dict]) -> str:
+    """One row per run: L0, FVU, EV, cosine, shrinkage, dead/dense fractions, DL, MCC, recall@k."""
+    rows = []
+    for name, r in reports.items():
+        rec, sp = r["reconstruction"], r["sparsity"]
+        dl, gt, rt = r.get("description_length"), r.get("ground_truth"), r.get("retrieval")
+        rows.append([name, _fmt(r["n_rows"]), _fmt(sp["l0_mean"]), _fmt(rec["fvu"]), _fmt(rec["explained_variance"]),
+                     _fmt(rec["cosine_mean"]), _fmt(rec["shrinkage_mean"]), _fmt(sp["dead_fraction"]),
+                     _fmt(sp["dense_fraction"]), _fmt(dl["dl_bits_per_row"]) if dl else "-",
+                     _fmt(dl["selected_bits"]) if dl else "-", _fmt(gt.get("mcc")) if gt else "-",
+                     _fmt(rt["recall_at_k"]) if rt else "-"])
+    return _table(rows, ["run", "rows", "L0", "FVU", "EV", "cos", "shrink", "dead", "dense", "DL bits", "DL prec",
+                         "MCC", "recall@k"])
+
+
+# ---------------------------------------------------------------------------------------------
+# figures (matplotlib Agg, no pyplot global state)
+# ---------------------------------------------------------------------------------------------
+def _figure():
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6, 4), dpi=100)
+    FigureCanvasAgg(fig)
+    return fig, fig.add_subplot(1, 1, 1)
+
+
+def _save(fig, path: str | Path) -> Path:
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png")
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
+
+
+def plot_l0_histogram(report: dict, path: str | Path) -> Path:
+    h = report["sparsity"]["l0_histogram"]
+    fig, ax = _figure()
+    ax.bar(h["l0"], h["counts"], width=1.0, color="tab:blue")
+    ax.set_xlabel("active latents per row (L0)")
+    ax.set_ylabel("rows")
+    ax.set_title(f"L0 distribution (mean {_fmt(report['sparsity']['l0_mean'])})")
+    return _save(fig, path)
+
+
+def plot_density_histogram(report: dict, path: str | Path) -> Path:
+    h = report["sparsity"]["density_histogram"]
+    edges, counts = h["log10_edges"], h["counts"]
+    fig, ax = _figure()
+    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
+    ax.bar(edges[:-1], counts, width=widths, align="edge", color="tab:green")
+    ax.set_xlabel("log10(feature density)")
+    ax.set_ylabel("latents")
+    ax.set_title(f"feature density ({h['live']} live, {h['dead']} dead not shown)")
+    return _save(fig, path)
+
+
+def plot_fvu_vs_l0(reports: dict[str, dict], path: str | Path) -> Path:
+    fig, ax = _figure()
+    for name, r in reports.items():
+        ax.scatter([r["sparsity"]["l0_mean"]], [r["reconstruction"]["fvu"]], label=name)
+    ax.set_xlabel("L0 (mean active latents)")
+    ax.set_ylabel("FVU")
+    ax.set_title("FVU vs L0")
+    if reports:
+        ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# writing
+# ---------------------------------------------------------------------------------------------
+def write_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write report.json (strict JSON), report.txt (the table) and the two PNG figures."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "table": out / "report.txt",
+             "l0_histogram": out / "l0_histogram.png", "feature_density": out / "feature_density.png"}
+    atomic_write_json(paths["json"], report)
+    atomic_write_bytes(paths["table"], (format_report(report) + "\n").encode())
+    plot_l0_histogram(report, paths["l0_histogram"])
+    plot_density_histogram(report, paths["feature_density"])
+    return paths
+
+
+def write_comparison(reports: dict[str, dict], out_dir: str | Path) -> dict[str, Path]:
+    """Write compare.txt (the table), compare.json (the reports) and fvu_vs_l0.png."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"table": out / "compare.txt", "json": out / "compare.json", "fvu_vs_l0": out / "fvu_vs_l0.png"}
+    atomic_write_bytes(paths["table"], (compare_table(reports) + "\n").encode())
+    atomic_write_json(paths["json"], reports)
+    plot_fvu_vs_l0(reports, paths["fvu_vs_l0"])
+    return paths
