@@ -103,3 +103,17 @@ def test_encode_relu_zero_slots_pass_no_gradient():
     assert (vals == 0).all()
     vals.sum().backward()
     assert (W.grad == 0).all()
+
+
+
+def test_squared_error_sum_gradcheck_and_value():
+    recon, x = torch.randn(4, 3, dtype=torch.float64), torch.randn(4, 3, dtype=torch.float64)
+    assert float(K.squared_error_sum(recon, x)) == pytest.approx(float(((recon - x) ** 2).sum()))
+    assert torch.autograd.gradcheck(K.squared_error_sum, (recon.requires_grad_(), x.requires_grad_()))
+
+
+def test_serial_restores_thread_count():
+    n = torch.get_num_threads()
+    with K.serial():
+        assert torch.get_num_threads() == 1
+    assert torch.get_num_threads() == n

@@ -22,7 +22,8 @@ and that the autograd functions pass `torch.autograd.gradcheck` in float64.
 
 from __future__ import annotations
 
-from typing import Callable
+import contextlib
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,6 +32,27 @@ from torch import Tensor
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 """`select(pre_BF) -> (idx_BK, vals_BK)`: which latents fire and their values; a slot whose value
 is 0 is inactive and passes no gradient (as ReLU at 0)."""
+
+
+@contextlib.contextmanager
+def serial() -> Iterator[None]:
+    """Run the O(B*K*D) sparse ops on one thread.
+
+    They are memory-bound and short, so a second thread gains little; but every parallel region
+    waits for all its threads, and on a shared machine (other processes on the cores) each wait can
+    cost a scheduler time slice. Measured: with other jobs running, the many short parallel ops
+    took the step from 0.8x to 0.4x of the encoder-product floor. Only the encoder product and
+    the top-k keep all threads. (torch.set_num_threads costs < 1 us.)
+    """
+    n = torch.get_num_threads()
+    if n == 1:
+        yield
+        return
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(n)
 
 
 # -- sparse primitives -----------------------------------------------------------------------
@@ -70,7 +92,8 @@ def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int) -> Tenso
     """
     B, K = idx_BK.shape
     flat_idx = idx_BK.reshape(-1)
-    order = torch.argsort(flat_idx)
+    # int32 keys: torch's int64 sort took ~150x longer on top-k index patterns (192 ms vs 0.8 ms)
+    order = torch.argsort(flat_idx.to(torch.int32) if n < 2**31 else flat_idx)
     rows = torch.div(order, max(K, 1), rounding_mode="floor")
     counts = torch.bincount(flat_idx, minlength=n)
     offsets = torch.zeros(n, dtype=torch.long, device=idx_BK.device)
@@ -92,16 +115,18 @@ class SparseDecode(torch.autograd.Function):
     def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor | None) -> Tensor:
         ctx.save_for_backward(vals_BK, idx_BK, W_dec_FD)
         ctx.has_bias = b_dec_D is not None
-        out_BD = embed_sum(idx_BK, vals_BK, W_dec_FD)
-        return out_BD.add_(b_dec_D) if b_dec_D is not None else out_BD
+        with serial():
+            out_BD = embed_sum(idx_BK, vals_BK, W_dec_FD)
+            return out_BD.add_(b_dec_D) if b_dec_D is not None else out_BD
 
     @staticmethod
     def backward(ctx, grad_BD: Tensor):
         vals_BK, idx_BK, W_dec_FD = ctx.saved_tensors
-        grad_BD = grad_BD.contiguous()
-        g_vals = gather_dot(idx_BK, W_dec_FD, grad_BD) if ctx.needs_input_grad[0] else None
-        g_W = sparse_t_matmul(idx_BK, vals_BK, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
-        g_b = grad_BD.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+        with serial():
+            grad_BD = grad_BD.contiguous()
+            g_vals = gather_dot(idx_BK, W_dec_FD, grad_BD) if ctx.needs_input_grad[0] else None
+            g_W = sparse_t_matmul(idx_BK, vals_BK, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
+            g_b = grad_BD.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return g_vals, None, g_W, g_b
 
 
@@ -124,7 +149,8 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, select: Select,
                 out_BF: Tensor | None = None):
-        x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
+        with serial():
+            x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
         pre_BF = torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=out_BF) if out_BF is not None \
             else torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
         idx_BK, vals_BK = select(pre_BF)
@@ -137,19 +163,20 @@ class SparseEncode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_vals_BK: Tensor, _grad_idx):
         x_c_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
-        need_x, need_W, need_be, need_bd = ctx.needs_input_grad[:4]
-        need_bd = need_bd and ctx.has_b_dec
-        g_BK = grad_vals_BK * (vals_BK != 0)
-        n_lat = W_enc_DF.shape[1]
-        g_x = g_W = g_be = g_bd = None
-        if need_W:  # x^T @ S computed as (S^T @ x)^T: only the selected columns receive gradient
-            g_W = sparse_t_matmul(idx_BK, g_BK, x_c_BD, n_lat).t().contiguous()
-        if need_be or need_bd:
-            s_F = g_BK.new_zeros(n_lat).index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
-            g_be = s_F if need_be else None
-            g_bd = -(W_enc_DF @ s_F) if need_bd else None  # sum over rows of -grad_x, without grad_x
-        if need_x:
-            g_x = embed_sum(idx_BK, g_BK, W_enc_DF.t().contiguous())
+        with serial():
+            need_x, need_W, need_be, need_bd = ctx.needs_input_grad[:4]
+            need_bd = need_bd and ctx.has_b_dec
+            g_BK = grad_vals_BK * (vals_BK != 0)
+            n_lat = W_enc_DF.shape[1]
+            g_x = g_W = g_be = g_bd = None
+            if need_W:  # x^T @ S computed as (S^T @ x)^T: only the selected columns receive gradient
+                g_W = sparse_t_matmul(idx_BK, g_BK, x_c_BD, n_lat).t().contiguous()
+            if need_be or need_bd:
+                s_F = g_BK.new_zeros(n_lat).index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+                g_be = s_F if need_be else None
+                g_bd = -(W_enc_DF @ s_F) if need_bd else None  # sum over rows of -grad_x, without grad_x
+            if need_x:
+                g_x = embed_sum(idx_BK, g_BK, W_enc_DF.t().contiguous())
         return g_x, g_W, g_be, g_bd, None, None
 
 
@@ -170,10 +197,34 @@ def dense_encode_ref(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: T
     return pre_BF.gather(1, idx_BK) * (vals_BK != 0), idx_BK
 
 
+# -- loss ------------------------------------------------------------------------------------------
+class SquaredErrorSum(torch.autograd.Function):
+    """sum((recon - x)^2): one pass each way, its backward on one thread (see `serial`)."""
+
+    @staticmethod
+    def forward(ctx, recon: Tensor, x: Tensor) -> Tensor:
+        with serial():
+            diff = recon - x
+            ctx.save_for_backward(diff)
+            return diff.pow(2).sum()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (diff,) = ctx.saved_tensors
+        with serial():
+            g = diff * (2 * grad)
+            return (g if ctx.needs_input_grad[0] else None), (-g if ctx.needs_input_grad[1] else None)
+
+
+def squared_error_sum(recon: Tensor, x: Tensor) -> Tensor:
+    return SquaredErrorSum.apply(recon, x)
+
+
 # -- selections ----------------------------------------------------------------------------------
 def topk_select(k: int) -> Select:
     """Row-wise top-k of the pre-activations, ReLU applied to the k values only (not to `[B, F]`)."""
     def select(pre_BF: Tensor) -> tuple[Tensor, Tensor]:
         vals_BK, idx_BK = pre_BF.topk(k, dim=1, sorted=False)
-        return idx_BK, vals_BK.clamp_min_(0)
+        with serial():
+            return idx_BK, vals_BK.clamp_min_(0)
     return select

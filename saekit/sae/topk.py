@@ -31,7 +31,7 @@ from torch import Tensor, nn
 from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
-from saekit.sae.kernels import Select, sparse_decode, sparse_encode
+from saekit.sae.kernels import Select, serial, sparse_decode, sparse_encode, squared_error_sum
 from saekit.sae.registry import register
 
 
@@ -100,7 +100,8 @@ class TopKSAE(SparseAutoencoder):
                 idx_NK, vals_NK = _threshold_select(pre_NF, threshold)
             else:
                 vals_NK, idx_NK = pre_NF.topk(k, dim=1, sorted=False)
-                vals_NK.clamp_min_(0)  # ReLU on k values, not on the [N, F] block
+                with serial():
+                    vals_NK.clamp_min_(0)  # ReLU on k values, not on the [N, F] block
             widths["main"] = idx_NK.shape[1]
             if dead_idx is None:
                 return idx_NK, vals_NK
@@ -144,7 +145,8 @@ class TopKSAE(SparseAutoencoder):
         if aux_code is not None:  # AuxK reconstructs the residual without the bias
             aux["auxk_recon"] = sparse_decode(aux_code.values, aux_code.indices, self.W_dec, None)
         if train:
-            self._update_stats(code, x_ND.shape[0])
+            with serial():
+                self._update_stats(code, x_ND.shape[0])
         return ForwardOutput(recon, code, aux)
 
     @torch.no_grad()
@@ -163,14 +165,16 @@ class TopKSAE(SparseAutoencoder):
     def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
         """mse = mean over rows of ||x - x_hat||^2; auxk = mean over rows of ||e - e_hat||^2 with
         e = (x - x_hat) detached and e_hat the dead latents' reconstruction; total = mse + aux_coef*auxk."""
-        mse = (out.recon - x).pow(2).sum(-1).mean()
-        parts = {"mse": mse.item()}
-        total = mse
-        if "auxk_recon" in out.aux:
-            e = (x - out.recon).detach().reshape(-1, self.cfg.d_in)
-            auxk = (out.aux["auxk_recon"] - e).pow(2).sum(-1).mean()
-            parts["auxk"] = auxk.item()
-            total = total + self.cfg.aux_coef * auxk
+        with serial():
+            n_rows = max(x.numel() // self.cfg.d_in, 1)
+            mse = squared_error_sum(out.recon, x) / n_rows
+            parts = {"mse": mse.item()}
+            total = mse
+            if "auxk_recon" in out.aux:
+                e = (x - out.recon).detach().reshape(-1, self.cfg.d_in)
+                auxk = (out.aux["auxk_recon"] - e).pow(2).sum(-1).mean()
+                parts["auxk"] = auxk.item()
+                total = total + self.cfg.aux_coef * auxk
         return LossOutput(total, parts)
 
     def dead_fraction(self) -> float:
@@ -194,13 +198,15 @@ class TopKSAE(SparseAutoencoder):
     def before_optimizer_step(self) -> None:
         """Remove the gradient component parallel to each (unit) decoder row: the step then moves
         the direction, not the norm that `after_optimizer_step` would undo anyway."""
-        g = self.W_dec.grad
+        g, W = self.W_dec.grad, self.W_dec
         if g is not None:
-            g.sub_((g * self.W_dec).sum(1, keepdim=True) * self.W_dec)
+            with serial():
+                g.addcmul_(torch.einsum("fd,fd->f", g, W).unsqueeze(1), W, value=-1)
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        with serial():
+            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
 
     # -- export ----------------------------------------------------------------------------------------
     def folded_copy(self) -> "TopKSAE":
