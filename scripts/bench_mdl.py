@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -83,6 +84,7 @@ def main() -> None:
     ap.add_argument("--precisions", type=str, default="2,3,4,5,6,8")
     ap.add_argument("--ref-rows", type=int, default=20000)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--error-chunk", type=int, default=64, help="rows per gathered decoder block")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     precisions = tuple(int(b) for b in args.precisions.split(","))
@@ -90,6 +92,7 @@ def main() -> None:
     chunks = [(i, min(args.chunk, args.rows - s)) for i, s in enumerate(range(0, args.rows, args.chunk))]
 
     # ---- full sweep: pass 1 (ranges) + pass 2 (histograms, quantised errors); only DL calls timed
+    load_before = os.getloadavg()[0]
     t_pass1 = t_pass2 = 0.0
     ranges = LatentValueRange(args.d_sae)
     for cid, n in chunks:
@@ -98,7 +101,8 @@ def main() -> None:
         ranges.update(code)
         t_pass1 += time.perf_counter() - t0
     t0 = time.perf_counter()
-    acc = DescriptionLengthAccumulator(ranges.lo_F, ranges.hi_F, precisions, decoder_FD=wl.W_dec_FD)
+    acc = DescriptionLengthAccumulator(ranges.lo_F, ranges.hi_F, precisions, decoder_FD=wl.W_dec_FD,
+                                       error_chunk=args.error_chunk)
     t_pass2 += time.perf_counter() - t0
     for cid, n in chunks:
         code = wl.code(cid, n)
@@ -120,7 +124,8 @@ def main() -> None:
                                        decode_fn=wl.decode, recon_ND=recon)
     ref_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    vec = description_length([(code, x, recon)], args.d_sae, precisions, decoder_FD=wl.W_dec_FD)
+    vec = description_length([(code, x, recon)], args.d_sae, precisions, decoder_FD=wl.W_dec_FD,
+                             error_chunk=args.error_chunk)
     vec_slice_s = time.perf_counter() - t0
     max_dl_diff = max(abs(a["dl_bits_per_row"] - b["dl_bits_per_row"]) for a, b in zip(ref["sweep"], vec["sweep"]))
     max_fvu_diff = max(abs(a["fvu"] - b["fvu"]) for a, b in zip(ref["sweep"], vec["sweep"]))
@@ -132,7 +137,8 @@ def main() -> None:
                      f"inactive, log-normal positive values), random unit-row decoder + bias, x = decode(code) "
                      f"+ noise; encode/generation not timed"),
         "rows": args.rows, "d_sae": args.d_sae, "d_in": args.d_in, "k": args.k, "chunk_rows": args.chunk,
-        "precisions_bits": list(precisions), "threads": torch.get_num_threads(),
+        "precisions_bits": list(precisions), "threads": torch.get_num_threads(), "error_chunk": args.error_chunk,
+        "machine_load_1min": [round(load_before, 2), round(os.getloadavg()[0], 2)], "cpus": os.cpu_count(),
         "l0_mean": round(full["l0_mean"], 3),
         "full_sweep_s": round(full_s, 2), "pass1_ranges_s": round(t_pass1, 2), "pass2_hist_errors_s": round(t_pass2, 2),
         "target_s": 30.0, "meets_target": full_s < 30.0,

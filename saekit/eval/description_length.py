@@ -169,7 +169,7 @@ class DescriptionLengthAccumulator:
     """
 
     def __init__(self, lo_F: Tensor, hi_F: Tensor, precisions: Sequence[int] = DEFAULT_PRECISIONS, *,
-                 decoder_FD: Tensor | None = None, decode_fn: DecodeFn | None = None, error_chunk: int = 128,
+                 decoder_FD: Tensor | None = None, decode_fn: DecodeFn | None = None, error_chunk: int = 16,
                  max_hist_entries: int = DEFAULT_MAX_HIST_ENTRIES):
         self.precisions = _check_precisions(precisions)
         if lo_F.shape != hi_F.shape or lo_F.ndim != 1:
@@ -183,18 +183,23 @@ class DescriptionLengthAccumulator:
         lo32, span32 = range_tables(lo_F, hi_F)
         self.lo_F = torch.cat([lo32.cpu(), torch.zeros(1)])
         self.span_F = torch.cat([span32.cpu(), torch.zeros(1)])
-        sizes = [self.d_sae << b for b in self.precisions]
+        # one histogram block per precision, (d_sae + 1) rows of 2^b bins; the extra row is the
+        # dump for inactive slots, so every slot can be scattered without filtering
+        sizes = [(self.d_sae + 1) << b for b in self.precisions]
         total = sum(sizes)
-        if total + 1 > max_hist_entries:
+        if total > max_hist_entries:
             raise ConfigError(f"description length: histograms for precisions {list(self.precisions)} over "
                               f"d_sae={self.d_sae} need {total} entries, above max_hist_entries={max_hist_entries}; "
                               f"use fewer or smaller precisions")
         offsets = [0]
-        for s in sizes[:-1]:
-            offsets.append(offsets[-1] + s)
-        self._offsets = torch.tensor(offsets, dtype=torch.int64)
-        self._dump = total  # histogram slot for inactive (slot, precision) pairs
-        self.hist = torch.zeros(total + 1, dtype=torch.int64)
+        for size in sizes[:-1]:
+            offsets.append(offsets[-1] + size)
+        P = len(self.precisions)
+        self._offsets = offsets
+        self._off_P11 = torch.tensor(offsets, dtype=torch.int64).view(P, 1, 1)
+        self._bits_P11 = torch.tensor(self.precisions, dtype=torch.int64).view(P, 1, 1)
+        self._levels_P11 = torch.tensor([(1 << b) - 1 for b in self.precisions], dtype=torch.float32).view(P, 1, 1)
+        self.hist = torch.zeros(total, dtype=torch.int64)
         self.n_rows = 0
         self.nnz = 0
         self.decoder_FD = decoder_FD.detach() if decoder_FD is not None else None
@@ -219,19 +224,16 @@ class DescriptionLengthAccumulator:
         lo = self.lo_F[ids_c]
         span = self.span_F[ids_c]
         u = unit_position(val_NK.cpu(), lo, span)
-        flat_ids = []
-        bins_P = []
-        for p, b in enumerate(self.precisions):  # a handful of precisions; vectorised over latents
-            bins = quantise_bins(u, b)
-            bins_P.append(bins)
-            flat_ids.append(torch.where(active, self._offsets[p] + (idx_c << b) + bins, self._dump).reshape(-1))
-        ids = torch.cat(flat_ids)
-        self.hist.scatter_add_(0, ids, torch.ones_like(ids))
+        # all precisions at once: [P, N, K] bins (same arithmetic as quantise_bins) and flat ids
+        bins_PNK = torch.round(u * self._levels_P11).clamp_(min=0).clamp_(max=self._levels_P11).long()
+        ids = (ids_c << self._bits_P11).add_(bins_PNK).add_(self._off_P11).reshape(-1)
+        self.hist.scatter_add_(0, ids, torch.ones(1, dtype=torch.int64).expand(ids.shape[0]))
         if x is not None and (self.decoder_FD is not None or self.decode_fn is not None):
-            self._update_errors(code, idx_NK, val_NK, active, lo, span, bins_P, x, recon)
+            q_PNK = (lo + bins_PNK.float() * (span / self._levels_P11)).masked_fill_(~active, 0.0)
+            self._update_errors(code, idx_NK, val_NK, q_PNK, x, recon)
 
-    def _update_errors(self, code: SparseCode, idx_NK: Tensor, val_NK: Tensor, active: Tensor, lo: Tensor,
-                       span: Tensor, bins_P: list[Tensor], x: Tensor, recon: Tensor | None) -> None:
+    def _update_errors(self, code: SparseCode, idx_NK: Tensor, val_NK: Tensor, q_PNK: Tensor, x: Tensor,
+                       recon: Tensor | None) -> None:
         x_ND = x.detach().reshape(-1, x.shape[-1])
         if x_ND.shape[0] != idx_NK.shape[0]:
             raise ShapeMismatchError(f"description length: x has {x_ND.shape[0]} rows, code has {idx_NK.shape[0]}")
@@ -239,34 +241,39 @@ class DescriptionLengthAccumulator:
             self._d_in = x_ND.shape[1]
             self.moments = RunningMoments(0, torch.zeros(self._d_in, dtype=torch.float64),
                                           torch.zeros(self._d_in, dtype=torch.float64))
-        self.moments.update(x_ND)
+        self.moments.update(x_ND, exact=False)  # FVU denominators to ~1e-7; increases are summed directly
         if recon is None:
             if self.decode_fn is None:
                 raise ConfigError("description length: the decoder fast path needs the unquantised recon")
             recon = self.decode_fn(code)
         r_ND = x_ND - recon.detach().reshape(x_ND.shape).to(x_ND.dtype)
-        sse0_batch = float(r_ND.double().pow(2).sum())
+        sse0_batch = float(torch.linalg.vector_norm(r_ND, dim=-1).double().square().sum())
         self.sse0 += sse0_batch
-        # quantised values per precision (inactive slots stay 0)
-        q_PNK = torch.stack([torch.where(active, dequantise(bins, lo, span, b), 0.0)
-                             for b, bins in zip(self.precisions, bins_P)])
         if self.decoder_FD is not None:
             # x − decode(q) = r + d with d = (v − q) · W_dec[idx]; the increase over the unquantised
             # error, ‖r + d‖² − ‖r‖² = ‖d‖² + 2 d·r, is summed directly (no cancellation).
             W = self.decoder_FD
-            delta_NPK = (val_NK.cpu().to(q_PNK.dtype) - q_PNK).permute(1, 0, 2).to(W.device, W.dtype)
-            idx_d = idx_NK.to(W.device)
-            r2_ND = (2.0 * r_ND).to(W.device, W.dtype)
             n, k = idx_NK.shape
-            inc = torch.zeros(len(self.precisions), dtype=torch.float64, device=W.device)
-            for s in range(0, n, self.error_chunk):  # bounded memory: [chunk, k, d_in] gathered rows
-                e = min(s + self.error_chunk, n)
-                Wg_BKD = W.index_select(0, idx_d[s:e].reshape(-1)).view(e - s, k, W.shape[1])
-                d_BPD = torch.bmm(delta_NPK[s:e], Wg_BKD)
-                dr_BP = torch.bmm(d_BPD, r2_ND[s:e, :, None]).squeeze(-1)
-                dd_BP = torch.linalg.vector_norm(d_BPD, dim=2).square()
-                inc += (dd_BP + dr_BP).sum(0).double()
-            self.inc_P += inc.cpu()
+            P, D = q_PNK.shape[0], W.shape[1]
+            delta_NPK = (val_NK.to(q_PNK.device, q_PNK.dtype) - q_PNK).permute(1, 0, 2).to(W.device, W.dtype)
+            idx_d = idx_NK.to(W.device)
+            r_dev = r_ND.to(W.device, W.dtype)
+            inc_NP = torch.empty(n, P, dtype=W.dtype, device=W.device)  # per-row increases, summed in float64
+            ch = self.error_chunk
+
+            def rows(start: int, stop: int) -> None:
+                Wg_buf = torch.empty(ch * k, D, dtype=W.dtype, device=W.device)
+                d_buf = torch.empty(ch, P, D, dtype=W.dtype, device=W.device)
+                for s in range(start, stop, ch):  # bounded memory: [chunk, k, d_in] gathered rows (cache-sized)
+                    e = min(s + ch, stop)
+                    b = e - s
+                    Wg_BKD = torch.index_select(W, 0, idx_d[s:e].reshape(-1), out=Wg_buf[: b * k]).view(b, k, D)
+                    d_BPD = torch.bmm(delta_NPK[s:e], Wg_BKD, out=d_buf[:b])
+                    torch.bmm(d_BPD, r_dev[s:e, :, None], out=inc_NP[s:e, :, None])  # d·r
+                    inc_NP[s:e].mul_(2.0).add_(torch.linalg.vector_norm(d_BPD, dim=2).square_())
+
+            _run_row_parallel(rows, n, ch, W.device)
+            self.inc_P += inc_NP.sum(0, dtype=torch.float64).cpu()
         else:
             x64 = x_ND.double()
             for p in range(len(self.precisions)):
@@ -281,8 +288,8 @@ class DescriptionLengthAccumulator:
         value_bits = []
         counts_F = None
         for p, b in enumerate(self.precisions):
-            off = int(self._offsets[p])
-            h_FL = self.hist[off: off + (self.d_sae << b)].view(self.d_sae, 1 << b).double()
+            off = self._offsets[p]
+            h_FL = self.hist[off: off + (self.d_sae << b)].view(self.d_sae, 1 << b).double()  # dump row dropped
             c_F = h_FL.sum(1)
             counts_F = c_F if counts_F is None else counts_F
             # n_j H_j = n_j log2 n_j − Σ_bins c log2 c   (bits for all of latent j's values)
@@ -302,6 +309,32 @@ class DescriptionLengthAccumulator:
         if per_latent:
             out["per_latent"] = {"counts_F": counts_F, "activity_bits_F": activity_F, "value_bits_PF": value_PF}
         return out
+
+
+def _run_row_parallel(fn: Callable[[int, int], None], n: int, chunk: int, device: torch.device) -> None:
+    """Run `fn(start, stop)` over [0, n): on CPU, one contiguous row range per intra-op thread.
+
+    Why: the per-chunk ops are small (cache-sized on purpose), and thousands of small OpenMP
+    regions stall at their barriers whenever a core is busy with something else. Python threads
+    running single-threaded torch ops (which release the GIL) need no barrier at all. The global
+    intra-op thread count is set to 1 for the duration and restored afterwards.
+    """
+    workers = min(torch.get_num_threads(), max(1, n // max(chunk, 1)))
+    if device.type != "cpu" or workers <= 1:
+        fn(0, n)
+        return
+    from concurrent.futures import ThreadPoolExecutor
+
+    step = -(-n // workers)
+    bounds = [(s, min(s + step, n)) for s in range(0, n, step)]
+    prev = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(max_workers=len(bounds)) as ex:
+            for f in [ex.submit(fn, a, b) for a, b in bounds]:
+                f.result()
+    finally:
+        torch.set_num_threads(prev)
 
 
 def summarise_sweep(n_rows: int, d_sae: int, precisions: Sequence[int], activity_bits: float,
@@ -364,7 +397,7 @@ def _iterate(batches: Iterable | Callable[[], Iterable]) -> Iterator:
 def description_length(batches: Iterable | Callable[[], Iterable], d_sae: int,
                        precisions: Sequence[int] = DEFAULT_PRECISIONS, *, decoder_FD: Tensor | None = None,
                        decode_fn: DecodeFn | None = None, fvu_tolerance: float = DEFAULT_FVU_TOLERANCE,
-                       error_chunk: int = 128, per_latent: bool = False) -> dict:
+                       error_chunk: int = 16, per_latent: bool = False) -> dict:
     """DL sweep over precisions, streaming twice over `batches`.
 
     `batches` yields SparseCodes or `(code, x, recon)` tuples (a re-iterable or a zero-argument

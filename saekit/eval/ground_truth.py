@@ -50,7 +50,7 @@ def max_cosine_per_atom(W_dec_FD: Tensor, D_true_GD: Tensor, chunk: int = 1024) 
 
 def mcc(W_dec_FD: Tensor, D_true_GD: Tensor) -> float:
     """Hungarian-matched mean |cos| between true atoms and decoder rows."""
-    abs_cos = cosine_matrix(D_true_GD, W_dec_FD).abs().numpy()
+    abs_cos = cosine_matrix(D_true_GD, W_dec_FD).abs().cpu().numpy()
     rows, cols = linear_sum_assignment(abs_cos, maximize=True)
     return float(np.mean(abs_cos[rows, cols]))
 

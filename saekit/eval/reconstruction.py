@@ -132,13 +132,21 @@ class RunningMoments:
     mean_D: Tensor
     m2_D: Tensor
 
-    def update(self, x_ND: Tensor) -> None:
+    def update(self, x_ND: Tensor, exact: bool = True) -> None:
+        """Merge a batch. `exact=False` takes the batch's variance from `torch.var_mean` in the input
+        dtype (float64 accumulation on CPU; only the float32 result is rounded, ~1e-7 relative)."""
         nb = x_ND.shape[0]
         if nb == 0:
             return
-        xb = x_ND.double()
-        mean_b = xb.mean(0)
-        m2_b = (xb - mean_b).pow(2).sum(0)
+        if exact:
+            xb = x_ND.double()
+            mean_b = xb.mean(0)
+            m2_b = (xb - mean_b).pow(2).sum(0)
+        else:
+            var_b, mean_b = torch.var_mean(x_ND, dim=0, correction=0)
+            mean_b, m2_b = mean_b.double(), var_b.double() * nb
+        m2_b = m2_b.to(self.m2_D.device)
+        mean_b = mean_b.to(self.mean_D.device)
         n = self.n + nb
         delta = mean_b - self.mean_D
         self.mean_D = self.mean_D + delta * (nb / n)

@@ -160,7 +160,7 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterab
             W = None
             try:
                 W = sae.W_dec.detach()
-            except NotImplementedError:
+            except (NotImplementedError, AttributeError):
                 W = None
             fast = W is not None and _decoder_is_affine(sae, sample_code, W)
             acc = DescriptionLengthAccumulator(ranges.lo_F, ranges.hi_F, dl_precisions,
