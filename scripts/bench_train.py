@@ -1,14 +1,15 @@
 """Benchmark: saekit's top-k training step against a naive dense PyTorch step. Prints ONE JSON line.
 
 Workload (DESIGN.md §5): planted synthetic activations d_in=512, d_sae=8192, k=32, batch 4096,
-fp32, 2 threads, Adam (the same optimizer settings for both). Each variant runs in its own
-subprocess (so its peak RSS is its own), alternating naive/saekit for `--reps` rounds; throughput
-is the median over rounds. The saekit subprocess also times the bare encoder product
-`x @ W_enc` (the floor of a top-k step) and encode-only inference. Both variants start from the
+fp32, 2 threads, Adam (fused, the same settings for both). Both variants train in this process,
+step by step interleaved (alternating which goes first), so they see the same machine load: the
+speedup is the median of the per-step ratios. Between steps the bare encoder product `x @ W_enc`
+(the floor of a top-k step) and encode-only inference are timed. Peak RSS is measured for each
+variant alone in a fresh subprocess (a few steps). Both variants start from the
 same initial weights, run the same algorithm (unit-norm decoder rows kept by gradient projection and
 renormalisation) and see the same batches, so their FVU after the same steps should agree.
 
-    python scripts/bench_train.py [--reps 3] [--steps 4]
+    python scripts/bench_train.py [--steps 6] [--warmup 1]
 """
 
 from __future__ import annotations
@@ -83,6 +84,13 @@ def fvu(x, recon):
 
 
 def peak_rss_mb() -> float:
+    """VmHWM of this process image (ru_maxrss can carry over the parent's peak across fork/exec)."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
@@ -95,76 +103,80 @@ def timed(fn, n):
     return times
 
 
-def child(variant: str, steps: int, warmup: int) -> dict:
+def setup(n_batches: int):
     from saekit.sae.topk import TopKConfig, TopKSAE
 
     torch.set_num_threads(2)
     torch.manual_seed(0)
-    train_x, held_x = make_data(4)
+    train_x, held_x = make_data(n_batches)
     sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
     sae.init_from_data(train_x[0])
+    naive = NaiveTopK(sae.W_enc.detach(), sae.W_dec.detach(), sae.b_enc.detach(), sae.b_dec.detach(), K)
     lr = 2e-4 / (D_SAE / 16384) ** 0.5  # Gao et al.'s width-scaled learning rate
-    fused = {"fused": True}
+    opt_s = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+    opt_n = torch.optim.Adam(naive.parameters(), lr=lr, fused=True)
+    return train_x, held_x, sae, opt_s, naive, opt_n
+
+
+def memory_child(variant: str, steps: int) -> dict:
+    """Peak RSS of `steps` training steps of one variant, alone in a fresh process."""
+    train_x, _, sae, opt_s, naive, opt_n = setup(2)
     if variant == "naive":
-        model = NaiveTopK(sae.W_enc.detach(), sae.W_dec.detach(), sae.b_enc.detach(), sae.b_dec.detach(), K)
-        del sae
-        opt = torch.optim.Adam(model.parameters(), lr=lr, **fused)
-        step = lambda x: naive_step(model, opt, x)
+        del sae, opt_s
+        for i in range(steps):
+            naive_step(naive, opt_n, train_x[i % 2])
     else:
-        opt = torch.optim.Adam(sae.parameters(), lr=lr, **fused)
-        step = lambda x: saekit_step(sae, opt, x)
-    it = iter(range(10**9))
-    nxt = lambda: train_x[next(it) % len(train_x)]
-    for _ in range(warmup):
-        step(nxt())
-    times = timed(lambda: step(nxt()), steps)
-    with torch.no_grad():
-        if variant == "naive":
-            f = fvu(held_x, model(held_x))
-        else:
-            sae.eval()
-            f = fvu(held_x, sae(held_x).recon)
-    out = {"step_s": statistics.median(times), "fvu": f, "peak_rss_mb": peak_rss_mb()}
-    if variant == "saekit":  # after the RSS reading: these allocate their own [B, d_sae] outputs
-        x = held_x
-        with torch.no_grad():
-            W = sae.W_enc.detach()
-            out["floor_s"] = min(timed(lambda: x @ W, 3))
-            out["encode_s"] = min(timed(lambda: sae.encode(x), 3))
-    return out
+        del naive, opt_n
+        for i in range(steps):
+            saekit_step(sae, opt_s, train_x[i % 2])
+    return {"peak_rss_mb": peak_rss_mb()}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
-    ap.add_argument("--steps", type=int, default=4, help="timed steps per round (after --warmup)")
+    ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--child", choices=["naive", "saekit"], help=argparse.SUPPRESS)
+    ap.add_argument("--mem-child", choices=["naive", "saekit"], help=argparse.SUPPRESS)
     a = ap.parse_args()
-    if a.child:
-        print(json.dumps(child(a.child, a.steps, a.warmup)))
+    if a.mem_child:
+        print(json.dumps(memory_child(a.mem_child, a.warmup + 2)))
         return
-    runs: dict[str, list[dict]] = {"naive": [], "saekit": []}
-    for _ in range(a.reps):
-        for v in ("naive", "saekit"):
-            cmd = [sys.executable, __file__, "--child", v, "--steps", str(a.steps), "--warmup", str(a.warmup)]
-            res = subprocess.run(cmd, check=True, capture_output=True, text=True)
-            runs[v].append(json.loads(res.stdout.strip().splitlines()[-1]))
-    med = lambda v, key: statistics.median(r[key] for r in runs[v])
-    tps = lambda s: BATCH / s
-    n, s = med("naive", "step_s"), med("saekit", "step_s")
+    rss = {}  # first, while this process is still small
+    for v in ("naive", "saekit"):
+        res = subprocess.run([sys.executable, __file__, "--mem-child", v, "--warmup", str(a.warmup)],
+                             check=True, capture_output=True, text=True)
+        rss[v] = round(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"])
+    train_x, held_x, sae, opt_s, naive, opt_n = setup(4)
+    batches = [train_x[i % len(train_x)] for i in range(a.warmup + a.steps)]
+    t_n, t_s, t_floor, t_enc = [], [], [], []
+    for i, x in enumerate(batches):  # interleaved, alternating order: both see the same machine load
+        order = [("n", lambda: naive_step(naive, opt_n, x)), ("s", lambda: saekit_step(sae, opt_s, x))]
+        for name, fn in (order if i % 2 == 0 else order[::-1]):
+            (t_n if name == "n" else t_s).append(timed(fn, 1)[0])
+        with torch.no_grad():
+            W = sae.W_enc.detach()
+            t_floor.append(timed(lambda: x @ W, 1)[0])
+            sae.eval()
+            t_enc.append(timed(lambda: sae.encode(x), 1)[0])
+            sae.train()
+    t_n, t_s, t_floor, t_enc = (v[a.warmup:] for v in (t_n, t_s, t_floor, t_enc))
+    with torch.no_grad():
+        sae.eval()
+        fvu_s, fvu_n = fvu(held_x, sae(held_x).recon), fvu(held_x, naive(held_x))
+    med = statistics.median
+    pair = [n / s for n, s in zip(t_n, t_s)]
     print(json.dumps({
         "workload": {"d_in": D_IN, "d_sae": D_SAE, "k": K, "batch": BATCH, "dtype": "float32", "threads": 2,
-                     "optimizer": "Adam(fused)", "steps": a.warmup + a.steps, "reps": a.reps},
-        "naive_tokens_per_s": round(tps(n)),
-        "saekit_tokens_per_s": round(tps(s)),
-        "speedup": round(n / s, 2),
-        "floor_tokens_per_s": round(tps(med("saekit", "floor_s"))),
-        "fraction_of_encoder_floor": round(med("saekit", "floor_s") / s, 3),
-        "encode_only_tokens_per_s": round(tps(med("saekit", "encode_s"))),
-        "peak_rss_mb": {"naive": round(med("naive", "peak_rss_mb")), "saekit": round(med("saekit", "peak_rss_mb"))},
-        "fvu": {"naive": round(med("naive", "fvu"), 5), "saekit": round(med("saekit", "fvu"), 5)},
-        "speedup_per_rep": [round(a_["step_s"] / b_["step_s"], 2) for a_, b_ in zip(runs["naive"], runs["saekit"])],
+                     "optimizer": "Adam(fused)", "train_steps": a.warmup + a.steps, "timed_steps": a.steps},
+        "naive_tokens_per_s": round(BATCH / med(t_n)),
+        "saekit_tokens_per_s": round(BATCH / med(t_s)),
+        "speedup": round(med(pair), 2),
+        "speedup_per_step": [round(r, 2) for r in pair],
+        "floor_tokens_per_s": round(BATCH / med(t_floor)),
+        "fraction_of_encoder_floor": round(med(f / s for f, s in zip(t_floor, t_s)), 3),
+        "encode_only_tokens_per_s": round(BATCH / med(t_enc)),
+        "peak_rss_mb": rss,
+        "fvu": {"naive": round(fvu_n, 5), "saekit": round(fvu_s, 5)},
     }))
 
 
