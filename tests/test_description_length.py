@@ -143,7 +143,9 @@ def test_vectorised_equals_reference(seed):
                               per_latent=True)
     generic = description_length(lambda: iter(batches_of(code, x, None, 250)), code.d_sae, PRECISIONS,
                                  decode_fn=decode, per_latent=True)
-    for out in (fast, generic):
+    small_chunks = description_length(batches_of(code, x, recon, 300), code.d_sae, PRECISIONS, decoder_FD=W_FD,
+                                      error_chunk=5, per_latent=True)  # many gathered blocks, row-parallel
+    for out in (fast, generic, small_chunks):
         assert out["activity_bits_per_row"] == pytest.approx(ref["activity_bits_per_row"], rel=1e-12)
         assert torch.equal(out["per_latent"]["counts_F"], ref["per_latent"]["counts_F"])
         torch.testing.assert_close(out["per_latent"]["activity_bits_F"], ref["per_latent"]["activity_bits_F"],

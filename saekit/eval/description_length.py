@@ -165,11 +165,13 @@ class DescriptionLengthAccumulator:
     Give `decoder_FD` (`W_dec [d_sae, d_in]`) for an affine decoder (fast path), or `decode_fn`
     (a `SparseCode -> x_hat` function) for any decoder; with neither, only bits are computed.
     Errors need `x` in `update`; `recon` (the unquantised reconstruction) is computed with
-    `decode_fn` when not given (the fast path requires it).
+    `decode_fn` when not given (the fast path requires it). `error_chunk` is the number of rows
+    whose k decoder rows are gathered at once (default 64 on CPU, 1024 on an accelerator).
+    The histograms live on the CPU; errors are computed on the decoder's device.
     """
 
     def __init__(self, lo_F: Tensor, hi_F: Tensor, precisions: Sequence[int] = DEFAULT_PRECISIONS, *,
-                 decoder_FD: Tensor | None = None, decode_fn: DecodeFn | None = None, error_chunk: int = 16,
+                 decoder_FD: Tensor | None = None, decode_fn: DecodeFn | None = None, error_chunk: int | None = None,
                  max_hist_entries: int = DEFAULT_MAX_HIST_ENTRIES):
         self.precisions = _check_precisions(precisions)
         if lo_F.shape != hi_F.shape or lo_F.ndim != 1:
@@ -259,7 +261,8 @@ class DescriptionLengthAccumulator:
             idx_d = idx_NK.to(W.device)
             r_dev = r_ND.to(W.device, W.dtype)
             inc_NP = torch.empty(n, P, dtype=W.dtype, device=W.device)  # per-row increases, summed in float64
-            ch = self.error_chunk
+            # rows per gathered [chunk, k, d_in] block: cache-sized on CPU, large on accelerators
+            ch = self.error_chunk or (64 if W.device.type == "cpu" else 1024)
 
             def rows(start: int, stop: int) -> None:
                 Wg_buf = torch.empty(ch * k, D, dtype=W.dtype, device=W.device)
@@ -275,11 +278,12 @@ class DescriptionLengthAccumulator:
             _run_row_parallel(rows, n, ch, W.device)
             self.inc_P += inc_NP.sum(0, dtype=torch.float64).cpu()
         else:
-            x64 = x_ND.double()
+            # ‖x − x_q‖² − ‖x − x̂‖² = (x̂ − x_q)·(2x − x_q − x̂), summed in float64 without cancellation
+            x64, r64 = x_ND.double(), recon.detach().reshape(x_ND.shape).double()
             for p in range(len(self.precisions)):
                 qcode = SparseCode(idx_NK, q_PNK[p].to(val_NK.dtype).to(val_NK.device), self.d_sae)
-                xq = self.decode_fn(qcode).detach().reshape(x_ND.shape)
-                self.inc_P[p] += float((x64 - xq.double()).pow(2).sum()) - sse0_batch
+                xq = self.decode_fn(qcode).detach().reshape(x_ND.shape).double()
+                self.inc_P[p] += float(((r64 - xq) * (2 * x64 - xq - r64)).sum())
 
     # -- result ----------------------------------------------------------------------------
     def latent_bits(self) -> tuple[Tensor, Tensor, Tensor]:
@@ -397,7 +401,7 @@ def _iterate(batches: Iterable | Callable[[], Iterable]) -> Iterator:
 def description_length(batches: Iterable | Callable[[], Iterable], d_sae: int,
                        precisions: Sequence[int] = DEFAULT_PRECISIONS, *, decoder_FD: Tensor | None = None,
                        decode_fn: DecodeFn | None = None, fvu_tolerance: float = DEFAULT_FVU_TOLERANCE,
-                       error_chunk: int = 16, per_latent: bool = False) -> dict:
+                       error_chunk: int | None = None, per_latent: bool = False) -> dict:
     """DL sweep over precisions, streaming twice over `batches`.
 
     `batches` yields SparseCodes or `(code, x, recon)` tuples (a re-iterable or a zero-argument
