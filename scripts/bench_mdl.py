@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import resource
 import sys
 import time
 from pathlib import Path
@@ -142,6 +143,7 @@ def main() -> None:
         "l0_mean": round(full["l0_mean"], 3),
         "full_sweep_s": round(full_s, 2), "pass1_ranges_s": round(t_pass1, 2), "pass2_hist_errors_s": round(t_pass2, 2),
         "target_s": 30.0, "meets_target": full_s < 30.0,
+        "peak_rss_mb": round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1),
         "ref_rows": n_ref, "ref_slice_s": round(ref_s, 2), "vectorised_slice_s": round(vec_slice_s, 3),
         "slice_speedup": round(ref_s / vec_slice_s, 1),
         "ref_full_extrapolated_s": round(ref_full_est, 1),

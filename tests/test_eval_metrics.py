@@ -290,3 +290,21 @@ def test_compare_table_and_fvu_vs_l0_figure(planted_sae, tmp_path):
     assert strict_loads(paths["json"].read_text())["constant"]["reconstruction"]["fvu"] is None
     assert plot_fvu_vs_l0({"a": a}, tmp_path / "f.png").read_bytes()[:4] == b"\x89PNG"
     assert "explained variance" in format_report(a)
+
+
+def test_dl_falls_back_to_generic_decode_for_non_affine_decoders(planted_sae):
+    from saekit.sae.topk import TopKSAE
+
+    sae, data = planted_sae
+
+    class SquashedTopK(TopKSAE):  # a decoder that is not affine in the code values
+        def _decode_flat(self, code):
+            return torch.tanh(super()._decode_flat(code))
+
+    other = SquashedTopK(sae.cfg)
+    other.load_state_dict(sae.state_dict())
+    rep = evaluate_sae(other, [data.x_ND[:200]], description_length=True, dl_precisions=(2, 6))
+    dl = rep["description_length"]
+    assert dl["error_path"] == "sae.decode per precision"
+    assert dl["unquantised"]["fvu"] == pytest.approx(rep["reconstruction"]["fvu"], rel=1e-6)
+    assert dl["sweep"][0]["fvu_increase"] > dl["sweep"][1]["fvu_increase"]
