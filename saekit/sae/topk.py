@@ -119,7 +119,8 @@ class TopKSAE(SparseAutoencoder):
         out = None
         if self.training and torch.is_grad_enabled():
             n = x_ND.shape[0] * self.cfg.d_sae
-            if self._workspace is None or self._workspace.numel() != n or self._workspace.dtype != self.W_enc.dtype:
+            ws = self._workspace  # a plain attribute: reallocated when the size, dtype or device changes
+            if ws is None or ws.numel() != n or ws.dtype != self.W_enc.dtype or ws.device != self.W_enc.device:
                 self._workspace = torch.empty(n, dtype=self.W_enc.dtype, device=self.W_enc.device)
             out = self._workspace.view(x_ND.shape[0], self.cfg.d_sae)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
