@@ -130,8 +130,15 @@ def load_embedder(name: str = "default", device: str = "cpu"):
 
 @lru_cache(maxsize=2)
 def load_lens(name: str = "default"):
-    """A TransformerLens model wrapping the same weights: 4.x TransformerBridge, or 3.x HookedTransformer."""
+    """A TransformerLens model with the same weights: 4.x TransformerBridge, or 3.x HookedTransformer.
+
+    The bridge rewires the HF model it wraps in place, so it gets its own copy: the plain HF model
+    that caching and generation use stays untouched.
+    """
+    import copy
+
     model, tok = load_lm(name)
+    model = copy.deepcopy(model)
     try:
         from transformer_lens.model_bridge import TransformerBridge
     except ImportError:  # TransformerLens 3.x

@@ -1,0 +1,40 @@
+"""Shared fixtures: the embedded default models, loaded once per test session (offline)."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@pytest.fixture(scope="session")
+def smollm():
+    """(model, tokenizer) of the embedded SmolLM2-135M-Instruct."""
+    from saekit.sources.models import load_lm
+
+    return load_lm("default")
+
+
+@pytest.fixture(scope="session")
+def smollm_lens(smollm):
+    from saekit.sources.models import load_lens
+
+    return load_lens("default")
+
+
+@pytest.fixture(scope="session")
+def minilm():
+    from saekit.sources.models import load_embedder
+
+    return load_embedder("default")
+
+
+@pytest.fixture(scope="session")
+def tweets():
+    from saekit.data.corpus import CorpusConfig, load_documents
+
+    return load_documents(CorpusConfig(max_docs=400))

@@ -1,0 +1,125 @@
+"""The activation store: resumable, atomic, verified, deterministic reads."""
+
+import hashlib
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+from saekit.errors import CorruptArtifactError, StoreExistsError
+from saekit.sources.base import SourceConfig
+from saekit.sources.embeddings import EmbeddingSource
+from saekit.store.reader import ActivationStore
+from saekit.store.writer import StoreConfig, cache_activations
+
+
+@pytest.fixture(scope="module")
+def emb_source(minilm):
+    return EmbeddingSource(SourceConfig(kind="embedding", batch_size=32), minilm)
+
+
+def _row_hashes(store: ActivationStore) -> list[str]:
+    acts = store[:]
+    meta = torch.stack([store.meta("doc_id"), store.meta("pos").long(), store.meta("token_id").long()], 1)
+    return sorted(hashlib.sha256(a.numpy().tobytes() + m.numpy().tobytes()).hexdigest() for a, m in zip(acts, meta))
+
+
+def test_interrupted_cache_resumes_to_identical_rows(tmp_path, emb_source, tweets):
+    docs = tweets[:200]
+    cfg = StoreConfig(docs_per_shard=25)
+    full = ActivationStore(cache_activations(emb_source, docs, tmp_path / "full", cfg)["sentence_embedding"])
+    part = tmp_path / "part"
+    cache_activations(emb_source, docs, part, cfg, stop_after_shards=3)  # interrupted after 3 of 8 shards
+    assert not ActivationStore(part).complete
+    resumed = ActivationStore(cache_activations(emb_source, docs, part, cfg)["sentence_embedding"])
+    assert resumed.complete and len(resumed) == len(full) == 200
+    assert [s["sha256"] for s in resumed.shards] == [s["sha256"] for s in full.shards]
+    assert _row_hashes(resumed) == _row_hashes(full)
+
+
+SCRIPT = """
+import sys
+from saekit.data.corpus import CorpusConfig, load_documents
+from saekit.sources.base import SourceConfig
+from saekit.sources.embeddings import EmbeddingSource
+from saekit.store.writer import StoreConfig, cache_activations
+docs = load_documents(CorpusConfig(max_docs=400))[:240]
+src = EmbeddingSource(SourceConfig(kind="embedding", batch_size=8))
+cache_activations(src, docs, sys.argv[1], StoreConfig(docs_per_shard=8))
+"""
+
+
+def test_sigkill_during_caching_then_resume(tmp_path, emb_source, tweets):
+    root = tmp_path / "killed"
+    proc = subprocess.Popen([sys.executable, "-c", SCRIPT, str(root)], stderr=subprocess.DEVNULL)
+    manifest = root / "sentence_embedding" / "manifest.json"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        if manifest.exists() and len(json.loads(manifest.read_text())["shards"]) >= 2:
+            break
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    done = len(json.loads(manifest.read_text())["shards"])
+    assert 2 <= done < 30, "the job should have been killed part-way"
+    docs = tweets[:240]
+    cfg = StoreConfig(docs_per_shard=8)
+    resumed = ActivationStore(cache_activations(emb_source, docs, root, cfg)["sentence_embedding"])
+    ref = ActivationStore(cache_activations(emb_source, docs, tmp_path / "ref", cfg)["sentence_embedding"])
+    assert resumed.complete and len(resumed) == 240
+    assert _row_hashes(resumed) == _row_hashes(ref)
+    assert not [p for p in (root / "sentence_embedding").iterdir() if p.name.endswith(".tmp")]
+
+
+def test_corrupted_or_truncated_shard_is_named(tmp_path, emb_source, tweets):
+    path = cache_activations(emb_source, tweets[:64], tmp_path / "s", StoreConfig(docs_per_shard=16))["sentence_embedding"]
+    shard = path / "shard-00001.safetensors"
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    shard.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match="shard-00001.safetensors"):
+        ActivationStore(path)[:]
+    shard.write_bytes(bytes(data[:-1]))
+    with pytest.raises(CorruptArtifactError, match="shard-00001.safetensors"):
+        ActivationStore(path, verify=False)[:]  # even unverified, truncation is caught
+
+
+def test_store_is_never_silently_overwritten(tmp_path, emb_source, tweets):
+    cache_activations(emb_source, tweets[:32], tmp_path / "s", StoreConfig(docs_per_shard=16))
+    with pytest.raises(StoreExistsError, match="different source or corpus"):
+        cache_activations(emb_source, tweets[32:64], tmp_path / "s", StoreConfig(docs_per_shard=16))
+    cache_activations(emb_source, tweets[32:64], tmp_path / "s", StoreConfig(docs_per_shard=16, overwrite=True))
+    assert set(ActivationStore(tmp_path / "s").meta("doc_id").tolist()) == {d["doc_id"] for d in tweets[32:64]}
+
+
+def test_shuffled_reader_is_deterministic_and_resumable(tmp_path, emb_source, tweets):
+    store = ActivationStore(cache_activations(emb_source, tweets[:100], tmp_path / "s",
+                                              StoreConfig(docs_per_shard=30))["sentence_embedding"])
+    a, b = store.batches(16, seed=3), store.batches(16, seed=3)
+    first = [a.next_batch() for _ in range(4)]
+    assert all(torch.equal(x, b.next_batch()) for x in first)
+    state = a.state_dict()
+    expected = [a.next_batch() for _ in range(10)]  # crosses an epoch boundary (100 rows / 16)
+    c = store.batches(16, seed=3)
+    c.load_state_dict(state)
+    assert all(torch.equal(x, c.next_batch()) for x in expected)
+    assert not torch.equal(store.batches(16, seed=4).next_batch(), first[0])
+    rows = torch.cat(first[:6] if len(first) >= 6 else first)
+    assert rows.shape[1] == 384
+
+
+def test_rows_trace_back_to_documents(tmp_path, emb_source, tweets):
+    store = ActivationStore(cache_activations(emb_source, tweets[:20], tmp_path / "s",
+                                              StoreConfig(docs_per_shard=7))["sentence_embedding"])
+    doc_ids = store.meta("doc_id")
+    for row in (0, 13, 19):
+        text = store.docs[int(doc_ids[row])]["text"]
+        assert torch.allclose(store[[row]][0], emb_source.embed([text])[0], atol=1e-5)
+    train, held = store.split_by_document(0.25, seed=0)
+    assert set(doc_ids[train].tolist()).isdisjoint(doc_ids[held].tolist())
+    assert os.path.exists(store.path / "docs.jsonl")
