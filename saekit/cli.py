@@ -5,23 +5,134 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from pathlib import Path
 
 from saekit.errors import SaekitError
 
+QUICKSTART_CONFIGS = ("configs/quickstart.yaml", "configs/quickstart_embeddings.yaml")
+
 
 def _cmd_cache(args) -> int:
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        from saekit.train.distributed import cmd_cache_distributed
+
+        return cmd_cache_distributed(args)
     from saekit.pipeline import cache_stage, load_run_config, store_summary
 
     cfg = load_run_config(args.config)
-    stores = cache_stage(cfg)
-    for store in stores.values():
+    for store in cache_stage(cfg).values():
         print(json.dumps(store_summary(store)))
+    return 0
+
+
+def _cmd_train(args) -> int:
+    try:
+        from saekit.train.distributed import cmd_train
+    except ImportError:
+        cmd_train = None
+    if cmd_train is not None:
+        return cmd_train(args)
+    from saekit.pipeline import load_run_config, train_stage
+
+    result = train_stage(load_run_config(args.config))
+    print(f"trained {result.steps_run} steps; SAE at {result.final_sae}")
+    return 0
+
+
+def _cmd_eval(args) -> int:
+    from saekit.eval.report import evaluate_sae, format_report, write_report
+    from saekit.pipeline import eval_stage, load_run_config
+    from saekit.sae.registry import load_sae
+    from saekit.store.reader import ActivationStore
+
+    target = Path(args.target)
+    if target.suffix in (".yaml", ".yml"):
+        cfg = load_run_config(target)
+        report = eval_stage(cfg)
+        out = cfg.run_dir / "eval"
+    elif (target / "config.yaml").exists() and args.store is None:  # a run folder
+        cfg = load_run_config(target / "config.yaml")
+        report = eval_stage(cfg)
+        out = cfg.run_dir / "eval"
+    else:  # a bare SAE folder + a store
+        if args.store is None:
+            raise SaekitError(f"{target}: not a run folder; pass --store STORE to evaluate a bare SAE folder")
+        sae, store = load_sae(target), ActivationStore(args.store)
+        chunks = [c for _, c in store.iter_chunks(4096, stop=min(len(store), args.max_rows or len(store)))]
+        report = evaluate_sae(sae, chunks, description_length=True,
+                              retrieval_rows=2000 if store.kind == "embedding" else 0)
+        out = Path(args.out or target / "eval")
+    print(format_report(report))
+    write_report(report, out)
+    print(f"report: {out / 'report.json'}")
+    return 0
+
+
+def _cmd_compare(args) -> int:
+    from saekit.artifacts import read_json
+    from saekit.eval.report import compare_table, write_comparison
+
+    reports = {}
+    for run in args.runs:
+        path = Path(run) / "eval" / "report.json"
+        if not path.exists():
+            path = Path(run) / "report.json"
+        if not path.exists():
+            raise SaekitError(f"{run}: no eval/report.json (run `saekit eval {run}` first)")
+        reports[Path(run).name] = read_json(path)
+    print(compare_table(reports))
+    if args.out:
+        write_comparison(reports, args.out)
+        print(f"comparison written to {args.out}")
+    return 0
+
+
+def _cmd_run(args) -> int:
+    from saekit.pipeline import load_run_config, run_all
+
+    for config in args.configs:
+        cfg = load_run_config(config)
+        result = run_all(cfg)
+        _print_run(cfg, result)
+    return 0
+
+
+def _print_run(cfg, result) -> None:
+    from saekit.eval.report import format_report
+
+    print(f"\n== {cfg.name}: results in {cfg.run_dir}")
+    print(format_report(result["report"]))
+    print(f"SAE: {result['final_sae']}   (python: saekit.load_sae('{result['final_sae']}'))")
+    if result.get("bundle"):
+        print(f"browser bundle: {result['bundle']}")
+
+
+def _cmd_quickstart(args) -> int:
+    from saekit.pipeline import load_run_config, run_all
+
+    runs = []
+    for config in QUICKSTART_CONFIGS:
+        cfg = load_run_config(config)
+        result = run_all(cfg)
+        _print_run(cfg, result)
+        runs.append(str(cfg.run_dir))
+    print("\nAll done. Results:\n" + "\n".join(f"  {r}/eval/report.txt" for r in runs))
+    print("Open the feature browser with:\n  .venv/bin/saekit browse " + " ".join(runs))
     return 0
 
 
 COMMANDS = {
     "cache": (_cmd_cache, "cache activations for a run config", [("config", {})]),
+    "train": (_cmd_train, "train the SAE of a run config on its store (torchrun-aware)", [("config", {})]),
+    "eval": (_cmd_eval, "evaluate a run (folder or config) or an SAE folder with --store",
+             [("target", {}), ("--store", {"default": None}), ("--out", {"default": None}),
+              ("--max-rows", {"type": int, "default": 0})]),
+    "compare": (_cmd_compare, "side-by-side table of several evaluated runs",
+                [("runs", {"nargs": "+"}), ("--out", {"default": None})]),
+    "run": (_cmd_run, "the main job for configs: cache → train → evaluate", [("configs", {"nargs": "+"})]),
+    "quickstart": (_cmd_quickstart, "the main job on the embedded defaults (LLM + embeddings)", []),
 }
 
 

@@ -17,14 +17,31 @@ from typing import Any
 
 import yaml
 
+import torch
+
 from saekit.artifacts import atomic_write_bytes
 from saekit.config import Config, param
 from saekit.data.corpus import CorpusConfig, load_documents
+from saekit.errors import ConfigError
 from saekit.sources.base import SourceConfig, make_source
 from saekit.store.reader import ActivationStore
 from saekit.store.writer import StoreConfig, cache_activations
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvalConfig(Config):
+    """How a trained SAE is evaluated on held-out documents."""
+
+    holdout: float = param(0.1, "fraction of documents held out of training for evaluation", ge=0, lt=1)
+    max_rows: int = param(0, "evaluate on at most this many held-out rows (0 = all)", ge=0)
+    batch_rows: int = param(4096, "rows per evaluation batch", ge=1)
+    description_length: bool = param(True, "compute the MDL description-length sweep")
+    splice_docs: int = param(48, "held-out documents for the splice-in LM loss (LLM runs; 0 = skip)", ge=0)
+    splice_batch: int = param(8, "documents per splice-in forward pass", ge=1)
+    retrieval_rows: int = param(2000, "held-out rows for recall@k (embedding runs)", ge=0)
+    retrieval_k: int = param(10, "k of recall@k", ge=1)
 
 
 @dataclass
@@ -39,8 +56,19 @@ class RunConfig(Config):
     store: StoreConfig = param(default_factory=StoreConfig, doc="the activation cache")
     sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields")
     train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig)")
-    eval: dict[str, Any] = param({}, "evaluation settings (holdout fraction, splice-in documents, ...)")
+    eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
     analyze: dict[str, Any] = param({}, "feature-browser bundle settings")
+
+    def validate(self) -> None:
+        if self.train:
+            self.train_config()
+        if self.sae and "architecture" not in self.sae:
+            raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl)")
+
+    def train_config(self):
+        from saekit.train import TrainConfig
+
+        return TrainConfig.from_dict(self.train, where="train")
 
     @property
     def run_dir(self) -> Path:
@@ -80,3 +108,82 @@ def store_summary(store: ActivationStore) -> dict:
     return {"store": str(store.path), "hook": store.hook, "kind": store.kind, "model": m["source"]["model"],
             "rows": len(store), "d_in": store.d_in, "docs": m["n_docs"], "shards": len(m["shards"]),
             "complete": store.complete}
+
+
+def run_store(cfg: RunConfig, hook: str | None = None) -> ActivationStore:
+    hook = hook or (cfg.source.hooks[0] if cfg.source.kind != "embedding" else None)
+    return ActivationStore(cfg.store_dir, hook=hook)
+
+
+def build_sae(cfg: RunConfig, store: ActivationStore):
+    """The run's SAE, with d_in and provenance metadata taken from the store."""
+    from saekit.sae.registry import create
+
+    spec = store.manifest["source"]
+    data = {"d_in": store.d_in, "model_name": spec["model"], "hook_name": store.hook, "seed": cfg.seed,
+            "context_size": spec.get("max_length", 0), "dataset_path": cfg.corpus.name, **cfg.sae}
+    if int(data["d_in"]) != store.d_in:
+        raise ConfigError(f"sae.d_in: expected the store's width {store.d_in}, found {data['d_in']}")
+    return create(data)
+
+
+def train_stage(cfg: RunConfig):
+    """Train the run's SAE on the training documents of its store (resuming a partial run)."""
+    from saekit.train import train
+
+    if not cfg.sae or not cfg.train:
+        raise ConfigError("run config: the train stage needs `sae` and `train` sections")
+    torch.manual_seed(cfg.seed)
+    store = run_store(cfg)
+    train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    tcfg = cfg.train_config()
+    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=train_rows)
+    sae = build_sae(cfg, store)
+    return train(sae, batches, tcfg, cfg.run_dir / "train", resume="auto")
+
+
+def heldout_batches(store: ActivationStore, rows: torch.Tensor, batch_rows: int, max_rows: int = 0):
+    rows = rows[:max_rows] if max_rows else rows
+    return [rows[i: i + batch_rows] for i in range(0, len(rows), batch_rows)]
+
+
+def eval_stage(cfg: RunConfig, sae=None) -> dict:
+    """Evaluate the trained SAE on held-out documents; write RUN/eval/report.json, table and figures."""
+    from saekit.eval.report import attach_downstream, evaluate_sae, format_report, write_report
+    from saekit.sae.registry import load_sae
+
+    store = run_store(cfg)
+    sae = sae or load_sae(cfg.run_dir / "train")
+    _, held = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    chunks = heldout_batches(store, held, cfg.eval.batch_rows, cfg.eval.max_rows)
+    report = evaluate_sae(sae, lambda: (store[c] for c in chunks), description_length=cfg.eval.description_length,
+                          retrieval_rows=cfg.eval.retrieval_rows if store.kind == "embedding" else 0,
+                          retrieval_k=cfg.eval.retrieval_k, progress=True)
+    report["run"] = {"name": cfg.name, "store": str(store.path), "heldout_rows": int(len(held))}
+    if store.kind != "embedding" and cfg.eval.splice_docs:
+        attach_downstream(report, "splice_in", splice_stage(cfg, store, sae, held))
+    write_report(report, cfg.run_dir / "eval")
+    log.info("\n%s", format_report(report))
+    return report
+
+
+def splice_stage(cfg: RunConfig, store: ActivationStore, sae, held_rows: torch.Tensor) -> dict:
+    from saekit.eval.splice import splice_lm_loss
+    from saekit.sources.models import load_lens, load_lm
+
+    doc_ids = torch.unique(store.meta("doc_id")[held_rows]).tolist()[: cfg.eval.splice_docs]
+    texts = [store.docs[d]["text"] for d in doc_ids]
+    spec = store.manifest["source"]
+    model = load_lens(cfg.source.model) if spec["kind"] == "lens" else load_lm(cfg.source.model)[0]
+    tok = load_lm(cfg.source.model)[1]
+    mean_D = sum(c.double().sum(0) for _, c in store.iter_chunks(65536)) / len(store)
+    return splice_lm_loss(model, tok, store.hook, sae, texts, mean_acts_D=mean_D,
+                          max_length=cfg.source.max_length, batch_size=cfg.eval.splice_batch)
+
+
+def run_all(cfg: RunConfig) -> dict:
+    """The main job for one config: cache → train → evaluate (→ browser bundle when available)."""
+    cache_stage(cfg)
+    result = train_stage(cfg)
+    report = eval_stage(cfg, None)
+    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report}
