@@ -1,0 +1,485 @@
+"""Sparse probing (Gurnee et al., "Finding Neurons in a Haystack"): how few features predict a label?
+
+    report = probe_sweep(store, "sentiment", sae=sae, ks=(1, 2, 5, 10, 20))
+    paths = write_probe_report(report, "runs/x/probe")        # report.json + accuracy_vs_k.png
+
+One API for token-level LLM stores (each row is a token; its label comes from its document's labels
+or from a user function `fn(doc_id, pos, token_id, doc) -> label`) and document-level embedding
+stores (one row per document). For each feature set — SAE latents (when an SAE is given) and raw
+neurons, side by side — and each selection method, the k best features are chosen on the training
+split only, a logistic probe is fitted on them, and test accuracy and F1 are reported for every k,
+next to a dense probe on all dimensions.
+
+Why these choices:
+* Splits are by document (deterministic under `seed`, train/test ids disjoint and reported): tokens
+  of one document are strongly correlated, and a row-level split would leak the label.
+* Selection methods: `mean_diff` (absolute difference of class means, the paper's main heuristic),
+  `l1` (order in which features enter an L1-regularised logistic path), and `density_norm` (the
+  class-mean difference divided by the feature's standard deviation on the training rows; for a
+  sparse latent that is about magnitude·sqrt(density), so a latent that fires almost everywhere
+  with large values does not win just by its scale). Features firing on fewer than
+  `MIN_FIRING_ROWS` training rows are not selected by `density_norm` (their ratio is noise).
+* Labels are made binary: one class (`positive`) versus the rest. Default `positive`: True / 1 for
+  boolean or 0/1 labels, otherwise the most frequent class (ties by name). The report says which.
+* SAE codes stay sparse (scipy CSR) end to end, so d_sae can be wide without a dense
+  `[rows, d_sae]` matrix; neurons are dense.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+import scipy.sparse as sp
+import torch
+from torch import Tensor
+
+from saekit.artifacts import atomic_write_bytes, atomic_write_json, to_strict_json
+from saekit.errors import ConfigError, SaekitError, ShapeMismatchError
+from saekit.sae.base import SparseAutoencoder
+
+log = logging.getLogger(__name__)
+
+METHODS = ("mean_diff", "l1", "density_norm")
+MIN_FIRING_ROWS = 3
+N_EXAMPLES = 5
+SNIPPET_CHARS = 200
+
+
+class ArrayStore:
+    """An in-memory stand-in for `ActivationStore` (tensors + docs), for probing arrays you already have."""
+
+    def __init__(self, acts_ND: Tensor, doc_id_N: Tensor, docs: dict[int, dict], pos_N: Tensor | None = None,
+                 token_id_N: Tensor | None = None, kind: str = "embedding"):
+        n = acts_ND.shape[0]
+        self.acts_ND = torch.as_tensor(acts_ND).float()
+        fill = torch.full((n,), -1, dtype=torch.int64)
+        self._meta = {"doc_id": torch.as_tensor(doc_id_N).long(),
+                      "pos": fill if pos_N is None else torch.as_tensor(pos_N).long(),
+                      "token_id": fill if token_id_N is None else torch.as_tensor(token_id_N).long()}
+        if any(len(v) != n for v in self._meta.values()):
+            raise ShapeMismatchError(f"ArrayStore: expected {n} doc ids / positions / token ids, found "
+                                     f"{[len(v) for v in self._meta.values()]}")
+        self.docs, self.kind, self.hook = docs, kind, "array"
+
+    def __len__(self) -> int:
+        return self.acts_ND.shape[0]
+
+    @property
+    def d_in(self) -> int:
+        return self.acts_ND.shape[1]
+
+    def __getitem__(self, idx) -> Tensor:
+        return self.acts_ND[torch.as_tensor(idx)] if not isinstance(idx, slice) else self.acts_ND[idx]
+
+    def meta(self, name: str) -> Tensor:
+        return self._meta[name]
+
+
+# -- labels and splits (pure) ------------------------------------------------------------------------------
+
+
+def sample_rows(n: int, max_rows: int | None, seed: int) -> np.ndarray:
+    """All rows, or `max_rows` of them chosen by `seed` (sorted, so reads stay sequential)."""
+    if not max_rows or max_rows >= n:
+        return np.arange(n)
+    return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))
+
+
+def row_labels(store, rows: np.ndarray, labels: str | Callable) -> list:
+    """The label of each row: a document label by name, or `labels(doc_id, pos, token_id, doc)`."""
+    doc_ids = store.meta("doc_id")[torch.from_numpy(rows)].tolist()
+    if isinstance(labels, str):
+        out = [(store.docs.get(int(d), {}).get("labels") or {}).get(labels) for d in doc_ids]
+        if all(v is None for v in out):
+            names = sorted({k for v in store.docs.values() for k in (v.get("labels") or {})})
+            raise ConfigError(f"probe: expected a document label '{labels}'; the store's documents have {names}")
+        return out
+    pos = store.meta("pos")[torch.from_numpy(rows)].tolist()
+    tok = store.meta("token_id")[torch.from_numpy(rows)].tolist()
+    return [labels(int(d), int(p), int(t), store.docs.get(int(d), {})) for d, p, t in zip(doc_ids, pos, tok)]
+
+
+def default_positive(values: Sequence) -> object:
+    """True / 1 for boolean-like labels, otherwise the most frequent class (ties broken by name)."""
+    uniq = set(values)
+    if uniq <= {True, False} or uniq <= {0, 1}:
+        return True if True in uniq or 1 in uniq else next(iter(uniq))
+    counts = Counter(values)
+    return sorted(counts, key=lambda c: (-counts[c], str(c)))[0]
+
+
+def binarize(values: Sequence, positive=None) -> tuple[np.ndarray, object, dict]:
+    """(y_N bool, the positive class, class counts): one-vs-rest for multi-class labels."""
+    counts = Counter(values)
+    if len(counts) < 2:
+        raise SaekitError(f"probe: expected at least two label classes, found {dict(counts)}")
+    positive = default_positive(values) if positive is None else positive
+    if positive not in counts:
+        raise ConfigError(f"probe: positive class '{positive}' not among the labels {sorted(map(str, counts))}")
+    return np.array([v == positive for v in values]), positive, {str(k): int(v) for k, v in counts.items()}
+
+
+def split_documents(doc_ids_N: np.ndarray, test_frac: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """(train_doc_ids, test_doc_ids), sorted and disjoint: a seeded permutation of the unique ids."""
+    if not 0 < test_frac < 1:
+        raise ConfigError(f"probe: expected 0 < test_frac < 1, found {test_frac}")
+    uniq = np.unique(doc_ids_N)
+    if len(uniq) < 2:
+        raise SaekitError(f"probe: expected at least 2 documents to split, found {len(uniq)}")
+    perm = np.random.default_rng(seed).permutation(uniq)
+    n_test = min(len(uniq) - 1, max(1, int(round(test_frac * len(uniq)))))
+    return np.sort(perm[n_test:]), np.sort(perm[:n_test])
+
+
+# -- features ------------------------------------------------------------------------------------------------
+
+
+def sae_codes(sae: SparseAutoencoder, acts_ND: Tensor, chunk: int = 4096) -> sp.csr_matrix:
+    """The SAE's codes of `acts_ND` as a sparse `[N, d_sae]` matrix (never densified)."""
+    from saekit.analysis.steering import inference_mode
+
+    p = next(sae.parameters())
+    rows, cols, vals = [], [], []
+    with inference_mode(sae):
+        for lo in range(0, acts_ND.shape[0], chunk):
+            code = sae.encode(acts_ND[lo: lo + chunk].to(p.device, p.dtype))
+            idx, v = code.indices.cpu().long(), code.values.detach().float().cpu()
+            keep = v != 0
+            r = torch.arange(lo, lo + idx.shape[0])[:, None].expand_as(idx)
+            rows.append(r[keep]), cols.append(idx[keep]), vals.append(v[keep])
+    r, c, v = (torch.cat(t).numpy() for t in (rows, cols, vals))
+    m = sp.coo_matrix((v, (r, c)), shape=(acts_ND.shape[0], sae.cfg.d_sae)).tocsr()
+    m.sum_duplicates()
+    return m
+
+
+def _col_mean(X, mask: np.ndarray | None = None) -> np.ndarray:
+    X = X if mask is None else X[mask]
+    return np.asarray(X.mean(axis=0)).ravel()
+
+
+def _col_std(X) -> np.ndarray:
+    sq = X.multiply(X) if sp.issparse(X) else X * X
+    return np.sqrt(np.maximum(_col_mean(sq) - _col_mean(X) ** 2, 0))
+
+
+def _firing_rows(X) -> np.ndarray:
+    return np.asarray((X != 0).sum(axis=0)).ravel()
+
+
+def class_mean_diff(X, y: np.ndarray) -> np.ndarray:
+    """mean(X | positive) − mean(X | rest), per feature."""
+    return _col_mean(X, y) - _col_mean(X, ~y)
+
+
+def selection_scores(X, y: np.ndarray, method: str) -> np.ndarray:
+    """Per-feature scores (higher = better) for the mean-difference methods."""
+    diff = np.abs(class_mean_diff(X, y))
+    if method == "mean_diff":
+        return diff
+    if method == "density_norm":
+        score = diff / (_col_std(X) + 1e-8)
+        score[_firing_rows(X) < MIN_FIRING_ROWS] = 0.0
+        return score
+    raise ConfigError(f"probe: unknown selection method '{method}'; expected one of {METHODS}")
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    order = np.lexsort((np.arange(len(scores)), -scores))  # ties by index: deterministic
+    return order[:k]
+
+
+def _scale_columns(X) -> tuple[object, np.ndarray]:
+    std = _col_std(X)
+    inv = 1.0 / np.where(std > 0, std, 1.0)
+    return (X.multiply(inv[None]).tocsr() if sp.issparse(X) else X * inv[None]), inv
+
+
+def _l1_logreg(C: float):
+    import sklearn
+    from sklearn.linear_model import LogisticRegression
+
+    major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
+    if (major, minor) >= (1, 8):
+        return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=200)
+    return LogisticRegression(C=C, penalty="l1", solver="liblinear", max_iter=200)
+
+
+def l1_path_order(X, y: np.ndarray, max_k: int, n_steps: int = 24) -> np.ndarray:
+    """Features in the order they enter an L1 logistic path (C growing from the smallest useful value).
+
+    Features entering at the same C are ordered by |coefficient|; if the path ends with fewer than
+    `max_k` features, the rest are filled by class-mean difference.
+    """
+    from sklearn.svm import l1_min_c
+
+    Xs, _ = _scale_columns(X)
+    c0 = l1_min_c(Xs, y, loss="log")
+    order: list[int] = []
+    for C in c0 * np.logspace(0.05, 3, n_steps):
+        coef = np.abs(_l1_logreg(C).fit(Xs, y).coef_.ravel())
+        new = [int(j) for j in np.argsort(-coef, kind="stable") if coef[j] > 0 and j not in set(order)]
+        order.extend(new)
+        if len(order) >= max_k:
+            break
+    if len(order) < max_k:
+        rest = [int(j) for j in _top(selection_scores(X, y, "mean_diff"), X.shape[1]) if j not in set(order)]
+        order.extend(rest)
+    return np.array(order[:max_k])
+
+
+def rank_features(X, y: np.ndarray, method: str, max_k: int) -> np.ndarray:
+    """The `max_k` best features of the training rows `X` for `method`, best first."""
+    if method == "l1":
+        return l1_path_order(X, y, max_k)
+    return _top(selection_scores(X, y, method), max_k)
+
+
+# -- probes ----------------------------------------------------------------------------------------------------
+
+
+def fit_probe(X_train, y_train: np.ndarray, X_test, y_test: np.ndarray, C: float = 1.0) -> dict:
+    """Logistic probe on standardised features (train statistics): test accuracy and F1 of the positive class."""
+    from sklearn.linear_model import LogisticRegression
+    from sklearn.metrics import accuracy_score, f1_score
+    from sklearn.preprocessing import StandardScaler
+
+    sparse = sp.issparse(X_train)
+    scaler = StandardScaler(with_mean=not sparse).fit(X_train)
+    clf = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(X_train), y_train)
+    pred = clf.predict(scaler.transform(X_test))
+    return {"accuracy": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, zero_division=0))}
+
+
+def _columns(X, feats: np.ndarray):
+    sub = X[:, feats]
+    return sub.toarray() if sp.issparse(sub) else sub
+
+
+def _sweep_one(X, y: np.ndarray, train: np.ndarray, test: np.ndarray, method: str, ks: list[int]) -> dict:
+    order = rank_features(X[train], y[train], method, max(ks))
+    diff = class_mean_diff(X[train], y[train])
+    out = {}
+    for k in ks:
+        feats = order[:k]
+        res = fit_probe(_columns(X[train], feats), y[train], _columns(X[test], feats), y[test])
+        out[str(k)] = {**res, "features": [int(f) for f in feats],
+                       "signs": ["+" if diff[f] >= 0 else "-" for f in feats]}
+    return out
+
+
+# -- naming the k=1 winners ---------------------------------------------------------------------------------------
+
+
+def top_examples(store, rows: np.ndarray, column: np.ndarray, labels: list, n: int = N_EXAMPLES,
+                 tokenizer=None) -> list[dict]:
+    """The `n` rows where a feature is largest, with their document text (and token, for token stores)."""
+    best = np.argsort(-column, kind="stable")[:n]
+    doc_ids = store.meta("doc_id")[torch.from_numpy(rows[best])].tolist()
+    pos = store.meta("pos")[torch.from_numpy(rows[best])].tolist()
+    tok = store.meta("token_id")[torch.from_numpy(rows[best])].tolist()
+    out = []
+    for i, d, p, t in zip(best, doc_ids, pos, tok):
+        ex = {"row": int(rows[i]), "doc_id": int(d), "activation": float(column[i]), "label": labels[i],
+              "text": (store.docs.get(int(d), {}).get("text") or "")[:SNIPPET_CHARS]}
+        if p >= 0:
+            ex.update(pos=int(p), token_id=int(t))
+            if tokenizer is not None:
+                ex["token"] = tokenizer.decode([int(t)])
+        out.append(ex)
+    return out
+
+
+def _winner(store, X, rows, labels, res: dict, tokenizer) -> dict:
+    first = res[min(res, key=int)]
+    f = first["features"][0]
+    col = np.asarray(X[:, f].toarray()).ravel() if sp.issparse(X) else X[:, f]
+    return {"feature": f, "sign": first["signs"][0], "accuracy": first["accuracy"], "f1": first["f1"],
+            "top_examples": top_examples(store, rows, col, labels, tokenizer=tokenizer)}
+
+
+# -- the sweep ----------------------------------------------------------------------------------------------------
+
+
+def _load(store, rows: np.ndarray, chunk: int = 65536) -> Tensor:
+    parts = [store[torch.from_numpy(rows[i: i + chunk])] for i in range(0, len(rows), chunk)]
+    return torch.cat(parts).float() if parts else torch.zeros(0, store.d_in)
+
+
+def _check_ks(ks: Sequence[int], n_features: dict[str, int]) -> list[int]:
+    ks = sorted({int(k) for k in ks})
+    if not ks or ks[0] < 1:
+        raise ConfigError(f"probe: expected ks >= 1, found {ks}")
+    limit = min(n_features.values())
+    kept = [k for k in ks if k <= limit]
+    if len(kept) < len(ks):
+        log.warning("probe: dropping ks %s larger than the narrowest feature set (%d)", ks[len(kept):], limit)
+    return kept
+
+
+def probe_sweep(store, labels: str | Callable, *, sae: SparseAutoencoder | None = None,
+                ks: Sequence[int] = (1, 2, 5, 10, 20), methods: Sequence[str] = METHODS, test_frac: float = 0.3,
+                seed: int = 0, max_rows: int | None = None, positive=None, tokenizer=None) -> dict:
+    """k-sparse probes of a label on SAE latents (when `sae` is given) and on raw neurons, side by side.
+
+    `labels` is a document label name (e.g. "sentiment") or `fn(doc_id, pos, token_id, doc) -> label`
+    (None drops the row). Returns a JSON-ready report: per feature set, method and k the chosen
+    features and test accuracy/F1; dense probes on all dimensions; the majority baseline; the k=1
+    winners with their top examples; and the train/test document ids.
+    """
+    for m in methods:
+        if m not in METHODS:
+            raise ConfigError(f"probe: unknown selection method '{m}'; expected some of {METHODS}")
+    rows = sample_rows(len(store), max_rows, seed)
+    values = row_labels(store, rows, labels)
+    keep = np.array([v is not None for v in values], dtype=bool)
+    rows, values = rows[keep], [v for v in values if v is not None]
+    y, positive, counts = binarize(values, positive)
+    doc_ids = store.meta("doc_id")[torch.from_numpy(rows)].numpy()
+    train_docs, test_docs = split_documents(doc_ids, test_frac, seed)
+    train, test = np.isin(doc_ids, train_docs), np.isin(doc_ids, test_docs)
+    for name, part in (("train", train), ("test", test)):
+        if len(set(y[part].tolist())) < 2:
+            raise SaekitError(f"probe: the {name} split has only one class (positive rows: {int(y[part].sum())} "
+                              f"of {int(part.sum())}); use more documents or another test_frac/seed")
+    acts_ND = _load(store, rows)
+    feature_sets = {"neurons": acts_ND.numpy()}
+    if sae is not None:
+        if sae.cfg.d_in != store.d_in:
+            raise ShapeMismatchError(f"probe: SAE expects d_in={sae.cfg.d_in}, the store has d_in={store.d_in}")
+        feature_sets = {"sae": sae_codes(sae, acts_ND), **feature_sets}
+    ks = _check_ks(ks, {k: X.shape[1] for k, X in feature_sets.items()})
+    results, winners, dense = {}, {}, {}
+    for fs, X in feature_sets.items():
+        results[fs], winners[fs] = {}, {}
+        for method in methods:
+            log.info("probe: %s / %s", fs, method)
+            results[fs][method] = _sweep_one(X, y, train, test, method, ks)
+            winners[fs][method] = _winner(store, X, rows, values, results[fs][method], tokenizer)
+        dense[fs] = {**fit_probe(X[train], y[train], X[test], y[test]), "n_features": int(X.shape[1])}
+    majority = max(float(y[test].mean()), 1 - float(y[test].mean()))
+    return {"label": labels if isinstance(labels, str) else getattr(labels, "__name__", "function"),
+            "positive": positive, "classes": counts, "kind": getattr(store, "kind", "unknown"),
+            "hook": getattr(store, "hook", ""), "seed": seed, "test_frac": test_frac, "ks": ks,
+            "methods": list(methods), "n_rows": int(len(rows)), "n_train_rows": int(train.sum()),
+            "n_test_rows": int(test.sum()), "n_train_docs": int(len(train_docs)), "n_test_docs": int(len(test_docs)),
+            "majority_baseline": majority, "results": results, "dense": dense, "winners": winners,
+            "sae": None if sae is None else {"architecture": sae.architecture, "d_sae": int(sae.cfg.d_sae)},
+            "train_doc_ids": [int(d) for d in train_docs], "test_doc_ids": [int(d) for d in test_docs]}
+
+
+# -- output ------------------------------------------------------------------------------------------------------
+
+
+def probe_table(report: dict) -> list[dict]:
+    """One row per k: test accuracy of every (feature set, method), for printing and notes."""
+    rows = []
+    for k in report["ks"]:
+        row = {"k": k}
+        for fs, by_method in report["results"].items():
+            for method, per_k in by_method.items():
+                row[f"{fs}/{method}"] = per_k[str(k)]["accuracy"]
+        rows.append(row)
+    return rows
+
+
+def format_probe_table(report: dict) -> str:
+    """A fixed-width text table of accuracy vs k (plus the dense probes and the majority baseline)."""
+    table = probe_table(report)
+    cols = [c for c in table[0] if c != "k"]
+    lines = ["k    " + "  ".join(f"{c:>22}" for c in cols)]
+    lines += [f"{r['k']:<5}" + "  ".join(f"{r[c]:>22.3f}" for c in cols) for r in table]
+    dense = ", ".join(f"{fs} {d['accuracy']:.3f} ({d['n_features']} dims)" for fs, d in report["dense"].items())
+    lines.append(f"dense: {dense}; majority baseline {report['majority_baseline']:.3f}")
+    return "\n".join(lines)
+
+
+def _plot(report: dict, path: Path) -> None:
+    import io
+
+    import matplotlib
+
+    matplotlib.use("Agg", force=False)
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    colours = {"sae": "tab:blue", "neurons": "tab:orange"}
+    styles = {"mean_diff": "-", "l1": "--", "density_norm": ":"}
+    ks = report["ks"]
+    for fs, by_method in report["results"].items():
+        for method, per_k in by_method.items():
+            ax.plot(ks, [per_k[str(k)]["accuracy"] for k in ks], styles.get(method, "-"), marker="o",
+                    color=colours.get(fs), label=f"{fs} · {method}")
+    for fs, d in report["dense"].items():
+        ax.axhline(d["accuracy"], color=colours.get(fs), alpha=0.5, lw=1, label=f"dense {fs} ({d['n_features']})")
+    ax.axhline(report["majority_baseline"], color="grey", ls="-.", lw=1, label="majority")
+    ax.set_xscale("log")
+    ax.set_xticks(ks, [str(k) for k in ks])
+    ax.set_xlabel("k (features in the probe)")
+    ax.set_ylabel("test accuracy")
+    ax.set_title(f"sparse probing: {report['label']} = {report['positive']} vs rest")
+    ax.legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+
+
+def write_probe_report(report: dict, out_dir: str | Path) -> dict[str, Path]:
+    """Write `report.json` (strict JSON) and `accuracy_vs_k.png`; returns their paths."""
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    paths = {"json": out / "report.json", "png": out / "accuracy_vs_k.png"}
+    atomic_write_json(paths["json"], to_strict_json(report))
+    _plot(report, paths["png"])
+    return paths
+
+
+# -- CLI logic (wired into `saekit probe` by cli.py) -------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise ConfigError(f"expected a comma-separated list of integers, found '{text}'") from e
+
+
+def add_probe_arguments(parser) -> None:
+    parser.add_argument("run", help="run folder (holds store/ and train/)")
+    parser.add_argument("--label", default="sentiment", help="document label to probe (default: sentiment)")
+    parser.add_argument("--positive", default=None, help="positive class (default: the most frequent class)")
+    parser.add_argument("--ks", default="1,2,5,10,20", help="comma-separated k values")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
+    parser.add_argument("--test-frac", type=float, default=0.3, help="fraction of documents held out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-rows", type=int, default=None, help="probe at most this many rows (seeded sample)")
+    parser.add_argument("--no-sae", action="store_true", help="raw neurons only")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN/probe)")
+
+
+def cmd_probe(args) -> int:
+    from saekit.sae.registry import load_sae
+    from saekit.store.reader import ActivationStore
+
+    run = Path(args.run)
+    store = ActivationStore(run / "store")
+    sae = None if args.no_sae else load_sae(run / "train")
+    report = probe_sweep(store, args.label, sae=sae, ks=_int_list(args.ks),
+                         methods=[m for m in args.methods.split(",") if m], test_frac=args.test_frac,
+                         seed=args.seed, max_rows=args.max_rows, positive=args.positive)
+    paths = write_probe_report(report, args.out or run / "probe")
+    print(f"probe '{report['label']}' = {report['positive']} vs rest: {report['n_train_docs']} train / "
+          f"{report['n_test_docs']} test documents, {report['n_rows']} rows")
+    print(format_probe_table(report))
+    for fs, by_method in report["winners"].items():
+        for method, w in by_method.items():
+            ex = w["top_examples"][0]["text"][:80] if w["top_examples"] else ""
+            print(f"k=1 {fs}/{method}: feature {w['feature']} ({w['sign']}) acc {w['accuracy']:.3f} — e.g. {ex!r}")
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0

@@ -1,0 +1,119 @@
+"""Sparse probing: planted directions are found with k=1, shuffled labels give chance, splits are by document."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+
+from saekit.analysis.probing import (
+    ArrayStore,
+    binarize,
+    default_positive,
+    format_probe_table,
+    probe_sweep,
+    split_documents,
+    write_probe_report,
+)
+from saekit.errors import ConfigError
+from saekit.sae.registry import create
+
+D, ROWS_PER_DOC, N_DOCS, PLANTED = 32, 4, 300, 5
+
+
+def _planted(seed: int = 0, direction: torch.Tensor | None = None):
+    """Token-like rows (4 per document) whose document label shifts one direction (neuron 5 by default)."""
+    g = torch.Generator().manual_seed(seed)
+    labels = torch.arange(N_DOCS) % 2 == 0
+    doc_ids = torch.arange(N_DOCS).repeat_interleave(ROWS_PER_DOC) * 3 + 7  # ids are not 0..N-1
+    y = labels.repeat_interleave(ROWS_PER_DOC).float()
+    acts = torch.randn(len(doc_ids), D, generator=g)
+    if direction is None:
+        direction = torch.zeros(D)
+        direction[PLANTED] = 1.0
+    acts += 4.0 * (y - 0.5)[:, None] * direction[None]
+    docs = {int(d): {"text": f"document {int(d)}", "labels": {"flag": bool(lab), "colour": ["red", "blue"][i % 3 == 0]}}
+            for i, (d, lab) in enumerate(zip(doc_ids[::ROWS_PER_DOC], labels))}
+    pos = torch.arange(ROWS_PER_DOC).repeat(N_DOCS)
+    return ArrayStore(acts, doc_ids, docs, pos_N=pos, token_id_N=pos + 100, kind="hf")
+
+
+def test_planted_neuron_is_found_with_k1():
+    rep = probe_sweep(_planted(), "flag", ks=(1, 2, 5))
+    for method in ("mean_diff", "l1", "density_norm"):
+        k1 = rep["results"]["neurons"][method]["1"]
+        assert k1["features"] == [PLANTED], method
+        assert k1["accuracy"] >= 0.95
+    assert rep["positive"] is True
+    assert rep["winners"]["neurons"]["mean_diff"]["feature"] == PLANTED
+    assert rep["winners"]["neurons"]["mean_diff"]["top_examples"][0]["label"] is True  # positive rows activate it
+    assert rep["dense"]["neurons"]["accuracy"] >= 0.95
+
+
+def test_planted_direction_is_found_through_an_sae_latent():
+    """An SAE whose latent 17 reads (and writes) the planted direction: the k=1 SAE probe picks latent 17."""
+    g = torch.Generator().manual_seed(1)
+    direction = torch.randn(D, generator=g)
+    direction /= direction.norm()
+    sae = create({"architecture": "topk", "d_in": D, "d_sae": 64, "k": 8, "seed": 3})
+    with torch.no_grad():
+        sae.W_dec[17] = direction
+        sae.W_enc[:, 17] = direction * 3
+        sae.b_enc[17] = 2.0  # fires (>0) for both classes: a linear read of the direction
+    rep = probe_sweep(_planted(direction=direction), "flag", sae=sae, ks=(1, 2), methods=("mean_diff", "l1"))
+    assert rep["results"]["sae"]["mean_diff"]["1"]["features"] == [17]
+    assert rep["results"]["sae"]["mean_diff"]["1"]["accuracy"] >= 0.95
+    assert rep["results"]["sae"]["l1"]["1"]["features"] == [17]
+    assert set(rep["results"]) == {"sae", "neurons"} and set(rep["dense"]) == {"sae", "neurons"}
+
+
+def test_shuffled_labels_are_at_chance():
+    store = _planted()
+    rng = np.random.default_rng(0)
+    shuffled = dict(zip(store.docs, rng.permutation([d["labels"]["flag"] for d in store.docs.values()])))
+    rep = probe_sweep(store, lambda doc_id, pos, tok, doc: bool(shuffled[doc_id]), ks=(1, 5))
+    for method in ("mean_diff", "l1", "density_norm"):
+        for k in ("1", "5"):
+            assert abs(rep["results"]["neurons"][method][k]["accuracy"] - 0.5) < 0.1, (method, k)
+    assert abs(rep["dense"]["neurons"]["accuracy"] - 0.5) < 0.1
+
+
+def test_splits_are_by_document_disjoint_and_seeded():
+    store = _planted()
+    a = probe_sweep(store, "flag", ks=(1,), methods=("mean_diff",), seed=3)
+    b = probe_sweep(store, "flag", ks=(1,), methods=("mean_diff",), seed=3)
+    c = probe_sweep(store, "flag", ks=(1,), methods=("mean_diff",), seed=4)
+    assert a["train_doc_ids"] == b["train_doc_ids"] and a["test_doc_ids"] == b["test_doc_ids"]
+    assert a["test_doc_ids"] != c["test_doc_ids"]
+    train, test = set(a["train_doc_ids"]), set(a["test_doc_ids"])
+    assert not train & test and train | test == set(store.docs)
+    assert abs(len(test) - 0.3 * N_DOCS) <= 1
+    assert a["n_train_rows"] == ROWS_PER_DOC * len(train) and a["n_test_rows"] == ROWS_PER_DOC * len(test)
+    tr, te = split_documents(store.meta("doc_id").numpy(), 0.3, seed=3)
+    assert tr.tolist() == a["train_doc_ids"] and te.tolist() == a["test_doc_ids"]
+
+
+def test_one_vs_rest_defaults_and_errors():
+    assert default_positive(["neg", "pos", "neg", "neutral"]) == "neg"
+    assert default_positive([0, 1, 0, 0]) == 1
+    y, pos, counts = binarize(["a", "b", "c", "a"], positive="c")
+    assert pos == "c" and y.tolist() == [False, False, True, False] and counts == {"a": 2, "b": 1, "c": 1}
+    with pytest.raises(ConfigError, match="positive class 'z'"):
+        binarize(["a", "b"], positive="z")
+    with pytest.raises(ConfigError, match="document label 'nope'"):
+        probe_sweep(_planted(), "nope", ks=(1,))
+    with pytest.raises(ConfigError, match="selection method"):
+        probe_sweep(_planted(), "flag", ks=(1,), methods=("magic",))
+
+
+def test_report_is_strict_json_with_plot(tmp_path):
+    rep = probe_sweep(_planted(), "colour", ks=(1, 2), max_rows=600, seed=1)
+    assert rep["positive"] == "red" and rep["n_rows"] == 600
+    paths = write_probe_report(rep, tmp_path / "probe")
+    text = paths["json"].read_text()
+    back = json.loads(text, parse_constant=lambda c: pytest.fail(f"non-strict JSON constant {c}"))
+    assert back["results"]["neurons"]["mean_diff"]["1"]["accuracy"] == rep["results"]["neurons"]["mean_diff"]["1"]["accuracy"]
+    assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "majority baseline" in format_probe_table(rep)
+    assert all(math.isfinite(r["accuracy"]) for r in rep["results"]["neurons"]["l1"].values())
