@@ -1,0 +1,193 @@
+"""Reading a browser bundle: verified once, then one feature page's data by a seek and one JSON line.
+
+A bundle (`RUN/bundle/`) is read-only and self-describing:
+
+    saekit_manifest.json        format version, sha256 of every file, run facts (kind, rows, model...)
+    features.parquet            one row per feature: the list page's table (stats + search text)
+    features.jsonl              one JSON record per feature: everything its page shows
+    features.offsets.safetensors  byte offset of every record (so a page reads one line, not the file)
+    index/part-NNNNN.safetensors  the sparse latent index: indices [n, k] int32, values [n, k] float16
+
+Reading needs numpy, pandas and safetensors only: the app never imports torch or loads a model to
+show a feature page. Any missing, altered or unreadable file raises `BundleError` naming it, which
+the app turns into a message.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from functools import cached_property
+from pathlib import Path
+
+import numpy as np
+
+from saekit.artifacts import FORMAT_VERSION, MANIFEST, read_json, sha256_file
+from saekit.errors import CorruptArtifactError
+
+BUNDLE_DIR = "bundle"
+FEATURES_TABLE = "features.parquet"
+RECORDS = "features.jsonl"
+OFFSETS = "features.offsets.safetensors"
+INDEX_DIR = "index"
+BUNDLE_FORMAT = 1
+
+
+class BundleError(CorruptArtifactError):
+    """A bundle is missing, incomplete, altered or of an unknown format; the message says how to fix it."""
+
+
+def bundle_path(run_or_bundle: str | Path) -> Path:
+    """The bundle folder of a run folder (or the folder itself when it is a bundle)."""
+    p = Path(run_or_bundle)
+    return p if (p / MANIFEST).exists() and (p / RECORDS).exists() else p / BUNDLE_DIR
+
+
+class Bundle:
+    """A verified, read-only view of one bundle."""
+
+    def __init__(self, path: str | Path, verify: bool = True):
+        self.path = bundle_path(path)
+        if not (self.path / MANIFEST).exists():
+            raise BundleError(f"{self.path}: no browser bundle here (no {MANIFEST}); "
+                              f"build it with `saekit analyze {self.path.parent}`")
+        self.manifest = read_json(self.path / MANIFEST)
+        found = self.manifest.get("bundle_format")
+        if found != BUNDLE_FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
+            raise BundleError(f"{self.path}: expected bundle format {BUNDLE_FORMAT}, found {found}; "
+                              f"rebuild it with `saekit analyze {self.path.parent}`")
+        if verify:
+            self.verify()
+        self.offsets = self._load_offsets()
+
+    def verify(self) -> None:
+        """Check every file against the manifest's sha256; raise naming the first damaged one."""
+        for name, digest in self.manifest.get("files", {}).items():
+            f = self.path / name
+            if not f.exists():
+                raise BundleError(f"{f}: listed in the bundle manifest but missing; rebuild with `saekit analyze`")
+            if sha256_file(f) != digest:
+                raise BundleError(f"{f}: sha256 mismatch with the bundle manifest (truncated or altered); "
+                                  f"rebuild with `saekit analyze {self.path.parent}`")
+
+    def _load_offsets(self) -> np.ndarray:
+        from safetensors.numpy import load_file
+
+        try:
+            off = load_file(str(self.path / OFFSETS))["offsets"]
+        except Exception as e:  # safetensors raises several types for damaged files
+            raise BundleError(f"{self.path / OFFSETS}: unreadable ({e})") from e
+        if len(off) != self.d_sae + 1:
+            raise BundleError(f"{self.path / OFFSETS}: expected {self.d_sae + 1} offsets, found {len(off)}")
+        return off
+
+    # -- facts ---------------------------------------------------------------------------------
+    @property
+    def kind(self) -> str:
+        return self.manifest["kind"]
+
+    @property
+    def is_llm(self) -> bool:
+        return self.kind != "embedding"
+
+    @property
+    def d_sae(self) -> int:
+        return int(self.manifest["d_sae"])
+
+    @property
+    def n_rows(self) -> int:
+        return int(self.manifest["n_rows"])
+
+    # -- tables ----------------------------------------------------------------------------------
+    @cached_property
+    def table(self):
+        """The feature list (pandas DataFrame, one row per feature)."""
+        import pandas as pd
+
+        try:
+            return pd.read_parquet(self.path / FEATURES_TABLE)
+        except Exception as e:
+            raise BundleError(f"{self.path / FEATURES_TABLE}: unreadable ({e})") from e
+
+    def feature(self, f: int) -> dict:
+        """Everything one feature page shows: one seek and one JSON line."""
+        if not 0 <= int(f) < self.d_sae:
+            raise IndexError(f"feature {f} out of range: expected 0 <= f < {self.d_sae}")
+        lo, hi = int(self.offsets[f]), int(self.offsets[f + 1])
+        with open(self.path / RECORDS, "rb") as fh:
+            fh.seek(lo)
+            raw = fh.read(hi - lo)
+        try:
+            rec = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{self.path / RECORDS}: record of feature {f} is unreadable ({e})") from e
+        if rec.get("feature") != int(f):
+            raise BundleError(f"{self.path / RECORDS}: expected the record of feature {f}, found {rec.get('feature')}")
+        return rec
+
+    @cached_property
+    def index(self) -> "LatentIndex":
+        return LatentIndex(self.path / INDEX_DIR, self.manifest["index_parts"])
+
+
+class LatentIndex:
+    """The sparse latent index: per store row, the active features and their values (memory-mapped)."""
+
+    def __init__(self, folder: Path, parts: list[dict]):
+        self.folder, self.parts = Path(folder), parts
+        self.starts = np.array([p["row_start"] for p in parts] + [sum(p["rows"] for p in parts)], dtype=np.int64)
+        self._maps: dict[int, dict] = {}
+
+    def __len__(self) -> int:
+        return int(self.starts[-1])
+
+    def _part(self, i: int) -> dict:
+        if i not in self._maps:
+            self._maps[i] = memmap_safetensors(self.folder / self.parts[i]["file"])
+        return self._maps[i]
+
+    def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(indices [m, k] int32, values [m, k] float16) of the given global rows (padded to the widest part)."""
+        rows = np.asarray(rows, dtype=np.int64).ravel()
+        part_of = np.searchsorted(self.starts, rows, side="right") - 1
+        width = max((self._part(int(p))["indices"].shape[1] for p in np.unique(part_of)), default=1)
+        idx = np.zeros((len(rows), width), dtype=np.int32)
+        val = np.zeros((len(rows), width), dtype=np.float16)
+        for p in np.unique(part_of):
+            m = part_of == p
+            t = self._part(int(p))
+            local = rows[m] - self.starts[p]
+            w = t["indices"].shape[1]
+            idx[m, :w], val[m, :w] = t["indices"][local], t["values"][local]
+        return idx, val
+
+
+_NP = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64, "F64": np.float64}
+
+
+def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
+    """Map the tensors of a safetensors file without reading them (pages come in on demand)."""
+    size = path.stat().st_size
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
+        if n > size - 8:
+            raise BundleError(f"{path}: truncated safetensors header")
+        try:
+            header = json.loads(f.read(n))
+        except (json.JSONDecodeError, UnicodeDecodeError) as e:
+            raise BundleError(f"{path}: unreadable safetensors header ({e})") from e
+    out = {}
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        start, end = info["data_offsets"]
+        shape = tuple(info["shape"])
+        if 8 + n + end > size:
+            raise BundleError(f"{path}: truncated (tensor '{name}' ends past the end of the file)")
+        out[name] = (np.zeros(shape, _NP[info["dtype"]]) if end == start else
+                     np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=8 + n + start, shape=shape))
+    return out
+
+
+def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
+    return Bundle(path, verify=verify)

@@ -1,0 +1,146 @@
+"""Small self-contained runs for tests, benchmarks and demos of the browser (no hub, no big model).
+
+* `tiny_lm(folder)`: a 2-layer GPT-2 with a word-level tokenizer over a small vocabulary, saved as
+  a local transformers folder, so `load_lm(folder)` works offline and the live pages can run it.
+* `synthetic_docs(n)`: labelled sentences over that vocabulary.
+* `write_store(...)`: a store in the exact on-disk format of `saekit.store.writer`, filled shard by
+  shard from a row generator (for stores of any size without a model forward).
+* `tiny_run(...)`: a run folder (store + SAE) with dead features and a feature that fires exactly once.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from saekit.artifacts import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, save_tensors
+from saekit.store.writer import CACHE_INDEX, DOCS, MANIFEST, hook_slug, shard_name
+
+WORDS = ("the a cat dog bird fish red blue green happy sad angry calm fast slow big small runs eats sleeps "
+         "sings jumps over under near and but very not today tomorrow rain sun moon star tree river city").split()
+SENTIMENT = {"happy": "positive", "calm": "positive", "sad": "negative", "angry": "negative"}
+
+
+def tiny_lm(folder: str | Path, d_model: int = 32, n_layer: int = 2, seed: int = 0) -> Path:
+    """Save a random tiny GPT-2 + word-level tokenizer to `folder` (loadable with `load_lm(folder)`)."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import GPT2Config, GPT2LMHeadModel, PreTrainedTokenizerFast
+
+    folder = Path(folder)
+    if (folder / "config.json").exists():
+        return folder
+    vocab = {"<unk>": 0, "<eos>": 1, **{w: i + 2 for i, w in enumerate(WORDS)}}
+    tk = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    tk.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok = PreTrainedTokenizerFast(tokenizer_object=tk, unk_token="<unk>", eos_token="<eos>", pad_token="<eos>")
+    torch.manual_seed(seed)
+    model = GPT2LMHeadModel(GPT2Config(vocab_size=len(vocab), n_positions=64, n_embd=d_model, n_layer=n_layer,
+                                       n_head=2, bos_token_id=1, eos_token_id=1))
+    model.save_pretrained(folder)
+    tok.save_pretrained(folder)
+    return folder
+
+
+def synthetic_docs(n: int, seed: int = 0, min_words: int = 4, max_words: int = 12) -> list[dict]:
+    """Labelled sentences over WORDS: sentiment from the mood word, topic from the animal."""
+    rng = np.random.default_rng(seed)
+    docs = []
+    for i in range(n):
+        words = list(rng.choice(WORDS, size=int(rng.integers(min_words, max_words + 1))))
+        mood = next((w for w in words if w in SENTIMENT), None)
+        animal = next((w for w in words if w in ("cat", "dog", "bird", "fish")), "none")
+        docs.append({"doc_id": i, "text": " ".join(words),
+                     "labels": {"sentiment": SENTIMENT.get(mood, "neutral"), "topic": animal}})
+    return docs
+
+
+def write_store(root: str | Path, spec: dict, docs: list[dict], shards: Iterator[dict], docs_per_shard: int) -> Path:
+    """Write a store in the writer's format from ready shards ({acts, doc_id, pos, token_id, doc_range})."""
+    root = Path(root)
+    hook = spec["hooks"][0]
+    folder = root / hook_slug(hook)
+    folder.mkdir(parents=True, exist_ok=True)
+    identity = {"source": spec, "corpus_fingerprint": "synthetic", "n_docs": len(docs),
+                "docs_per_shard": docs_per_shard, "dtype": "float32"}
+    atomic_write_json(root / CACHE_INDEX, {"format_version": FORMAT_VERSION, "identity": identity,
+                                           "stores": {hook: hook_slug(hook)}})
+    atomic_write_bytes(folder / DOCS, "".join(json.dumps(d) + "\n" for d in docs).encode())
+    entries = []
+    for i, sh in enumerate(shards):
+        lo, hi = sh.pop("doc_range")
+        sha = save_tensors(folder / shard_name(i), sh)
+        entries.append({"file": shard_name(i), "rows": int(len(sh["acts"])), "sha256": sha,
+                        "doc_start": lo, "doc_end": hi, "index": i})
+    atomic_write_json(folder / MANIFEST, {
+        "format_version": FORMAT_VERSION, "kind": spec["kind"], "hook": hook, "d_in": spec["d_in"][hook],
+        "dtype": "float32", "source": spec, "corpus_fingerprint": "synthetic", "n_docs": len(docs),
+        "docs_per_shard": docs_per_shard, "rows": sum(e["rows"] for e in entries), "shards": entries,
+        "complete": True})
+    return folder
+
+
+def token_shards(docs: list[dict], d_in: int, docs_per_shard: int, vocab_size: int, seed: int = 0,
+                 tokens: Callable[[dict], list[int]] | None = None) -> Iterator[dict]:
+    """Rows for an LLM-kind store: a fixed random vector per token id plus noise (so tokens cluster)."""
+    g = torch.Generator().manual_seed(seed)
+    emb_VD = torch.randn(vocab_size, d_in, generator=g)
+    for lo in range(0, len(docs), docs_per_shard):
+        chunk = docs[lo:lo + docs_per_shard]
+        ids = [tokens(d) if tokens else [2 + WORDS.index(w) for w in d["text"].split()] for d in chunk]
+        tok = torch.tensor([t for row in ids for t in row], dtype=torch.int32)
+        acts = emb_VD[tok.long()] + 0.3 * torch.randn(len(tok), d_in, generator=g)
+        yield {"acts": acts, "token_id": tok,
+               "doc_id": torch.tensor([d["doc_id"] for d, row in zip(chunk, ids) for _ in row], dtype=torch.int64),
+               "pos": torch.tensor([p for row in ids for p in range(len(row))], dtype=torch.int32),
+               "doc_range": (lo, lo + len(chunk))}
+
+
+def llm_spec(model: str, hook: str, d_in: int) -> dict:
+    return {"kind": "hf", "model": model, "revision": "local", "hooks": [hook], "d_in": {hook: d_in},
+            "dtype": "float32", "max_length": 64, "exclude_special": True, "prepend_bos": False}
+
+
+def make_sae(d_in: int, d_sae: int, k: int, dead: list[int] = (), seed: int = 0):
+    """A random top-k SAE whose `dead` features can never fire (their pre-activation is always < 0)."""
+    from saekit.sae.registry import create
+
+    sae = create({"architecture": "topk", "d_in": d_in, "d_sae": d_sae, "k": k, "seed": seed})
+    with torch.no_grad():
+        for f in dead:
+            sae.W_enc[:, f] = 0
+            sae.b_enc[f] = -1e4
+    return sae
+
+
+def make_one_shot(sae, acts_ND: torch.Tensor, feature: int) -> int:
+    """Tune `feature` so that it fires on exactly one row of `acts_ND` (its best-aligned row); returns it."""
+    with torch.no_grad():
+        u = torch.nn.functional.normalize(torch.randn(acts_ND.shape[1], generator=torch.Generator().manual_seed(7)), dim=0)
+        proj = (acts_ND - sae.b_dec) @ u
+        top2 = proj.topk(2).values
+        sae.W_enc[:, feature] = u * 1e3
+        sae.b_enc[feature] = -1e3 * float(top2.mean())
+        return int(proj.argmax())
+
+
+def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4, dead: tuple = (0, 1, 2),
+             one_shot: int = 3, model_dir: str | Path | None = None, seed: int = 0) -> Path:
+    """An LLM-kind run folder over the tiny GPT-2's residual stream (real forward through the source)."""
+    from saekit.sae.registry import save_sae
+    from saekit.sources.base import SourceConfig, make_source
+    from saekit.store.reader import ActivationStore
+    from saekit.store.writer import StoreConfig, cache_activations
+
+    run_dir = Path(run_dir)
+    model_dir = tiny_lm(model_dir or run_dir.parent / "tiny_lm")
+    source = make_source(SourceConfig(kind="hf", model=str(model_dir), hooks=["transformer.h.1"], batch_size=32))
+    cache_activations(source, synthetic_docs(n_docs, seed), run_dir / "store", StoreConfig(docs_per_shard=64))
+    store = ActivationStore(run_dir / "store")
+    sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
+    make_one_shot(sae, store[:], one_shot)
+    save_sae(sae, run_dir / "train" / "final_sae")
+    return run_dir
