@@ -1,0 +1,35 @@
+"""Feature list: search by token / text / label, sort, density and dead-feature filters."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from views.common import SORTS, filter_features, open_feature
+
+SHOWN_COLUMNS = ["feature", "density", "count", "max", "top_tokens", "top_text", "top_labels", "promoted", "children"]
+N_BUTTONS = 12
+
+
+def render(bundle, run_key: str) -> None:
+    df = bundle.table
+    st.subheader(f"Features · {bundle.d_sae} latents · {bundle.n_rows:,} rows · {bundle.manifest.get('dead', 0)} dead")
+    query = st.text_input("Search (token, text, label or promoted token; #id for a feature)", key="search")
+    c1, c2, c3 = st.columns([2, 1, 3])
+    sort = c1.selectbox("Sort by", list(SORTS), key="sort")
+    hide_dead = c2.checkbox("Hide dead", value=True, key="hide_dead")
+    dmax = float(df["density"].max()) if len(df) else 0.0
+    top = dmax if dmax > 0 else 1.0
+    density = c3.slider("Density range", 0.0, top, (0.0, top), key=f"density_{run_key}", format="%.4f")
+    shown = filter_features(df, query, density, hide_dead, sort)
+    st.caption(f"{len(shown)} of {len(df)} features match")
+    if shown.empty:
+        st.info("No feature matches: widen the density range, show dead features or change the search.")
+        return
+    cols = [c for c in SHOWN_COLUMNS if c in shown.columns and (bundle.is_llm or c not in ("top_tokens", "promoted"))]
+    st.dataframe(shown[cols].head(2000), hide_index=True, width="stretch")
+    st.markdown("**Open a feature**")
+    grid = st.columns(3)
+    for i, row in enumerate(shown.head(N_BUTTONS).itertuples()):
+        hint = (row.top_tokens if bundle.is_llm else row.top_text)[:40] or "—"
+        grid[i % 3].button(f"#{row.feature} · {hint}", key=f"open_{row.feature}", on_click=open_feature,
+                           args=(row.feature,))

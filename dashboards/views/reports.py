@@ -1,0 +1,86 @@
+"""Probing and evaluation summaries, read from the run folder's JSON reports (no model, no torch)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+
+def probe_files(run: Path) -> list[Path]:
+    return sorted((run / "probe").glob("*.json")) if (run / "probe").is_dir() else []
+
+
+def eval_report(run: Path) -> Path | None:
+    p = run / "eval" / "report.json"
+    return p if p.exists() else None
+
+
+def _read(path: Path) -> dict | None:
+    try:
+        return json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        st.error(f"{path} cannot be read ({e}); rerun the stage that writes it.")
+        return None
+
+
+def _accuracy_table(rep: dict) -> pd.DataFrame:
+    rows = []
+    for k in rep.get("ks", []):
+        row = {"k": k}
+        for fs, by_method in rep.get("results", {}).items():
+            for method, per_k in by_method.items():
+                row[f"{fs}/{method}"] = (per_k.get(str(k)) or {}).get("accuracy")
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def render_probing(run: Path) -> None:
+    st.subheader("Sparse probing")
+    for path in probe_files(run):
+        rep = _read(path)
+        if not isinstance(rep, dict):
+            continue
+        st.markdown(f"**{path.name}** · label `{rep.get('label')}` = `{rep.get('positive')}` vs rest · "
+                    f"{rep.get('n_train_docs', '?')} train / {rep.get('n_test_docs', '?')} test documents")
+        table = _accuracy_table(rep)
+        if not table.empty and table.shape[1] > 1:
+            st.line_chart(table.set_index("k"))
+            st.dataframe(table, hide_index=True)
+        dense = rep.get("dense") or {}
+        if dense:
+            st.caption("Dense probes: " + ", ".join(f"{k} {v.get('accuracy', 0):.3f}" for k, v in dense.items())
+                       + f"; majority baseline {rep.get('majority_baseline', float('nan')):.3f}")
+        with st.expander("Full report"):
+            st.json({k: v for k, v in rep.items() if not k.endswith("doc_ids")}, expanded=False)
+        png = path.with_name("accuracy_vs_k.png")
+        if png.exists():
+            st.image(str(png))
+
+
+def _scalars(obj, prefix: str = "") -> list[tuple[str, object]]:
+    out = []
+    if isinstance(obj, dict):
+        for k, v in obj.items():
+            out += _scalars(v, f"{prefix}{k}.")
+    elif isinstance(obj, (int, float, str, bool)) or obj is None:
+        out.append((prefix.rstrip("."), obj))
+    return out
+
+
+def render_eval(run: Path) -> None:
+    st.subheader("Evaluation")
+    path = eval_report(run)
+    rep = _read(path) if path else None
+    if not isinstance(rep, dict):
+        st.info(f"No evaluation report in {run / 'eval'}.")
+        return
+    rows = [(k, v) for k, v in _scalars(rep) if not isinstance(v, str) or len(v) < 80]
+    st.dataframe(pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str}), hide_index=True)
+    txt = path.with_name("report.txt")
+    if txt.exists():
+        st.code(txt.read_text())
+    for png in sorted(path.parent.glob("*.png")):
+        st.image(str(png), caption=png.stem)

@@ -1,0 +1,88 @@
+"""Steering: default vs steered generation (LLM runs) or steered search (embedding runs), live,
+through `saekit.analysis.steering` (imported only when the page runs something)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pandas as pd
+import streamlit as st
+
+from views.common import cached_corpus, cached_embedder, cached_lm, cached_sae
+
+MODES = ["add", "clamp", "ablate"]
+
+
+def _steering():
+    """The steering API, or None with a message when it is not installed in this checkout."""
+    try:
+        from saekit.analysis import steering
+    except ImportError as e:
+        st.warning(f"Steering is unavailable here (saekit.analysis.steering could not be imported: {e}).")
+        return None
+    return steering
+
+
+def _edit_controls(bundle) -> dict:
+    c = st.columns(4)
+    f = int(c[0].number_input("Feature", 0, bundle.d_sae - 1, value=min(st.session_state.get("feature", 0),
+                                                                          bundle.d_sae - 1), key="steer_feature"))
+    mode = c[1].selectbox("Mode", MODES, key="steer_mode")
+    alpha = float(c[2].number_input("alpha (add)", value=8.0 if bundle.is_llm else 0.5, key="steer_alpha"))
+    value = float(c[3].number_input("value (clamp)", value=5.0, key="steer_value"))
+    return {"feature": f, "mode": mode, "alpha": alpha, "value": value}
+
+
+def render(bundle, run: Path) -> None:
+    st.subheader("Steering" + (" · generation" if bundle.is_llm else " · search"))
+    edit = _edit_controls(bundle)
+    if bundle.is_llm:
+        generation(bundle, run, edit)
+    else:
+        search(bundle, run, edit)
+
+
+def generation(bundle, run: Path, edit: dict) -> None:
+    prompt = st.text_input("Prompt", value="", key="steer_prompt", placeholder="I think that")
+    c = st.columns(2)
+    n_new = int(c[0].number_input("New tokens", 1, 200, value=24, key="steer_tokens"))
+    seed = int(c[1].number_input("Seed", 0, 2**31 - 1, value=0, key="steer_seed"))
+    if not (st.button("Generate", key="steer_go") and prompt.strip()):
+        st.caption("Pick a feature and an edit, type a prompt and press Generate.")
+        return
+    api = _steering()
+    if api is None:
+        return
+    model, tok = cached_lm(bundle.manifest["source"]["model"], bundle.kind)
+    out = api.generate_steered(model, tok, prompt, bundle.manifest["hook"], sae=cached_sae(str(run)),
+                               edits=[api.FeatureEdit(**edit)], max_new_tokens=n_new, seed=seed)
+    left, right = st.columns(2)
+    left.markdown("**Default**")
+    left.write(prompt + out["default"])
+    right.markdown(f"**Steered** (#{edit['feature']} {edit['mode']})")
+    right.write(prompt + out["steered"])
+
+
+def search(bundle, run: Path, edit: dict) -> None:
+    query = st.text_input("Query", value="", key="steer_query", placeholder="a sentence to search the corpus with")
+    top_n = int(st.number_input("Results", 1, 50, value=10, key="steer_top"))
+    if not (st.button("Search", key="steer_go") and query.strip()):
+        st.caption("Pick a feature and an edit, type a query and press Search.")
+        return
+    api = _steering()
+    if api is None:
+        return
+    corpus_ND, doc_ids, docs = cached_corpus(str(run))
+    q = cached_embedder(bundle.manifest["source"]["model"]).encode([query], convert_to_tensor=True).float().cpu()[0]
+    out = api.steered_search(cached_sae(str(run)), q, corpus_ND, [api.FeatureEdit(**edit)], top_n)
+
+    def table(ranked):
+        return pd.DataFrame([{"row": r, "cosine": round(s, 4), "moved": r in out["moved"],
+                              "text": docs.get(int(doc_ids[r]), {}).get("text", "")} for r, s in ranked])
+
+    left, right = st.columns(2)
+    left.markdown("**Before**")
+    left.dataframe(table(out["before"]), hide_index=True)
+    right.markdown("**After**")
+    right.dataframe(table(out["after"]), hide_index=True)
+    st.caption(f"Feature contributions: {out['feature_contributions']}")
