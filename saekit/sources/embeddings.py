@@ -7,7 +7,7 @@ from typing import Iterator
 import torch
 
 from saekit.sources.base import ActivationBatch, SourceConfig
-from saekit.sources.models import hub_id, load_embedder
+from saekit.sources.models import embedder_hub_id, load_embedder
 
 EMBEDDING_HOOK = "sentence_embedding"
 
@@ -38,6 +38,6 @@ class EmbeddingSource:
             )
 
     def spec(self) -> dict:
-        return {"kind": "embedding", "model": hub_id(self.cfg.model), "revision": "packaged" if
+        return {"kind": "embedding", "model": embedder_hub_id(self.cfg.model), "revision": "packaged" if
                 self.cfg.model == "default" else (self.cfg.revision or "unknown"), "hooks": self.hooks,
                 "d_in": self.d_in, "dtype": "float32", "max_length": int(self.model.max_seq_length)}

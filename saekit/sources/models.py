@@ -53,6 +53,11 @@ def hub_id(name: str) -> str:
     return name
 
 
+def embedder_hub_id(name: str) -> str:
+    """The canonical id of an embedding model ('default' is MiniLM here, not the LM)."""
+    return DEFAULT_EMBEDDER_HUB_ID if name.lower() in _EMB_ALIASES else name
+
+
 def _converted_default_lm() -> Path:
     """Dequantise the packaged GGUF once into a safetensors folder in the local cache."""
     target = cache_dir() / "models" / DEFAULT_LM
