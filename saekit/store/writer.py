@@ -61,8 +61,12 @@ def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> dict
             "docs_per_shard": cfg.docs_per_shard, "dtype": cfg.dtype}
 
 
-def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifest_name: str) -> dict[str, dict]:
-    """Create or reopen the per-hook stores; refuse to mix with a store made differently."""
+def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifest_name: str,
+             clean: bool = True) -> dict[str, dict]:
+    """Create or reopen the per-hook stores; refuse to mix with a store made differently.
+
+    `clean=False` leaves `.tmp` files alone: with several ranks writing into one folder, another
+    rank's in-flight shard looks exactly like a killed write's leftover."""
     identity = _identity(spec, fingerprint(docs), len(docs), cfg)
     index_path = root / CACHE_INDEX
     if index_path.exists():
@@ -83,7 +87,8 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
     for h in spec["hooks"]:
         folder = root / hook_slug(h)
         folder.mkdir(exist_ok=True)
-        clean_stale_tmp(folder)
+        if clean:
+            clean_stale_tmp(folder)
         mpath = folder / manifest_name
         if mpath.exists():
             manifests[h] = read_json(mpath)
@@ -119,7 +124,7 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
     """
     cfg, root = cfg or StoreConfig(), Path(root)
     spec = source.spec()
-    manifests = _prepare(root, spec, docs, cfg, manifest_name)
+    manifests = _prepare(root, spec, docs, cfg, manifest_name, clean=manifest_name == MANIFEST)
     n_shards = max(1, -(-len(docs) // cfg.docs_per_shard))
     todo = [s for s in (shard_range or range(n_shards))
             if all(s not in {sh["index"] for sh in m["shards"]} for m in manifests.values())]
@@ -146,6 +151,13 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
             break
     bar.close()
     return {h: root / hook_slug(h) for h in manifests}
+
+
+def prepare_store(source: ActivationSource, docs: list[dict], root: str | Path, cfg: StoreConfig | None = None) -> None:
+    """Create (or check, or with `overwrite` replace) the cache index and hook folders, and clear
+    leftovers of killed writes. Distributed caching runs this on rank 0 before the other ranks
+    start, so no rank removes or rewrites what another is writing."""
+    _prepare(Path(root), source.spec(), docs, cfg or StoreConfig(), MANIFEST, clean=True)
 
 
 def merge_manifests(root: str | Path) -> None:

@@ -95,6 +95,11 @@ def checkpoint_name(step: int) -> str:
     return f"step-{step:08d}"
 
 
+def checkpoint_dir(run_dir: str | Path, step: int) -> Path:
+    """Where the checkpoint of `step` lives (whether or not it was written yet)."""
+    return Path(run_dir) / CHECKPOINTS / checkpoint_name(step)
+
+
 def list_checkpoints(run_dir: str | Path) -> list[Path]:
     """Complete-looking checkpoint folders (step-*, no temp siblings), oldest first."""
     root = Path(run_dir) / CHECKPOINTS

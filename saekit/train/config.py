@@ -58,6 +58,9 @@ class TrainConfig(Config):
     init_batches: int = param(1, "batches given to sae.init_from_data on a fresh run (read before training; "
                                  "shared with the normalisation estimate)", ge=1)
     progress_bar: bool = param(True, "show a tqdm progress bar")
+    precision: str = param("fp32", "SAE forward precision: fp32, bf16 (autocast; parameters and Adam state stay "
+                                   "fp32), or auto (bf16 on GPUs and on CPUs with bf16 instructions)",
+                           choices=["fp32", "bf16", "auto"])
 
     def validate(self) -> None:
         if (self.total_steps is None) == (self.total_tokens is None):

@@ -20,7 +20,7 @@ import signal
 import threading
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Literal
+from typing import TYPE_CHECKING, Callable, Iterator, Literal
 
 import numpy as np
 import torch
@@ -34,7 +34,11 @@ from saekit.store.batches import BatchSource
 from saekit.train import checkpoint as ckpt_io
 from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, StepInfo
 from saekit.train.config import RESUME_KEYS, TrainConfig
+from saekit.train.precision import autocast_for
 from saekit.train.schedules import lr_at
+
+if TYPE_CHECKING:
+    from saekit.train.distributed import StepSync
 
 log = logging.getLogger(__name__)
 
@@ -71,57 +75,129 @@ class TrainResult:
 
 
 def train(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_dir: str | Path,
-          callbacks: list[Callback] | None = None, resume: bool | Literal["auto"] = False) -> TrainResult:
+          callbacks: list[Callback] | None = None, resume: bool | Literal["auto"] = False,
+          sync: "StepSync | None" = None) -> TrainResult:
     """Train `sae` on `batches`; write checkpoints, metrics.jsonl, config.json and final_sae/ under `run_dir`.
 
     resume=True continues from the latest checkpoint (MissingCheckpointError if there is none,
     ResumeMismatchError if it was made by an incompatible run); "auto" resumes when a checkpoint exists.
+    Under torch.distributed (world size > 1) the gradients and the SAE's training statistics are
+    reduced over ranks (see saekit.train.distributed) and only rank 0 writes; `batches` must then be
+    the rank's slice of every global batch (`rank=`, `world_size=`).
     """
-    run_dir, cfg = Path(run_dir), cfg.resolved(sae.cfg.d_sae)
-    _check_inputs(sae, batches, cfg)
-    found = ckpt_io.latest_checkpoint(run_dir)
-    if resume is True and found is None:
-        raise MissingCheckpointError(f"resume requested but {run_dir / ckpt_io.CHECKPOINTS} holds no complete checkpoint")
-    if resume is False and found is not None:
-        raise ConfigError(f"{run_dir} already holds checkpoints (latest {found.name}); pass resume=True to continue "
-                          "that run or choose a new run_dir")
-    params = [p for _, p in sae.named_parameters()]
-    opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
-    callbacks = [MetricsLogger(run_dir / "metrics.jsonl", cfg.log_every), ProgressBar(cfg.progress_bar),
-                 *(callbacks or [])]
-    on_cpu = all(p.device.type == "cpu" for p in params)
-    with _deterministic(cfg.deterministic, warn_only=not on_cpu), _StopSignals() as stop:
-        if found is not None:
-            ckpt = ckpt_io.read_checkpoint(found)
-            ckpt_io.check_compatible(ckpt, sae, cfg.to_dict(), batches.fingerprint, RESUME_KEYS)
-            state = ckpt_io.restore(ckpt, sae, opt, batches)
-            log.info("resuming %s from %s (step %d of %d)", run_dir, found.name, state.step, cfg.total_steps)
-        else:
-            state = _fresh_start(sae, batches, cfg, run_dir)
-        run = TrainRun(sae, opt, batches, cfg, run_dir, state, state.step)
+    trainer = Trainer(sae, batches, cfg, run_dir, callbacks, resume, sync)
+    with trainer.environment() as stop:
         try:
-            for cb in callbacks:
-                cb.on_train_start(run)
-            sae.train()
-            while state.step < cfg.total_steps:
-                info = _train_step(sae, opt, batches, state, cfg)
-                for cb in callbacks:
-                    cb.on_step_end(run, info)
-                due = cfg.checkpoint_every and state.step % cfg.checkpoint_every == 0
-                if due or stop.signum or state.step == cfg.total_steps:
-                    path = ckpt_io.save_checkpoint(run_dir, state, sae, opt, batches, cfg.to_dict(), cfg.keep_checkpoints)
-                    for cb in callbacks:
-                        cb.on_checkpoint(run, path)
-                    if stop.signum:
-                        log.warning("signal %d: stopped at step %d with checkpoint %s", stop.signum, state.step, path)
-                        raise TrainingInterrupted(stop.signum, path)
-            final = save_sae(sae, run_dir / "final_sae")
-            for cb in callbacks:
-                cb.on_train_end(run)
+            trainer.start()
+            while not trainer.done:
+                trainer.step(lambda: stop.signum)
+            return trainer.finish()
         finally:
-            for cb in callbacks:
-                cb.close(run)
-    return TrainResult(sae, state, run_dir, final, run.start_step, state.step - run.start_step)
+            trainer.close()
+
+
+class Trainer:
+    """One SAE's training as explicit steps, so several SAEs can be stepped in lockstep on shared
+    batches (saekit.train.multi). `train()` is start → step until done → finish."""
+
+    def __init__(self, sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_dir: str | Path,
+                 callbacks: list[Callback] | None = None, resume: bool | Literal["auto"] = False,
+                 sync: "StepSync | None" = None):
+        from saekit.train.distributed import current_sync
+
+        self.sae, self.batches, self.run_dir = sae, batches, Path(run_dir)
+        self.cfg = cfg = cfg.resolved(sae.cfg.d_sae)
+        self.sync = sync or current_sync()
+        _check_inputs(sae, batches, cfg)
+        self.sync.check_batches(batches, cfg.batch_size)
+        self.found = ckpt_io.latest_checkpoint(self.run_dir)
+        if resume is True and self.found is None:
+            raise MissingCheckpointError(f"resume requested but {self.run_dir / ckpt_io.CHECKPOINTS} holds no "
+                                         "complete checkpoint")
+        if resume is False and self.found is not None:
+            raise ConfigError(f"{self.run_dir} already holds checkpoints (latest {self.found.name}); pass resume=True "
+                              "to continue that run or choose a new run_dir")
+        params = [p for _, p in sae.named_parameters()]
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        own = [MetricsLogger(self.run_dir / "metrics.jsonl", cfg.log_every), ProgressBar(cfg.progress_bar)]
+        self.callbacks = [*(own if self.sync.is_main else []), *(callbacks or [])]
+        self.on_cpu = all(p.device.type == "cpu" for p in params)
+        self.stop_requested = False
+        self.run: TrainRun | None = None
+
+    @contextlib.contextmanager
+    def environment(self) -> Iterator["_StopSignals"]:
+        """Deterministic kernels and the SIGINT/SIGTERM handler, for the whole training."""
+        with _deterministic(self.cfg.deterministic, warn_only=not self.on_cpu), _StopSignals() as stop:
+            yield stop
+
+    def start(self) -> None:
+        """Resume from the latest checkpoint or initialise a fresh run; tell the callbacks."""
+        sae, cfg = self.sae, self.cfg
+        if self.found is not None:
+            ckpt = ckpt_io.read_checkpoint(self.found)
+            ckpt_io.check_compatible(ckpt, sae, cfg.to_dict(), self.batches.fingerprint, RESUME_KEYS)
+            state = ckpt_io.restore(ckpt, sae, self.opt, self.batches)
+            log.info("resuming %s from %s (step %d of %d)", self.run_dir, self.found.name, state.step, cfg.total_steps)
+        else:
+            state = _fresh_start(sae, self.batches, cfg, self.run_dir, self.sync)
+        self.sync.broadcast_module(sae)
+        self.run = TrainRun(sae, self.opt, self.batches, cfg, self.run_dir, state, state.step)
+        for cb in self.callbacks:
+            cb.on_train_start(self.run)
+        sae.train()
+
+    @property
+    def done(self) -> bool:
+        return self.run.state.step >= self.cfg.total_steps
+
+    def step(self, stop_signal: Callable[[], int] = lambda: 0, raise_on_stop: bool = True) -> Path | None:
+        """One training step, its callbacks, and a checkpoint when due or when a stop was requested
+        (`stop_signal()` returns the number of a received signal, 0 if none; any rank's counts).
+        Then raises TrainingInterrupted unless `raise_on_stop=False` (the caller stops; see
+        `stop_requested`). Returns the checkpoint written, if any."""
+        run, cfg = self.run, self.cfg
+        info = _train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync)
+        for cb in self.callbacks:
+            cb.on_step_end(run, info)
+        local_stop = stop_signal()
+        self.stop_requested = self.sync.any(local_stop != 0)
+        step = run.state.step
+        path = None
+        if (cfg.checkpoint_every and step % cfg.checkpoint_every == 0) or self.stop_requested or step == cfg.total_steps:
+            path = self.checkpoint()
+        if self.stop_requested and raise_on_stop:
+            signum = local_stop or signal.SIGTERM
+            log.warning("signal %d: stopped at step %d with checkpoint %s", signum, step, path)
+            raise TrainingInterrupted(signum, path)
+        return path
+
+    def checkpoint(self) -> Path:
+        """Rank 0 writes the checkpoint; every rank waits for it (a resume on any rank then finds it)."""
+        path = ckpt_io.checkpoint_dir(self.run_dir, self.run.state.step)
+        if self.sync.is_main:
+            path = ckpt_io.save_checkpoint(self.run_dir, self.run.state, self.sae, self.opt, self.batches,
+                                           self.cfg.to_dict(), self.cfg.keep_checkpoints)
+        self.sync.barrier()
+        for cb in self.callbacks:
+            cb.on_checkpoint(self.run, path)
+        return path
+
+    def finish(self) -> TrainResult:
+        """Save final_sae/ (rank 0; every rank waits for it) and tell the callbacks."""
+        final = self.run_dir / "final_sae"
+        if self.sync.is_main:
+            final = save_sae(self.sae, final)
+        self.sync.barrier()
+        for cb in self.callbacks:
+            cb.on_train_end(self.run)
+        state = self.run.state
+        return TrainResult(self.sae, state, self.run_dir, final, self.run.start_step, state.step - self.run.start_step)
+
+    def close(self) -> None:
+        for cb in self.callbacks:
+            if self.run is not None:
+                cb.close(self.run)
 
 
 def _check_inputs(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig) -> None:
@@ -135,8 +211,12 @@ def _check_inputs(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig
                           f"the scale into its weights; '{sae.architecture}' cannot")
 
 
-def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_dir: Path) -> ckpt_io.TrainState:
-    """Seed RNGs, estimate the normalisation scale and initialise from the first batches, record the config."""
+def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig, run_dir: Path,
+                 sync: "StepSync") -> ckpt_io.TrainState:
+    """Seed RNGs, estimate the normalisation scale and initialise from the first batches, record the config.
+
+    Distributed: every rank reassembles the first *global* batches, so the scale and the
+    data-dependent init are those of a one-process run."""
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % 2**32)
     random.seed(cfg.seed)
@@ -144,7 +224,7 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
     n = max(cfg.init_batches, cfg.norm_batches if cfg.normalize_activations != "none" else 0)
     first = []
     for i in range(n):
-        x = batches.next_batch()
+        x = sync.gather_rows(batches.next_batch())
         bad = _bad_rows(x)
         if bad and cfg.nonfinite == "raise":
             raise NonFiniteError(f"non-finite activations in warm-up batch {i} (read before step 1), rows {bad}"
@@ -159,22 +239,29 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
         log.info("input normalisation scale %.6g (mean squared norm %.6g)", scale, mean_sq)
     p = next(sae.parameters())
     sae.init_from_data((torch.cat(first[: cfg.init_batches]) * scale).to(device=p.device, dtype=p.dtype))
-    atomic_write_json(run_dir / "config.json", {"train": cfg.to_dict(), "sae": sae.config_dict(),
-                                                "data_fingerprint": batches.fingerprint, "input_scale": state.input_scale})
+    if sync.is_main:
+        atomic_write_json(run_dir / "config.json", {"train": cfg.to_dict(), "sae": sae.config_dict(),
+                                                    "data_fingerprint": batches.fingerprint,
+                                                    "input_scale": state.input_scale, "world_size": sync.world_size})
     return state
 
 
 def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: BatchSource,
-                state: ckpt_io.TrainState, cfg: TrainConfig) -> StepInfo:
-    """One optimizer step; a non-finite batch, loss or gradient raises or is skipped (cfg.nonfinite)."""
+                state: ckpt_io.TrainState, cfg: TrainConfig, sync: "StepSync") -> StepInfo:
+    """One optimizer step; a non-finite batch, loss or gradient raises or is skipped (cfg.nonfinite).
+
+    Every decision that ends or skips a step is taken on values reduced over ranks (a bad row on
+    one rank skips the step everywhere), so ranks never disagree and wait on each other forever."""
     batch_BD = batches.next_batch()
     step, lr = state.step + 1, lr_at(state.step, cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay,
                                      cfg.decay_fraction)
-    state.tokens += batch_BD.shape[0]
+    bad = _bad_rows(batch_BD)
+    n_global, any_bad = sync.step_flags(batch_BD.shape[0], bool(bad))
+    state.tokens += n_global
     info = StepInfo(step, batch_BD, None, None, None, lr, None)
-    if bad := _bad_rows(batch_BD):
-        return _nonfinite(sae, opt, state, cfg, info, {}, f"non-finite activations in rows {bad}"
-                          + _describe(batches, bad))
+    if any_bad:
+        where = (f"rows {bad}" + _describe(batches, bad)) if bad else "rows on another rank"
+        return _nonfinite(sae, opt, state, cfg, info, {}, f"non-finite activations in {where}")
     p = next(sae.parameters())
     x_BD = batch_BD.to(device=p.device, dtype=p.dtype)
     if state.input_scale is not None:
@@ -182,14 +269,17 @@ def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Bat
     buffers = {n: b.clone() for n, b in sae.named_buffers()}  # restored if the step is skipped
     for group in opt.param_groups:
         group["lr"] = lr
-    out = sae(x_BD)
-    loss = sae.loss(x_BD, out)
+    with autocast_for(cfg.precision, p.device):
+        out = sae(x_BD)
+        loss = sae.loss(x_BD, out)
+    sync.reduce_buffers(sae, buffers, x_BD.shape[0], n_global)
     info.x_BD, info.out, info.loss = x_BD, out, loss
-    if not torch.isfinite(loss.total).all():
+    if sync.any(not torch.isfinite(loss.total).all()):
         bad = _bad_rows((out.recon.detach() - x_BD).pow(2).sum(-1, keepdim=True))
         return _nonfinite(sae, opt, state, cfg, info, buffers, f"non-finite loss (rows {bad} of the reconstruction)")
     opt.zero_grad(set_to_none=True)
     loss.total.backward()
+    sync.average_gradients(sae, x_BD.shape[0], n_global)
     sae.before_optimizer_step()
     grads = [q.grad for q in sae.parameters() if q.grad is not None]
     norm = torch.nn.utils.get_total_norm(grads)
@@ -200,6 +290,7 @@ def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Bat
         torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), cfg.grad_clip, norm)
     opt.step()
     sae.after_optimizer_step()
+    sync.after_optimizer_step(sae)
     opt.zero_grad(set_to_none=True)
     state.step, state.lr, state.consecutive_nonfinite = step, lr, 0
     return info
