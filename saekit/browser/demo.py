@@ -144,3 +144,39 @@ def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4
     make_one_shot(sae, store[:], one_shot)
     save_sae(sae, run_dir / "train" / "final_sae")
     return run_dir
+
+
+def tiny_embedding_run(run_dir: str | Path, docs: list[dict], model=None, d_sae: int = 64, k: int = 4,
+                       dead: tuple = (0, 1), one_shot: int = 2, seed: int = 0) -> Path:
+    """An embedding run over `docs` with the default sentence-transformers model (or `model`)."""
+    from saekit.sae.registry import save_sae
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.embeddings import EmbeddingSource
+    from saekit.store.reader import ActivationStore
+    from saekit.store.writer import StoreConfig, cache_activations
+
+    run_dir = Path(run_dir)
+    cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=64), model=model), docs,
+                      run_dir / "store", StoreConfig(docs_per_shard=64))
+    store = ActivationStore(run_dir / "store")
+    sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
+    make_one_shot(sae, store[:], one_shot)
+    save_sae(sae, run_dir / "train" / "final_sae")
+    return run_dir
+
+
+def synthetic_llm_run(run_dir: str | Path, n_rows: int, d_sae: int = 512, k: int = 16, d_in: int = 32,
+                      tokens_per_doc: int = 50, seed: int = 0) -> Path:
+    """An LLM-kind run of about `n_rows` rows written directly (no forward), over the tiny GPT-2's
+    vocabulary and width, so the logit lens and token text work; for scale tests and benchmarks."""
+    from saekit.sae.registry import save_sae
+
+    run_dir = Path(run_dir)
+    model_dir = tiny_lm(run_dir / "tiny_lm", d_model=d_in)
+    n_docs = max(1, n_rows // tokens_per_doc)
+    docs = synthetic_docs(n_docs, seed, min_words=tokens_per_doc, max_words=tokens_per_doc)
+    hook = "transformer.h.1"
+    write_store(run_dir / "store", llm_spec(str(model_dir), hook, d_in), docs,
+                token_shards(docs, d_in, 256, len(WORDS) + 2, seed), docs_per_shard=256)
+    save_sae(make_sae(d_in, d_sae, k, [0], seed), run_dir / "train" / "final_sae")
+    return run_dir
