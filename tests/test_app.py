@@ -1,0 +1,183 @@
+"""The Streamlit app under `streamlit.testing.v1.AppTest`: every page of an LLM run and an embedding
+run side by side (tiny bundles with dead features, empty histograms and a one-example feature), the
+live pages computing for real, and missing / damaged bundles turning into messages."""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import pytest
+
+from saekit.analysis.features import AnalyzeConfig
+from saekit.browser.build import build_bundle
+from saekit.browser.demo import tiny_embedding_run, tiny_run
+
+APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
+AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory, minilm, tweets):
+    root = tmp_path_factory.mktemp("app")
+    llm = tiny_run(root / "llm", dead=(0, 1, 2), one_shot=3)
+    emb = tiny_embedding_run(root / "emb", tweets[:120], model=minilm, dead=(0, 1), one_shot=2)
+    for run in (llm, emb):
+        build_bundle(run, AnalyzeConfig(top_examples=4, context=3))
+    (llm / "probe").mkdir()
+    (llm / "probe" / "report.json").write_text(json.dumps({
+        "label": "sentiment", "positive": "negative", "ks": [1, 2], "n_train_docs": 80, "n_test_docs": 20,
+        "majority_baseline": 0.6, "dense": {"sae": {"accuracy": 0.7, "n_features": 48}},
+        "results": {"sae": {"mean_diff": {"1": {"accuracy": 0.61}, "2": {"accuracy": 0.64}}}}}))
+    (emb / "eval").mkdir()
+    (emb / "eval" / "report.json").write_text(json.dumps({"reconstruction": {"fvu": 0.3, "l0": 4.0}, "sae": {"d_sae": 64}}))
+    return {"llm": llm, "emb": emb}
+
+
+def app(monkeypatch, *runs) -> AppTest:
+    monkeypatch.setenv("SAEKIT_RUNS", ":".join(str(r) for r in runs))
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    return AppTest.from_file(APP, default_timeout=120).run()
+
+
+def ok(at: AppTest) -> None:
+    assert not at.exception, [e.value for e in at.exception]
+    assert not at.error, [e.value for e in at.error]
+
+
+def goto(at: AppTest, view: str) -> AppTest:
+    at.radio(key="view").set_value(view).run()
+    ok(at)
+    return at
+
+
+def html_examples(at: AppTest) -> list[str]:
+    return [m.value for m in at.markdown if "saekit-example" in m.value]
+
+
+def test_every_page_of_both_runs_renders(monkeypatch, runs):
+    at = app(monkeypatch, runs["llm"], runs["emb"])
+    ok(at)
+    assert at.selectbox(key="run").options == ["llm", "emb"]
+    for label, extra in (("llm", "Probing"), ("emb", "Evaluation")):
+        at.selectbox(key="run").set_value(label).run()
+        ok(at)
+        assert extra in at.radio(key="view").options
+        for view in at.radio(key="view").options:
+            goto(at, view)
+        goto(at, "Feature")
+        for f in (0, 1, 2, 3, 10):  # dead, one-example and ordinary features
+            at.number_input(key="feature").set_value(f).run()
+            ok(at)
+
+
+def test_dead_feature_page_says_so_and_draws_no_nan(monkeypatch, runs):
+    at = goto(app(monkeypatch, runs["llm"]), "Feature")
+    at.number_input(key="feature").set_value(0).run()
+    ok(at)
+    assert any("dead" in w.value for w in at.warning)
+    assert any("Empty histogram" in i.value for i in at.info)
+    assert not html_examples(at)
+
+
+def test_search_opens_feature_with_highlighted_example(monkeypatch, runs):
+    from saekit.browser.bundle import Bundle
+
+    token = Bundle(runs["llm"]).feature(3)["top"][0]["tokens"][Bundle(runs["llm"]).feature(3)["top"][0]["center"]]
+    at = app(monkeypatch, runs["llm"])
+    at.text_input(key="search").input(token).run()
+    at.selectbox(key="sort").set_value("density (low first)").run()  # the one-example feature comes first
+    ok(at)
+    assert at.button[0].key == "open_3"
+    at.button(key="open_3").click().run()
+    ok(at)
+    assert at.radio(key="view").value == "Feature" and at.number_input(key="feature").value == 3
+    examples = html_examples(at)
+    assert examples and "saekit-tok" in examples[0] and "rgba(255,130,0,1.00)" in examples[0]
+
+
+def test_search_filters_and_dead_toggle(monkeypatch, runs):
+    at = app(monkeypatch, runs["llm"])
+    assert not any(b.key == "open_0" for b in at.button)  # dead features hidden by default
+    at.text_input(key="search").input("#0").run()
+    assert any("No feature matches" in i.value for i in at.info)
+    at.checkbox(key="hide_dead").uncheck().run()
+    ok(at)
+    assert any(b.key == "open_0" for b in at.button)
+
+
+def test_type_your_text_llm_and_embedding(monkeypatch, runs):
+    at = goto(app(monkeypatch, runs["llm"], runs["emb"]), "Type your text")
+    at.text_area(key="live_text").input("the happy cat runs").run()
+    at.button(key="live_go").click().run()
+    ok(at)
+    assert html_examples(at) and at.selectbox(key="live_feature").options
+    at.selectbox(key="run").set_value("emb").run()
+    goto(at, "Type your text")
+    at.text_area(key="live_text").input("I love this so much").run()
+    at.button(key="live_go").click().run()
+    ok(at)
+    assert any(b.key and b.key.startswith("live_open_") for b in at.button)
+
+
+def test_steering_generation_and_search(monkeypatch, runs):
+    at = goto(app(monkeypatch, runs["llm"], runs["emb"]), "Steering")
+    at.text_input(key="steer_prompt").input("the cat").run()
+    at.button(key="steer_go").click().run()
+    ok(at)
+    md = [m.value for m in at.markdown]
+    if not any("Steering is unavailable" in w.value for w in at.warning):
+        assert "**Default**" in md and any(m.startswith("**Steered**") for m in md)
+    at.selectbox(key="run").set_value("emb").run()
+    goto(at, "Steering")
+    at.text_input(key="steer_query").input("great food").run()
+    at.button(key="steer_go").click().run()
+    ok(at)
+    assert len(at.dataframe) >= 2 or at.warning
+
+
+def test_missing_and_damaged_bundles_show_messages(monkeypatch, runs, tmp_path):
+    missing = tmp_path / "missing"
+    shutil.copytree(runs["llm"], missing, ignore=shutil.ignore_patterns("bundle"))
+    damaged = tmp_path / "damaged"
+    shutil.copytree(runs["llm"], damaged)
+    rec = damaged / "bundle" / "features.jsonl"
+    rec.write_bytes(rec.read_bytes()[:-100])
+    at = app(monkeypatch, missing, damaged)
+    assert not at.exception
+    assert any("saekit analyze" in e.value for e in at.error)
+    at.selectbox(key="run").set_value("damaged").run()
+    assert not at.exception
+    assert any("sha256 mismatch" in e.value for e in at.error)
+    goto_view = at.radio(key="view")
+    for view in goto_view.options:
+        at.radio(key="view").set_value(view).run()
+        assert not at.exception
+
+
+def test_no_runs_gives_a_message(monkeypatch):
+    monkeypatch.delenv("SAEKIT_RUNS", raising=False)
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    at = AppTest.from_file(APP, default_timeout=60).run()
+    assert not at.exception and any("saekit browse" in w.value for w in at.warning)
+
+
+def test_bundle_pages_load_no_model(runs, tmp_path):
+    """Feature list and feature pages read the bundle only: no transformers / sentence-transformers import."""
+    import subprocess
+
+    code = f"""
+import os, sys
+os.environ["SAEKIT_RUNS"] = {str(runs["llm"])!r}
+sys.argv = ["app.py"]
+from streamlit.testing.v1 import AppTest
+at = AppTest.from_file({APP!r}, default_timeout=60).run()
+at.radio(key="view").set_value("Feature").run()
+at.number_input(key="feature").set_value(10).run()
+assert not at.exception and not at.error
+print(sorted(m for m in ("transformers", "sentence_transformers", "transformer_lens") if m in sys.modules))
+"""
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip().splitlines()[-1] == "[]"
