@@ -1,0 +1,108 @@
+"""End to end in a real browser: `streamlit run` on 127.0.0.1, headless Debian Chromium driven by
+playwright (never `playwright install`): search for a feature, open its page, see the highlighted
+example, save a screenshot (tests/artifacts/browser_feature.png)."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+
+from saekit.analysis.features import AnalyzeConfig
+from saekit.browser.build import build_bundle
+from saekit.browser.bundle import Bundle
+from saekit.browser.commands import browse_command
+from saekit.browser.demo import tiny_run
+
+pytestmark = pytest.mark.browser
+CHROMIUM = "/usr/bin/chromium"
+FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
+         "--disable-component-update", "--disable-sync", "--no-first-run"]
+ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
+    end = time.monotonic() + timeout
+    while time.monotonic() < end:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited early:\n{proc.stdout.read()}")
+        try:
+            with urllib.request.urlopen(url + "/_stcore/health", timeout=2) as r:
+                if r.status == 200:
+                    return
+        except OSError:
+            time.sleep(0.3)
+    raise TimeoutError(f"streamlit did not answer on {url}")
+
+
+@pytest.fixture(scope="module")
+def served(tmp_path_factory):
+    if not Path(CHROMIUM).exists():
+        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    pytest.importorskip("playwright.sync_api")
+    run = tiny_run(tmp_path_factory.mktemp("e2e") / "llm", dead=(0, 1, 2), one_shot=3)
+    build_bundle(run, AnalyzeConfig(top_examples=4, context=3))
+    port = free_port()
+    cmd = browse_command([str(run)], port)
+    assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
+    env = {**os.environ, "SAEKIT_RUNS": "", "PYTHONUNBUFFERED": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_healthy(url, proc)
+        yield url, run
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+
+
+def test_search_open_feature_and_see_highlighted_example(served):
+    from playwright.sync_api import expect, sync_playwright
+
+    url, run = served
+    rec = Bundle(run).feature(3)
+    token = rec["top"][0]["tokens"][rec["top"][0]["center"]]
+    ARTIFACTS.mkdir(exist_ok=True)
+    shot = ARTIFACTS / "browser_feature.png"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            search = page.get_by_label("Search (token, text, label or promoted token; #id for a feature)")
+            search.wait_for(timeout=60_000)
+            search.fill(token)
+            search.press("Enter")
+            sort = page.get_by_role("combobox", name="Sort by")
+            sort.click()
+            page.get_by_role("option", name="density (low first)").click()
+            button = page.get_by_role("button", name=f"#3 · {token}")
+            button.wait_for(timeout=30_000)
+            button.click()
+            example = page.locator(".saekit-example").first
+            example.wait_for(timeout=30_000)
+            expect(example).to_contain_text(token)
+            spans = example.locator("span.saekit-tok").evaluate_all(
+                "els => els.map(e => [e.textContent, getComputedStyle(e).backgroundColor])")
+            shaded = [text for text, bg in spans if bg.replace(" ", "") == "rgb(255,130,0)"]  # alpha 1
+            assert shaded == [token], spans
+            page.get_by_text("Open a feature").wait_for(state="detached")  # the list page's stale elements are gone
+            page.wait_for_timeout(500)
+            page.screenshot(path=str(shot), full_page=True)
+        finally:
+            browser.close()
+    assert shot.exists() and shot.stat().st_size > 10_000
