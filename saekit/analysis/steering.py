@@ -20,8 +20,9 @@ Why it is built this way:
 * A steer with nothing to do (alpha = 0 everywhere, no edits) installs no hook at all, so its
   logits are bitwise those of the unhooked model.
 * Generation goes through Hugging Face `generate` (TransformerLens 4.x `generate` is wrong with the
-  KV cache); a TransformerBridge rewires the HF model it wraps in place, so the bridge's hook
-  points fire inside `original_model.generate` too.
+  KV cache). A TransformerBridge rewires the HF model it wraps in place, so its hook points fire
+  inside `original_model.generate`; the rewired model is also wrong with the KV cache (it degenerates
+  into repeated dashes), so bridge generation runs with `use_cache=False` (correct, slower).
 """
 
 from __future__ import annotations
@@ -241,6 +242,8 @@ def _generate(model, tokenizer, prompt: str, max_new_tokens: int, seed: int, do_
           "pad_token_id": tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id}
     if do_sample:
         kw.update(temperature=temperature, top_k=0, top_p=1.0)
+    if is_lens_model(model):
+        kw["use_cache"] = False  # the bridge's rewired modules go wrong with the KV cache; without it they match HF
     with torch.random.fork_rng(devices=[] if ids.device.type == "cpu" else [ids.device]):
         torch.manual_seed(seed)
         out = hf.generate(ids, **kw)
