@@ -136,6 +136,27 @@ COMMANDS = {
 }
 
 
+# Stages whose argument parsing lives beside their library code: name -> (module, add_fn, cmd_fn, help).
+EXTERNAL = {
+    "analyze": ("saekit.browser.commands", "add_analyze_arguments", "cmd_analyze",
+                "build the feature-browser bundle of a run"),
+    "browse": ("saekit.browser.commands", "add_browse_arguments", "cmd_browse",
+               "open the Streamlit feature browser on runs (127.0.0.1)"),
+    "probe": ("saekit.analysis.probing", "add_probe_arguments", "cmd_probe",
+              "sparse probing: SAE features vs neurons for a sweep of k"),
+    "steer": ("saekit.analysis.steering", "add_steer_arguments", "cmd_steer",
+              "steered vs default generation (LLM runs) with the same seed"),
+    "mdl-select": ("saekit.eval.mdl_select", "add_mdl_select_arguments", "cmd_mdl_select",
+                   "train/take a grid of SAEs and pick the minimum-description-length one"),
+}
+
+
+def _external(module: str, fn: str):
+    import importlib
+
+    return getattr(importlib.import_module(module), fn)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="saekit", description="Sparse autoencoders: cache, train, evaluate, browse.")
     p.add_argument("-v", "--verbose", action="store_true")
@@ -145,6 +166,15 @@ def build_parser() -> argparse.ArgumentParser:
         for arg, kw in arguments:
             sp.add_argument(arg, **kw)
         sp.set_defaults(fn=fn)
+    for name, (module, add_fn, cmd_fn, help_) in EXTERNAL.items():
+        try:
+            add_arguments = _external(module, add_fn)
+        except (ImportError, AttributeError) as e:  # a stage whose optional parts are missing
+            logging.getLogger(__name__).warning("saekit %s unavailable: %s", name, e)
+            continue
+        sp = sub.add_parser(name, help=help_)
+        add_arguments(sp)
+        sp.set_defaults(fn=lambda args, m=module, c=cmd_fn: _external(m, c)(args))
     return p
 
 

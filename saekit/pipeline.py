@@ -62,6 +62,10 @@ class RunConfig(Config):
     def validate(self) -> None:
         if self.train:
             self.train_config()
+        if self.analyze:
+            from saekit.analysis.features import AnalyzeConfig
+
+            AnalyzeConfig.from_dict(self.analyze, where="analyze")
         if self.sae and "architecture" not in self.sae:
             raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl)")
 
@@ -186,4 +190,13 @@ def run_all(cfg: RunConfig) -> dict:
     cache_stage(cfg)
     result = train_stage(cfg)
     report = eval_stage(cfg, None)
-    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report}
+    bundle = analyze_stage(cfg)
+    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report, "bundle": str(bundle)}
+
+
+def analyze_stage(cfg: RunConfig) -> Path:
+    """Build the read-only feature-browser bundle of the run (RUN/bundle)."""
+    from saekit.analysis.features import AnalyzeConfig
+    from saekit.browser.build import build_bundle
+
+    return build_bundle(cfg.run_dir, AnalyzeConfig.from_dict(cfg.analyze, where="analyze"))

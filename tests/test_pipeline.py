@@ -35,6 +35,7 @@ def test_embedding_run_end_to_end(tmp_path):
     assert 0 < report["reconstruction"]["fvu"] < 1
     assert report["sparsity"]["l0_mean"] <= 8
     assert 0 <= report["retrieval"]["recall_at_k"] <= 1
+    assert (cfg.run_dir / "bundle").is_dir() and result["bundle"]
     sae = load_sae(cfg.run_dir / "train")
     assert sae.cfg.hook_name == "sentence_embedding" and sae.cfg.model_name.endswith("all-MiniLM-L6-v2")
     # running again resumes everything and changes nothing
