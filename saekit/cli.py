@@ -27,20 +27,6 @@ def _cmd_cache(args) -> int:
     return 0
 
 
-def _cmd_train(args) -> int:
-    try:
-        from saekit.train.distributed import cmd_train
-    except ImportError:
-        cmd_train = None
-    if cmd_train is not None:
-        return cmd_train(args)
-    from saekit.pipeline import load_run_config, train_stage
-
-    result = train_stage(load_run_config(args.config))
-    print(f"trained {result.steps_run} steps; SAE at {result.final_sae}")
-    return 0
-
-
 def _cmd_eval(args) -> int:
     from saekit.eval.report import evaluate_sae, format_report, write_report
     from saekit.pipeline import eval_stage, load_run_config
@@ -125,7 +111,6 @@ def _cmd_quickstart(args) -> int:
 
 COMMANDS = {
     "cache": (_cmd_cache, "cache activations for a run config", [("config", {})]),
-    "train": (_cmd_train, "train the SAE of a run config on its store (torchrun-aware)", [("config", {})]),
     "eval": (_cmd_eval, "evaluate a run (folder or config) or an SAE folder with --store",
              [("target", {}), ("--store", {"default": None}), ("--out", {"default": None}),
               ("--max-rows", {"type": int, "default": 0})]),
@@ -138,6 +123,8 @@ COMMANDS = {
 
 # Stages whose argument parsing lives beside their library code: name -> (module, add_fn, cmd_fn, help).
 EXTERNAL = {
+    "train": ("saekit.train.distributed", "add_train_arguments", "cmd_train",
+              "train the SAE(s) of a config on its store; torchrun-aware (`torchrun ... -m saekit train`)"),
     "analyze": ("saekit.browser.commands", "add_analyze_arguments", "cmd_analyze",
                 "build the feature-browser bundle of a run"),
     "browse": ("saekit.browser.commands", "add_browse_arguments", "cmd_browse",

@@ -119,31 +119,14 @@ def run_store(cfg: RunConfig, hook: str | None = None) -> ActivationStore:
     return ActivationStore(cfg.store_dir, hook=hook)
 
 
-def build_sae(cfg: RunConfig, store: ActivationStore):
-    """The run's SAE, with d_in and provenance metadata taken from the store."""
-    from saekit.sae.registry import create
-
-    spec = store.manifest["source"]
-    data = {"d_in": store.d_in, "model_name": spec["model"], "hook_name": store.hook, "seed": cfg.seed,
-            "context_size": spec.get("max_length", 0), "dataset_path": cfg.corpus.name, **cfg.sae}
-    if int(data["d_in"]) != store.d_in:
-        raise ConfigError(f"sae.d_in: expected the store's width {store.d_in}, found {data['d_in']}")
-    return create(data)
-
-
 def train_stage(cfg: RunConfig):
     """Train the run's SAE on the training documents of its store (resuming a partial run)."""
-    from saekit.train import train
+    from saekit.train.distributed import train_run
 
     if not cfg.sae or not cfg.train:
         raise ConfigError("run config: the train stage needs `sae` and `train` sections")
     torch.manual_seed(cfg.seed)
-    store = run_store(cfg)
-    train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
-    tcfg = cfg.train_config()
-    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=train_rows)
-    sae = build_sae(cfg, store)
-    return train(sae, batches, tcfg, cfg.run_dir / "train", resume="auto")
+    return train_run(cfg, resume="auto")
 
 
 def heldout_batches(store: ActivationStore, rows: torch.Tensor, batch_rows: int, max_rows: int = 0):

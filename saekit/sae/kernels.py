@@ -166,7 +166,7 @@ class SparseEncode(torch.autograd.Function):
         with serial():
             need_x, need_W, need_be, need_bd = ctx.needs_input_grad[:4]
             need_bd = need_bd and ctx.has_b_dec
-            g_BK = grad_vals_BK * (vals_BK != 0)
+            g_BK = (grad_vals_BK * (vals_BK != 0)).to(W_enc_DF.dtype)  # bf16 under autocast -> param dtype
             n_lat = W_enc_DF.shape[1]
             g_x = g_W = g_be = g_bd = None
             if need_W:  # x^T @ S computed as (S^T @ x)^T: only the selected columns receive gradient

@@ -117,7 +117,8 @@ class TopKSAE(SparseAutoencoder):
             dead_idx = dead if dead.numel() else None
         widths: dict = {}
         out = None
-        if self.training and torch.is_grad_enabled():
+        # the reused fp32 workspace would silently defeat autocast, so it is skipped under bf16 autocast
+        if self.training and torch.is_grad_enabled() and not torch.is_autocast_enabled(x_ND.device.type):
             n = x_ND.shape[0] * self.cfg.d_sae
             ws = self._workspace  # a plain attribute: reallocated when the size, dtype or device changes
             if ws is None or ws.numel() != n or ws.dtype != self.W_enc.dtype or ws.device != self.W_enc.device:

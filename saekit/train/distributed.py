@@ -225,13 +225,17 @@ def train_run(cfg, resume: bool | str = "auto", rank: int | None = None, world_s
     world_size = sync.world_size if world_size is None else world_size
     store = ActivationStore(cfg.store_dir, hook=_single_hook(cfg))
     tcfg = TrainConfig.from_dict(cfg.train, where="train")
-    sae_cfg = {"d_in": store.d_in, "hook_name": store.hook, "model_name": str(store.manifest["source"].get("model", "")),
+    spec = store.manifest["source"]
+    sae_cfg = {"d_in": store.d_in, "hook_name": store.hook, "model_name": str(spec.get("model", "")),
+               "context_size": int(spec.get("max_length", 0)), "dataset_path": cfg.corpus.name,
                "seed": cfg.seed, **cfg.sae}
     sae = create(sae_cfg)
     device = sae_cfg.get("device", "cpu")
     if torch.device(device).type == "cuda" and dist.is_initialized():
         sae = sae.to(torch.device("cuda", torch.cuda.current_device()))
-    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rank=rank, world_size=world_size)
+    # whole documents are held out for evaluation (cfg.eval.holdout); training never sees them
+    train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=train_rows, rank=rank, world_size=world_size)
     return train(sae, batches, tcfg, cfg.run_dir / "train", callbacks=callbacks, resume=resume)
 
 
