@@ -1,0 +1,217 @@
+"""MDL-SAE: a ReLU SAE trained to minimise description length within a reconstruction budget.
+
+After Ayonrinde, Pearce & Sharkey (2024), "Interpretability as Compression: Reconsidering SAE
+Explanations of Neural Activations with MDL-SAEs". The paper treats an SAE as a lossy code: the
+*explanation* of an activation vector x is its sparse code z, sent to a receiver who holds the
+dictionary (the decoder). The description length per vector is
+
+    DL(z) = B + V
+      B  (activity bits)  = Σ_j H(p_j)       which latents fire: binary entropy of each latent's
+                                             firing probability p_j, latents coded independently
+      V  (value bits)     = b · Σ_j p_j      the active values, each sent at b bits (the paper's
+                                             "L0 · b" bound; b is the effective float precision)
+
+and the MDL-SAE is the one with the shortest DL among those whose reconstruction error stays within
+a budget ε. This architecture trains towards that optimum with the Lagrangian relaxation of
+"minimise DL subject to error ≤ ε":
+
+    loss = FVU(x, x̂) + λ · DL̂        (λ = `dl_coef`, in FVU per bit)
+    FVU  = ‖x − x̂‖² / ‖x − mean(x)‖²   over the batch (scale-free, so λ means the same on any data)
+    DL̂  = Σ_j H(p̂_j) + b · Σ_j p̂_j    p̂_j = the batch firing frequency of latent j
+
+Differentiability: the encoder is a JumpReLU, `z_ij = pre_ij · 1[pre_ij > θ_j]` with a learned
+per-latent threshold θ_j = exp(log_threshold_j). The forward value of p̂_j is the *hard* firing
+frequency (the fraction of the batch's rows whose code has latent j active), so the logged
+`dl_bits` is the batch's actual activity + flat value cost. Gradients come from a straight-through
+surrogate: the firing indicator 1[pre_ij > θ_j] is given the gradient of σ((pre_ij − θ_j) / τ)
+(τ = `gate_temperature`), both in p̂ and in z — so the threshold learns from the DL term and
+from the reconstruction. p̂ is mapped affinely into [ε, 1 − ε] (ε = 1 / 2N) before the entropy, so
+a latent that fires never (or always) keeps a finite gradient. The activity term's marginal price
+of one more firing of latent j is ∂H/∂p = log2((1 − p_j) / p_j) — high for rare latents — which is
+the paper's argument against feature splitting: splitting a feature into rarer children costs
+activity bits that a reconstruction-plus-L0 objective never charges. λ is the sparsity
+coefficient: a larger λ buys fewer bits with more error, so L0 falls as λ rises (tested).
+
+Encoder and decoder: `pre = (x − b_dec) W_enc + b_enc`, `z = JumpReLU_θ(pre)` (optionally capped
+to the k largest per row), `x̂ = z W_dec + b_dec` with unit-norm decoder rows (the norm would
+otherwise absorb the value scale and make "bits per value" meaningless). Decoding is one dense
+product `z W_dec` (the same arithmetic in forward and decode); this architecture targets the
+moderate widths that MDL selection compares, not the 16k-latent top-k fast path. Parameters use
+SAELens names (`W_enc`, `W_dec`, `b_enc`, `b_dec`, `log_threshold`). The trainer's input
+normalisation folds into the biases and the threshold exactly (pre scales with the input).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+
+from saekit.config import param
+from saekit.errors import ConfigError
+from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
+from saekit.sae.registry import register
+from saekit.sae.topk import geometric_median
+
+
+@dataclass
+class MDLConfig(SAEConfig):
+    dl_coef: float = param(1e-3, "λ: weight of the description-length estimate (FVU per bit); the sparsity "
+                                 "coefficient — larger gives fewer bits (lower L0) at more error", ge=0.0)
+    value_bits: float = param(4.0, "b: bits charged per active value (the paper's L0·b value bound)", ge=0.0)
+    gate_temperature: float = param(0.05, "τ: width of the sigmoid surrogate σ(pre/τ) giving the firing "
+                                          "indicator its gradient (pre-activation units)", gt=0.0)
+    init_threshold: float = param(0.05, "initial JumpReLU threshold θ_j (pre-activation units)", gt=0.0)
+    k: int | None = param(None, "optional cap on active latents per row (None: every positive pre-activation)",
+                          ge=1)
+    apply_b_dec_to_input: bool = param(True, "subtract b_dec from the input before encoding")
+
+    def validate(self) -> None:
+        if self.k is not None and self.k > self.d_sae:
+            raise ConfigError(f"mdl: expected k <= d_sae={self.d_sae}, found k={self.k}")
+
+
+def entropy_bits(p: Tensor) -> Tensor:
+    """Binary entropy in bits, elementwise and differentiable; expects p in (0, 1)."""
+    q = 1.0 - p
+    return -(p * torch.log2(p) + q * torch.log2(q))
+
+
+def soft_description_length(p_fire_F: Tensor, value_bits: float, n_rows: int) -> tuple[Tensor, Tensor]:
+    """(activity bits Σ_j H(p̂_j), value bits b · Σ_j p̂_j) per row, from firing frequencies p̂.
+
+    p̂ is squeezed affinely into [ε, 1 − ε] with ε = 1/(2 n_rows) (an affine map, not a clamp,
+    so latents at exactly 0 or 1 keep their gradient).
+    """
+    eps = 0.5 / max(n_rows, 1)
+    p = eps + (1.0 - 2.0 * eps) * p_fire_F.float()
+    return entropy_bits(p).sum(), value_bits * p_fire_F.float().sum()
+
+
+@register
+class MDLSAE(SparseAutoencoder):
+    architecture = "mdl"
+    config_class = MDLConfig
+
+    def __init__(self, cfg: MDLConfig):
+        super().__init__(cfg)
+        self.cfg: MDLConfig = cfg
+        g = torch.Generator().manual_seed(cfg.seed)
+        W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(**kw))
+        self.W_dec = nn.Parameter(W_dec_FD.to(**kw))
+        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
+        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold), **kw))
+
+    @property
+    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
+        try:  # the base's raising property would shadow the parameter (see topk.py)
+            return self._parameters["W_dec"]
+        except KeyError:
+            raise AttributeError("W_dec") from None
+
+    # -- encoding and decoding ------------------------------------------------------------------
+    def _pre(self, x_ND: Tensor) -> Tensor:
+        x_in = x_ND - self.b_dec if self.cfg.apply_b_dec_to_input else x_ND
+        return x_in @ self.W_enc + self.b_enc
+
+    @property
+    def threshold_F(self) -> Tensor:
+        return self.log_threshold.exp()
+
+    def _gate(self, pre_NF: Tensor, surrogate: bool) -> Tensor:
+        """1[pre > θ] (and in the top-k when capped); with `surrogate`, its gradient is that of σ((pre − θ)/τ)."""
+        theta_F = self.threshold_F
+        hard_NF = (pre_NF > theta_F).to(pre_NF.dtype)
+        if self.cfg.k is not None:
+            keep = torch.zeros_like(hard_NF).scatter_(1, pre_NF.topk(self.cfg.k, dim=1, sorted=False).indices, 1.0)
+            hard_NF = hard_NF * keep
+        if not surrogate:
+            return hard_NF
+        soft_NF = torch.sigmoid((pre_NF - theta_F) / self.cfg.gate_temperature)
+        return hard_NF + soft_NF - soft_NF.detach()
+
+    def _dense_code(self, pre_NF: Tensor, surrogate: bool = False) -> tuple[Tensor, Tensor]:
+        """(z = pre · gate, gate): JumpReLU with threshold θ_j, capped to the k largest when set."""
+        gate_NF = self._gate(pre_NF, surrogate)
+        return pre_NF * gate_NF, gate_NF
+
+    def _sparse(self, z_NF: Tensor) -> SparseCode:
+        width = max(int((z_NF != 0).sum(1).max()) if z_NF.shape[0] else 0, 1)
+        vals_NK, idx_NK = z_NF.topk(width, dim=1, sorted=False)
+        return SparseCode(idx_NK, vals_NK, self.cfg.d_sae)
+
+    def _encode_flat(self, x_ND: Tensor) -> SparseCode:
+        return self._sparse(self._dense_code(self._pre(x_ND))[0])
+
+    def _decode_flat(self, code: SparseCode) -> Tensor:
+        # dense product, the same arithmetic as forward (so forward == decode(encode(x)) exactly)
+        return code.dense() @ self.W_dec + self.b_dec
+
+    def _forward_flat(self, x_ND: Tensor) -> ForwardOutput:
+        pre_NF = self._pre(x_ND)
+        z_NF, gate_NF = self._dense_code(pre_NF, surrogate=self.training and torch.is_grad_enabled())
+        recon = z_NF @ self.W_dec + self.b_dec
+        aux = {"p_fire_F": gate_NF.mean(0)} if self.training else {}  # hard value, surrogate gradient
+        return ForwardOutput(recon, self._sparse(z_NF), aux)
+
+    # -- loss -----------------------------------------------------------------------------------
+    def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
+        """FVU + dl_coef · (Σ_j H(p̂_j) + value_bits · Σ_j p̂_j); see the module docstring."""
+        x_ND = x.reshape(-1, self.cfg.d_in)
+        n = x_ND.shape[0]
+        sse = (out.recon.reshape(x_ND.shape) - x_ND).pow(2).sum()
+        total_var = (x_ND - x_ND.mean(0)).pow(2).sum().detach().clamp_min(1e-12)
+        fvu = sse / total_var
+        p_fire_F = out.aux.get("p_fire_F")
+        if p_fire_F is None:  # eval mode: hard frequencies (no gradient path needed)
+            p_fire_F = (out.code.dense() != 0).to(x_ND.dtype).mean(0)
+        activity, value = soft_description_length(p_fire_F, self.cfg.value_bits, n)
+        dl = activity + value
+        total = fvu + self.cfg.dl_coef * dl
+        parts = {"fvu": fvu.item(), "mse": (sse / n).item(), "activity_bits": activity.item(),
+                 "value_bits": value.item(), "dl_bits": dl.item(), "l0": float(p_fire_F.detach().sum())}
+        return LossOutput(total, parts)
+
+    # -- training callbacks -----------------------------------------------------------------------
+    @torch.no_grad()
+    def init_from_data(self, x_ND: Tensor) -> None:
+        """b_dec <- geometric median of `x_ND` (as for top-k)."""
+        self.b_dec.copy_(geometric_median(x_ND.reshape(-1, self.cfg.d_in).double()).to(self.b_dec.dtype))
+
+    @torch.no_grad()
+    def before_optimizer_step(self) -> None:
+        """Remove the gradient component parallel to each unit decoder row (renormalised after the step)."""
+        g, W = self.W_dec.grad, self.W_dec
+        if g is not None:
+            g.addcmul_(torch.einsum("fd,fd->f", g, W).unsqueeze(1), W, value=-1)
+
+    @torch.no_grad()
+    def after_optimizer_step(self) -> None:
+        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+
+    def folded_copy(self) -> "MDLSAE":
+        """A copy for raw activations: with x' = s·x, pre' = s·pre(x), so dividing both biases by s
+        gives codes z/s and x̂/s on raw x; the active set (pre > 0, top-k) is unchanged for s > 0."""
+        new = type(self)(self.cfg)
+        with torch.no_grad():
+            for name, t in itertools.chain(self.named_parameters(), self.named_buffers()):
+                if name != "input_scale":
+                    getattr(new, name).copy_(t)
+        new.train(self.training)
+        scale = getattr(self, "input_scale", None)
+        if scale is not None and float(scale) != 1.0:
+            s = float(scale)
+            with torch.no_grad():
+                new.b_enc.div_(s)
+                new.b_dec.div_(s)
+                new.log_threshold.sub_(math.log(s))
+        return new
+
+
