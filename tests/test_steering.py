@@ -261,3 +261,35 @@ def test_adding_a_feature_moves_documents_that_activate_it_up(minilm, tweets, tm
     # no edits: the ranking does not change
     same = steered_search(sae, emb[q], emb, [], top_n=10)
     assert same["before"] == same["after"] and same["moved"] == []
+
+
+@pytest.mark.slow
+def test_steer_cli_on_an_llm_run_folder(smollm, tweets, tmp_path, capsys):
+    import argparse
+    import json
+
+    from saekit.analysis.steering import add_steer_arguments, cmd_steer
+    from saekit.sae.registry import save_sae
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.hf import HFSource
+    from saekit.store.writer import cache_activations
+
+    model, tok = smollm
+    run = tmp_path / "run"
+    cache_activations(HFSource(SourceConfig(kind="hf", hooks=[LAYER], batch_size=8, max_length=24), model, tok),
+                      tweets[:8], run / "store")
+    save_sae(_topk(d_in=576, d_sae=64), run / "train" / "final_sae")
+    p = argparse.ArgumentParser()
+    add_steer_arguments(p)
+    args = p.parse_args([str(run), "--prompt", "I am going to", "--feature", "3", "--alpha", "80", "--clamp", "5=2.5",
+                         "--max-new-tokens", "5", "--seed", "1"])
+    assert cmd_steer(args) == 0
+    printed = capsys.readouterr().out
+    assert "default:" in printed and "steered:" in printed
+    (saved,) = (run / "steer").glob("*.json")
+    out = json.loads(saved.read_text())
+    assert out["hook"] == LAYER and out["seed"] == 1 and out["default"] != out["steered"]
+    assert [e["mode"] for e in out["edits"]] == ["add", "clamp"] and out["edits"][1]["value"] == 2.5
+    with pytest.raises(ConfigError, match="one --alpha per --feature"):
+        cmd_steer(p.parse_args([str(run), "--prompt", "x", "--feature", "1", "--feature", "2", "--alpha", "1",
+                                "--alpha", "2", "--alpha", "3"]))

@@ -379,7 +379,10 @@ def steered_search(sae: SparseAutoencoder, query_D: Tensor, corpus_ND: Tensor, e
     with inference_mode(sae):
         z_F = sae.encode(q_D[None]).dense()[0]
         z_edit_F = edit_dense_code(z_F, edits)
-        q_edit_D = q_D + sae.decode(_dense_to_code(z_edit_F))[0] - sae.decode(_dense_to_code(z_F))[0]
+        if torch.equal(z_edit_F, z_F):  # nothing edited: the query stays bitwise the same
+            q_edit_D = q_D
+        else:
+            q_edit_D = q_D + sae.decode(_dense_to_code(z_edit_F))[0] - sae.decode(_dense_to_code(z_F))[0]
     corpus = corpus_ND.to(p.device, p.dtype)
     corpus_unit = corpus / corpus.norm(dim=1, keepdim=True).clamp_min(1e-12)
     before, after = _ranking(q_D, corpus_unit, top_n), _ranking(q_edit_D, corpus_unit, top_n)
@@ -392,3 +395,104 @@ def steered_search(sae: SparseAutoencoder, query_D: Tensor, corpus_ND: Tensor, e
     shift = float(torch.nn.functional.cosine_similarity(q_D, q_edit_D, dim=0))
     return {"before": before, "after": after, "moved": sorted(entered + left), "entered": entered, "left": left,
             "rank_changes": changes, "feature_contributions": contrib, "query_shift": shift}
+
+
+# -- CLI logic (wired into `saekit steer` by cli.py) -------------------------------------------------------------
+
+
+def add_steer_arguments(parser) -> None:
+    parser.add_argument("run", help="run folder (holds store/ and train/)")
+    parser.add_argument("--prompt", required=True, help="prompt to continue (LLM runs) or query text (embedding runs)")
+    parser.add_argument("--feature", type=int, action="append", default=[], help="feature to add (repeatable)")
+    parser.add_argument("--alpha", type=float, action="append", default=[],
+                        help="strength per --feature (repeatable; one value applies to every feature)")
+    parser.add_argument("--clamp", action="append", default=[], metavar="N=V", help="clamp feature N to V (repeatable)")
+    parser.add_argument("--ablate", type=int, action="append", default=[], help="ablate feature N (repeatable)")
+    parser.add_argument("--hook", default=None, help="hook point (default: the run's store hook)")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-n", type=int, default=10, help="results shown for embedding-search steering")
+
+
+def edits_from_args(args) -> list[FeatureEdit]:
+    """FeatureEdits from --feature/--alpha, --clamp N=V and --ablate N."""
+    alphas = list(args.alpha)
+    if args.feature and len(alphas) == 1:
+        alphas = alphas * len(args.feature)
+    if len(alphas) != len(args.feature):
+        raise ConfigError(f"steer: expected one --alpha per --feature (or a single one), found {len(args.feature)} "
+                          f"features and {len(args.alpha)} alphas")
+    edits = [FeatureEdit(f, "add", alpha=a) for f, a in zip(args.feature, alphas)]
+    for item in args.clamp:
+        try:
+            n, v = item.split("=")
+            edits.append(FeatureEdit(int(n), "clamp", value=float(v)))
+        except ValueError as e:
+            raise ConfigError(f"steer: expected --clamp N=V (e.g. 123=5.0), found '{item}'") from e
+    edits += [FeatureEdit(n, "ablate") for n in args.ablate]
+    if not edits:
+        raise ConfigError("steer: expected at least one --feature/--alpha, --clamp or --ablate")
+    return edits
+
+
+def _model_for_run(source: dict):
+    from saekit.sources.models import load_embedder, load_lens, load_lm
+
+    kind, name = source["kind"], source["model"]
+    if kind == "hf":
+        return load_lm(name)
+    if kind == "lens":
+        return load_lens(name), load_lm(name)[1]
+    if kind == "embedding":
+        return load_embedder(name), None
+    raise ConfigError(f"steer: unknown source kind '{kind}' in the store manifest; expected hf, lens or embedding")
+
+
+def _search_for_cli(store, sae, model, prompt: str, edits, top_n: int) -> dict:
+    query_D = torch.as_tensor(model.encode([prompt], convert_to_tensor=True))[0].float().cpu()
+    res = steered_search(sae, query_D, store[:], edits, top_n=top_n)
+    doc_ids = store.meta("doc_id")
+    text = lambda row: (store.docs.get(int(doc_ids[row]), {}).get("text") or "")[:100]
+    for key in ("before", "after"):
+        res[key] = [{"row": r, "score": s, "doc_id": int(doc_ids[r]), "text": text(r)} for r, s in res[key]]
+    return {"prompt": prompt, "mode": "search", "edits": [asdict(e) for e in edits], **res}
+
+
+def _print_side_by_side(out: dict) -> None:
+    if out.get("mode") == "search":
+        print(f"query: {out['prompt']!r}   (query moved: cosine {out['query_shift']:.3f} to the original)")
+        for i, (b, a) in enumerate(zip(out["before"], out["after"])):
+            print(f"{i + 1:>3}  {b['score']:.3f} {b['text'][:45]:<45} | {a['score']:.3f} {a['text'][:45]}")
+        return
+    print(f"prompt:  {out['prompt']!r}")
+    print(f"default: {out['default']!r}")
+    print(f"steered: {out['steered']!r}")
+
+
+def cmd_steer(args) -> int:
+    import time
+    from pathlib import Path
+
+    from saekit.artifacts import atomic_write_json, to_strict_json
+    from saekit.sae.registry import load_sae
+    from saekit.store.reader import ActivationStore
+
+    run = Path(args.run)
+    store = ActivationStore(run / "store")
+    sae = load_sae(run / "train").eval()
+    edits = edits_from_args(args)
+    model, tok = _model_for_run(store.manifest["source"])
+    if store.kind == "embedding":
+        out = _search_for_cli(store, sae, model, args.prompt, edits, args.top_n)
+    else:
+        out = generate_steered(model, tok, args.prompt, args.hook or store.hook, sae=sae, edits=edits,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=not args.greedy,
+                               temperature=args.temperature)
+    _print_side_by_side(out)
+    path = run / "steer" / f"steer-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, to_strict_json(out))
+    print(f"saved {path}")
+    return 0
