@@ -118,7 +118,9 @@ class Trainer:
             raise ConfigError(f"{self.run_dir} already holds checkpoints (latest {self.found.name}); pass resume=True "
                               "to continue that run or choose a new run_dir")
         params = [p for _, p in sae.named_parameters()]
-        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps)
+        # fused Adam: one pass over each parameter instead of ~10 elementwise kernels (same maths)
+        fused = all(p.dtype.is_floating_point and p.device.type in ("cpu", "cuda") for p in params)
+        self.opt = torch.optim.Adam(params, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=fused)
         own = [MetricsLogger(self.run_dir / "metrics.jsonl", cfg.log_every), ProgressBar(cfg.progress_bar)]
         self.callbacks = [*(own if self.sync.is_main else []), *(callbacks or [])]
         self.on_cpu = all(p.device.type == "cpu" for p in params)
