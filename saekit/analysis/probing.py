@@ -79,6 +79,27 @@ class ArrayStore:
         return self._meta[name]
 
 
+class _MetaCache:
+    """Wraps a store so each provenance column is read from the shards once per sweep."""
+
+    def __init__(self, store):
+        self._store, self._cols = store, {}
+
+    def __getattr__(self, name):
+        return getattr(self._store, name)
+
+    def __len__(self) -> int:
+        return len(self._store)
+
+    def __getitem__(self, idx) -> Tensor:
+        return self._store[idx]
+
+    def meta(self, name: str) -> Tensor:
+        if name not in self._cols:
+            self._cols[name] = self._store.meta(name)
+        return self._cols[name]
+
+
 # -- labels and splits (pure) ------------------------------------------------------------------------------
 
 
@@ -334,6 +355,7 @@ def probe_sweep(store, labels: str | Callable, *, sae: SparseAutoencoder | None 
     for m in methods:
         if m not in METHODS:
             raise ConfigError(f"probe: unknown selection method '{m}'; expected some of {METHODS}")
+    store = _MetaCache(store)
     rows = sample_rows(len(store), max_rows, seed)
     values = row_labels(store, rows, labels)
     keep = np.array([v is not None for v in values], dtype=bool)
