@@ -91,6 +91,13 @@ def _print_run(cfg, result) -> None:
     print(f"\n== {cfg.name}: results in {cfg.run_dir}")
     print(format_report(result["report"]))
     print(f"SAE: {result['final_sae']}   (python: saekit.load_sae('{result['final_sae']}'))")
+    probe = Path(cfg.run_dir) / "probe" / "report.json"
+    if probe.exists():
+        from saekit.analysis.probing import format_probe_table
+        from saekit.artifacts import read_json
+
+        print(f"sparse probing ({cfg.probe.label} = {cfg.probe.positive or 'majority'} vs rest), test accuracy:")
+        print(format_probe_table(read_json(probe)))
     if result.get("bundle"):
         print(f"browser bundle: {result['bundle']}")
 

@@ -45,6 +45,17 @@ class EvalConfig(Config):
 
 
 @dataclass
+class ProbeConfig(Config):
+    """Sparse probing of a corpus label after training (SAE features vs neurons)."""
+
+    label: str = param("", "document label to probe (e.g. sentiment); empty = skip probing")
+    positive: str | None = param(None, "the positive class (one vs rest); None = the most frequent class")
+    ks: list[int] = param([1, 2, 5, 10, 20], "numbers of features to probe with")
+    max_rows: int = param(20000, "rows used (whole documents, sampled deterministically)", ge=100)
+    test_frac: float = param(0.3, "fraction of documents in the probe's test split", gt=0, lt=1)
+
+
+@dataclass
 class RunConfig(Config):
     """One run: which text, which model and hooks, where to store, what SAE to train and how."""
 
@@ -57,7 +68,8 @@ class RunConfig(Config):
     sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields")
     train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig)")
     eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
-    analyze: dict[str, Any] = param({}, "feature-browser bundle settings")
+    analyze: dict[str, Any] = param({}, "feature-browser bundle settings (saekit.analysis.features.AnalyzeConfig)")
+    probe: ProbeConfig = param(default_factory=ProbeConfig, doc="sparse probing after training")
 
     def validate(self) -> None:
         if self.train:
@@ -173,8 +185,23 @@ def run_all(cfg: RunConfig) -> dict:
     cache_stage(cfg)
     result = train_stage(cfg)
     report = eval_stage(cfg, None)
+    if cfg.probe.label:
+        probe_stage(cfg)
     bundle = analyze_stage(cfg)
     return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report, "bundle": str(bundle)}
+
+
+def probe_stage(cfg: RunConfig) -> dict:
+    """k-sparse probes of a corpus label on the SAE's latents vs raw neurons; RUN/probe/<label>.json + plot."""
+    from saekit.analysis.probing import format_probe_table, probe_sweep, write_probe_report
+    from saekit.sae.registry import load_sae
+
+    p = cfg.probe
+    report = probe_sweep(run_store(cfg), p.label, sae=load_sae(cfg.run_dir / "train"), ks=p.ks, test_frac=p.test_frac,
+                         seed=cfg.seed, max_rows=p.max_rows, positive=p.positive)
+    write_probe_report(report, cfg.run_dir / "probe")
+    log.info("\n%s", format_probe_table(report))
+    return report
 
 
 def analyze_stage(cfg: RunConfig) -> Path:

@@ -24,6 +24,7 @@ def _cfg(tmp_path, kind: str) -> RunConfig:
         "train": {"total_steps": 40, "batch_size": 64, "log_every": 10, "checkpoint_every": 20,
                   "normalize_activations": "expected_average_only_in", "progress_bar": False},
         "eval": {"holdout": 0.2, "splice_docs": 6, "retrieval_rows": 40},
+        "probe": {"label": "sentiment", "ks": [1, 2], "max_rows": 2000} if kind == "embedding" else {},
     })
 
 
@@ -36,6 +37,8 @@ def test_embedding_run_end_to_end(tmp_path):
     assert report["sparsity"]["l0_mean"] <= 8
     assert 0 <= report["retrieval"]["recall_at_k"] <= 1
     assert (cfg.run_dir / "bundle").is_dir() and result["bundle"]
+    probe = json.loads((cfg.run_dir / "probe" / "report.json").read_text())
+    assert probe["label"] == "sentiment" and set(probe["train_doc_ids"]).isdisjoint(probe["test_doc_ids"])
     sae = load_sae(cfg.run_dir / "train")
     assert sae.cfg.hook_name == "sentence_embedding" and sae.cfg.model_name.endswith("all-MiniLM-L6-v2")
     # running again resumes everything and changes nothing
