@@ -3,8 +3,10 @@
 Workload: d_in=512, d_sae=8192, batch 4096, fp32, 2 threads. The naive reference (kept here on
 purpose) runs k steps of `(r @ D.T).max`, gather, subtract, with full autograd through the unroll,
 and Adam; it is slow, so it is timed over one step after a small warm-up. Throughput ratios are
-measured inside one process (alternating variants); peak RSS is measured per variant in a fresh
-subprocess. Prints ONE JSON line.
+measured inside one process: every round times the naive reference and saekit's MP at k=32 back
+to back (alternating which goes first), and the speedup is the median of the per-round ratios, so
+both see the same load from other jobs; the 1-minute load average is reported beside it. Peak RSS
+is measured per variant in a fresh subprocess. Prints ONE JSON line.
 
     python scripts/bench_mp.py            # full run (~2-3 min on 2 cores)
     python scripts/bench_mp.py --quick    # smaller batch, for a smoke test
@@ -14,6 +16,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import statistics
 import subprocess
 import sys
 import time
@@ -81,21 +85,25 @@ class Trainer:
         self.after()
 
 
-def timed(fn, reps: int) -> float:
+def timed(fn) -> float:
     t0 = time.perf_counter()
-    for _ in range(reps):
-        fn()
-    return (time.perf_counter() - t0) / reps
+    fn()
+    return time.perf_counter() - t0
 
 
 def data(batch: int) -> torch.Tensor:
     return torch.randn(batch, D_IN, generator=torch.Generator().manual_seed(1))
 
 
-def throughput(batch: int, ks: list[int], reps: int, naive_k: int) -> dict:
-    """Tokens/s of every variant, measured in this one process, alternating rounds."""
+def throughput(batch: int, ks: list[int], reps: int, naive_k: int) -> tuple[dict, list[float]]:
+    """Per-round step times of every variant in this one process, plus per-round naive/mp ratios.
+
+    Each round times the naive reference and saekit's MP at `naive_k` back to back (alternating
+    which goes first), so both see the same machine load; the speedup is the median of these
+    per-round ratios. Tokens/s are medians over rounds.
+    """
     x = data(batch)
-    out: dict[str, list[float]] = {}
+    secs: dict[str, list[float]] = {}
     trainers = {f"mp_train_k{k}": Trainer("mp", k) for k in ks}
     trainers["topk_train_k32"] = Trainer("topk", 32)
     enc = trainers[f"mp_train_k{max(ks)}"].m
@@ -106,16 +114,23 @@ def throughput(batch: int, ks: list[int], reps: int, naive_k: int) -> dict:
         enc.encode(x)
         enc.train()
     naive = Trainer("naive", naive_k)
-    naive.step(x[:256])  # warm-up on a slice: the reference is ~100x slower
-    for _ in range(reps):
+    naive.step(x[:256])  # warm-up on a slice: the reference is ~10-20x slower
+    pair = [f"naive_train_k{naive_k}", f"mp_train_k{naive_k}"]
+    ratios = []
+    for r in range(reps):
+        names = pair if r % 2 == 0 else pair[::-1]
+        for name in names:
+            t = naive if name.startswith("naive") else trainers[name]
+            secs.setdefault(name, []).append(timed(lambda: t.step(x)))
+        ratios.append(secs[pair[0]][-1] / secs[pair[1]][-1])
         for name, t in trainers.items():
-            out.setdefault(name, []).append(batch / timed(lambda: t.step(x), 1))
+            if name not in pair:
+                secs.setdefault(name, []).append(timed(lambda: t.step(x)))
         enc.eval()
         with torch.no_grad():
-            out.setdefault(f"mp_encode_k{max(ks)}", []).append(batch / timed(lambda: enc.encode(x), 1))
+            secs.setdefault(f"mp_encode_k{max(ks)}", []).append(timed(lambda: enc.encode(x)))
         enc.train()
-    out[f"naive_train_k{naive_k}"] = [batch / timed(lambda: naive.step(x), 1)]
-    return {name: max(v) for name, v in out.items()}  # best of rounds: least disturbed by neighbours
+    return {name: batch / statistics.median(v) for name, v in secs.items()}, ratios
 
 
 def peak_rss(variant: str, k: int, batch: int) -> float:
@@ -155,7 +170,9 @@ def main() -> None:
     torch.set_num_threads(2)
     batch = 512 if args.quick else args.batch
     ks = [8, 16, 32]
-    tps = throughput(batch, ks, args.reps, naive_k=32)
+    load_before = os.getloadavg()[0]
+    tps, ratios = throughput(batch, ks, args.reps, naive_k=32)
+    load_after = os.getloadavg()[0]
     rss = {f"mp_k{k}": peak_rss("mp", k, batch) for k in (8, 32)}
     rss["topk_k32"] = peak_rss("topk", 32, batch)
     rss["naive_k8"] = peak_rss("naive", 8, batch)  # naive k=32 would need ~10 GB on a shared machine
@@ -163,11 +180,13 @@ def main() -> None:
     print(json.dumps({
         "bench": "mp_sae", "d_in": D_IN, "d_sae": D_SAE, "batch": batch, "dtype": "float32", "threads": 2,
         "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
-        "speedup_vs_naive_k32": round(tps["mp_train_k32"] / tps["naive_train_k32"], 1),
+        "speedup_vs_naive_k32": round(statistics.median(ratios), 2),
+        "speedup_per_round": [round(r, 2) for r in ratios],
         "mp_vs_topk_train_k32": round(tps["mp_train_k32"] / tps["topk_train_k32"], 3),
         "step_time_ratio_k32_over_k8": round(step_s[32] / step_s[8], 2),
         "peak_rss_gb": {n: round(v, 3) for n, v in rss.items()},
         "peak_rss_mp_over_topk_k32": round(rss["mp_k32"] / rss["topk_k32"], 2),
+        "load_avg_1min": {"before": round(load_before, 2), "after": round(load_after, 2), "cores": os.cpu_count()},
     }))
 
 

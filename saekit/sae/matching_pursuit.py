@@ -210,8 +210,11 @@ class MatchingPursuitSAE(SparseAutoencoder):
         W_FD = self.W_dec.detach()
         if W_FD.dtype not in (torch.float32, torch.float64):
             W_FD = W_FD.float()
-        self._gram_cache.clear()
-        self._gram_cache.update(G=gram_matrix(W_FD), key=self._gram_key())
+        old = self._gram_cache.get("G")
+        reuse = old is not None and old.shape == (W_FD.shape[0],) * 2 and old.dtype == W_FD.dtype \
+            and old.device == W_FD.device
+        self._gram_cache.clear()  # the cache never holds a stale matrix, even if the product fails
+        self._gram_cache.update(G=gram_matrix(W_FD, out_FF=old if reuse else None), key=self._gram_key())
         return self._gram_cache["G"]
 
     # -- training callbacks ----------------------------------------------------------------

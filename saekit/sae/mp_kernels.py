@@ -5,7 +5,12 @@ Why three pieces:
 - `select_atoms` runs the greedy pursuit *without gradient*. It computes the correlations
   `c = x @ W_dec.T` once and then updates them through the Gram matrix (`c <- c - alpha * G[j]`),
   so k steps cost one dense product plus k cheap `[rows, d_sae]` updates instead of k products.
-  Rows are processed in chunks so that the `[chunk, d_sae]` correlation block stays in cache.
+  Rows are processed in chunks so that the `[chunk, d_sae]` correlation block stays in cache;
+  the chunks are shared among Python worker threads, each running its ops on one intra-op thread.
+  Why: a pursuit step is a handful of ~0.1 ms ops per chunk, and an intra-op parallel region waits
+  for all its threads at every op; on a loaded machine each wait can cost a scheduler time slice
+  (measured: 2-thread ops 50-100x slower than 1-thread ops under load). Independent workers only
+  ever wait once, at the end.
 - `MPCoefficients` recomputes the coefficients of the selected atoms differentiably with the
   pursuit recursion on the gathered atoms only (`alpha_t = <r_t, d_t>`, `r_{t+1} = r_t - alpha_t d_t`).
   This is exactly the naive unrolled pursuit's computation graph restricted to the atoms that
@@ -18,12 +23,16 @@ Why three pieces:
 
 from __future__ import annotations
 
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
 
-SELECT_CHUNK_ROWS = 256
+from saekit.sae.kernels import serial, sparse_t_matmul
+from saekit.sae.kernels import sparse_decode as topk_sparse_decode
+
+SELECT_CHUNK_ROWS = 128
 
 
 @dataclass(frozen=True)
@@ -51,16 +60,17 @@ class Selection:
     active_NK: Tensor  # bool, False for clipped (nonneg) steps and steps after a row stopped
 
 
-def gram_matrix(W_FD: Tensor, block: int = 2048) -> Tensor:
-    """`W_FD @ W_FD.T` computed on the upper block triangle and mirrored (about half the flops)."""
+def gram_matrix(W_FD: Tensor, block: int = 2048, out_FF: Tensor | None = None) -> Tensor:
+    """`W_FD @ W_FD.T` in row blocks of `block` atoms, written into `out_FF` when given.
+
+    Why full products into a reused buffer: the earlier upper-block-triangle product plus a
+    transposed mirror copy saved half the flops, but the strided mirror copy and a fresh 268 MB
+    allocation (page faults) per refresh cost more than that at d_sae=8192 on 2 cores.
+    """
     F = W_FD.shape[0]
-    if F <= block:
-        return W_FD @ W_FD.T
-    G_FF = W_FD.new_empty(F, F)
+    G_FF = W_FD.new_empty(F, F) if out_FF is None else out_FF
     for i in range(0, F, block):
-        rows = W_FD[i:i + block]
-        G_FF[i:i + block, i:] = rows @ W_FD[i:].T
-        G_FF[i + block:, i:i + block] = G_FF[i:i + block, i + block:].T
+        torch.mm(W_FD[i:i + block], W_FD.T, out=G_FF[i:i + block])
     return G_FF
 
 
@@ -77,9 +87,20 @@ def select_atoms(xc_ND: Tensor, W_FD: Tensor, opts: PursuitOptions, G_FF: Tensor
     idx_NK = torch.zeros(N, K, dtype=torch.long, device=xc_ND.device)
     active_NK = torch.zeros(N, K, dtype=torch.bool, device=xc_ND.device)
     diag_F = G_FF.diagonal() if G_FF is not None else W_FD.pow(2).sum(-1)
-    for start in range(0, N, chunk_rows):
-        sl = slice(start, start + chunk_rows)
-        _select_chunk(xc_ND[sl], W_FD, G_FF, diag_F, keep_F, opts, idx_NK[sl], active_NK[sl])
+    chunks = [slice(start, start + chunk_rows) for start in range(0, N, chunk_rows)]
+
+    @torch.no_grad()  # grad mode is thread-local: set it again in the worker threads
+    def run(my_chunks: list[slice]) -> None:
+        for sl in my_chunks:
+            _select_chunk(xc_ND[sl], W_FD, G_FF, diag_F, keep_F, opts, idx_NK[sl], active_NK[sl])
+
+    workers = min(torch.get_num_threads(), len(chunks)) if xc_ND.device.type == "cpu" else 1
+    with serial():
+        if workers <= 1:
+            run(chunks)
+        else:
+            with ThreadPoolExecutor(workers) as pool:
+                list(pool.map(run, [chunks[i::workers] for i in range(workers)]))
     return Selection(idx_NK, active_NK)
 
 
@@ -161,35 +182,90 @@ class MPCoefficients(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, xc_ND: Tensor, W_FD: Tensor, idx_NK: Tensor, active_NK: Tensor) -> Tensor:
+        with serial():  # k short memory-bound steps: one thread avoids a barrier per op (see serial)
+            alpha_NK, r_ND, mask_NK = MPCoefficients._recurse(xc_ND, W_FD, idx_NK, active_NK)
+        ctx.save_for_backward(W_FD, idx_NK, mask_NK, alpha_NK, r_ND)
+        return alpha_NK
+
+    @staticmethod
+    def _recurse(xc_ND: Tensor, W_FD: Tensor, idx_NK: Tensor, active_NK: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         r_ND = xc_ND.clone()
         mask_NK = active_NK.to(xc_ND.dtype)
         alpha_NK = xc_ND.new_zeros(idx_NK.shape)
         for t in range(idx_NK.shape[1]):
             d_ND = W_FD[idx_NK[:, t]]
-            a_N = (r_ND * d_ND).sum(-1) * mask_NK[:, t]
+            a_N = row_dot(r_ND, d_ND) * mask_NK[:, t]
             alpha_NK[:, t] = a_N
             r_ND.addcmul_(d_ND, a_N[:, None], value=-1)
-        ctx.save_for_backward(W_FD, idx_NK, mask_NK, alpha_NK, r_ND)
-        return alpha_NK
+        return alpha_NK, r_ND, mask_NK
 
     @staticmethod
     def backward(ctx, g_alpha_NK: Tensor):
+        with serial():
+            return MPCoefficients._backward(ctx, g_alpha_NK)
+
+    @staticmethod
+    def _backward(ctx, g_alpha_NK: Tensor):
         W_FD, idx_NK, mask_NK, alpha_NK, r_ND = ctx.saved_tensors
         r_ND = r_ND.clone()
         rho_ND = torch.zeros_like(r_ND)  # dL/dr_{t+1}
-        grad_W = torch.zeros_like(W_FD) if ctx.needs_input_grad[1] else None
+        acc = _RowGradAccumulator(W_FD, *idx_NK.shape) if ctx.needs_input_grad[1] else None
         for t in reversed(range(idx_NK.shape[1])):
             j_N = idx_NK[:, t]
             d_ND = W_FD[j_N]
             a_N = alpha_NK[:, t]
             r_ND.addcmul_(d_ND, a_N[:, None])  # r_t
-            ga_N = (g_alpha_NK[:, t] - (rho_ND * d_ND).sum(-1)) * mask_NK[:, t]
-            if grad_W is not None:
-                gd_ND = r_ND * ga_N[:, None] - rho_ND * a_N[:, None]
-                grad_W.index_add_(0, j_N, gd_ND)
+            ga_N = (g_alpha_NK[:, t] - row_dot(rho_ND, d_ND)) * mask_NK[:, t]
+            if acc is not None:
+                acc.add(j_N, r_ND, ga_N, rho_ND, a_N)
             rho_ND.addcmul_(d_ND, ga_N[:, None])
         grad_x = rho_ND if ctx.needs_input_grad[0] else None
-        return grad_x, grad_W, None, None
+        return grad_x, acc.result() if acc is not None else None, None, None
+
+
+def row_dot(a_ND: Tensor, b_ND: Tensor) -> Tensor:
+    """Row-wise dot products `[N]` as one batched product (no `[N, D]` temporary)."""
+    return torch.bmm(a_ND.unsqueeze(1), b_ND.unsqueeze(2)).view(-1)
+
+
+class _RowGradAccumulator:
+    """Collects per-step atom gradients `gd [N, D]` for atoms `j [N]` and adds them into `grad_W [F, D]`.
+
+    Why: `index_add_` of `[N, D]` rows into `[F, D]` was the single largest cost of an MP training
+    step on CPU (~0.1 s per pursuit step, k of them). Instead up to STAGE_BYTES of steps are staged
+    in one buffer and added with one sorted `embedding_bag` (`kernels.sparse_t_matmul`).
+    """
+
+    STAGE_BYTES = 64 * 2 ** 20
+
+    def __init__(self, W_FD: Tensor, n_rows: int, steps: int):
+        self.grad_FD = torch.zeros_like(W_FD)
+        row_bytes = n_rows * W_FD.shape[1] * W_FD.element_size()
+        slots = max(1, min(steps, self.STAGE_BYTES // max(row_bytes, 1)))
+        self.gd_SND = W_FD.new_empty(slots, n_rows, W_FD.shape[1])
+        self.j_SN = torch.empty(slots, n_rows, dtype=torch.long, device=W_FD.device)
+        self.used = 0
+
+    def add(self, j_N: Tensor, r_ND: Tensor, ga_N: Tensor, rho_ND: Tensor, a_N: Tensor) -> None:
+        gd_ND = torch.mul(r_ND, ga_N[:, None], out=self.gd_SND[self.used])
+        gd_ND.addcmul_(rho_ND, a_N[:, None], value=-1)
+        self.j_SN[self.used] = j_N
+        self.used += 1
+        if self.used == self.gd_SND.shape[0]:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self.used:
+            n = self.used
+            j_R1 = self.j_SN[:n].reshape(-1, 1)
+            gd_RD = self.gd_SND[:n].reshape(-1, self.gd_SND.shape[2])
+            ones_R1 = torch.ones(j_R1.shape, dtype=gd_RD.dtype, device=gd_RD.device)
+            self.grad_FD.add_(sparse_t_matmul(j_R1, ones_R1, gd_RD, self.grad_FD.shape[0]))
+            self.used = 0
+
+    def result(self) -> Tensor:
+        self._flush()
+        return self.grad_FD
 
 
 def mp_coefficients(xc_ND: Tensor, W_FD: Tensor, sel: Selection) -> Tensor:
@@ -218,10 +294,14 @@ def merge_duplicates(idx_NK: Tensor, vals_NK: Tensor, trim: bool = False) -> tup
 
 
 def sparse_decode(idx_NK: Tensor, vals_NK: Tensor, W_FD: Tensor) -> Tensor:
-    """`sum_t vals_t * W[idx_t]` without materialising `[N, K, D]` (embedding_bag, sparse backward)."""
+    """`sum_t vals_t * W[idx_t]` without materialising `[N, K, D]`.
+
+    Uses the top-k SAE's `kernels.sparse_decode`, whose backward adds the decoder gradient with one
+    sorted embedding_bag; autograd's own embedding_bag backward was ~10x slower here.
+    """
     if idx_NK.shape[-1] == 0:
         return W_FD.new_zeros(idx_NK.shape[0], W_FD.shape[1])
-    return torch.nn.functional.embedding_bag(idx_NK, W_FD, per_sample_weights=vals_NK.to(W_FD.dtype), mode="sum")
+    return topk_sparse_decode(vals_NK.to(W_FD.dtype), idx_NK, W_FD)
 
 
 def naive_pursuit(xc_ND: Tensor, W_FD: Tensor, opts: PursuitOptions) -> tuple[Tensor, Tensor, Tensor]:
