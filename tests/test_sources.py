@@ -40,7 +40,9 @@ def test_padding_never_enters_and_left_right_agree(smollm, tweets):
         (batch,) = list(src.iter_batches(docs))
         rows[side] = batch
     enc = tokenize(tok, [d["text"] for d in docs], SourceConfig(hooks=["x"]))
-    assert rows["right"].n == int(enc["attention_mask"].sum())  # exactly the real tokens
+    special = torch.isin(enc["input_ids"], torch.tensor(tok.all_special_ids))
+    assert int((special & enc["attention_mask"].bool()).sum()) == len(docs)  # one BOS per document
+    assert rows["right"].n == int((enc["attention_mask"].bool() & ~special).sum())  # exactly the real tokens
     assert not torch.isin(rows["right"].token_id, torch.tensor(tok.all_special_ids)).any()
     assert torch.equal(rows["right"].token_id, rows["left"].token_id)
     assert torch.equal(rows["right"].pos, rows["left"].pos)

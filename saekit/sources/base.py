@@ -49,7 +49,8 @@ class SourceConfig(Config):
     max_length: int = param(128, "tokens per document; longer documents are truncated", ge=2)
     batch_size: int = param(16, "documents per forward pass", ge=1)
     exclude_special: bool = param(True, "keep BOS/EOS/other special tokens out of the store")
-    prepend_bos: bool = param(False, "prepend the tokenizer's BOS token (then excluded unless exclude_special=false)")
+    prepend_bos: bool = param(True, "prepend the tokenizer's BOS token, which then takes the attention-sink role "
+                              "(huge-norm first position) and is excluded from the store unless exclude_special=false")
     padding_side: Literal["right", "left"] = param("right", "padding side for batched forwards")
     dtype: str = param("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
     device: str = param("cpu", "device for the model forward")
