@@ -28,7 +28,7 @@ def _cfg(tmp_path, kind: str) -> RunConfig:
     })
 
 
-def test_embedding_run_end_to_end(tmp_path):
+def test_embedding_run_end_to_end(tmp_path, capsys):
     cfg = _cfg(tmp_path, "embedding")
     result = run_all(cfg)
     report = json.loads((cfg.run_dir / "eval" / "report.json").read_text())  # strict JSON
@@ -41,6 +41,17 @@ def test_embedding_run_end_to_end(tmp_path):
     assert probe["label"] == "sentiment" and set(probe["train_doc_ids"]).isdisjoint(probe["test_doc_ids"])
     sae = load_sae(cfg.run_dir / "train")
     assert sae.cfg.hook_name == "sentence_embedding" and sae.cfg.model_name.endswith("all-MiniLM-L6-v2")
+    # the eval and compare stages from the CLI: a table on the terminal, strict JSON and figures on disk
+    from saekit.cli import main
+
+    assert main(["eval", str(cfg.run_dir)]) == 0
+    assert main(["eval", str(cfg.run_dir / "train" / "final_sae"), "--store", str(cfg.run_dir / "store"),
+                 "--out", str(tmp_path / "bare_eval")]) == 0
+    assert json.loads((tmp_path / "bare_eval" / "report.json").read_text())["n_rows"] == 240
+    assert main(["compare", str(cfg.run_dir), str(tmp_path / "bare_eval"), "--out", str(tmp_path / "cmp")]) == 0
+    out = capsys.readouterr().out
+    assert "FVU" in out and "recall@10" in out
+    assert any(p.suffix == ".png" for p in (cfg.run_dir / "eval").iterdir())
     # running again resumes everything and changes nothing
     again = run_all(cfg)
     assert again["report"]["reconstruction"]["fvu"] == pytest.approx(result["report"]["reconstruction"]["fvu"])
