@@ -1,0 +1,161 @@
+"""CLI logic of `saekit probe RUN` and `saekit steer RUN` (wired in by saekit/cli.py; printing happens here).
+
+Kept apart from probing.py and steering.py so the library modules hold only the APIs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from pathlib import Path
+
+import torch
+
+from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, write_probe_report
+from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
+from saekit.artifacts import atomic_write_json
+from saekit.errors import ConfigError
+
+# -- CLI logic (wired into `saekit probe` by cli.py) -------------------------------------------------------------
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.replace(" ", "").split(",") if x]
+    except ValueError as e:
+        raise ConfigError(f"expected a comma-separated list of integers, found '{text}'") from e
+
+
+def add_probe_arguments(parser) -> None:
+    parser.add_argument("run", help="run folder (holds store/ and train/)")
+    parser.add_argument("--label", default="sentiment", help="document label to probe (default: sentiment)")
+    parser.add_argument("--positive", default=None, help="positive class (default: the most frequent class)")
+    parser.add_argument("--ks", default="1,2,5,10,20", help="comma-separated k values")
+    parser.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated, of {METHODS}")
+    parser.add_argument("--test-frac", type=float, default=0.3, help="fraction of documents held out")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-rows", type=int, default=None, help="probe at most this many rows (seeded sample)")
+    parser.add_argument("--no-sae", action="store_true", help="raw neurons only")
+    parser.add_argument("--out", default=None, help="output folder (default: RUN/probe)")
+
+
+def cmd_probe(args) -> int:
+    from saekit.sae.registry import load_sae
+    from saekit.store.reader import ActivationStore
+
+    run = Path(args.run)
+    store = ActivationStore(run / "store")
+    sae = None if args.no_sae else load_sae(run / "train")
+    report = probe_sweep(store, args.label, sae=sae, ks=_int_list(args.ks),
+                         methods=[m for m in args.methods.split(",") if m], test_frac=args.test_frac,
+                         seed=args.seed, max_rows=args.max_rows, positive=args.positive)
+    paths = write_probe_report(report, args.out or run / "probe")
+    print(f"probe '{report['label']}' = {report['positive']} vs rest: {report['n_train_docs']} train / "
+          f"{report['n_test_docs']} test documents, {report['n_rows']} rows")
+    print(format_probe_table(report))
+    for fs, by_method in report["winners"].items():
+        for method, w in by_method.items():
+            ex = w["top_examples"][0]["text"][:80] if w["top_examples"] else ""
+            print(f"k=1 {fs}/{method}: feature {w['feature']} ({w['sign']}) acc {w['accuracy']:.3f} — e.g. {ex!r}")
+    print(f"wrote {paths['json']} and {paths['png']}")
+    return 0
+
+
+# -- CLI logic (wired into `saekit steer` by cli.py) -------------------------------------------------------------
+
+
+def add_steer_arguments(parser) -> None:
+    parser.add_argument("run", help="run folder (holds store/ and train/)")
+    parser.add_argument("--prompt", required=True, help="prompt to continue (LLM runs) or query text (embedding runs)")
+    parser.add_argument("--feature", type=int, action="append", default=[], help="feature to add (repeatable)")
+    parser.add_argument("--alpha", type=float, action="append", default=[],
+                        help="strength per --feature (repeatable; one value applies to every feature)")
+    parser.add_argument("--clamp", action="append", default=[], metavar="N=V", help="clamp feature N to V (repeatable)")
+    parser.add_argument("--ablate", type=int, action="append", default=[], help="ablate feature N (repeatable)")
+    parser.add_argument("--hook", default=None, help="hook point (default: the run's store hook)")
+    parser.add_argument("--max-new-tokens", type=int, default=30)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
+    parser.add_argument("--temperature", type=float, default=0.8)
+    parser.add_argument("--top-n", type=int, default=10, help="results shown for embedding-search steering")
+
+
+def edits_from_args(args) -> list[FeatureEdit]:
+    """FeatureEdits from --feature/--alpha, --clamp N=V and --ablate N."""
+    alphas = list(args.alpha)
+    if args.feature and len(alphas) == 1:
+        alphas = alphas * len(args.feature)
+    if len(alphas) != len(args.feature):
+        raise ConfigError(f"steer: expected one --alpha per --feature (or a single one), found {len(args.feature)} "
+                          f"features and {len(args.alpha)} alphas")
+    edits = [FeatureEdit(f, "add", alpha=a) for f, a in zip(args.feature, alphas)]
+    for item in args.clamp:
+        try:
+            n, v = item.split("=")
+            edits.append(FeatureEdit(int(n), "clamp", value=float(v)))
+        except ValueError as e:
+            raise ConfigError(f"steer: expected --clamp N=V (e.g. 123=5.0), found '{item}'") from e
+    edits += [FeatureEdit(n, "ablate") for n in args.ablate]
+    if not edits:
+        raise ConfigError("steer: expected at least one --feature/--alpha, --clamp or --ablate")
+    return edits
+
+
+def _model_for_run(source: dict):
+    from saekit.sources.models import load_embedder, load_lens, load_lm
+
+    kind, name = source["kind"], source["model"]
+    if kind == "hf":
+        return load_lm(name)
+    if kind == "lens":
+        return load_lens(name), load_lm(name)[1]
+    if kind == "embedding":
+        return load_embedder(name), None
+    raise ConfigError(f"steer: unknown source kind '{kind}' in the store manifest; expected hf, lens or embedding")
+
+
+def _search_for_cli(store, sae, model, prompt: str, edits, top_n: int) -> dict:
+    query_D = torch.as_tensor(model.encode([prompt], convert_to_tensor=True))[0].float().cpu()
+    res = steered_search(sae, query_D, store[:], edits, top_n=top_n)
+    doc_ids = store.meta("doc_id")
+    text = lambda row: (store.docs.get(int(doc_ids[row]), {}).get("text") or "")[:100]
+    for key in ("before", "after"):
+        res[key] = [{"row": r, "score": s, "doc_id": int(doc_ids[r]), "text": text(r)} for r, s in res[key]]
+    return {"prompt": prompt, "mode": "search", "edits": [asdict(e) for e in edits], **res}
+
+
+def _print_side_by_side(out: dict) -> None:
+    if out.get("mode") == "search":
+        print(f"query: {out['prompt']!r}   (query moved: cosine {out['query_shift']:.3f} to the original)")
+        for i, (b, a) in enumerate(zip(out["before"], out["after"])):
+            print(f"{i + 1:>3}  {b['score']:.3f} {b['text'][:45]:<45} | {a['score']:.3f} {a['text'][:45]}")
+        return
+    print(f"prompt:  {out['prompt']!r}")
+    print(f"default: {out['default']!r}")
+    print(f"steered: {out['steered']!r}")
+
+
+def cmd_steer(args) -> int:
+    import time
+    from pathlib import Path
+
+    from saekit.artifacts import to_strict_json
+    from saekit.sae.registry import load_sae
+    from saekit.store.reader import ActivationStore
+
+    run = Path(args.run)
+    store = ActivationStore(run / "store")
+    sae = load_sae(run / "train").eval()
+    edits = edits_from_args(args)
+    model, tok = _model_for_run(store.manifest["source"])
+    if store.kind == "embedding":
+        out = _search_for_cli(store, sae, model, args.prompt, edits, args.top_n)
+    else:
+        out = generate_steered(model, tok, args.prompt, args.hook or store.hook, sae=sae, edits=edits,
+                               max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=not args.greedy,
+                               temperature=args.temperature)
+    _print_side_by_side(out)
+    path = run / "steer" / f"steer-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(path, to_strict_json(out))
+    print(f"saved {path}")
+    return 0
