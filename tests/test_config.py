@@ -68,8 +68,15 @@ def test_roundtrip_and_token_redaction():
 def test_run_config_yaml_files_load(tmp_path):
     from pathlib import Path
 
-    for path in sorted(Path("configs").glob("*.yaml")):
-        RunConfig.from_yaml(path)
+    import yaml
+
+    from saekit.eval.mdl_select import MDLSelectConfig
+    from saekit.train.multi import MultiConfig
+
+    for path in sorted(Path("configs").glob("*.yaml")):  # every shipped config loads strictly with its own class
+        data = yaml.safe_load(path.read_text())
+        cls = MultiConfig if "saes" in data else MDLSelectConfig if "grid" in data else RunConfig
+        cls.from_yaml(path)
     bad = tmp_path / "bad.yaml"
     bad.write_text("name: x\nsource: {kind: hf, hooks: [model.layers.3], max_lenght: 12}\n")
     with pytest.raises(ConfigError, match=r"source: unknown key 'max_lenght'.*'max_length'"):
