@@ -16,7 +16,7 @@ import pytest
 from saekit.analysis.features import AnalyzeConfig
 from saekit.browser.build import build_bundle
 from saekit.browser.bundle import Bundle
-from saekit.browser.commands import browse_command
+from saekit.cli.browse import browse_command
 from saekit.browser.demo import tiny_run
 
 pytestmark = pytest.mark.browser

@@ -11,9 +11,9 @@ import torch
 import yaml
 
 from saekit.errors import ConfigError
+from saekit.cli.mdl import cmd_mdl_select
 from saekit.eval.mdl_select import (
     MDLSelectConfig,
-    cmd_mdl_select,
     run_mdl_select,
     select_by_reconstruction,
     select_mdl,

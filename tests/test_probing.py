@@ -172,8 +172,8 @@ def test_sentiment_probes_sae_and_neurons_side_by_side(embedding_run, tmp_path):
 def test_probe_and_steer_cli_on_a_run_folder(embedding_run, capsys):
     import argparse
 
-    from saekit.analysis.commands import add_probe_arguments, cmd_probe
-    from saekit.analysis.commands import add_steer_arguments, cmd_steer
+    from saekit.cli.analysis import add_probe_arguments, cmd_probe
+    from saekit.cli.analysis import add_steer_arguments, cmd_steer
 
     run, store, sae = embedding_run
     p = argparse.ArgumentParser()

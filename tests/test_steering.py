@@ -268,7 +268,7 @@ def test_steer_cli_on_an_llm_run_folder(smollm, tweets, tmp_path, capsys):
     import argparse
     import json
 
-    from saekit.analysis.commands import add_steer_arguments, cmd_steer
+    from saekit.cli.analysis import add_steer_arguments, cmd_steer
     from saekit.sae.registry import save_sae
     from saekit.sources.base import SourceConfig
     from saekit.sources.hf import HFSource

@@ -16,7 +16,7 @@ QUICKSTART_CONFIGS = ("configs/quickstart.yaml", "configs/quickstart_embeddings.
 
 def _cmd_cache(args) -> int:
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        from saekit.train.distributed import cmd_cache_distributed
+        from saekit.cli.train import cmd_cache_distributed
 
         return cmd_cache_distributed(args)
     from saekit.pipeline import cache_stage, load_run_config, store_summary
@@ -130,17 +130,17 @@ COMMANDS = {
 
 # Stages whose argument parsing lives beside their library code: name -> (module, add_fn, cmd_fn, help).
 EXTERNAL = {
-    "train": ("saekit.train.distributed", "add_train_arguments", "cmd_train",
+    "train": ("saekit.cli.train", "add_train_arguments", "cmd_train",
               "train the SAE(s) of a config on its store; torchrun-aware (`torchrun ... -m saekit train`)"),
-    "analyze": ("saekit.browser.commands", "add_analyze_arguments", "cmd_analyze",
+    "analyze": ("saekit.cli.browse", "add_analyze_arguments", "cmd_analyze",
                 "build the feature-browser bundle of a run"),
-    "browse": ("saekit.browser.commands", "add_browse_arguments", "cmd_browse",
+    "browse": ("saekit.cli.browse", "add_browse_arguments", "cmd_browse",
                "open the Streamlit feature browser on runs (127.0.0.1)"),
-    "probe": ("saekit.analysis.commands", "add_probe_arguments", "cmd_probe",
+    "probe": ("saekit.cli.analysis", "add_probe_arguments", "cmd_probe",
               "sparse probing: SAE features vs neurons for a sweep of k"),
-    "steer": ("saekit.analysis.commands", "add_steer_arguments", "cmd_steer",
+    "steer": ("saekit.cli.analysis", "add_steer_arguments", "cmd_steer",
               "steered vs default generation (LLM runs) with the same seed"),
-    "mdl-select": ("saekit.eval.mdl_select", "add_mdl_select_arguments", "cmd_mdl_select",
+    "mdl-select": ("saekit.cli.mdl", "add_mdl_select_arguments", "cmd_mdl_select",
                    "train/take a grid of SAEs and pick the minimum-description-length one"),
 }
 
