@@ -1,4 +1,4 @@
-"""CLI logic of `saekit probe RUN` and `saekit steer RUN` (wired in by saekit/cli.py; printing happens here).
+"""CLI logic of `saekit probe RUN` and `saekit steer RUN` (wired in by saekit/cli/__init__.py; printing happens here).
 
 Kept apart from probing.py and steering.py so the library modules hold only the APIs.
 """
@@ -15,7 +15,7 @@ from saekit.analysis.steering import FeatureEdit, generate_steered, steered_sear
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError
 
-# -- CLI logic (wired into `saekit probe` by cli.py) -------------------------------------------------------------
+# -- CLI logic `saekit probe` -------------------------------------------------------------
 
 
 def _int_list(text: str) -> list[int]:
@@ -60,7 +60,7 @@ def cmd_probe(args) -> int:
     return 0
 
 
-# -- CLI logic (wired into `saekit steer` by cli.py) -------------------------------------------------------------
+# -- CLI logic `saekit steer` -------------------------------------------------------------
 
 
 def add_steer_arguments(parser) -> None:

@@ -1,6 +1,6 @@
 """CLI logic of `saekit analyze RUN` (build the browser bundle) and `saekit browse RUN...` (open the app).
 
-The lead's `saekit/cli.py` wires `add_*_arguments` / `cmd_*` in; printing happens only here.
+`saekit/cli/__init__.py` wires `add_*_arguments` / `cmd_*` in; printing happens only here.
 """
 
 from __future__ import annotations
