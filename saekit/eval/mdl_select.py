@@ -388,7 +388,3 @@ def write_outputs(result: dict, out: Path) -> None:
     atomic_write_json(out / "results.json", result)
     atomic_write_bytes(out / "results.md", format_table(result).encode())
     atomic_write_bytes(out / "mdl_select.png", plot_png(result))
-
-
-# ---------------------------------------------------------------------------------------------
-# ---------------------------------------------------------------------------------------------
