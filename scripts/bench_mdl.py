@@ -30,11 +30,11 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from saekit.eval.description_length_reference import description_length_reference
 from saekit.eval.description_length import (  # noqa: E402
     DescriptionLengthAccumulator,
     LatentValueRange,
     description_length,
-    description_length_reference,
 )
 from saekit.sae.base import SparseCode  # noqa: E402
 

@@ -9,12 +9,12 @@ import torch
 import torch.nn.functional as F
 
 from saekit.errors import ConfigError
+from saekit.eval.description_length_reference import description_length_reference
 from saekit.eval.description_length import (
     DescriptionLengthAccumulator,
     LatentValueRange,
     binary_entropy_bits,
     description_length,
-    description_length_reference,
 )
 from saekit.sae.base import SparseCode
 

@@ -2,7 +2,7 @@
 
     report = evaluate_sae(sae, batches, description_length=True, true_dictionary_GD=D)
     write_report(report, "runs/x/eval")      # report.json, report.txt, l0_histogram.png, feature_density.png
-    print(compare_table({"a": rep_a, "b": rep_b}))
+    table = compare_table({"a": rep_a, "b": rep_b})   # a side-by-side text table
 
 `batches` yields activation tensors `[..., d_in]` (or `(acts, ...)` tuples, as an
 ActivationSource does). Memory is bounded by one batch plus per-dimension and per-latent
