@@ -95,6 +95,17 @@ class LossOutput:
     parts: dict[str, float] = field(default_factory=dict)
 
 
+def tied_init(cfg: SAEConfig) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
+    """`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec` with the tied init of Gao et al.:
+    random unit-norm decoder rows, encoder = decoder transposed, zero biases (seeded by cfg.seed)."""
+    g = torch.Generator().manual_seed(cfg.seed)
+    W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
+    W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+    kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
+    return (nn.Parameter(W_dec_FD.T.contiguous().to(**kw)), nn.Parameter(W_dec_FD.to(**kw)),
+            nn.Parameter(torch.zeros(cfg.d_sae, **kw)), nn.Parameter(torch.zeros(cfg.d_in, **kw)))
+
+
 class SparseAutoencoder(nn.Module):
     """Base class: shape handling, save/load hooks and the training callbacks' defaults."""
 

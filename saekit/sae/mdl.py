@@ -52,7 +52,7 @@ from torch import Tensor, nn
 
 from saekit.config import param
 from saekit.errors import ConfigError
-from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
+from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode, tied_init
 from saekit.sae.registry import register
 from saekit.sae.topk import geometric_median
 
@@ -99,14 +99,8 @@ class MDLSAE(SparseAutoencoder):
     def __init__(self, cfg: MDLConfig):
         super().__init__(cfg)
         self.cfg: MDLConfig = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
-        W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
+        self.W_enc, self.W_dec, self.b_enc, self.b_dec = tied_init(cfg)
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(**kw))
-        self.W_dec = nn.Parameter(W_dec_FD.to(**kw))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold), **kw))
 
     @property

@@ -26,11 +26,11 @@ import itertools
 from dataclasses import dataclass
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from saekit.config import param
 from saekit.errors import ConfigError
-from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
+from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode, tied_init
 from saekit.sae.kernels import Select, serial, sparse_decode, sparse_encode, squared_error_sum
 from saekit.sae.registry import register
 
@@ -64,14 +64,7 @@ class TopKSAE(SparseAutoencoder):
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
         self.cfg: TopKConfig = cfg
-        g = torch.Generator().manual_seed(cfg.seed)
-        W_dec_FD = torch.randn(cfg.d_sae, cfg.d_in, generator=g)
-        W_dec_FD /= W_dec_FD.norm(dim=1, keepdim=True)
-        kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
-        self.W_enc = nn.Parameter(W_dec_FD.T.contiguous().to(**kw))
-        self.W_dec = nn.Parameter(W_dec_FD.to(**kw))
-        self.b_enc = nn.Parameter(torch.zeros(cfg.d_sae, **kw))
-        self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, **kw))
+        self.W_enc, self.W_dec, self.b_enc, self.b_dec = tied_init(cfg)
         if cfg.batch_topk:  # < 0: not estimated yet (inference then falls back to row-wise top-k)
             self.register_buffer("threshold", torch.tensor(-1.0, dtype=torch.float32, device=cfg.device))
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=cfg.device),
