@@ -189,5 +189,5 @@ def test_probe_and_steer_cli_on_a_run_folder(embedding_run, capsys):
     saved = list((run / "steer").glob("*.json"))
     assert len(saved) == 1
     out = json.loads(saved[0].read_text())
-    assert out["mode"] == "search" and len(out["before"]) == 5 and out["feature_contributions"]["3"] == 2.0
+    assert out["mode"] == "search" and len(out["before"]) == 5 and out["feature_contributions"]["3"] == pytest.approx(2.0, abs=1e-5)
     assert "query:" in capsys.readouterr().out

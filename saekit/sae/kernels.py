@@ -29,6 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saekit.sae import native
+
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 """`select(pre_BF) -> (idx_BK, vals_BK)`: which latents fire and their values; a slot whose value
 is 0 is inactive and passes no gradient (as ReLU at 0)."""
@@ -73,6 +75,10 @@ def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor:
     B, K = idx_BK.shape
     if K == 0:
         return rows_BD.new_zeros(B, 0)
+    fast = native.gather_dot(idx_BK, table_FD, rows_BD)
+    if fast is not None:
+        return fast
+    native.check_indices(idx_BK, table_FD.shape[0])  # ATen's kernel below does not bounds-check
     offsets = torch.arange(0, B * K, K, device=idx_BK.device)
     offset2bag = torch.arange(B, device=idx_BK.device).repeat_interleave(K)
     out = torch.ops.aten._embedding_bag_per_sample_weights_backward(
@@ -122,9 +128,10 @@ class SparseDecode(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_BD: Tensor):
         vals_BK, idx_BK, W_dec_FD = ctx.saved_tensors
+        grad_BD = grad_BD.contiguous()
+        # the B*K dot products are heavy enough (~2^26 multiply-adds) to use all threads
+        g_vals = gather_dot(idx_BK, W_dec_FD, grad_BD) if ctx.needs_input_grad[0] else None
         with serial():
-            grad_BD = grad_BD.contiguous()
-            g_vals = gather_dot(idx_BK, W_dec_FD, grad_BD) if ctx.needs_input_grad[0] else None
             g_W = sparse_t_matmul(idx_BK, vals_BK, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
             g_b = grad_BD.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return g_vals, None, g_W, g_b
@@ -221,10 +228,17 @@ def squared_error_sum(recon: Tensor, x: Tensor) -> Tensor:
 
 
 # -- selections ----------------------------------------------------------------------------------
+def rowwise_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
+    """`(values_BK, indices_BK)` of each row's k largest entries, unordered: the native kernel where
+    it applies (float32 CPU, see `saekit.sae.native`), else `torch.topk(sorted=False)`."""
+    fast = native.topk_rows(pre_BF, k) if pre_BF.device.type == "cpu" else None
+    return fast if fast is not None else pre_BF.topk(k, dim=1, sorted=False)
+
+
 def topk_select(k: int) -> Select:
     """Row-wise top-k of the pre-activations, ReLU applied to the k values only (not to `[B, F]`)."""
     def select(pre_BF: Tensor) -> tuple[Tensor, Tensor]:
-        vals_BK, idx_BK = pre_BF.topk(k, dim=1, sorted=False)
+        vals_BK, idx_BK = rowwise_topk(pre_BF, k)
         with serial():
             return idx_BK, vals_BK.clamp_min_(0)
     return select

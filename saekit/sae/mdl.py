@@ -52,7 +52,8 @@ from torch import Tensor, nn
 
 from saekit.config import param
 from saekit.errors import ConfigError
-from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode, tied_init
+from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
+                             remove_parallel_grad_, renormalise_rows_, tied_init)
 from saekit.sae.registry import register
 from saekit.sae.topk import geometric_median
 
@@ -179,16 +180,11 @@ class MDLSAE(SparseAutoencoder):
         """b_dec <- geometric median of `x_ND` (as for top-k)."""
         self.b_dec.copy_(geometric_median(x_ND.reshape(-1, self.cfg.d_in).double()).to(self.b_dec.dtype))
 
-    @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Remove the gradient component parallel to each unit decoder row (renormalised after the step)."""
-        g, W = self.W_dec.grad, self.W_dec
-        if g is not None:
-            g.addcmul_(torch.einsum("fd,fd->f", g, W).unsqueeze(1), W, value=-1)
+        remove_parallel_grad_(self.W_dec)
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
-        self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+        renormalise_rows_(self.W_dec)
 
     def folded_copy(self) -> "MDLSAE":
         """A copy for raw activations: with x' = s·x, pre' = s·pre(x), so dividing both biases by s

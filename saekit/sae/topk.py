@@ -30,8 +30,9 @@ from torch import Tensor
 
 from saekit.config import param
 from saekit.errors import ConfigError
-from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode, tied_init
-from saekit.sae.kernels import Select, serial, sparse_decode, sparse_encode, squared_error_sum
+from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
+                             remove_parallel_grad_, renormalise_rows_, tied_init)
+from saekit.sae.kernels import Select, rowwise_topk, serial, sparse_decode, sparse_encode, squared_error_sum
 from saekit.sae.registry import register
 
 
@@ -92,7 +93,7 @@ class TopKSAE(SparseAutoencoder):
             elif threshold >= 0:
                 idx_NK, vals_NK = _threshold_select(pre_NF, threshold)
             else:
-                vals_NK, idx_NK = pre_NF.topk(k, dim=1, sorted=False)
+                vals_NK, idx_NK = rowwise_topk(pre_NF, k)
                 with serial():
                     vals_NK.clamp_min_(0)  # ReLU on k values, not on the [N, F] block
             widths["main"] = idx_NK.shape[1]
@@ -189,19 +190,13 @@ class TopKSAE(SparseAutoencoder):
         x = x_ND.reshape(-1, self.cfg.d_in).double()
         self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
 
-    @torch.no_grad()
     def before_optimizer_step(self) -> None:
-        """Remove the gradient component parallel to each (unit) decoder row: the step then moves
-        the direction, not the norm that `after_optimizer_step` would undo anyway."""
-        g, W = self.W_dec.grad, self.W_dec
-        if g is not None:
-            with serial():
-                g.addcmul_(torch.einsum("fd,fd->f", g, W).unsqueeze(1), W, value=-1)
+        with serial():
+            remove_parallel_grad_(self.W_dec)
 
-    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         with serial():
-            self.W_dec.div_(self.W_dec.norm(dim=1, keepdim=True).clamp_min(1e-12))
+            renormalise_rows_(self.W_dec)
 
     # -- export ----------------------------------------------------------------------------------------
     def folded_copy(self) -> "TopKSAE":

@@ -1,0 +1,134 @@
+/* saekit native kernels: plain C11 + GCC/Clang vector extensions, no Python or torch headers.
+ *
+ * Built on first use by saekit/sae/native.py (`cc -O3 -march=native -fopenmp -shared`) and called through
+ * ctypes on contiguous float32 CPU tensors. Rows are split over OpenMP threads: loaded after torch, the
+ * library binds to torch's own libgomp, so it reuses torch's worker threads (a second thread pool would
+ * fight the first one's spin-waiting workers for the cores). Without OpenMP the pragmas are ignored and
+ * the kernels run on one thread. Everything here has a torch reference it is tested against.
+ */
+#include <stdint.h>
+#include <string.h>
+
+typedef float v8f __attribute__((vector_size(32)));
+typedef int32_t v8i __attribute__((vector_size(32)));
+
+static inline v8f load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
+static inline v8f vmax8(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+
+/* -- row-wise top-k ------------------------------------------------------------------------------ */
+typedef struct { float v; int64_t i; } item;
+
+static void sift_items(item *h, int k, int p) { /* min-heap on v */
+    item x = h[p];
+    for (;;) {
+        int c = 2 * p + 1;
+        if (c >= k) break;
+        if (c + 1 < k && h[c + 1].v < h[c].v) c++;
+        if (!(h[c].v < x.v)) break;
+        h[p] = h[c];
+        p = c;
+    }
+    h[p] = x;
+}
+
+static void sift_floats(float *h, int k, int p) {
+    float x = h[p];
+    for (;;) {
+        int c = 2 * p + 1;
+        if (c >= k) break;
+        if (c + 1 < k && h[c + 1] < h[c]) c++;
+        if (!(h[c] < x)) break;
+        h[p] = h[c];
+        p = c;
+    }
+    h[p] = x;
+}
+
+#define BS 32          /* block width: four 8-float vectors */
+#define MAX_BLOCKS 65536
+#define MAX_K 1024
+
+/* One pass computes each block's maximum (vectorised, the only full read of the row); the k-th
+ * largest block maximum T is a lower bound on the row's k-th largest value, so every top-k element is
+ * >= T and sits in a block whose maximum is >= T. A second pass visits only those blocks (about k of
+ * n_cols / BS) and keeps the k largest in a min-heap. Exact; the order of the k outputs is unspecified.
+ * Returns 1 if the row holds a NaN (outputs then unspecified), else 0. */
+static int topk_row(const float *row, int64_t nb, int32_t k, float *vals, int64_t *idx) {
+    float bmax[nb], fh[MAX_K]; /* nb <= MAX_BLOCKS: at most 256 KiB of stack */
+    item h[MAX_K];
+    v8i nan_acc = {0};
+    for (int64_t b = 0; b < nb; b++) {
+        const float *p = row + b * BS;
+        v8f x0 = load8(p), x1 = load8(p + 8), x2 = load8(p + 16), x3 = load8(p + 24);
+        nan_acc |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3);
+        v8f m = vmax8(vmax8(x0, x1), vmax8(x2, x3));
+        float s = m[0];
+        for (int q = 1; q < 8; q++) s = m[q] > s ? m[q] : s;
+        bmax[b] = s;
+    }
+    int nan_seen = 0;
+    for (int q = 0; q < 8; q++) nan_seen |= nan_acc[q] != 0;
+    for (int q = 0; q < k; q++) fh[q] = bmax[q];
+    for (int p = k / 2 - 1; p >= 0; p--) sift_floats(fh, k, p);
+    for (int64_t b = k; b < nb; b++)
+        if (bmax[b] > fh[0]) { fh[0] = bmax[b]; sift_floats(fh, k, 0); }
+    const float T = fh[0];
+    int n = 0;
+    for (int64_t b = 0; b < nb; b++) {
+        if (!(bmax[b] >= T)) continue;
+        const float *p = row + b * BS;
+        for (int q = 0; q < BS; q++) {
+            float v = p[q];
+            if (!(v >= T)) continue;
+            if (n < k) {
+                h[n].v = v; h[n].i = b * BS + q;
+                if (++n == k) for (int s = k / 2 - 1; s >= 0; s--) sift_items(h, k, s);
+            } else if (v > h[0].v) {
+                h[0].v = v; h[0].i = b * BS + q;
+                sift_items(h, k, 0);
+            }
+        }
+    }
+    for (int q = n; q < k; q++) { h[q].v = 0.0f; h[q].i = 0; } /* only reachable with NaN */
+    for (int q = 0; q < k; q++) { vals[q] = h[q].v; idx[q] = h[q].i; }
+    return nan_seen;
+}
+
+/* Row-wise top-k over rows [0, n_rows) of a row-major [n_rows, n_cols] matrix on n_threads OpenMP
+ * threads. Requires n_cols % BS == 0 and 1 <= k <= min(MAX_K, n_cols / BS). Returns 1 if a NaN was
+ * seen (the caller then falls back to torch.topk, which orders NaN first), -1 on bad sizes, else 0. */
+int saekit_topk_rows(const float *pre, int64_t n_rows, int64_t n_cols, int32_t k, float *vals, int64_t *idx,
+                     int32_t n_threads) {
+    int64_t nb = n_cols / BS;
+    if (k < 1 || k > MAX_K || n_cols % BS || k > nb || nb > MAX_BLOCKS) return -1;
+    int nan_seen = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:nan_seen)
+    for (int64_t r = 0; r < n_rows; r++)
+        nan_seen |= topk_row(pre + r * n_cols, nb, k, vals + r * k, idx + r * k);
+    return nan_seen;
+}
+
+/* -- gathered dot products ------------------------------------------------------------------------- */
+/* out[b, j] = table[idx[b, j]] . rows[b] for b in [0, n_rows): the k dot products per row that the
+ * backward of a sparse decode needs. Indices must be in [0, n_table) (checked by the caller). */
+void saekit_gather_dot(const int64_t *idx, int64_t n_rows, int32_t k, const float *table, const float *rows,
+                       int64_t d, float *out, int32_t n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t b = 0; b < n_rows; b++) {
+        const float *x = rows + b * d;
+        for (int j = 0; j < k; j++) {
+            const float *w = table + idx[b * k + j] * d;
+            v8f a0 = {0}, a1 = {0};
+            int64_t q = 0;
+            for (; q + 16 <= d; q += 16) {
+                a0 += load8(w + q) * load8(x + q);
+                a1 += load8(w + q + 8) * load8(x + q + 8);
+            }
+            a0 += a1;
+            float s = 0.0f;
+            for (int t = 0; t < 8; t++) s += a0[t];
+            for (; q < d; q++) s += w[q] * x[q];
+            out[b * k + j] = s;
+        }
+    }
+}

@@ -1,0 +1,175 @@
+"""Optional native CPU kernels (`native.c`), compiled on first use and called through ctypes.
+
+Why: after the sparse kernels, a top-k training step on a CPU is the encoder product plus a few
+memory-bound passes, and the largest of those is `torch.topk` over `[B, d_sae]` (~1 ns per element,
+it copies each row into (value, index) pairs and partially sorts them). The C top-k reads each row
+once with vector loads and touches only the ~k blocks that can hold a winner: about 3x faster on the
+benchmark shape. The k dot products of the decoder backward get the same treatment.
+
+Nothing here is required. The library is built with the system C compiler (`cc`, or `$CC`) into
+`$SAEKIT_CACHE_DIR` (default `~/.cache/saekit/native`), keyed by the source, the flags and the CPU,
+and written atomically. If there is no compiler, the build fails, or `SAEKIT_NATIVE=0`, every
+function here returns None and the callers use their torch paths, which tests compare these against.
+
+Rows are split over `torch.get_num_threads()` OpenMP threads. Built with `-fopenmp` and loaded after
+torch, the library binds to the libgomp torch already loaded and reuses its worker threads. (Measured
+with Python threads instead: right after the encoder product, torch's OpenMP workers spin-wait for
+several milliseconds and the extra threads lost ~10 ms per step competing with them for 2 cores.)
+"""
+
+from __future__ import annotations
+
+import ctypes
+import hashlib
+import logging
+import os
+import platform
+import shutil
+import subprocess
+import tempfile
+import threading
+from pathlib import Path
+
+import torch
+from torch import Tensor
+
+log = logging.getLogger(__name__)
+
+SOURCE = Path(__file__).with_name("native.c")
+FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
+OPENMP = ["-fopenmp"]  # tried first; without it the kernels run on one thread
+BLOCK = 32  # must match BS in native.c
+MAX_K, MAX_BLOCKS = 1024, 65536
+
+_lock = threading.Lock()
+_lib: ctypes.CDLL | None = None
+_tried = False
+
+
+def enabled() -> bool:
+    return os.environ.get("SAEKIT_NATIVE", "1").lower() not in ("0", "false", "no", "off")
+
+
+def _cpu_key() -> str:
+    """Identifies the instruction set `-march=native` compiled for (a shared home directory may be
+    mounted on machines with different CPUs)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        lines = [ln for ln in text.splitlines() if ln.startswith(("model name", "flags"))][:2]
+        return "\n".join(lines)
+    except OSError:
+        return platform.processor() or platform.machine()
+
+
+def _cache_dir() -> Path:
+    default = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "saekit" / "native"
+    return Path(os.environ.get("SAEKIT_CACHE_DIR", default))
+
+
+def _compile(cc: str, flags: list[str], out: Path) -> None:
+    """Compile to a temporary file in the cache folder, then rename: a concurrent or interrupted
+    build never leaves a half-written library under the final name."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
+    os.close(fd)
+    try:
+        res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        if res.returncode != 0:
+            raise RuntimeError(f"{cc} {' '.join(flags)} failed: {res.stderr.strip()[-500:]}")
+        os.replace(tmp, out)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _build() -> Path:
+    cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
+    if cc is None:
+        raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
+    src = SOURCE.read_bytes()
+    errors = []
+    for flags in (FLAGS + OPENMP, FLAGS):
+        key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_key().encode()).hexdigest()[:16]
+        out = _cache_dir() / f"saekit_native_{key}.so"
+        if out.exists():
+            return out
+        try:
+            _compile(cc, flags, out)
+            return out
+        except (RuntimeError, OSError, subprocess.TimeoutExpired) as e:
+            errors.append(str(e))
+    raise RuntimeError("; ".join(errors))
+
+
+def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
+    p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
+    lib.saekit_topk_rows.argtypes = [p, i64, i64, i32, p, p, i32]
+    lib.saekit_topk_rows.restype = ctypes.c_int
+    lib.saekit_gather_dot.argtypes = [p, i64, i32, p, p, i64, p, i32]
+    lib.saekit_gather_dot.restype = None
+    return lib
+
+
+def library() -> ctypes.CDLL | None:
+    """The loaded kernels, building them on first call; None when disabled or unavailable."""
+    global _lib, _tried
+    if not enabled():
+        return None
+    with _lock:
+        if not _tried:
+            _tried = True
+            try:
+                _lib = _declare(ctypes.CDLL(str(_build())))
+            except Exception as e:  # noqa: BLE001 - any failure means "use the torch path"
+                log.warning("saekit native kernels unavailable, using torch fallbacks: %s", e)
+                _lib = None
+    return _lib
+
+
+def _threads(n_rows: int) -> int:
+    """Torch's thread count (so `kernels.serial()` applies here too), fewer for small batches."""
+    return max(1, min(torch.get_num_threads(), n_rows // 64))
+
+
+def _usable(*tensors: Tensor) -> bool:
+    return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+
+
+def topk_rows(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
+    """Row-wise top-k `(values_BK, indices_BK)` of a float32 `[B, F]` matrix, unordered within a row,
+    or None when the native path does not apply (then use `torch.topk`). Exact: the same set as
+    `torch.topk` up to ties. A NaN anywhere also returns None, so NaN handling stays torch's."""
+    lib = library()
+    if lib is None or pre_BF.dtype != torch.float32 or pre_BF.dim() != 2 or not _usable(pre_BF):
+        return None
+    B, F = pre_BF.shape
+    if not (1 <= k <= MAX_K) or F % BLOCK or k > F // BLOCK or F // BLOCK > MAX_BLOCKS or B == 0:
+        return None
+    vals = torch.empty(B, k, dtype=torch.float32)
+    idx = torch.empty(B, k, dtype=torch.int64)
+    status = lib.saekit_topk_rows(pre_BF.data_ptr(), B, F, k, vals.data_ptr(), idx.data_ptr(), _threads(B))
+    return (vals, idx) if status == 0 else None
+
+
+def check_indices(idx: Tensor, n: int) -> None:
+    """Raise IndexError unless every index is in [0, n): the kernels read memory at these offsets."""
+    lo, hi = (int(v) for v in torch.aminmax(idx)) if idx.numel() else (0, 0)
+    if lo < 0 or hi >= n:
+        raise IndexError(f"latent index out of range: expected [0, {n}), found {lo if lo < 0 else hi}")
+
+
+def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor | None:
+    """`out[b, j] = table[idx[b, j]] . rows[b]` for float32 CPU tensors, or None (use the torch path)."""
+    lib = library()
+    if lib is None or table_FD.dtype != torch.float32 or rows_BD.dtype != torch.float32 \
+            or idx_BK.dtype != torch.int64 or not _usable(idx_BK, table_FD, rows_BD):
+        return None
+    B, K = idx_BK.shape
+    F, D = table_FD.shape
+    if B == 0 or K == 0:
+        return None
+    check_indices(idx_BK, F)
+    out = torch.empty(B, K, dtype=torch.float32)
+    lib.saekit_gather_dot(idx_BK.data_ptr(), B, K, table_FD.data_ptr(), rows_BD.data_ptr(), D, out.data_ptr(),
+                          _threads(B))
+    return out

@@ -1,0 +1,114 @@
+"""The optional native kernels (saekit/sae/native.c) against their torch references, and the fallbacks."""
+
+from __future__ import annotations
+
+import logging
+
+import pytest
+import torch
+
+from saekit.sae import kernels, native
+
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch fallbacks are used")
+
+
+def _same_topk(pre, vals, idx, k):
+    ref_vals, _ = pre.topk(k, dim=1)
+    assert torch.equal(vals.sort(1, descending=True).values, ref_vals)  # the same k values per row
+    assert torch.equal(pre.gather(1, idx), vals)  # and the indices point at them
+    assert (idx.sort(1).values.diff(dim=1) > 0).all()  # no latent twice
+
+
+@needs_native
+@pytest.mark.parametrize("shape,k", [((1, 32), 1), ((7, 64), 2), ((300, 4096), 32), ((129, 8192), 64), ((64, 1024), 32)])
+def test_topk_rows_matches_torch(shape, k):
+    pre = torch.randn(*shape, generator=torch.Generator().manual_seed(k))
+    out = native.topk_rows(pre, k)
+    assert out is not None
+    _same_topk(pre, *out, k)
+
+
+@needs_native
+def test_topk_rows_with_ties_and_negative_rows():
+    g = torch.Generator().manual_seed(0)
+    pre = torch.randint(-3, 3, (200, 512), generator=g).float()  # many ties
+    pre[5] = -1.0  # a constant row
+    pre[6] = -torch.rand(512, generator=g) - 1  # all negative
+    vals, idx = native.topk_rows(pre, 16)
+    _same_topk(pre, vals, idx, 16)
+
+
+@needs_native
+def test_topk_rows_threads_agree():
+    pre = torch.randn(1000, 2048)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.topk_rows(pre, 32)
+        torch.set_num_threads(2)
+        two = native.topk_rows(pre, 32)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@needs_native
+def test_topk_rows_declines_what_it_cannot_do():
+    assert native.topk_rows(torch.randn(4, 100), 2) is None  # width not a multiple of the block
+    assert native.topk_rows(torch.randn(4, 64), 3) is None  # k > width / block
+    assert native.topk_rows(torch.randn(4, 64, dtype=torch.float64), 1) is None
+    assert native.topk_rows(torch.randn(64, 4).t(), 1) is None  # not contiguous
+    pre = torch.randn(8, 256)
+    pre[3, 17] = float("nan")
+    assert native.topk_rows(pre, 4) is None  # NaN handling stays torch's ...
+    vals, idx = kernels.rowwise_topk(pre, 4)  # ... through the fallback: NaN ranks first
+    assert idx[3].tolist().count(17) == 1 and torch.isnan(vals[3]).any()
+
+
+def test_rowwise_topk_same_with_and_without_native(monkeypatch):
+    pre = torch.randn(50, 1024)
+    with_native = kernels.rowwise_topk(pre, 8)
+    monkeypatch.setenv("SAEKIT_NATIVE", "0")
+    assert native.library() is None
+    without = kernels.rowwise_topk(pre, 8)
+    assert torch.equal(with_native[0].sort(1).values, without[0].sort(1).values)
+    assert torch.equal(with_native[1].sort(1).values, without[1].sort(1).values)
+
+
+@needs_native
+@pytest.mark.parametrize("D", [512, 40, 7])
+def test_gather_dot_matches_reference(D):
+    g = torch.Generator().manual_seed(D)
+    table, rows = torch.randn(300, D, generator=g), torch.randn(90, D, generator=g)
+    idx = torch.randint(0, 300, (90, 5), generator=g)
+    out = native.gather_dot(idx, table, rows)
+    torch.testing.assert_close(out, kernels.gather_dot_ref(idx, table, rows), rtol=1e-5, atol=1e-5)
+
+
+def test_gather_dot_out_of_range_still_raises():
+    with pytest.raises((IndexError, RuntimeError)):
+        kernels.gather_dot(torch.tensor([[0, 5]]), torch.randn(5, 8), torch.randn(1, 8))
+
+
+def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SAEKIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("SAEKIT_NATIVE", "1")
+    with caplog.at_level(logging.WARNING, logger="saekit.sae.native"):
+        assert native.library() is None
+    assert "unavailable" in caplog.text and "no-such-compiler" in caplog.text
+    assert native.topk_rows(torch.randn(4, 64), 2) is None
+    assert not list(tmp_path.glob("*.tmp"))  # no half-written library left behind
+    vals, idx = kernels.rowwise_topk(torch.arange(64.0).repeat(2, 1), 2)  # torch path still works
+    assert sorted(vals[0].tolist()) == [62.0, 63.0]
+
+
+@needs_native
+def test_library_is_cached_and_rebuilt_atomically(monkeypatch, tmp_path):
+    monkeypatch.setenv("SAEKIT_CACHE_DIR", str(tmp_path))
+    first = native._build()
+    mtime = first.stat().st_mtime_ns
+    assert native._build() == first and first.stat().st_mtime_ns == mtime  # second call reuses it
+    assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
