@@ -211,14 +211,16 @@ def test_hierarchical_data_is_conditionally_orthogonal():
 
 
 def test_mp_recovers_conditionally_orthogonal_children_better_than_topk(tmp_path):
-    """Costa et al. claim (i), at equal L0, same trainer, same data."""
+    """Costa et al. claim (i), at equal L0, same trainer, same data: children that fire only with
+    their parent and are orthogonal to it and to each other (the paper's toy-tree geometry)."""
     from saekit.eval.ground_truth import max_cosine_per_atom
     from saekit.sae.topk import TopKConfig, TopKSAE
     from saekit.store.batches import TensorBatches
     from saekit.train import TrainConfig, train
 
     torch.set_num_threads(min(2, torch.get_num_threads()))
-    data = hierarchical_features(8192, 64, n_parents=16, children_per_parent=4, parents_per_row=2, seed=0)
+    data = hierarchical_features(8192, 64, n_parents=16, children_per_parent=4, parents_per_row=2,
+                                 child_parent_cos=0.0, seed=0)
     cfg = TrainConfig(total_steps=500, batch_size=256, lr=3e-3, decay="none", checkpoint_every=0,
                       progress_bar=False, log_every=500, deterministic=False)
     result = {}
@@ -226,12 +228,14 @@ def test_mp_recovers_conditionally_orthogonal_children_better_than_topk(tmp_path
                       ("topk", TopKSAE(TopKConfig(d_in=64, d_sae=160, k=4)))):
         run = train(sae, TensorBatches(data.x_ND, 256), cfg, tmp_path / name)
         loaded = load_sae(run.final_sae)  # MP saves unfolded and reloads
+        assert loaded.cfg.k == 4  # the same L0 budget
         W = loaded.W_dec.detach()
         x = data.x_ND[:2048]
         with torch.no_grad():
             fvu = float((loaded(x).recon - x).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
-        result[name] = (float(max_cosine_per_atom(W, data.offsets_CD).mean()),
+        child = max_cosine_per_atom(W, data.children_CD)
+        result[name] = (float(child.mean()), float((child > 0.9).double().mean()),
                         float(max_cosine_per_atom(W, data.parents_PD).mean()), fvu)
-    (mp_child, mp_parent, mp_fvu), (tk_child, tk_parent, tk_fvu) = result["mp"], result["topk"]
-    assert mp_child > 0.9 and mp_child > tk_child + 0.1, result
-    assert mp_parent >= tk_parent - 0.01 and mp_fvu < tk_fvu, result
+    (mp_child, mp_frac, mp_parent, mp_fvu), (tk_child, tk_frac, tk_parent, tk_fvu) = result["mp"], result["topk"]
+    assert mp_child > 0.95 and mp_child > tk_child + 0.03 and mp_frac > tk_frac, result
+    assert mp_parent >= tk_parent - 0.03 and mp_fvu < tk_fvu, result

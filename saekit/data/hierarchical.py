@@ -1,11 +1,10 @@
 """Hierarchical planted features: parents with conditionally orthogonal children.
 
 Why: Costa et al. 2025 ("From Flat to Hierarchical") argue that hierarchical concepts induce
-*conditionally orthogonal* features — a child direction is its parent's direction plus a
-component orthogonal to the parent, and the children of one parent are orthogonal to each other
-once the parent is projected out — and that one-shot linear encoders struggle with them while
-matching pursuit does not. This generator plants such a hierarchy with known directions so
-tests and demos can measure which SAE recovers it.
+*conditionally orthogonal* features -- a child is active only when its parent is, and what it adds
+to the parent is orthogonal to the parent and to its siblings -- and that one-shot linear encoders
+struggle with them while matching pursuit does not. This generator plants such a hierarchy with
+known directions so tests and demos can measure which SAE recovers it.
 
 Construction (all directions unit norm):
 
@@ -13,9 +12,12 @@ Construction (all directions unit norm):
     offset u_ij                     orthonormal within parent i and orthogonal to p_i
     child  c_ij = cos * p_i + sin * u_ij      (cos = `child_parent_cos`)
 
-so `<c_ij, p_i> = cos` and `<c_ij - cos p_i, c_ik - cos p_i> = 0` for j != k. A child fires only
-when its parent fires: a firing parent contributes `a * p_i` and, with probability `p_child`,
-exactly one of its children adds `b * c_ij` (which carries a further parent component). With
+so `<c_ij, p_i> = cos` and `<c_ij - cos p_i, c_ik - cos p_i> = 0` for j != k. With `cos = 0` the
+children are the offsets themselves, orthogonal to their parent and to each other: the geometry of
+the paper's toy tree (its children are orthogonal to the parent and fire, one at a time, only with
+it). With `cos > 0` a child direction also carries part of its parent's.
+A child fires only when its parent fires: a firing parent contributes `a * p_i` and, with
+probability `p_child`, exactly one of its children adds `b * c_ij`. With
 `parent_in_child_rows=False` a child replaces its parent's term instead (the parent concept is then
 expressed only through the child direction).
 Magnitudes are uniform in [0.5, 1.5]. Rows are exactly `codes_NF @ D_FD` (plus optional noise).
