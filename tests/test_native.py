@@ -112,3 +112,42 @@ def test_library_is_cached_and_rebuilt_atomically(monkeypatch, tmp_path):
     mtime = first.stat().st_mtime_ns
     assert native._build() == first and first.stat().st_mtime_ns == mtime  # second call reuses it
     assert [p.suffix for p in tmp_path.iterdir()] == [".so"]
+
+
+@needs_native
+@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33)])
+def test_sparse_t_matmul_matches_reference_both_layouts(B, K, D, n):
+    g = torch.Generator().manual_seed(B + n)
+    idx = torch.randint(0, n, (B, K), generator=g)
+    idx[0] = idx[1]  # repeated latents across rows; duplicates within a row add too
+    idx[2, :] = 0
+    w, M = torch.randn(B, K, generator=g), torch.randn(B, D, generator=g)
+    ref = kernels.sparse_t_matmul_ref(idx, w, M, n)
+    out = native.sparse_t_matmul(idx, w, M, n)
+    out_T = native.sparse_t_matmul(idx, w, M, n, transposed=True)
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert out_T.shape == (D, n) and out_T.is_contiguous()
+    torch.testing.assert_close(out_T, ref.t(), rtol=1e-5, atol=1e-5)
+    unused = torch.ones(n, dtype=torch.bool)
+    unused[idx.flatten()] = False
+    assert (out[unused] == 0).all()  # latents nobody selected get exactly zero gradient
+
+
+@needs_native
+def test_sparse_t_matmul_is_deterministic_across_thread_counts():
+    g = torch.Generator().manual_seed(0)
+    idx, w, M = torch.randint(0, 4096, (2048, 32), generator=g), torch.randn(2048, 32, generator=g), torch.randn(2048, 96, generator=g)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.sparse_t_matmul(idx, w, M, 4096, transposed=True)
+        torch.set_num_threads(2)
+        two = native.sparse_t_matmul(idx, w, M, 4096, transposed=True)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one, two)  # entries summed in row order whatever the split: resume stays bit-exact
+
+
+def test_sparse_t_matmul_rejects_out_of_range_latents():
+    with pytest.raises(IndexError, match="expected \\[0, 4\\)"):
+        kernels.sparse_t_matmul(torch.tensor([[1, 4]]), torch.ones(1, 2), torch.randn(1, 3), 4)

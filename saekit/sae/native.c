@@ -7,6 +7,7 @@
  * the kernels run on one thread. Everything here has a torch reference it is tested against.
  */
 #include <stdint.h>
+#include <stdlib.h>
 #include <string.h>
 
 typedef float v8f __attribute__((vector_size(32)));
@@ -131,4 +132,73 @@ void saekit_gather_dot(const int64_t *idx, int64_t n_rows, int32_t k, const floa
             out[b * k + j] = s;
         }
     }
+}
+
+/* -- transposed sparse products ------------------------------------------------------------------- */
+#define TILE 32 /* latents per tile: each row of a [D, TILE] block of the transposed output is 2 cache lines */
+
+/* out = S^T @ M, [n, d] (or its transpose M^T @ S, [d, n], when `transposed`), where S [n_rows, n] holds
+ * w[b, j] at (b, idx[b, j]) (duplicates add): the sparse weight gradients of the encoder and decoder.
+ * The entries are counting-sorted by latent (stable, so the sums run in row order whatever the thread
+ * count), then each thread accumulates whole tiles of latents in a small buffer and writes them once.
+ * Indices must be in [0, n) (checked by the caller). Returns -1 if scratch memory is unavailable. */
+/* a[0:d] = sum_s w[e_s] * M[e_s / k], e_s = entries[s]: the accumulators for 32 columns stay in
+ * registers while the entries stream past (no read-modify-write of `a` per entry). */
+static void accumulate_rows(float *restrict a, const int64_t *entries, int64_t n_entries, const float *w, int32_t k,
+                            const float *M, int64_t d) {
+    int64_t q = 0;
+    for (; q + 32 <= d; q += 32) {
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+        for (int64_t s = 0; s < n_entries; s++) {
+            const int64_t e = entries[s];
+            const float *m = M + (e / k) * d + q;
+            const v8f c = {w[e], w[e], w[e], w[e], w[e], w[e], w[e], w[e]};
+            a0 += c * load8(m); a1 += c * load8(m + 8); a2 += c * load8(m + 16); a3 += c * load8(m + 24);
+        }
+        memcpy(a + q, &a0, 32); memcpy(a + q + 8, &a1, 32); memcpy(a + q + 16, &a2, 32); memcpy(a + q + 24, &a3, 32);
+    }
+    for (; q < d; q++) {
+        float t = 0.0f;
+        for (int64_t s = 0; s < n_entries; s++) t += w[entries[s]] * M[(entries[s] / k) * d + q];
+        a[q] = t;
+    }
+}
+
+int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const float *M, int64_t d,
+                           int64_t n, int32_t transposed, float *out, int32_t n_threads) {
+    int64_t n_entries = n_rows * k;
+    int64_t *start = calloc((size_t)n + 1, sizeof *start);
+    int64_t *order = malloc((size_t)(n_entries ? n_entries : 1) * sizeof *order);
+    if (!start || !order) { free(start); free(order); return -1; }
+    for (int64_t e = 0; e < n_entries; e++) start[idx[e] + 1]++;
+    for (int64_t f = 0; f < n; f++) start[f + 1] += start[f];
+    int64_t *fill = malloc((size_t)(n ? n : 1) * sizeof *fill);
+    if (!fill) { free(start); free(order); return -1; }
+    memcpy(fill, start, (size_t)n * sizeof *fill);
+    for (int64_t e = 0; e < n_entries; e++) order[fill[idx[e]]++] = e;
+    free(fill);
+    int64_t n_tiles = (n + TILE - 1) / TILE;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(|:failed)
+    {
+        float *acc = malloc((size_t)TILE * (size_t)d * sizeof *acc);
+        if (!acc) failed = 1;
+#pragma omp for schedule(dynamic, 8)
+        for (int64_t t = 0; t < n_tiles; t++) {
+            if (!acc) continue;
+            int64_t f0 = t * TILE, f1 = f0 + TILE < n ? f0 + TILE : n;
+            for (int64_t f = f0; f < f1; f++)
+                accumulate_rows(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
+            if (transposed) {
+                for (int64_t q = 0; q < d; q++)
+                    for (int64_t f = f0; f < f1; f++) out[q * n + f] = acc[(f - f0) * d + q];
+            } else {
+                memcpy(out + f0 * d, acc, (size_t)(f1 - f0) * (size_t)d * sizeof *acc);
+            }
+        }
+        free(acc);
+    }
+    free(start);
+    free(order);
+    return failed ? -1 : 0;
 }

@@ -107,6 +107,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saekit_topk_rows.restype = ctypes.c_int
     lib.saekit_gather_dot.argtypes = [p, i64, i32, p, p, i64, p, i32]
     lib.saekit_gather_dot.restype = None
+    lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i64, i64, i32, p, i32]
+    lib.saekit_sparse_t_matmul.restype = ctypes.c_int
     return lib
 
 
@@ -173,3 +175,19 @@ def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor | No
     lib.saekit_gather_dot(idx_BK.data_ptr(), B, K, table_FD.data_ptr(), rows_BD.data_ptr(), D, out.data_ptr(),
                           _threads(B))
     return out
+
+
+def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transposed: bool = False) -> Tensor | None:
+    """`S^T @ M` `[n, D]` (or `M^T @ S` `[D, n]` when `transposed`), where `S [B, n]` holds `w[b, j]` at
+    `(b, idx[b, j])`, for float32 CPU tensors; None when the native path does not apply."""
+    lib = library()
+    if lib is None or w_BK.dtype != torch.float32 or M_BD.dtype != torch.float32 \
+            or idx_BK.dtype != torch.int64 or not _usable(idx_BK, w_BK, M_BD) or idx_BK.shape != w_BK.shape:
+        return None
+    B, K = idx_BK.shape
+    D = M_BD.shape[1]
+    check_indices(idx_BK, n)
+    out = torch.empty((D, n) if transposed else (n, D), dtype=torch.float32)
+    status = lib.saekit_sparse_t_matmul(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, M_BD.data_ptr(), D, n,
+                                        int(transposed), out.data_ptr(), _threads(max(n // 16, 1)))
+    return out if status == 0 else None
