@@ -151,3 +151,15 @@ def test_sparse_t_matmul_is_deterministic_across_thread_counts():
 def test_sparse_t_matmul_rejects_out_of_range_latents():
     with pytest.raises(IndexError, match="expected \\[0, 4\\)"):
         kernels.sparse_t_matmul(torch.tensor([[1, 4]]), torch.ones(1, 2), torch.randn(1, 3), 4)
+
+
+@needs_native
+@pytest.mark.parametrize("D", [512, 40, 7])
+def test_embed_sum_matches_reference(D):
+    g = torch.Generator().manual_seed(D)
+    table, idx, w = torch.randn(300, D, generator=g), torch.randint(0, 300, (90, 6), generator=g), torch.randn(90, 6, generator=g)
+    idx[0, 1] = idx[0, 0]  # a latent twice in a row adds twice
+    out = native.embed_sum(idx, w, table)
+    torch.testing.assert_close(out, kernels.embed_sum_ref(idx, w, table), rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        native.embed_sum(idx.clone().fill_(300), w, table)

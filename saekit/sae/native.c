@@ -202,3 +202,31 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
     free(order);
     return failed ? -1 : 0;
 }
+
+/* -- sparse decode ----------------------------------------------------------------------------------- */
+/* out[b] = sum_j w[b, j] * table[idx[b, j]] for b in [0, n_rows): the forward of a sparse decode,
+ * accumulators for 32 columns at a time in registers. Indices must be in [0, n_table) (checked by the caller). */
+void saekit_embed_sum(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const float *table, int64_t d,
+                      float *out, int32_t n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t b = 0; b < n_rows; b++) {
+        const int64_t *ib = idx + b * k;
+        const float *wb = w + b * k;
+        float *o = out + b * d;
+        int64_t q = 0;
+        for (; q + 32 <= d; q += 32) {
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
+            for (int j = 0; j < k; j++) {
+                const float *m = table + ib[j] * d + q;
+                const v8f c = {wb[j], wb[j], wb[j], wb[j], wb[j], wb[j], wb[j], wb[j]};
+                a0 += c * load8(m); a1 += c * load8(m + 8); a2 += c * load8(m + 16); a3 += c * load8(m + 24);
+            }
+            memcpy(o + q, &a0, 32); memcpy(o + q + 8, &a1, 32); memcpy(o + q + 16, &a2, 32); memcpy(o + q + 24, &a3, 32);
+        }
+        for (; q < d; q++) {
+            float t = 0.0f;
+            for (int j = 0; j < k; j++) t += wb[j] * table[ib[j] * d + q];
+            o[q] = t;
+        }
+    }
+}

@@ -109,6 +109,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saekit_gather_dot.restype = None
     lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i64, i64, i32, p, i32]
     lib.saekit_sparse_t_matmul.restype = ctypes.c_int
+    lib.saekit_embed_sum.argtypes = [p, p, i64, i32, p, i64, p, i32]
+    lib.saekit_embed_sum.restype = None
     return lib
 
 
@@ -191,3 +193,17 @@ def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transpos
     status = lib.saekit_sparse_t_matmul(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, M_BD.data_ptr(), D, n,
                                         int(transposed), out.data_ptr(), _threads(max(n // 16, 1)))
     return out if status == 0 else None
+
+
+def embed_sum(idx_BK: Tensor, w_BK: Tensor, table_FD: Tensor) -> Tensor | None:
+    """`out[b] = sum_j w[b, j] * table[idx[b, j]]`, `[B, D]`, for float32 CPU tensors, or None."""
+    lib = library()
+    if lib is None or w_BK.dtype != torch.float32 or table_FD.dtype != torch.float32 \
+            or idx_BK.dtype != torch.int64 or not _usable(idx_BK, w_BK, table_FD) or idx_BK.shape != w_BK.shape:
+        return None
+    B, K = idx_BK.shape
+    F, D = table_FD.shape
+    check_indices(idx_BK, F)
+    out = torch.empty(B, D, dtype=torch.float32)
+    lib.saekit_embed_sum(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, table_FD.data_ptr(), D, out.data_ptr(), _threads(B))
+    return out
