@@ -8,6 +8,7 @@ speedup is the median of the per-step ratios. Between steps the bare encoder pro
 variant alone in a fresh subprocess (a few steps). Both variants start from the
 same initial weights, run the same algorithm (unit-norm decoder rows kept by gradient projection and
 renormalisation) and see the same batches, so their FVU after the same steps should agree.
+`native_kernels` says whether saekit's optional C kernels were used (`SAEKIT_NATIVE=0` turns them off).
 
     python scripts/bench_train.py [--steps 6] [--warmup 1]
 """
@@ -133,6 +134,8 @@ def memory_child(variant: str, steps: int) -> dict:
 
 
 def main() -> None:
+    from saekit.sae import native
+
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")
     ap.add_argument("--warmup", type=int, default=1)
@@ -177,6 +180,7 @@ def main() -> None:
         "encode_only_tokens_per_s": round(BATCH / med(t_enc)),
         "peak_rss_mb": rss,
         "fvu": {"naive": round(fvu_n, 5), "saekit": round(fvu_s, 5)},
+        "native_kernels": native.library() is not None,  # False: torch fallbacks (no cc, or SAEKIT_NATIVE=0)
     }))
 
 
