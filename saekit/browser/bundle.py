@@ -16,7 +16,6 @@ the app turns into a message.
 from __future__ import annotations
 
 import json
-import struct
 from functools import cached_property
 from pathlib import Path
 
@@ -24,6 +23,7 @@ import numpy as np
 
 from saekit.artifacts import FORMAT_VERSION, MANIFEST, read_json, sha256_file
 from saekit.errors import CorruptArtifactError
+from saekit.safetensors_mmap import memmap_safetensors as _memmap
 
 BUNDLE_DIR = "bundle"
 FEATURES_TABLE = "features.parquet"
@@ -162,31 +162,9 @@ class LatentIndex:
         return idx, val
 
 
-_NP = {"F32": np.float32, "F16": np.float16, "I32": np.int32, "I64": np.int64, "F64": np.float64}
-
-
 def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Map the tensors of a safetensors file without reading them (pages come in on demand)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        (n,) = struct.unpack("<Q", f.read(8).ljust(8, b"\0"))
-        if n > size - 8:
-            raise BundleError(f"{path}: truncated safetensors header")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise BundleError(f"{path}: unreadable safetensors header ({e})") from e
-    out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        shape = tuple(info["shape"])
-        if 8 + n + end > size:
-            raise BundleError(f"{path}: truncated (tensor '{name}' ends past the end of the file)")
-        out[name] = (np.zeros(shape, _NP[info["dtype"]]) if end == start else
-                     np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=8 + n + start, shape=shape))
-    return out
+    """Map the tensors of a bundle part without reading them (pages come in on demand)."""
+    return {name: arr for name, (arr, _) in _memmap(path, error=BundleError).items()}
 
 
 def open_bundle(path: str | Path, verify: bool = True) -> Bundle:

@@ -10,7 +10,6 @@ wrong rows.
 from __future__ import annotations
 
 import json
-import struct
 from functools import cached_property
 from pathlib import Path
 
@@ -20,39 +19,15 @@ from torch import Tensor
 
 from saekit.artifacts import read_json, sha256_file
 from saekit.errors import CorruptArtifactError, SaekitError
+from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
 from saekit.store.writer import CACHE_INDEX, DOCS, MANIFEST
 
-_NP = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32, "F64": np.float64}
-
-
-def _memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
-    """Map every tensor of a safetensors file without reading it (bf16 comes back as raw uint16)."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) < 8:
-            raise CorruptArtifactError(f"{path}: truncated (no safetensors header)")
-        (n,) = struct.unpack("<Q", head)
-        if n > size - 8:
-            raise CorruptArtifactError(f"{path}: truncated (header says {n} bytes, file has {size - 8})")
-        try:
-            header = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise CorruptArtifactError(f"{path}: unreadable safetensors header ({e})") from e
+def _map_shard(path: Path) -> dict:
+    """The shard's arrays by name, plus `name.__dtype__` -> safetensors dtype (bf16 is raw uint16)."""
     out = {}
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
-        start, end = info["data_offsets"]
-        if 8 + n + end > size:
-            raise CorruptArtifactError(f"{path}: truncated (tensor '{name}' ends past the end of the file)")
-        shape = tuple(info["shape"])
-        if end == start:
-            out[name] = np.zeros(shape, dtype=_NP[info["dtype"]])
-        else:
-            out[name] = np.memmap(path, dtype=_NP[info["dtype"]], mode="r", offset=8 + n + start, shape=shape)
-        out[name + ".__dtype__"] = info["dtype"]
+    for name, (arr, st_dtype) in memmap_safetensors(path).items():
+        out[name], out[name + ".__dtype__"] = arr, st_dtype
     return out
 
 
@@ -120,7 +95,7 @@ class ActivationStore:
                 raise CorruptArtifactError(f"{f}: listed in {MANIFEST} but missing")
             if self.verify and sha256_file(f) != entry["sha256"]:
                 raise CorruptArtifactError(f"{f}: sha256 mismatch with {MANIFEST}; the shard was truncated or altered")
-            self._maps[i] = _memmap_safetensors(f)
+            self._maps[i] = _map_shard(f)
         return self._maps[i]
 
     def verify_all(self) -> None:
