@@ -163,3 +163,22 @@ def test_embed_sum_matches_reference(D):
     torch.testing.assert_close(out, kernels.embed_sum_ref(idx, w, table), rtol=1e-5, atol=1e-5)
     with pytest.raises(IndexError):
         native.embed_sum(idx.clone().fill_(300), w, table)
+
+
+@needs_native
+def test_compiler_without_openmp_still_gives_correct_kernels(monkeypatch, tmp_path):
+    """A compiler that rejects -fopenmp (Apple clang) gets the next attempt: the same kernels on one thread."""
+    import shutil
+
+    fake = tmp_path / "cc-no-openmp"
+    fake.write_text(f'#!/bin/sh\nfor a in "$@"; do [ "$a" = "-fopenmp" ] && {{ echo "unsupported option" >&2; exit 1; }}; done\n'
+                    f'exec {shutil.which("cc") or shutil.which("gcc")} "$@"\n')
+    fake.chmod(0o755)
+    monkeypatch.setattr(native, "_lib", None)
+    monkeypatch.setattr(native, "_tried", False)
+    monkeypatch.setenv("SAEKIT_NATIVE", "1")
+    monkeypatch.setenv("SAEKIT_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setenv("CC", str(fake))
+    assert native.library() is not None
+    pre = torch.randn(200, 512)
+    _same_topk(pre, *native.topk_rows(pre, 8), 8)

@@ -36,8 +36,10 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-FLAGS = ["-O3", "-march=native", "-std=gnu11", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
-OPENMP = ["-fopenmp"]  # tried first; without it the kernels run on one thread
+FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
+ATTEMPTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
+"""Tried in order: OpenMP and this CPU's vector width first; a compiler without OpenMP (Apple clang)
+gets one thread, one that rejects -march=native (some ARM toolchains) gets portable code."""
 BLOCK = 32  # must match BS in native.c
 MAX_K, MAX_BLOCKS = 1024, 65536
 
@@ -88,7 +90,7 @@ def _build() -> Path:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
     src = SOURCE.read_bytes()
     errors = []
-    for flags in (FLAGS + OPENMP, FLAGS):
+    for flags in (FLAGS + extra for extra in ATTEMPTS):
         key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_key().encode()).hexdigest()[:16]
         out = _cache_dir() / f"saekit_native_{key}.so"
         if out.exists():
