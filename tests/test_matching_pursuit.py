@@ -210,6 +210,17 @@ def test_hierarchical_data_is_conditionally_orthogonal():
     torch.testing.assert_close(data.x_ND, data.codes_NF @ data.D_FD)
 
 
+def test_hierarchical_data_sibling_correlation():
+    data = hierarchical_features(100, 16, n_parents=3, children_per_parent=4, child_parent_cos=0.0, sibling_cos=0.5,
+                                 seed=2, dtype=torch.float64)
+    C_PCD = data.children_CD.reshape(3, 4, 16)
+    gram = C_PCD @ C_PCD.transpose(1, 2)
+    torch.testing.assert_close(gram, 0.5 + 0.5 * torch.eye(4, dtype=torch.float64).expand(3, 4, 4))
+    torch.testing.assert_close((C_PCD * data.parents_PD[:, None]).sum(-1), torch.zeros(3, 4, dtype=torch.float64))
+    with pytest.raises(ConfigError, match="sibling_cos"):
+        hierarchical_features(10, 16, n_parents=1, children_per_parent=2, sibling_cos=1.0)
+
+
 def test_mp_recovers_conditionally_orthogonal_children_better_than_topk(tmp_path):
     """Costa et al. claim (i), at equal L0, same trainer, same data: children that fire only with
     their parent and are orthogonal to it and to each other (the paper's toy-tree geometry)."""

@@ -15,7 +15,9 @@ Construction (all directions unit norm):
 so `<c_ij, p_i> = cos` and `<c_ij - cos p_i, c_ik - cos p_i> = 0` for j != k. With `cos = 0` the
 children are the offsets themselves, orthogonal to their parent and to each other: the geometry of
 the paper's toy tree (its children are orthogonal to the parent and fire, one at a time, only with
-it). With `cos > 0` a child direction also carries part of its parent's.
+it). With `cos > 0` a child direction also carries part of its parent's. `sibling_cos = s > 0` makes the
+offsets of one parent share a direction, pairwise cosine s (the paper's "intra-level correlation"
+knob): the children are then no longer orthogonal given the parent.
 A child fires only when its parent fires: a firing parent contributes `a * p_i` and, with
 probability `p_child`, exactly one of its children adds `b * c_ij`. With
 `parent_in_child_rows=False` a child replaces its parent's term instead (the parent concept is then
@@ -66,15 +68,21 @@ class HierarchicalData:
 
 
 def conditionally_orthogonal_children(parents_PD: Tensor, children_per_parent: int, child_parent_cos: float,
-                                      generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """Children `[P, C, D]` and their unit offsets `[P, C, D]` (orthonormal, orthogonal to the parent)."""
+                                      generator: torch.Generator, sibling_cos: float = 0.0) -> tuple[Tensor, Tensor]:
+    """Children `[P, C, D]` and their unit offsets `[P, C, D]`, orthogonal to the parent; the offsets of
+    one parent are orthonormal, or with `sibling_cos = s > 0` share a unit direction m_i so that
+    `offset_ij = sqrt(s) m_i + sqrt(1 - s) u_ij` has cosine exactly s with each sibling's."""
     P, D = parents_PD.shape
-    if children_per_parent > D - 1:
-        raise ConfigError(f"hierarchical data: children_per_parent must be <= d_in - 1 = {D - 1} to be "
-                          f"orthogonal given the parent, found {children_per_parent}")
-    raw_PCD = torch.randn(P, children_per_parent, D, generator=generator, dtype=torch.float64)
+    n_dirs = children_per_parent + (sibling_cos > 0)
+    if n_dirs > D - 1:
+        raise ConfigError(f"hierarchical data: children_per_parent must be <= d_in - {1 + (sibling_cos > 0)} = "
+                          f"{D - 1 - (sibling_cos > 0)} to be orthogonal given the parent, found {children_per_parent}")
+    raw_PCD = torch.randn(P, n_dirs, D, generator=generator, dtype=torch.float64)
     raw_PCD = raw_PCD - (raw_PCD @ parents_PD[:, :, None]) * parents_PD[:, None, :]
-    offsets_PCD = torch.linalg.qr(raw_PCD.transpose(1, 2)).Q.transpose(1, 2)  # orthonormal rows per parent
+    dirs_PCD = torch.linalg.qr(raw_PCD.transpose(1, 2)).Q.transpose(1, 2)  # orthonormal rows per parent
+    offsets_PCD = dirs_PCD
+    if sibling_cos > 0:
+        offsets_PCD = sibling_cos ** 0.5 * dirs_PCD[:, :1] + (1 - sibling_cos) ** 0.5 * dirs_PCD[:, 1:]
     sin = (1.0 - child_parent_cos ** 2) ** 0.5
     children_PCD = child_parent_cos * parents_PD[:, None, :] + sin * offsets_PCD
     return children_PCD, offsets_PCD
@@ -92,15 +100,17 @@ def _parent_fires(n: int, P: int, parents_per_row: int | None, p_parent: float, 
 
 def hierarchical_features(n: int, d_in: int, n_parents: int, children_per_parent: int, *,
                           parents_per_row: int | None = None, p_parent: float = 0.1, p_child: float = 0.8,
-                          child_parent_cos: float = 0.8, parent_in_child_rows: bool = True,
+                          child_parent_cos: float = 0.8, sibling_cos: float = 0.0, parent_in_child_rows: bool = True,
                           noise: float = 0.0, seed: int = 0, dtype=torch.float32) -> HierarchicalData:
     """Generate `n` rows from a planted two-level hierarchy (see the module docstring)."""
     if not 0.0 <= child_parent_cos < 1.0:
         raise ConfigError(f"hierarchical data: child_parent_cos must be in [0, 1), found {child_parent_cos}")
+    if not 0.0 <= sibling_cos < 1.0:
+        raise ConfigError(f"hierarchical data: sibling_cos must be in [0, 1), found {sibling_cos}")
     g = torch.Generator().manual_seed(seed)
     P, K = n_parents, children_per_parent
     parents_PD = random_dictionary(P, d_in, g, torch.float64)
-    children_PKD, offsets_PKD = conditionally_orthogonal_children(parents_PD, K, child_parent_cos, g)
+    children_PKD, offsets_PKD = conditionally_orthogonal_children(parents_PD, K, child_parent_cos, g, sibling_cos)
     fires_NP = _parent_fires(n, P, parents_per_row, p_parent, g)
     a_NP = (0.5 + torch.rand(n, P, generator=g, dtype=torch.float64)) * fires_NP
     has_child_NP = fires_NP & (torch.rand(n, P, generator=g, dtype=torch.float64) < p_child)
