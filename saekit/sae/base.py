@@ -15,6 +15,7 @@ architecture sees `[N, d_in]` only (`_encode_flat`, `_decode_flat`, `_forward_fl
 from __future__ import annotations
 
 import dataclasses
+import itertools
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -179,13 +180,25 @@ class SparseAutoencoder(nn.Module):
         self.register_buffer("input_scale", torch.tensor(float(scale)), persistent=False)
 
     def folded_copy(self) -> "SparseAutoencoder":
-        """A copy that works on raw activations: normalisation folded into the weights.
-
-        Architectures for which folding is invalid raise NotImplementedError.
-        """
+        """A copy that works on raw activations: the training input scale s folded into the weights by
+        the architecture's `_fold_input_scale_`. Architectures for which folding is invalid raise
+        NotImplementedError."""
         if not self.supports_folding:
             raise NotImplementedError(f"{self.architecture}: folding is not valid for this architecture")
-        return self
+        new = type(self)(self.cfg)
+        with torch.no_grad():
+            for name, t in itertools.chain(self.named_parameters(), self.named_buffers()):
+                if name != "input_scale":
+                    getattr(new, name).copy_(t)
+            scale = getattr(self, "input_scale", None)
+            if scale is not None and float(scale) != 1.0:
+                new._fold_input_scale_(float(scale))
+        return new.train(self.training)
+
+    def _fold_input_scale_(self, s: float) -> None:
+        """Rewrite the weights in place so that on raw x this SAE gives what it gave on `x * s`, divided
+        by s (codes and reconstruction alike)."""
+        raise NotImplementedError(f"{self.architecture}: no rule for folding an input scale into the weights")
 
     # -- helpers ---------------------------------------------------------------------------
     def _flatten(self, x: Tensor) -> tuple[Tensor, tuple[int, ...]]:

@@ -43,7 +43,6 @@ normalisation folds into the biases and the threshold exactly (pre scales with t
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
@@ -186,22 +185,11 @@ class MDLSAE(SparseAutoencoder):
     def after_optimizer_step(self) -> None:
         renormalise_rows_(self.W_dec)
 
-    def folded_copy(self) -> "MDLSAE":
-        """A copy for raw activations: with x' = s·x, pre' = s·pre(x), so dividing both biases by s
+    def _fold_input_scale_(self, s: float) -> None:
+        """With x' = s·x, pre' = s·pre(x), so dividing both biases (and the JumpReLU threshold) by s
         gives codes z/s and x̂/s on raw x; the active set (pre > 0, top-k) is unchanged for s > 0."""
-        new = type(self)(self.cfg)
-        with torch.no_grad():
-            for name, t in itertools.chain(self.named_parameters(), self.named_buffers()):
-                if name != "input_scale":
-                    getattr(new, name).copy_(t)
-        new.train(self.training)
-        scale = getattr(self, "input_scale", None)
-        if scale is not None and float(scale) != 1.0:
-            s = float(scale)
-            with torch.no_grad():
-                new.b_enc.div_(s)
-                new.b_dec.div_(s)
-                new.log_threshold.sub_(math.log(s))
-        return new
+        self.b_enc.div_(s)
+        self.b_dec.div_(s)
+        self.log_threshold.sub_(math.log(s))
 
 

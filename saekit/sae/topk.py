@@ -22,7 +22,6 @@ The SAE does not scale its input: during training the caller feeds `x * input_sc
 
 from __future__ import annotations
 
-import itertools
 from dataclasses import dataclass
 
 import torch
@@ -199,25 +198,14 @@ class TopKSAE(SparseAutoencoder):
             renormalise_rows_(self.W_dec)
 
     # -- export ----------------------------------------------------------------------------------------
-    def folded_copy(self) -> "TopKSAE":
-        """A copy for raw activations. With x' = s*x: pre' = pre(x)*s, so dividing both biases (and
-        the BatchTopK threshold) by s gives codes z/s on raw x and x_hat/s exactly; the top-k set is
-        unchanged (s > 0) and the decoder rows stay unit norm."""
-        new = type(self)(self.cfg)
-        with torch.no_grad():
-            for name, t in itertools.chain(self.named_parameters(), self.named_buffers()):
-                if name != "input_scale":
-                    getattr(new, name).copy_(t)
-        new.train(self.training)
-        scale = getattr(self, "input_scale", None)
-        if scale is not None and float(scale) != 1.0:
-            s = float(scale)
-            with torch.no_grad():
-                new.b_enc.div_(s)
-                new.b_dec.div_(s)
-                if self.cfg.batch_topk and float(new.threshold) >= 0:
-                    new.threshold.div_(s)
-        return new
+    def _fold_input_scale_(self, s: float) -> None:
+        """With x' = s*x: pre' = pre(x)*s, so dividing both biases (and the BatchTopK threshold) by s
+        gives codes z/s on raw x and x_hat/s exactly; the top-k set is unchanged (s > 0) and the
+        decoder rows stay unit norm."""
+        self.b_enc.div_(s)
+        self.b_dec.div_(s)
+        if self.cfg.batch_topk and float(self.threshold) >= 0:
+            self.threshold.div_(s)
 
 
 def geometric_median(x_ND: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
