@@ -21,11 +21,12 @@ import torch
 
 from saekit.artifacts import atomic_write_bytes
 from saekit.config import Config, param
-from saekit.data.corpus import CorpusConfig, load_documents
+from saekit.data.corpus import load_documents
 from saekit.errors import ConfigError
-from saekit.sources.base import SourceConfig, make_source
+from saekit.sources.base import make_source
 from saekit.store.reader import ActivationStore
-from saekit.store.writer import StoreConfig, cache_activations
+from saekit.store.run import ActivationRunConfig
+from saekit.store.writer import cache_activations
 
 log = logging.getLogger(__name__)
 
@@ -56,15 +57,9 @@ class ProbeConfig(Config):
 
 
 @dataclass
-class RunConfig(Config):
+class RunConfig(ActivationRunConfig):
     """One run: which text, which model and hooks, where to store, what SAE to train and how."""
 
-    name: str = param("run", "run name (used for the default output folder)")
-    output_dir: str = param("", "run folder; empty = runs/<name>")
-    seed: int = param(0, "seed for shuffling and initialisation")
-    corpus: CorpusConfig = param(default_factory=CorpusConfig, doc="the documents")
-    source: SourceConfig = param(default_factory=SourceConfig, doc="the model and its hook points")
-    store: StoreConfig = param(default_factory=StoreConfig, doc="the activation cache")
     sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields")
     train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig)")
     eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
@@ -85,14 +80,6 @@ class RunConfig(Config):
         from saekit.train import TrainConfig
 
         return TrainConfig.from_dict(self.train, where="train")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
-
-    @property
-    def store_dir(self) -> Path:
-        return Path(self.store.path) if self.store.path else self.run_dir / "store"
 
 
 def load_run_config(path: str | Path, strict: bool = True) -> RunConfig:

@@ -34,10 +34,8 @@ import torch
 from torch import Tensor
 
 from saekit.config import Config, param
-from saekit.data.corpus import CorpusConfig
 from saekit.errors import ConfigError, SaekitError
-from saekit.sources.base import SourceConfig
-from saekit.store.writer import StoreConfig
+from saekit.store.run import ActivationRunConfig
 
 log = logging.getLogger(__name__)
 
@@ -241,15 +239,10 @@ class BufferConfig(Config):
 
 
 @dataclass
-class MultiConfig(Config):
+class MultiConfig(ActivationRunConfig):
     """Several SAEs trained from one model pass (a run config with a `saes:` list)."""
 
     name: str = param("multi", "run name (default output folder runs/<name>)")
-    output_dir: str = param("", "run folder; empty = runs/<name>")
-    seed: int = param(0, "data order and initialisation seed")
-    corpus: CorpusConfig = param(default_factory=CorpusConfig, doc="the documents")
-    source: SourceConfig = param(default_factory=SourceConfig, doc="the model and its hook points")
-    store: StoreConfig = param(default_factory=StoreConfig, doc="the activation cache (mode: store)")
     mode: str = param("store", "store: cache once, read each batch once; stream: no disk, shuffle buffers",
                       choices=["store", "stream"])
     buffer: BufferConfig = param(default_factory=BufferConfig, doc="shuffle buffers (mode: stream)")
@@ -262,21 +255,6 @@ class MultiConfig(Config):
         names = [s.name for s in self.saes]
         if len(set(names)) != len(names):
             raise ConfigError(f"multi config: SAE names must be unique, found {names}")
-
-    @property
-    def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
-
-    @property
-    def store_dir(self) -> Path:
-        return Path(self.store.path) if self.store.path else self.run_dir / "store"
-
-    def run_config(self):
-        """The single-SAE RunConfig sharing corpus, source and store (for the cache stage)."""
-        from saekit.pipeline import RunConfig
-
-        return RunConfig(name=self.name, output_dir=str(self.run_dir), seed=self.seed, corpus=self.corpus,
-                         source=self.source, store=self.store)
 
 
 # -- training --------------------------------------------------------------------------------------
