@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -38,3 +39,12 @@ def tweets():
     from saekit.data.corpus import CorpusConfig, load_documents
 
     return load_documents(CorpusConfig(max_docs=400))
+
+
+@pytest.fixture
+def one_thread():
+    """Tiny training loops: one thread avoids oversubscription and barrier stalls on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)

@@ -15,14 +15,6 @@ from saekit.store.batches import TensorBatches
 from saekit.train import TrainConfig, train
 
 
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny SAEs: one thread avoids barrier stalls on a shared machine
-    yield
-    torch.set_num_threads(before)
-
-
 def test_entropy_and_soft_dl_known_answers():
     assert torch.allclose(entropy_bits(torch.tensor([0.5, 0.25])), torch.tensor([1.0, 0.811278]), atol=1e-5)
     n = 1000

@@ -7,7 +7,6 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-import torch
 import yaml
 
 from saekit.errors import ConfigError
@@ -21,14 +20,6 @@ from saekit.eval.mdl_select import (
 
 ROOT = Path(__file__).resolve().parent.parent
 CONFIG = ROOT / "configs" / "mdl_select_synthetic.yaml"
-
-
-@pytest.fixture
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny SAEs: one thread avoids barrier stalls on a shared machine
-    yield
-    torch.set_num_threads(before)
 
 
 def _base(tmp_path) -> dict:

@@ -11,15 +11,6 @@ from saekit.sae.registry import load_sae, save_sae
 from saekit.sae.topk import TopKConfig, TopKSAE, geometric_median
 
 
-@pytest.fixture
-def one_thread():
-    """Tiny training loops: one thread avoids oversubscription on a shared machine (10x slower)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def make(seed=0, **kw) -> TopKSAE:
     cfg = TopKConfig.from_dict({"d_in": 16, "d_sae": 64, "k": 4, "seed": seed} | kw)
     sae = TopKSAE(cfg)
