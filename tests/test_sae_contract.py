@@ -111,3 +111,119 @@ def test_damaged_weights_raise_naming_the_file(arch, damage, tmp_path):
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptArtifactError, match=WEIGHTS_FILE):
         load_sae(tmp_path / "sae")
+
+
+# -- the same codes in every context users run (issue 21) -----------------------------------------
+# Inputs are planted sparse combinations of the SAE's own decoder rows with coefficients in [2, 3]
+# (plus b_dec when the SAE has one), at a width where cross-talk between random rows is ~0.2: the
+# selected latents then win by margins far above bf16 rounding, so a context may only change the
+# code by the rounding of its dtype. 512 rows: more than two MP selection chunks, so two threads
+# really run two workers.
+CTX_D_IN, CTX_D_SAE, CTX_ROWS, CTX_ATOMS = 512, 1024, 512, 4
+
+
+def context_sae(arch: str):
+    torch.manual_seed(0)
+    sae = create(small_config(arch, d_in=CTX_D_IN, d_sae=CTX_D_SAE), architecture=arch)
+    return sae.eval()
+
+
+def planted_input(sae) -> torch.Tensor:
+    g = torch.Generator().manual_seed(7)
+    W_FD = sae.W_dec.detach().float()
+    W_FD = W_FD / W_FD.norm(dim=1, keepdim=True)
+    idx_NK = torch.stack([torch.randperm(CTX_D_SAE, generator=g)[:CTX_ATOMS] for _ in range(CTX_ROWS)])
+    coef_NK = 2.0 + torch.rand(CTX_ROWS, CTX_ATOMS, generator=g)
+    x_ND = torch.einsum("nk,nkd->nd", coef_NK, W_FD[idx_NK])
+    b_dec = getattr(sae, "b_dec", None)
+    return x_ND + b_dec.detach().float() if isinstance(b_dec, torch.Tensor) else x_ND
+
+
+def _with_threads(n: int, fn):
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        out = fn()
+        assert torch.get_num_threads() == n, "encode changed the caller's thread count"
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+def _training_with_grad(sae, x):
+    sae.train()
+    with torch.enable_grad():
+        code = sae.encode(x)
+        if code.values.requires_grad:  # the code is differentiable in the parameters (MP, top-k, MDL)
+            code.values.sum().backward()
+    return code
+
+
+CONTEXTS = {
+    "no_grad": (1e-5, lambda sae, x: _no_grad(sae.encode, x)),
+    "inference_mode": (1e-5, lambda sae, x: _inference(sae.encode, x)),
+    "train_grad": (1e-5, _training_with_grad),
+    "bf16_autocast": (2 ** -5, lambda sae, x: _autocast(sae.encode, x)),
+    "threads_1": (1e-5, lambda sae, x: _with_threads(1, lambda: _no_grad(sae.encode, x))),
+    "threads_2": (1e-5, lambda sae, x: _with_threads(2, lambda: _no_grad(sae.encode, x))),
+    "non_contiguous": (1e-5, lambda sae, x: _no_grad(sae.encode, _strided(x))),
+    "batch_seq": (1e-5, lambda sae, x: _no_grad(sae.encode, x.reshape(8, -1, x.shape[-1]))),
+}
+
+
+def _no_grad(fn, x):
+    with torch.no_grad():
+        return fn(x)
+
+
+def _inference(fn, x):
+    with torch.inference_mode():
+        return fn(x)
+
+
+def _autocast(fn, x):
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        return fn(x)
+
+
+def _strided(x):
+    wide = torch.zeros(x.shape[0], 2 * x.shape[1], dtype=x.dtype)
+    wide[:, ::2] = x
+    out = wide[:, ::2]
+    assert not out.is_contiguous()
+    return out
+
+
+def assert_same_code(got, ref, tol: float) -> None:
+    """Dense codes equal to `tol` relative to the code's scale (duplicate slots merged by dense())."""
+    d_got = got.dense().detach().float().cpu().reshape(ref.values.shape[0], -1)
+    d_ref = ref.dense().detach().float().cpu()
+    scale = float(d_ref.abs().max())
+    torch.testing.assert_close(d_got, d_ref, rtol=tol, atol=tol * scale)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("context", list(CONTEXTS))
+def test_same_codes_in_every_context(arch, context):
+    sae = context_sae(arch)
+    x = planted_input(sae)
+    ref = _no_grad(sae.encode, x)
+    threads = torch.get_num_threads()
+    tol, run = CONTEXTS[context]
+    got = run(sae, x)
+    assert torch.get_num_threads() == threads, "encode changed the caller's thread count"
+    assert_same_code(got, ref, tol)
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("grad_mode", ["no_grad", "inference_mode"])
+def test_same_codes_on_cuda(arch, grad_mode):
+    sae = context_sae(arch)
+    x = planted_input(sae)
+    ref = _no_grad(sae.encode, x)
+    cuda = sae.to("cuda")
+    got = (_no_grad if grad_mode == "no_grad" else _inference)(cuda.encode, x.cuda())
+    assert got.values.is_cuda
+    assert_same_code(got, ref, 1e-4)
