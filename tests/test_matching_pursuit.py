@@ -163,6 +163,24 @@ def test_gram_never_stale_after_weight_change():
     assert torch.equal(sae.encode(x).indices, other.encode(x).indices)
 
 
+def test_gram_built_under_inference_mode_does_not_break_the_next_training_step():
+    """A Gram matrix cached inside torch.inference_mode is an inference tensor: the refresh after the
+    next optimizer step (outside inference mode) must not write into it (issue 21)."""
+    sae = make(k=5, gram="always")
+    with torch.inference_mode():
+        sae.encode(rows())
+    sae.train()
+    out = sae(rows())
+    out.recon.sum().backward()
+    with torch.no_grad():
+        sae.W_dec.add_(0.01)
+    sae.after_optimizer_step()  # refreshes the Gram matrix
+    fresh = make(k=5, gram="never")
+    fresh.load_state_dict(sae.state_dict())
+    sae.eval()
+    assert torch.equal(sae.encode(rows()).indices, fresh.encode(rows()).indices)
+
+
 def test_training_callbacks_keep_unit_atoms_and_revive_dead():
     sae = make(k=3, revive_after_tokens=1)
     sae.train()

@@ -206,13 +206,17 @@ class MatchingPursuitSAE(SparseAutoencoder):
 
     @torch.no_grad()
     def refresh_gram(self) -> Tensor:
-        """Recompute and cache `W_dec @ W_dec.T` (selection precision: fp32, or fp64 for fp64 weights)."""
+        """Recompute and cache `W_dec @ W_dec.T` (selection precision: fp32, or fp64 for fp64 weights).
+
+        The old matrix is overwritten in place when it fits, unless it was made under
+        `torch.inference_mode` and this call is not (an inference tensor is read-only outside it).
+        """
         W_FD = self.W_dec.detach()
         if W_FD.dtype not in (torch.float32, torch.float64):
             W_FD = W_FD.float()
         old = self._gram_cache.get("G")
         reuse = old is not None and old.shape == (W_FD.shape[0],) * 2 and old.dtype == W_FD.dtype \
-            and old.device == W_FD.device
+            and old.device == W_FD.device and (torch.is_inference_mode_enabled() or not old.is_inference())
         self._gram_cache.clear()  # the cache never holds a stale matrix, even if the product fails
         self._gram_cache.update(G=gram_matrix(W_FD, out_FF=old if reuse else None), key=self._gram_key())
         return self._gram_cache["G"]

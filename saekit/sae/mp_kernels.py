@@ -74,7 +74,6 @@ def gram_matrix(W_FD: Tensor, block: int = 2048, out_FF: Tensor | None = None) -
     return G_FF
 
 
-@torch.no_grad()
 def select_atoms(xc_ND: Tensor, W_FD: Tensor, opts: PursuitOptions, G_FF: Tensor | None = None,
                  keep_F: Tensor | None = None, chunk_rows: int = SELECT_CHUNK_ROWS) -> Selection:
     """Greedy matching pursuit selection (no gradient), chunked over rows.
@@ -82,31 +81,38 @@ def select_atoms(xc_ND: Tensor, W_FD: Tensor, opts: PursuitOptions, G_FF: Tensor
     `G_FF` is the Gram matrix of `W_FD`; without it each step multiplies the selected atoms by the
     dictionary instead (for dictionaries whose Gram matrix does not fit in memory). `keep_F`
     (bool) masks atoms out for this call (atom dropout).
+
+    Works in any grad mode and thread count: grad, inference and autocast modes are thread-local,
+    so every chunk's buffers are allocated by the thread that writes them (a buffer made in the
+    caller's `torch.inference_mode` is an inference tensor a worker may not write), and selection
+    always runs without gradient and without autocast (in the selection dtype, on every thread alike).
     """
     N, K = xc_ND.shape[0], opts.steps
-    idx_NK = torch.zeros(N, K, dtype=torch.long, device=xc_ND.device)
-    active_NK = torch.zeros(N, K, dtype=torch.bool, device=xc_ND.device)
     diag_F = G_FF.diagonal() if G_FF is not None else W_FD.pow(2).sum(-1)
     chunks = [slice(start, start + chunk_rows) for start in range(0, N, chunk_rows)]
+    if not chunks:
+        return Selection(xc_ND.new_zeros(0, K, dtype=torch.long), xc_ND.new_zeros(0, K, dtype=torch.bool))
 
-    @torch.no_grad()  # grad mode is thread-local: set it again in the worker threads
-    def run(my_chunks: list[slice]) -> None:
-        for sl in my_chunks:
-            _select_chunk(xc_ND[sl], W_FD, G_FF, diag_F, keep_F, opts, idx_NK[sl], active_NK[sl])
+    def run(my_chunks: list[slice]) -> list[tuple[Tensor, Tensor]]:
+        with torch.no_grad(), torch.autocast(xc_ND.device.type, enabled=False):
+            return [_select_chunk(xc_ND[sl], W_FD, G_FF, diag_F, keep_F, opts) for sl in my_chunks]
 
     workers = min(torch.get_num_threads(), len(chunks)) if xc_ND.device.type == "cpu" else 1
     with serial():
         if workers <= 1:
-            run(chunks)
+            parts = run(chunks)
         else:
             with ThreadPoolExecutor(workers) as pool:
-                list(pool.map(run, [chunks[i::workers] for i in range(workers)]))
-    return Selection(idx_NK, active_NK)
+                per_worker = list(pool.map(run, [chunks[i::workers] for i in range(workers)]))
+            parts = [per_worker[i % workers][i // workers] for i in range(len(chunks))]
+        return Selection(torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts]))
 
 
 def _select_chunk(xc_CD: Tensor, W_FD: Tensor, G_FF: Tensor | None, diag_F: Tensor, keep_F: Tensor | None,
-                  opts: PursuitOptions, idx_CK: Tensor, active_CK: Tensor) -> None:
-    """Run the pursuit on one chunk of rows, writing into `idx_CK` / `active_CK` in place."""
+                  opts: PursuitOptions) -> tuple[Tensor, Tensor]:
+    """Run the pursuit on one chunk of rows: (atom per step `idx_CK`, step contributed `active_CK`)."""
+    idx_CK = torch.zeros(xc_CD.shape[0], opts.steps, dtype=torch.long, device=xc_CD.device)
+    active_CK = torch.zeros(xc_CD.shape[0], opts.steps, dtype=torch.bool, device=xc_CD.device)
     c_CF = xc_CD @ W_FD.T
     buf_CF = torch.empty_like(c_CF) if G_FF is not None else None
     drop_F = None if keep_F is None else ~keep_F
@@ -133,6 +139,7 @@ def _select_chunk(xc_CD: Tensor, W_FD: Tensor, G_FF: Tensor | None, diag_F: Tens
                 break
         if t + 1 < opts.steps:
             _update_correlations(c_CF, W_FD, G_FF, buf_CF, j_C, alpha_C)
+    return idx_CK, active_CK
 
 
 def _pick(c_CF: Tensor, nonneg: bool, drop_F: Tensor | None) -> tuple[Tensor, Tensor]:
