@@ -134,7 +134,7 @@ def memory_child(variant: str, steps: int) -> dict:
 
 
 def main() -> None:
-    from saekit.sae import native
+    from saekit.sae.kernels import native
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")

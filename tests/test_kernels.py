@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from saekit.sae import kernels as K
+from saekit.sae.kernels import sparse as K
 
 B, D, F_, k = 5, 6, 11, 3
 

@@ -9,7 +9,7 @@ from saekit.data.hierarchical import hierarchical_features
 from saekit.errors import ConfigError
 from saekit.sae import load_sae, save_sae
 from saekit.sae.matching_pursuit import MatchingPursuitSAE, MPConfig
-from saekit.sae.mp_kernels import (MPCoefficients, PursuitOptions, gram_matrix, naive_pursuit, select_atoms)
+from saekit.sae.kernels.mp import (MPCoefficients, PursuitOptions, gram_matrix, naive_pursuit, select_atoms)
 
 D_IN, D_SAE = 12, 40
 

@@ -1,4 +1,4 @@
-"""The optional native kernels (saekit/sae/native.c) against their torch references, and the fallbacks."""
+"""The optional native kernels (saekit/sae/kernels/native.c) against their torch references, and the fallbacks."""
 
 from __future__ import annotations
 
@@ -7,7 +7,8 @@ import logging
 import pytest
 import torch
 
-from saekit.sae import kernels, native
+from saekit.sae.kernels import native
+from saekit.sae.kernels import sparse as kernels
 
 needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch fallbacks are used")
 
@@ -96,7 +97,7 @@ def test_build_failure_falls_back_with_a_warning(monkeypatch, tmp_path, caplog):
     monkeypatch.setenv("SAEKIT_CACHE_DIR", str(tmp_path))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("SAEKIT_NATIVE", "1")
-    with caplog.at_level(logging.WARNING, logger="saekit.sae.native"):
+    with caplog.at_level(logging.WARNING, logger="saekit.sae.kernels.native"):
         assert native.library() is None
     assert "unavailable" in caplog.text and "no-such-compiler" in caplog.text
     assert native.topk_rows(torch.randn(4, 64), 2) is None

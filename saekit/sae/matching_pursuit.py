@@ -8,7 +8,7 @@ encoder cannot, and the number of steps can change at inference (adaptive sparsi
 
 There is no encoder matrix: the only weights are `W_dec [d_sae, d_in]` and `b_dec [d_in]`
 (SAELens names). Selection runs without gradient through the Gram matrix of the dictionary
-(see `mp_kernels`), then the coefficients are recomputed differentiably from the selected atoms
+(see `kernels.mp`), then the coefficients are recomputed differentiably from the selected atoms
 only, which gives the same values and gradients as the naive unrolled pursuit.
 
 Sparsity at inference: `sae.encode(x, k=8)`, `sae.encode(x, stop_mode="threshold",
@@ -29,7 +29,7 @@ from saekit.config import param
 from saekit.data.synthetic import random_dictionary
 from saekit.errors import ConfigError
 from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
-from saekit.sae.mp_kernels import (PursuitOptions, Selection, gram_matrix, merge_duplicates, mp_coefficients,
+from saekit.sae.kernels.mp import (PursuitOptions, Selection, gram_matrix, merge_duplicates, mp_coefficients,
                                    select_atoms, sparse_decode)
 from saekit.sae.registry import register
 

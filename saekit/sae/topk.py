@@ -11,7 +11,7 @@ Why these choices (all from the paper unless noted):
 * b_dec starts at the geometric median of the data (robust to outlier activations);
 * AuxK: dead latents (no firing for `dead_tokens_threshold` tokens) are asked to reconstruct the
   residual with their own top-`aux_k`, which gives them gradient again;
-* training runs through `kernels.sparse_encode/decode`: the encoder product is the only dense op.
+* training runs through `kernels.sparse.sparse_encode/decode`: the encoder product is the only dense op.
 
 Parameters use SAELens names and shapes, so `save_sae` writes a folder SAELens-style tools read.
 Training-only state (`tokens_since_fired`) is a non-persistent buffer: the trainer's checkpoint
@@ -31,7 +31,7 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
-from saekit.sae.kernels import Select, rowwise_topk, serial, sparse_decode, sparse_encode, squared_error_sum
+from saekit.sae.kernels.sparse import Select, rowwise_topk, serial, sparse_decode, sparse_encode, squared_error_sum
 from saekit.sae.registry import register
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saekit.sae import native
+from saekit.sae.kernels import native
 
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 """`select(pre_BF) -> (idx_BK, vals_BK)`: which latents fire and their values; a slot whose value
@@ -246,7 +246,7 @@ def squared_error_sum(recon: Tensor, x: Tensor) -> Tensor:
 # -- selections ----------------------------------------------------------------------------------
 def rowwise_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
     """`(values_BK, indices_BK)` of each row's k largest entries, unordered: the native kernel where
-    it applies (float32 CPU, see `saekit.sae.native`), else `torch.topk(sorted=False)`."""
+    it applies (float32 CPU, see `saekit.sae.kernels.native`), else `torch.topk(sorted=False)`."""
     fast = native.topk_rows(pre_BF, k) if pre_BF.device.type == "cpu" else None
     return fast if fast is not None else pre_BF.topk(k, dim=1, sorted=False)
 

@@ -29,8 +29,8 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from saekit.sae.kernels import serial, sparse_t_matmul
-from saekit.sae.kernels import sparse_decode as topk_sparse_decode
+from saekit.sae.kernels.sparse import serial, sparse_t_matmul
+from saekit.sae.kernels.sparse import sparse_decode as topk_sparse_decode
 
 SELECT_CHUNK_ROWS = 128
 
@@ -240,7 +240,7 @@ class _RowGradAccumulator:
 
     Why: `index_add_` of `[N, D]` rows into `[F, D]` was the single largest cost of an MP training
     step on CPU (~0.1 s per pursuit step, k of them). Instead up to STAGE_BYTES of steps are staged
-    in one buffer and added with one sorted `embedding_bag` (`kernels.sparse_t_matmul`).
+    in one buffer and added with one sorted `embedding_bag` (`sparse.sparse_t_matmul`).
     """
 
     STAGE_BYTES = 64 * 2 ** 20
@@ -303,7 +303,7 @@ def merge_duplicates(idx_NK: Tensor, vals_NK: Tensor, trim: bool = False) -> tup
 def sparse_decode(idx_NK: Tensor, vals_NK: Tensor, W_FD: Tensor) -> Tensor:
     """`sum_t vals_t * W[idx_t]` without materialising `[N, K, D]`.
 
-    Uses the top-k SAE's `kernels.sparse_decode`, whose backward adds the decoder gradient with one
+    Uses the top-k SAE's `sparse.sparse_decode`, whose backward adds the decoder gradient with one
     sorted embedding_bag; autograd's own embedding_bag backward was ~10x slower here.
     """
     if idx_NK.shape[-1] == 0:

@@ -133,7 +133,7 @@ def library() -> ctypes.CDLL | None:
 
 
 def _threads(n_rows: int) -> int:
-    """Torch's thread count (so `kernels.serial()` applies here too), fewer for small batches."""
+    """Torch's thread count (so `sparse.serial()` applies here too), fewer for small batches."""
     return max(1, min(torch.get_num_threads(), n_rows // 64))
 
 

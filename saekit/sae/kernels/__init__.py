@@ -1,0 +1,7 @@
+"""The SAE compute kernels, kept apart from the architectures that use them.
+
+- `sparse`: sparse encode/decode autograd functions for top-k style SAEs, their dense references,
+  `rowwise_topk` and `serial` (short ops on one thread);
+- `mp`: matching-pursuit atom selection, differentiable coefficients and the eager oracle;
+- `native`: optional C kernels (`native.c`), compiled on first use; torch fallbacks otherwise.
+"""
