@@ -297,7 +297,9 @@ def test_dl_falls_back_to_generic_decode_for_non_affine_decoders(planted_sae):
 
     sae, data = planted_sae
 
-    class SquashedTopK(TopKSAE):  # a decoder that is not affine in the code values
+    class SquashedTopK(TopKSAE):  # a decoder that is not affine in the code values, declared so
+        decoder_is_affine = False
+
         def _decode_flat(self, code):
             return torch.tanh(super()._decode_flat(code))
 

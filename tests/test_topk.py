@@ -104,11 +104,12 @@ def test_dead_latent_tracking_and_training_state():
     assert "auxk_recon" not in out.aux  # first forward had no dead latents yet ...
     out = sae(torch.randn(60, 16, generator=g))
     assert "auxk_recon" in out.aux  # ... now latent 0 (at least) is dead and AuxK runs
-    # training-only state: checkpointed via named_buffers / training_state, not exported
+    # training-only state: checkpointed via named_buffers (as the trainer's checkpoint does), not exported
     assert "tokens_since_fired" not in sae.state_dict()
     assert "tokens_since_fired" in dict(sae.named_buffers())
     other = make(dead_tokens_threshold=100)
-    other.load_training_state(sae.training_state())
+    for name, buf in other.named_buffers():
+        buf.copy_(dict(sae.named_buffers())[name])
     assert torch.equal(other.tokens_since_fired, sae.tokens_since_fired)
     sae.eval()
     before = sae.tokens_since_fired.clone()

@@ -42,6 +42,7 @@ class ToyTopK(SparseAutoencoder):
 
     architecture = "test_toy_topk"
     config_class = ToyTopKConfig
+    stat_buffers = {"tokens_since_fired": "fired_any"}
 
     def __init__(self, cfg: ToyTopKConfig):
         super().__init__(cfg)

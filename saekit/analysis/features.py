@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 
 from saekit.artifacts import save_tensors
 from saekit.config import Config, param
-from saekit.sae.base import SparseAutoencoder
+from saekit.sae.base import SparseAutoencoder, inference_mode
 
 log = logging.getLogger(__name__)
 INDEX_PART = "part-{:05d}.safetensors"
@@ -142,21 +142,22 @@ class RunningStats:
         self.thr_F = torch.where(full, kth, torch.zeros_like(kth))
 
 
-@torch.no_grad()
 def encode_pass(store, sae: SparseAutoencoder, cfg: AnalyzeConfig, index_dir: Path) -> tuple[RunningStats, list[dict]]:
     """Pass 1: encode the store chunk by chunk; write the latent index parts; running stats."""
     index_dir.mkdir(parents=True, exist_ok=True)
     stats, parts = RunningStats(sae.cfg.d_sae, cfg.top_examples), []
-    sae = sae.to(cfg.device).eval()
+    sae = sae.to(cfg.device)
     n_chunks = -(-len(store) // cfg.chunk_rows)
-    for i, (row0, acts_ND) in enumerate(tqdm(store.iter_chunks(cfg.chunk_rows), total=n_chunks, desc="encoding",
-                                             unit="chunk", dynamic_ncols=True, disable=n_chunks < 4)):
-        code = sae.encode(acts_ND.to(cfg.device, sae.cfg.torch_dtype))
-        idx_NK, val_NK = code.indices.cpu().to(torch.int32), code.values.float().cpu().clamp(min=0)
-        name = INDEX_PART.format(i)
-        sha = save_tensors(index_dir / name, {"indices": idx_NK, "values": val_NK.clamp(max=65504).half()})
-        parts.append({"file": name, "row_start": int(row0), "rows": int(len(idx_NK)), "sha256": sha})
-        stats.update(*firings(idx_NK, val_NK, row0))
+    chunks = tqdm(store.iter_chunks(cfg.chunk_rows), total=n_chunks, desc="encoding", unit="chunk",
+                  dynamic_ncols=True, disable=n_chunks < 4)
+    with inference_mode(sae):
+        for i, (row0, acts_ND) in enumerate(chunks):
+            code = sae.encode(acts_ND.to(cfg.device, sae.cfg.torch_dtype))
+            idx_NK, val_NK = code.indices.cpu().to(torch.int32), code.values.float().cpu().clamp(min=0)
+            name = INDEX_PART.format(i)
+            sha = save_tensors(index_dir / name, {"indices": idx_NK, "values": val_NK.clamp(max=65504).half()})
+            parts.append({"file": name, "row_start": int(row0), "rows": int(len(idx_NK)), "sha256": sha})
+            stats.update(*firings(idx_NK, val_NK, row0))
     return stats, parts
 
 

@@ -37,7 +37,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, SaekitError, ShapeMismatchError
-from saekit.sae.base import SparseAutoencoder
+from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.analysis.probe_report import format_probe_table, probe_table, write_probe_report  # noqa: F401
 
 log = logging.getLogger(__name__)
@@ -160,8 +160,6 @@ def split_documents(doc_ids_N: np.ndarray, test_frac: float, seed: int) -> tuple
 
 def sae_codes(sae: SparseAutoencoder, acts_ND: Tensor, chunk: int = 4096) -> sp.csr_matrix:
     """The SAE's codes of `acts_ND` as a sparse `[N, d_sae]` matrix (never densified)."""
-    from saekit.analysis.steering import inference_mode
-
     p = next(sae.parameters())
     rows, cols, vals = [], [], []
     with inference_mode(sae):

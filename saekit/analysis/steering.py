@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from saekit.errors import ConfigError, SaekitError, ShapeMismatchError
-from saekit.sae.base import SparseAutoencoder, SparseCode
+from saekit.sae.base import SparseAutoencoder, SparseCode, inference_mode
 from saekit.sources.hooks import hook_point, is_lens_model
 
 log = logging.getLogger(__name__)
@@ -114,18 +114,6 @@ def clamp_code(code: SparseCode, edits: Sequence[FeatureEdit]) -> SparseCode:
     idx = torch.cat([idx, extra_i.expand(*lead, len(edits))], -1)
     vals = torch.cat([vals, extra_v.expand(*lead, len(edits))], -1)
     return SparseCode(idx, vals, code.d_sae)
-
-
-@contextlib.contextmanager
-def inference_mode(sae: SparseAutoencoder) -> Iterator[SparseAutoencoder]:
-    """The SAE in eval mode (BatchTopK uses its inference threshold), its previous mode restored after."""
-    was = sae.training
-    sae.eval()
-    try:
-        with torch.no_grad():
-            yield sae
-    finally:
-        sae.train(was)
 
 
 def clamp_edit(sae: SparseAutoencoder, x_ND: Tensor, edits: Sequence[FeatureEdit]) -> Tensor:

@@ -37,7 +37,7 @@ from saekit.artifacts import atomic_write_bytes, atomic_write_json
 from saekit.config import Config, param
 from saekit.errors import ConfigError
 from saekit.eval.description_length import DEFAULT_FVU_TOLERANCE, DEFAULT_PRECISIONS, description_length
-from saekit.sae.base import SparseAutoencoder
+from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.sae.registry import create, get_class, load_sae
 from saekit.store.batches import TensorBatches
 from saekit.train import TrainConfig, train
@@ -195,33 +195,20 @@ def train_grid_sae(cfg: MDLSelectConfig, data: SelectionData, width: int, k: int
     return load_sae(run_dir), run_dir
 
 
-def _is_affine(sae: SparseAutoencoder, code, recon: Tensor) -> bool:
-    """Whether decode(code) == values @ W_dec[idx] + b for this SAE (then the DL fast path applies)."""
-    try:
-        W = sae.W_dec.detach()
-    except (NotImplementedError, AttributeError):
-        return False
-    lin = torch.einsum("nk,nkd->nd", code.values.float(), W.float()[code.indices])
-    bias = recon.float() - lin
-    return bool(torch.allclose(bias, bias[:1].expand_as(bias), atol=1e-4, rtol=1e-4))
-
-
-@torch.no_grad()
 def measure_sae(sae: SparseAutoencoder, x_ND: Tensor, precisions: list[int], fvu_tolerance: float,
                 batch_size: int = 4096) -> dict:
-    """DL sweep and errors of one SAE on held-out rows (see `description_length`)."""
-    sae = sae.eval()
+    """DL sweep and errors of one SAE on held-out rows (see `description_length`); the fast path
+    through gathered `W_dec` rows when the architecture declares its decoder affine."""
     p = next(sae.parameters())
     items = []
-    for s in range(0, x_ND.shape[0], batch_size):
-        x = x_ND[s: s + batch_size].to(device=p.device, dtype=p.dtype)
-        code = sae.encode(x)
-        items.append((code, x, sae.decode(code)))
-    code0, _, recon0 = items[0]
-    fast = _is_affine(sae, code0, recon0)
-    res = description_length(items, sae.cfg.d_sae, precisions, decoder_FD=sae.W_dec.detach() if fast else None,
-                             decode_fn=None if fast else sae.decode, fvu_tolerance=fvu_tolerance)
-    return res
+    with inference_mode(sae):
+        for s in range(0, x_ND.shape[0], batch_size):
+            x = x_ND[s: s + batch_size].to(device=p.device, dtype=p.dtype)
+            code = sae.encode(x)
+            items.append((code, x, sae.decode(code)))
+        fast = sae.decoder_is_affine
+        return description_length(items, sae.cfg.d_sae, precisions, decoder_FD=sae.W_dec.detach() if fast else None,
+                                   decode_fn=None if fast else sae.decode, fvu_tolerance=fvu_tolerance)
 
 
 def table_row(name: str, sae: SparseAutoencoder, folder: Path, res: dict) -> dict:

@@ -1,6 +1,7 @@
 """Evaluation report for an SAE: one streaming pass of metrics, a strict-JSON file, a table, figures.
 
     report = evaluate_sae(sae, batches, description_length=True, true_dictionary_GD=D)
+    report = evaluate_sae(sae, batches, EvalOptions(retrieval_rows=2000))   # or an options record
     write_report(report, "runs/x/eval")      # report.json, report.txt, l0_histogram.png, feature_density.png
     table = compare_table({"a": rep_a, "b": rep_b})   # a side-by-side text table
 
@@ -15,9 +16,11 @@ loss, computed through the hook adapter in `saekit.sources`) go; `attach_downstr
 
 from __future__ import annotations
 
+import dataclasses
 import io
 import math
 from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +38,7 @@ from saekit.eval.description_length import (
 from saekit.eval.ground_truth import ground_truth_metrics
 from saekit.eval.reconstruction import DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator
 from saekit.eval.retrieval import retrieval_metrics
-from saekit.sae.base import SparseAutoencoder, SparseCode
+from saekit.sae.base import SparseAutoencoder, inference_mode
 
 REPORT_FORMAT_VERSION = 1
 REPORT_KIND = "saekit.eval_report"
@@ -78,105 +81,138 @@ def _limited(batches: Iterable | Callable[[], Iterable], max_rows: int | None, d
             break
 
 
-def _decoder_is_affine(sae: SparseAutoencoder, code: SparseCode, W_dec_FD: Tensor) -> bool:
-    """True when decode(v + δ) − decode(v) = δ · W_dec[idx] on a sample (the DL fast path's premise)."""
-    g = torch.Generator().manual_seed(0)
-    active = code.values != 0
-    delta = torch.randn(code.values.shape, generator=g).to(code.values) * 0.1 * active
-    x0 = sae.decode(code)
-    x1 = sae.decode(SparseCode(code.indices, code.values + delta, code.d_sae))
-    pred = torch.einsum("nk,nkd->nd", delta.to(W_dec_FD.dtype), W_dec_FD[code.indices])
-    scale = float(pred.abs().max()) + 1e-12
-    return bool(((x1 - x0).to(pred.dtype) - pred).abs().max() <= 1e-3 * scale)
-
-
 def sae_summary(sae: SparseAutoencoder) -> dict:
     cfg = sae.cfg
     return {"architecture": sae.architecture, "d_in": cfg.d_in, "d_sae": cfg.d_sae, "k": getattr(cfg, "k", None),
             "model_name": cfg.model_name, "hook_name": cfg.hook_name}
 
 
-@torch.no_grad()
-def evaluate_sae(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], *,
-                 max_rows: int | None = None, dense_threshold: float = DEFAULT_DENSE_THRESHOLD,
-                 description_length: bool = False, dl_precisions: tuple[int, ...] = DEFAULT_PRECISIONS,
-                 fvu_tolerance: float = DEFAULT_FVU_TOLERANCE, true_dictionary_GD: Tensor | None = None,
-                 gt_threshold: float = 0.9, retrieval_rows: int = 0, retrieval_k: int = 10,
-                 device: str | torch.device | None = None, progress: bool = False) -> dict:
+@dataclass(frozen=True)
+class EvalOptions:
+    """What `evaluate_sae` measures. Reconstruction and sparsity always; each add-on pass reads its own fields."""
+
+    max_rows: int | None = None
+    dense_threshold: float = DEFAULT_DENSE_THRESHOLD
+    description_length: bool = False  # the MDL sweep over dl_precisions (a second pass over the data)
+    dl_precisions: tuple[int, ...] = DEFAULT_PRECISIONS
+    fvu_tolerance: float = DEFAULT_FVU_TOLERANCE
+    true_dictionary_GD: Tensor | None = None  # ground-truth recovery against planted atoms
+    gt_threshold: float = 0.9
+    retrieval_rows: int = 0  # > 0: recall@k on the first rows (embedding SAEs), held in memory
+    retrieval_k: int = 10
+    device: str | torch.device | None = None
+    progress: bool = False
+
+
+@dataclass
+class FirstPass:
+    """What the streaming reconstruction pass leaves for the add-on passes."""
+
+    recon: dict  # ReconstructionAccumulator.result()
+    ranges: LatentValueRange | None  # per-latent value ranges, for the description-length grid
+    kept_x: list[Tensor] = field(default_factory=list)  # the first retrieval_rows rows and reconstructions
+    kept_r: list[Tensor] = field(default_factory=list)
+
+
+def evaluate_sae(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable],
+                 options: EvalOptions | None = None, **fields: Any) -> dict:
     """Evaluate `sae` over `batches` and return the report dict (strict-JSON serialisable).
 
-    - reconstruction / sparsity: always (streaming, exact);
-    - `description_length=True`: the MDL sweep over `dl_precisions` (second pass over the data);
-    - `true_dictionary_GD`: ground-truth recovery against planted atoms;
-    - `retrieval_rows > 0`: retrieval fidelity (recall@k) on the first `retrieval_rows` rows, for
-      embedding SAEs (those rows are held in memory).
+    `options` (or its fields as keywords: `description_length=True`, `true_dictionary_GD=D`,
+    `retrieval_rows=2000`, ...) chooses the add-on passes; see `EvalOptions`. The SAE runs in eval
+    mode without gradient; its previous mode is restored.
     """
-    if description_length and not callable(batches) and iter(batches) is batches:
+    opts = dataclasses.replace(options or EvalOptions(), **fields)
+    if opts.description_length and not callable(batches) and iter(batches) is batches:
         raise ConfigError("evaluate_sae: description_length needs two passes over the data; pass a re-iterable "
                           "(list, dataset) or a function returning a fresh iterator, not a one-shot iterator")
+    dev = torch.device(opts.device) if opts.device is not None else \
+        next(iter(sae.parameters()), torch.zeros(())).device
+    with inference_mode(sae):
+        first = reconstruction_pass(sae, batches, opts, dev)
+        report = _report(sae, first.recon)
+        report["ground_truth"] = ground_truth_pass(sae, opts)
+        report["retrieval"] = retrieval_pass(first, opts)
+        report["description_length"] = description_length_pass(sae, batches, first, opts, dev)
+    return report
+
+
+def _progress(items: Iterator[Tensor], desc: str, opts: EvalOptions) -> Iterator[Tensor]:
     from tqdm.auto import tqdm
 
+    return tqdm(items, desc=desc, disable=not opts.progress, unit="batch")
+
+
+def reconstruction_pass(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], opts: EvalOptions,
+                        dev: torch.device) -> FirstPass:
+    """The one streaming pass: reconstruction and sparsity metrics, plus what the add-on passes need
+    from it (latent value ranges for description length, the first rows for retrieval)."""
     cfg = sae.cfg
-    dev = torch.device(device) if device is not None else next(iter(sae.parameters()), torch.zeros(())).device
-    was_training = sae.training
-    sae.eval()
-    try:
-        recon_acc = ReconstructionAccumulator(cfg.d_in, cfg.d_sae, dense_threshold=dense_threshold)
-        ranges = LatentValueRange(cfg.d_sae) if description_length else None
-        kept_x, kept_r, kept = [], [], 0
-        sample_code = None
-        for x_ND in tqdm(_limited(batches, max_rows, cfg.d_in), desc="eval", disable=not progress, unit="batch"):
-            x_ND = x_ND.to(dev)
-            out = sae(x_ND)
-            recon_acc.update(x_ND, out.recon, out.code)
-            if ranges is not None:
-                ranges.update(out.code)
-                if sample_code is None:
-                    sample_code = SparseCode(out.code.indices[:64], out.code.values[:64], out.code.d_sae)
-            if kept < retrieval_rows:
-                take = min(retrieval_rows - kept, x_ND.shape[0])
-                kept_x.append(x_ND[:take].float().cpu())
-                kept_r.append(out.recon[:take].float().cpu())
-                kept += take
-        rec = recon_acc.result()
-        report: dict[str, Any] = {
-            "kind": REPORT_KIND,
-            "format_version": REPORT_FORMAT_VERSION,
-            "sae": sae_summary(sae),
-            "n_rows": rec["n_rows"],
-            "reconstruction": {k: rec[k] for k in RECON_KEYS},
-            "sparsity": {k: v for k, v in rec.items() if k not in RECON_KEYS and k != "n_rows"},
-            "ground_truth": None,
-            "retrieval": None,
-            "description_length": None,
-            "downstream": {},
-        }
-        if true_dictionary_GD is not None:
-            report["ground_truth"] = ground_truth_metrics(sae.W_dec.detach().cpu(), true_dictionary_GD.cpu(),
-                                                          threshold=gt_threshold)
-        if retrieval_rows > 0 and kept >= 2:
-            report["retrieval"] = retrieval_metrics(torch.cat(kept_x), torch.cat(kept_r), k=retrieval_k)
-        if ranges is not None and ranges.n_rows > 0:
-            W = None
-            try:
-                W = sae.W_dec.detach()
-            except (NotImplementedError, AttributeError):
-                W = None
-            fast = W is not None and _decoder_is_affine(sae, sample_code, W)
-            acc = DescriptionLengthAccumulator(ranges.lo_F, ranges.hi_F, dl_precisions,
-                                               decoder_FD=W if fast else None,
-                                               decode_fn=None if fast else sae.decode)
-            for x_ND in tqdm(_limited(batches, max_rows, cfg.d_in), desc="description length",
-                             disable=not progress, unit="batch"):
-                x_ND = x_ND.to(dev)
-                out = sae(x_ND)
-                acc.update(out.code, x_ND, out.recon)
-            dl = acc.result(fvu_tolerance)
-            dl["error_path"] = "affine decoder (gathered W_dec rows)" if fast else "sae.decode per precision"
-            report["description_length"] = dl
-        return report
-    finally:
-        sae.train(was_training)
+    acc = ReconstructionAccumulator(cfg.d_in, cfg.d_sae, dense_threshold=opts.dense_threshold)
+    first = FirstPass({}, LatentValueRange(cfg.d_sae) if opts.description_length else None)
+    kept = 0
+    for x_ND in _progress(_limited(batches, opts.max_rows, cfg.d_in), "eval", opts):
+        x_ND = x_ND.to(dev)
+        out = sae(x_ND)
+        acc.update(x_ND, out.recon, out.code)
+        if first.ranges is not None:
+            first.ranges.update(out.code)
+        take = min(opts.retrieval_rows - kept, x_ND.shape[0])
+        if take > 0:
+            first.kept_x.append(x_ND[:take].float().cpu())
+            first.kept_r.append(out.recon[:take].float().cpu())
+            kept += take
+    first.recon = acc.result()
+    return first
+
+
+def _report(sae: SparseAutoencoder, rec: dict) -> dict[str, Any]:
+    return {
+        "kind": REPORT_KIND,
+        "format_version": REPORT_FORMAT_VERSION,
+        "sae": sae_summary(sae),
+        "n_rows": rec["n_rows"],
+        "reconstruction": {k: rec[k] for k in RECON_KEYS},
+        "sparsity": {k: v for k, v in rec.items() if k not in RECON_KEYS and k != "n_rows"},
+        "ground_truth": None,
+        "retrieval": None,
+        "description_length": None,
+        "downstream": {},
+    }
+
+
+def ground_truth_pass(sae: SparseAutoencoder, opts: EvalOptions) -> dict | None:
+    """Recovery of the planted atoms `opts.true_dictionary_GD` by the decoder rows (None when not given)."""
+    if opts.true_dictionary_GD is None:
+        return None
+    return ground_truth_metrics(sae.W_dec.detach().cpu(), opts.true_dictionary_GD.cpu(), threshold=opts.gt_threshold)
+
+
+def retrieval_pass(first: FirstPass, opts: EvalOptions) -> dict | None:
+    """Retrieval fidelity (recall@k) of the reconstructions on the kept rows (None when off or < 2 rows)."""
+    if opts.retrieval_rows <= 0 or sum(x.shape[0] for x in first.kept_x) < 2:
+        return None
+    return retrieval_metrics(torch.cat(first.kept_x), torch.cat(first.kept_r), k=opts.retrieval_k)
+
+
+def description_length_pass(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], first: FirstPass,
+                            opts: EvalOptions, dev: torch.device) -> dict | None:
+    """The MDL sweep, a second pass over the data on the first pass's value ranges. An architecture
+    that declares its decoder affine (`decoder_is_affine`) quantises through gathered `W_dec` rows;
+    any other decodes once per precision."""
+    if first.ranges is None or first.ranges.n_rows == 0:
+        return None
+    fast = sae.decoder_is_affine
+    acc = DescriptionLengthAccumulator(first.ranges.lo_F, first.ranges.hi_F, opts.dl_precisions,
+                                       decoder_FD=sae.W_dec.detach() if fast else None,
+                                       decode_fn=None if fast else sae.decode)
+    for x_ND in _progress(_limited(batches, opts.max_rows, sae.cfg.d_in), "description length", opts):
+        x_ND = x_ND.to(dev)
+        out = sae(x_ND)
+        acc.update(out.code, x_ND, out.recon)
+    dl = acc.result(opts.fvu_tolerance)
+    dl["error_path"] = "affine decoder (gathered W_dec rows)" if fast else "sae.decode per precision"
+    return dl
 
 
 def attach_downstream(report: dict, name: str, results: dict) -> dict:

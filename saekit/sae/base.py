@@ -10,20 +10,31 @@ An SAE maps activations `x [..., d_in]` to a sparse code over `d_sae` latents an
 No architecture is assumed to have an encoder matrix (matching pursuit has none). Inputs shaped
 `(d_in)`, `(B, d_in)` and `(B, T, d_in)` all work: the base flattens leading dimensions, the
 architecture sees `[N, d_in]` only (`_encode_flat`, `_decode_flat`, `_forward_flat`).
+
+Architecture policy is declared on the class, and the trainer and evaluators read it instead of
+naming architectures: `edits_weights_locally` (weights edited from rank-local data after a step, so
+distributed training broadcasts rank 0's copy), `stat_buffers` (which buffers are training
+statistics and how ranks combine them), `decoder_is_affine` (decode is `values @ W_dec[idx] + b`,
+which the description-length fast path needs) and `supports_folding`. A new architecture is one
+file: a config dataclass, a `@register`ed subclass, these declarations where the defaults are wrong.
 """
 
 from __future__ import annotations
 
-import dataclasses
+import contextlib
 import itertools
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import torch
 from torch import Tensor, nn
 
 from saekit.config import Config, param
 from saekit.errors import ShapeMismatchError
+
+StatReduction = Literal["fired_any", "min"]
+"""How ranks combine a training statistic buffer after each forward (see `SparseAutoencoder.stat_buffers`)."""
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -96,6 +107,12 @@ class LossOutput:
     parts: dict[str, float] = field(default_factory=dict)
 
 
+def random_unit_rows(n: int, d: int, generator: torch.Generator, dtype: torch.dtype = torch.float32) -> Tensor:
+    """`n` random unit-norm directions `[n, d]`, drawn in float64 (the same draw for every dtype)."""
+    rows_ND = torch.randn(n, d, generator=generator, dtype=torch.float64)
+    return (rows_ND / rows_ND.norm(dim=-1, keepdim=True)).to(dtype)
+
+
 def tied_init(cfg: SAEConfig) -> tuple[nn.Parameter, nn.Parameter, nn.Parameter, nn.Parameter]:
     """`W_enc [d_in, d_sae]`, `W_dec [d_sae, d_in]`, `b_enc`, `b_dec` with the tied init of Gao et al.:
     random unit-norm decoder rows, encoder = decoder transposed, zero biases (seeded by cfg.seed)."""
@@ -127,6 +144,22 @@ class SparseAutoencoder(nn.Module):
     architecture: ClassVar[str] = ""
     config_class: ClassVar[type[SAEConfig]] = SAEConfig
     supports_folding: ClassVar[bool] = True
+    edits_weights_locally: ClassVar[bool] = False
+    """True when `after_optimizer_step` edits weights from this process's own data (MP's dead-atom
+    revival): distributed training then broadcasts rank 0's parameters and buffers after every step."""
+    stat_buffers: ClassVar[Mapping[str, StatReduction]] = {}
+    """Buffers (by `named_buffers()` name) that a training forward updates from its batch, and how
+    distributed training makes them global after each forward:
+    'fired_any' - a per-latent count of tokens since the latent last fired: 0 where it fired on any
+    rank, else its value before the step plus the global number of rows;
+    'min' - a float statistic whose global value is the minimum over ranks (BatchTopK's threshold).
+    A declared buffer an instance does not have (a plain top-k has no threshold) is skipped."""
+    decoder_is_affine: ClassVar[bool] = False
+    """True when `decode(code) == code.values @ W_dec[code.indices] + b` for a fixed `b`: description
+    length then quantises through gathered `W_dec` rows instead of one `decode` per precision."""
+
+    W_dec: nn.Parameter
+    """Decoder directions `[d_sae, d_in]` (SAELens name); every architecture has a dictionary."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -175,6 +208,11 @@ class SparseAutoencoder(nn.Module):
     def after_optimizer_step(self) -> None:
         """Called after the optimizer step (e.g. renormalise decoder rows, refresh a Gram matrix)."""
 
+    def dead_fraction(self) -> float | None:
+        """Fraction of latents the architecture counts as dead now, or None when it keeps no such
+        statistic (the trainer's metrics logger then counts firings in the codes it sees)."""
+        return None
+
     def set_input_scale(self, scale: float) -> None:
         """Training-time input normalisation `x * scale`; the exported copy folds it away."""
         self.register_buffer("input_scale", torch.tensor(float(scale)), persistent=False)
@@ -208,16 +246,22 @@ class SparseAutoencoder(nn.Module):
         lead = tuple(x.shape[:-1])
         return x.reshape(-1, self.cfg.d_in), lead
 
-    @property
-    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
-        """Decoder directions `[d_sae, d_in]`; every architecture has a dictionary."""
-        raise NotImplementedError
-
     def config_dict(self) -> dict:
         """The cfg.json content: the config plus `architecture` (SAELens-style keys)."""
         d = self.cfg.to_dict(redact=True)
         d["architecture"] = self.architecture
         return d
 
-    def clone_config(self, **changes) -> SAEConfig:
-        return dataclasses.replace(self.cfg, **changes)
+
+@contextlib.contextmanager
+def inference_mode(sae: SparseAutoencoder) -> Iterator[SparseAutoencoder]:
+    """The SAE in eval mode (BatchTopK uses its inference threshold) under `torch.no_grad`, its
+    previous mode restored after. Why no_grad and not `torch.inference_mode`: tensors made inside the
+    latter can never enter autograd, and callers keep codes and reconstructions around."""
+    was = sae.training
+    sae.eval()
+    try:
+        with torch.no_grad():
+            yield sae
+    finally:
+        sae.train(was)

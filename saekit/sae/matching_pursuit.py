@@ -26,9 +26,8 @@ import torch
 from torch import Tensor, nn
 
 from saekit.config import param
-from saekit.data.synthetic import random_dictionary
 from saekit.errors import ConfigError
-from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode
+from saekit.sae.base import ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode, random_unit_rows
 from saekit.sae.kernels.mp import (PursuitOptions, Selection, gram_matrix, merge_duplicates, mp_coefficients,
                                    select_atoms, sparse_decode)
 from saekit.sae.registry import register
@@ -82,12 +81,15 @@ class MatchingPursuitSAE(SparseAutoencoder):
     architecture = "mp"
     config_class = MPConfig
     supports_folding = False
+    edits_weights_locally = True  # dead-atom revival pulls atoms toward this process's residuals
+    stat_buffers = {"tokens_since_fired": "fired_any"}
+    decoder_is_affine = True  # sum_t vals_t * W_dec[idx_t] + b_dec
     cfg: MPConfig
 
     def __init__(self, cfg: MPConfig):
         super().__init__(cfg)
         gen = torch.Generator().manual_seed(cfg.seed)
-        W_FD = random_dictionary(cfg.d_sae, cfg.d_in, gen).to(cfg.torch_dtype)
+        W_FD = random_unit_rows(cfg.d_sae, cfg.d_in, gen, cfg.torch_dtype)
         self.register_parameter("W_dec", nn.Parameter(W_FD.to(cfg.device)))
         if cfg.use_decoder_bias:
             self.b_dec = nn.Parameter(torch.zeros(cfg.d_in, dtype=cfg.torch_dtype, device=cfg.device))
@@ -99,14 +101,6 @@ class MatchingPursuitSAE(SparseAutoencoder):
                              persistent=False)
         self._gram_cache: dict = {}  # shared with with_sparsity() views
         self._revive_pool: Tensor | None = None
-
-    @property
-    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
-        """The dictionary `[d_sae, d_in]`, unit-norm atoms."""
-        W = self._parameters.get("W_dec")
-        if W is None:
-            raise AttributeError("W_dec")
-        return W
 
     # -- sparsity at inference -------------------------------------------------------------
     def with_sparsity(self, **changes) -> "MatchingPursuitSAE":
@@ -244,18 +238,12 @@ class MatchingPursuitSAE(SparseAutoencoder):
         if self.cfg.gram != "never":
             self.refresh_gram()
 
-    def dead_fraction(self) -> float:
-        """Fraction of atoms not selected for revive_after_tokens tokens (0 when revival is off)."""
+    def dead_fraction(self) -> float | None:
+        """Fraction of atoms not selected for revive_after_tokens tokens; None when revival is off
+        (the usage counter is not kept then, so the trainer's logger counts firings instead)."""
         if not self.cfg.revive_after_tokens:
-            return 0.0
+            return None
         return (self.tokens_since_fired >= self.cfg.revive_after_tokens).float().mean().item()
-
-    def training_state(self) -> dict[str, Tensor]:
-        """Training-only tensors not in the exported state_dict (also reachable via named_buffers())."""
-        return {"tokens_since_fired": self.tokens_since_fired.clone()}
-
-    def load_training_state(self, state: dict[str, Tensor]) -> None:
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
 
     def _track_usage(self, code: SparseCode, xc_ND: Tensor, recon_ND: Tensor) -> None:
         """Count tokens since each atom fired; keep the worst residuals when some atom is dead."""

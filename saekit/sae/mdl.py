@@ -95,6 +95,7 @@ def soft_description_length(p_fire_F: Tensor, value_bits: float, n_rows: int) ->
 class MDLSAE(SparseAutoencoder):
     architecture = "mdl"
     config_class = MDLConfig
+    decoder_is_affine = True  # z @ W_dec + b_dec
 
     def __init__(self, cfg: MDLConfig):
         super().__init__(cfg)
@@ -102,13 +103,6 @@ class MDLSAE(SparseAutoencoder):
         self.W_enc, self.W_dec, self.b_enc, self.b_dec = tied_init(cfg)
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold), **kw))
-
-    @property
-    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
-        try:  # the base's raising property would shadow the parameter (see topk.py)
-            return self._parameters["W_dec"]
-        except KeyError:
-            raise AttributeError("W_dec") from None
 
     # -- encoding and decoding ------------------------------------------------------------------
     def _pre(self, x_ND: Tensor) -> Tensor:

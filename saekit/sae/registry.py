@@ -5,6 +5,8 @@ Files: `cfg.json` + `sae_weights.safetensors` (SAELens-compatible keys) + a sha2
 
 from __future__ import annotations
 
+import importlib
+import pkgutil
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +29,24 @@ def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
     return cls
 
 
-def _ensure_builtins() -> None:
-    # Importing the architecture modules registers them; kept lazy so registry has no import cycle.
-    import saekit.sae.topk  # noqa: F401
+_discovered = False
 
-    for mod in ("saekit.sae.matching_pursuit", "saekit.sae.mdl"):
-        try:
-            __import__(mod)
-        except ModuleNotFoundError as e:
-            if e.name != mod:
-                raise
+
+def _ensure_builtins() -> None:
+    """Import every module of `saekit.sae` once, which registers the architectures defined there.
+
+    Discovery, not a list: an architecture is one file in `saekit/sae/` with a `@register`ed class.
+    Sub-packages (the kernels) are skipped; importing `base` or `registry` again is a no-op. Lazy
+    (first lookup) because the architecture modules import this one. An import error is an error."""
+    global _discovered
+    if _discovered:
+        return
+    import saekit.sae as package
+
+    for info in pkgutil.iter_modules(package.__path__):
+        if not info.ispkg and not info.name.startswith("_"):
+            importlib.import_module(f"{package.__name__}.{info.name}")
+    _discovered = True
 
 
 def architectures() -> list[str]:

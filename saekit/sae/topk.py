@@ -60,6 +60,8 @@ class TopKConfig(SAEConfig):
 class TopKSAE(SparseAutoencoder):
     architecture = "topk"
     config_class = TopKConfig
+    decoder_is_affine = True
+    stat_buffers = {"tokens_since_fired": "fired_any", "threshold": "min"}
 
     def __init__(self, cfg: TopKConfig):
         super().__init__(cfg)
@@ -70,15 +72,6 @@ class TopKSAE(SparseAutoencoder):
         self.register_buffer("tokens_since_fired", torch.zeros(cfg.d_sae, dtype=torch.long, device=cfg.device),
                              persistent=False)
         self._workspace: Tensor | None = None  # reused [N, d_sae] pre-activation buffer (training only)
-
-    @property
-    def W_dec(self) -> Tensor:  # noqa: N802 - SAELens name
-        # The base declares W_dec as a raising property, which would shadow the parameter (and make
-        # nn.Module's hasattr() check fail); look the parameter up explicitly instead.
-        try:
-            return self._parameters["W_dec"]
-        except KeyError:
-            raise AttributeError("W_dec") from None
 
     # -- encoding --------------------------------------------------------------------------------
     def _select(self, dead_idx: Tensor | None, widths: dict) -> Select:
@@ -174,13 +167,6 @@ class TopKSAE(SparseAutoencoder):
 
     def dead_fraction(self) -> float:
         return (self.tokens_since_fired >= self.cfg.dead_tokens_threshold).float().mean().item()
-
-    def training_state(self) -> dict[str, Tensor]:
-        """Training-only tensors not in the exported state_dict (also reachable via named_buffers())."""
-        return {"tokens_since_fired": self.tokens_since_fired.clone()}
-
-    def load_training_state(self, state: dict[str, Tensor]) -> None:
-        self.tokens_since_fired.copy_(state["tokens_since_fired"])
 
     # -- training callbacks --------------------------------------------------------------------------
     @torch.no_grad()

@@ -84,7 +84,7 @@ class MetricsLogger(Callback):
         self._t, self._tokens = time.perf_counter(), run.state.tokens
 
     def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
-        if info.out is not None and not callable(getattr(run.sae, "dead_fraction", None)):
+        if info.out is not None and run.sae.dead_fraction() is None:
             self._track_firing(info.out, run.sae.cfg.d_sae)
         if info.step % self.every == 0 or info.step == run.cfg.total_steps:
             self._write(run, info)
@@ -99,9 +99,9 @@ class MetricsLogger(Callback):
         self._since_fired[fired] = 0
 
     def _dead_fraction(self, run: "TrainRun") -> float | None:
-        fn = getattr(run.sae, "dead_fraction", None)
-        if callable(fn):
-            return float(fn())
+        own = run.sae.dead_fraction()
+        if own is not None:
+            return float(own)
         if self._since_fired is None:
             return None
         return float((self._since_fired >= self.window).float().mean())

@@ -9,10 +9,13 @@ with each rank's weighted by its share of the global batch (n_rank / n_global). 
 is a mean over rows plus row-independent terms, so the result is the one-process gradient of the
 global batch, also when the global batch does not split evenly.
 
-What else must be global, and how it is made so (`StepSync.reduce_buffers`):
-* dead-latent counters (`tokens_since_fired`): a latent fired if it fired on any rank; otherwise
-  its counter grows by the global number of rows. AuxK then picks the same dead latents everywhere.
-* the BatchTopK inference threshold (an EMA of the smallest kept activation): all-reduced with MIN,
+What else must be global, and how it is made so (`StepSync.reduce_buffers`). The SAE declares it
+(`SparseAutoencoder.stat_buffers`, `edits_weights_locally`); nothing here names an architecture:
+* dead-latent counters ('fired_any', e.g. `tokens_since_fired`): a latent fired if it fired on any
+  rank; otherwise its counter grows by the global number of rows. AuxK then picks the same dead
+  latents everywhere.
+* minimum statistics ('min', e.g. the BatchTopK inference threshold, an EMA of the smallest kept
+  activation): all-reduced with MIN,
   which is exactly the EMA of the global minimum. The *selection* itself stays per rank: each rank
   keeps the k·n_rank largest activations of its own slice (BatchTopK over a batch of n_rank rows),
   which is what other distributed SAE trainers do; a global top-(k·B) would need the whole [B, d_sae]
@@ -44,9 +47,6 @@ from saekit.errors import ConfigError
 from saekit.sae.base import SparseAutoencoder
 
 log = logging.getLogger(__name__)
-
-# Architectures whose after_optimizer_step edits weights from rank-local data.
-LOCAL_EDIT_ARCHITECTURES = {"mp"}
 
 
 class StepSync:
@@ -147,18 +147,26 @@ class DistributedSync(StepSync):
 
     @torch.no_grad()
     def reduce_buffers(self, sae: SparseAutoencoder, before: dict[str, Tensor], n_local: int, n_global: int) -> None:
-        """Make the statistics the forward just updated global (see the module docstring)."""
-        for name, buf in sae.named_buffers():
-            leaf = name.rsplit(".", 1)[-1]
-            if leaf == "tokens_since_fired":
+        """Make the training statistics the forward just updated global, as the SAE declares them
+        in `stat_buffers` (see the module docstring). Every rank holds the same buffers, so every
+        rank makes the same all-reduces in the same order."""
+        buffers = dict(sae.named_buffers())
+        for name, how in sae.stat_buffers.items():
+            buf = buffers.get(name)
+            if buf is None:
+                continue
+            if how == "fired_any":
                 fired_any = self._all_reduce((buf == 0).to(torch.int32), dist.ReduceOp.MAX).bool()
                 grown = before[name] + n_global if name in before else buf - n_local + n_global
                 buf.copy_(torch.where(fired_any, torch.zeros_like(buf), grown))
-            elif leaf == "threshold" and buf.is_floating_point():
+            elif how == "min":
                 buf.copy_(self._all_reduce(buf.clone(), dist.ReduceOp.MIN))
+            else:
+                raise ConfigError(f"{sae.architecture}: stat_buffers['{name}'] = {how!r}; expected 'fired_any' "
+                                  "or 'min'")
 
     def after_optimizer_step(self, sae: SparseAutoencoder) -> None:
-        if getattr(sae, "architecture", "") in LOCAL_EDIT_ARCHITECTURES:
+        if sae.edits_weights_locally:
             self.broadcast_module(sae)
 
     @torch.no_grad()
