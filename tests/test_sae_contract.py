@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 
 from saekit.artifacts import write_manifest
 from saekit.errors import CorruptArtifactError, DtypeMismatchError, ShapeMismatchError
+from saekit.sae.base import SparseCode
 from saekit.sae.registry import CFG_FILE, WEIGHTS_FILE, architectures, create, get_class, load_sae, save_sae
 
 D_IN, D_SAE = 8, 32
@@ -28,9 +29,15 @@ def small_config(arch: str, **over):
     return cls.from_dict(kw, where=arch)
 
 
-def build(arch: str, **over):
+def defaults_config(arch: str, **over):
+    """Only the widths set: every other field at its default (e.g. MDL without a k cap)."""
+    return get_class(arch).config_class.from_dict({"d_in": D_IN, "d_sae": D_SAE} | over, where=arch)
+
+
+def build(arch: str, variant: str = "small", **over):
     torch.manual_seed(0)
-    sae = create(small_config(arch, **over), architecture=arch)
+    cfg = small_config(arch, **over) if variant == "small" else defaults_config(arch, **over)
+    sae = create(cfg, architecture=arch)
     with torch.no_grad():  # move biases away from 0 so they take part in every check
         for name, p in sae.named_parameters():
             if p.ndim == 1:
@@ -42,9 +49,10 @@ ARCHS = architectures()
 
 
 @pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("variant", ["small", "defaults"])
 @pytest.mark.parametrize("lead", [(), (5,), (3, 4)], ids=["D", "BD", "BTD"])
-def test_shapes_and_forward_equals_decode_encode(arch, lead):
-    sae = build(arch).eval()
+def test_shapes_and_forward_equals_decode_encode(arch, variant, lead):
+    sae = build(arch, variant).eval()
     x = torch.randn(*lead, D_IN, generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         out = sae(x)
@@ -55,10 +63,64 @@ def test_shapes_and_forward_equals_decode_encode(arch, lead):
     assert code.indices.shape[:-1] == lead
     torch.testing.assert_close(out.recon, recon, rtol=0, atol=1e-6)
     cfg = sae.cfg
-    if hasattr(cfg, "k") and not getattr(cfg, "batch_topk", False):
+    if getattr(cfg, "k", None) is not None and not getattr(cfg, "batch_topk", False):
         assert (code.l0() <= cfg.k).all()
-    if arch == "topk":
+    if getattr(cfg, "nonneg", True):  # signed codes only where the config asks for them (MP nonneg=False)
         assert (code.values >= 0).all()
+    assert code.l0().sum() > 0  # not vacuous: something fires
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_w_dec_is_the_decoder_parameter(arch):
+    sae = build(arch)
+    assert hasattr(sae, "W_dec") and tuple(sae.W_dec.shape) == (D_SAE, D_IN)
+    assert any(sae.W_dec is p for p in sae.parameters())
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_declared_policy_is_well_formed(arch):
+    cls = get_class(arch)
+    assert isinstance(cls.edits_weights_locally, bool) and isinstance(cls.decoder_is_affine, bool)
+    assert set(cls.stat_buffers.values()) <= {"fired_any", "min"}
+
+
+STAT_KNOBS = {"batch_topk": True, "revive_after_tokens": 1}  # fields that switch training statistics on
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_training_forward_changes_only_declared_stat_buffers(arch):
+    """Distributed training makes exactly the declared statistics global; an undeclared buffer that a
+    training forward changes would silently stay per rank."""
+    names = {f.name for f in dataclasses.fields(get_class(arch).config_class)}
+    sae = build(arch, **{n: v for n, v in STAT_KNOBS.items() if n in names}).train()
+    before = {n: b.clone() for n, b in sae.named_buffers()}
+    for seed in (1, 2):
+        sae(torch.randn(16, D_IN, generator=torch.Generator().manual_seed(seed)))
+    changed = {n for n, b in sae.named_buffers() if not torch.equal(b, before[n])}
+    assert changed <= set(sae.stat_buffers), f"undeclared training statistics: {changed - set(sae.stat_buffers)}"
+    for name, how in sae.stat_buffers.items():
+        buf = dict(sae.named_buffers()).get(name)
+        if buf is not None and how == "fired_any":
+            assert buf.shape == (D_SAE,) and not buf.is_floating_point()
+        if buf is not None and how == "min":
+            assert buf.is_floating_point()
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_declared_affine_decoder_is_affine(arch):
+    """decoder_is_affine=True promises decode(code) == values @ W_dec[idx] + b (the DL fast path's premise)."""
+    sae = build(arch).eval()
+    if not sae.decoder_is_affine:
+        pytest.skip(f"{arch} does not declare an affine decoder")
+    with torch.no_grad():
+        code = sae.encode(torch.randn(32, D_IN, generator=torch.Generator().manual_seed(3)))
+        g = torch.Generator().manual_seed(4)
+        moved = SparseCode(code.indices, code.values + torch.randn(code.values.shape, generator=g).to(code.values),
+                           code.d_sae)
+        for c in (code, moved):
+            lin = torch.einsum("nk,nkd->nd", c.values.double(), sae.W_dec.double()[c.indices])
+            bias = sae.decode(c).double() - lin
+            torch.testing.assert_close(bias, bias[:1].expand_as(bias), rtol=0, atol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
