@@ -118,8 +118,14 @@ def _data() -> Tensor:
     return planted_features(1024, D_IN, 24, avg_active=3, seed=0).x_ND
 
 
-def _train(tmp_path, name, sync=None):
-    sae = saekit.create_sae({"architecture": "test_relu", "d_in": D_IN, "d_sae": D_SAE, "dead_tokens": 128})
+class QuietReLUSAE(ReLUSAE):
+    """The same SAE declaring that it edits no weights from local data (not registered)."""
+
+    edits_weights_locally = False
+
+
+def _train(tmp_path, name, sync=None, cls: type[ReLUSAE] = ReLUSAE):
+    sae = cls(ReLUConfig(d_in=D_IN, d_sae=D_SAE, dead_tokens=128))
     cfg = TrainConfig.from_dict({"total_steps": STEPS, "batch_size": BATCH, "lr": 3e-3, "log_every": 1,
                                         "checkpoint_every": 0, "progress_bar": False})
     return train(sae, TensorBatches(_data(), BATCH, seed=1), cfg, tmp_path / name, sync=sync)
@@ -155,14 +161,9 @@ def test_distributed_sync_reads_the_declarations(tmp_path, one_thread):
         sync = RecordingSync()
         _train(tmp_path, "ddp", sync=sync)
         assert sync.ops.count(dist.ReduceOp.MAX) == STEPS
-        with_edits = sync.broadcasts
-        ReLUSAE.edits_weights_locally = False
-        try:
-            quiet = RecordingSync()
-            _train(tmp_path, "ddp-quiet", sync=quiet)
-        finally:
-            ReLUSAE.edits_weights_locally = True
-        assert with_edits - quiet.broadcasts == STEPS
+        quiet = RecordingSync()
+        _train(tmp_path, "ddp-quiet", sync=quiet, cls=QuietReLUSAE)
+        assert sync.broadcasts - quiet.broadcasts == STEPS
     finally:
         dist.destroy_process_group()
 
