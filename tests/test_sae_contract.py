@@ -2,6 +2,8 @@
 
 Each architecture is built from a small config through its own config_class; fields this file does
 not know keep their defaults, so architectures added later are covered without editing this file.
+Also: the declared policy (stat buffers, affine decoder, W_dec) holds, and encode gives the same
+codes in every context users run (grad modes, autocast, thread counts, input layouts, CUDA; issue 21).
 """
 
 from __future__ import annotations
