@@ -31,7 +31,8 @@ def _ensure_builtins() -> None:
     # Importing the architecture modules registers them; kept lazy so registry has no import cycle.
     import saekit.sae.topk  # noqa: F401
 
-    for mod in ("saekit.sae.matching_pursuit", "saekit.sae.mdl"):
+    for mod in ("saekit.sae.matching_pursuit", "saekit.sae.mdl", "saekit.sae.relu", "saekit.sae.jumprelu",
+                "saekit.sae.gated"):
         try:
             __import__(mod)
         except ModuleNotFoundError as e:
@@ -93,6 +94,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     path = Path(path)
     if (path / "final_sae").is_dir() and not (path / CFG_FILE).exists():
         path = path / "final_sae"  # a training run folder
+    from saekit.sae import formats  # other tools' files (SAELens, sparsify, dictionary_learning, Gemma Scope)
+
+    if formats.foreign_format(path):
+        return formats.load_foreign(path, device=device, strict=strict)
     cfg_path = path / CFG_FILE
     if not cfg_path.exists():
         raise CorruptArtifactError(f"{path}: no {CFG_FILE} (expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE})")
