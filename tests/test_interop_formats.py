@@ -218,3 +218,30 @@ def test_nothing_recognisable_names_what_was_expected(tmp_path):
     (tmp_path / "notes.txt").write_text("hi")
     with pytest.raises(CorruptArtifactError, match="cfg.json"):
         saekit.load_sae(tmp_path)
+
+
+def test_saekit_save_sae_takes_a_format(tmp_path):
+    sae = saekit.load_sae(FIXTURES / "saelens" / "gated")
+    saekit.save_sae(sae, tmp_path / "out", format="saelens")
+    assert detect(tmp_path / "out") == "saelens"
+    _assert_matches(saekit.load_sae(tmp_path / "out"), _reference("saelens_gated"))
+
+
+def test_flat_cfg_of_saelens_5_reads_as_topk(tmp_path):
+    """SAELens <= 5 wrote a flat cfg.json (no `metadata`) and top-k as 'standard' + activation_fn_str='topk'.
+    Same weights as the SAELens 6 top-k fixture, so the same outputs are expected."""
+    folder = _copy("saelens/topk", tmp_path)
+    cfg = {"architecture": "standard", "d_in": 16, "d_sae": 32, "dtype": "float32", "device": "cpu",
+           "model_name": "toy-model", "hook_name": "blocks.1.hook_resid_post", "hook_layer": 1,
+           "hook_head_index": None, "context_size": 16, "prepend_bos": True, "dataset_path": "toy/corpus",
+           "activation_fn_str": "topk", "activation_fn_kwargs": {"k": 4}, "apply_b_dec_to_input": True,
+           "finetuning_scaling_factor": False, "normalize_activations": "none", "sae_lens_training_version": "5.0",
+           "model_from_pretrained_kwargs": {}, "neuronpedia_id": None}
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    sae = saekit.load_sae(folder)
+    assert sae.architecture == "topk" and sae.cfg.k == 4 and sae.cfg.dataset_path == "toy/corpus"
+    _assert_matches(sae, _reference("saelens_topk"))
+    cfg["activation_fn_str"] = "tanh-relu"
+    (folder / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.raises(ConfigError, match="'activation_fn_str'"):
+        saekit.load_sae(folder)

@@ -78,8 +78,13 @@ def _class_for_config(cfg: SAEConfig) -> type[SparseAutoencoder]:
     raise ConfigError(f"no registered architecture uses config class {type(cfg).__name__}")
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True) -> Path:
-    """Write `cfg.json` + `sae_weights.safetensors` atomically; normalisation folded by default."""
+def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format: str = "saekit") -> Path:  # noqa: A002
+    """Write `cfg.json` + `sae_weights.safetensors` atomically; normalisation folded by default.
+    `format="saelens" | "sparsify"` writes files those tools load (see saekit.sae.formats)."""
+    if format != "saekit":
+        from saekit.sae import formats
+
+        return formats.save_sae(sae, path, format=format)
     path = Path(path)
     model = sae.folded_copy() if (fold and sae.supports_folding) else sae
     with atomic_dir(path) as tmp:
