@@ -168,7 +168,7 @@ def dictionary_learning_fixtures() -> None:
         tcfg = common | {"steps": steps} | tcfg
         trainSAE(data=data, trainer_configs=[tcfg], steps=steps, save_dir=str(folder), device="cpu")
         run = folder / "trainer_0"
-        state = torch.load(run / "ae.pt", weights_only=True)
+        state = torch.load(run / "ae.pt", weights_only=True)  # noqa: TID251 - tensors only
         for key in ("b_dec", "bias", "encoder.bias", "b_enc"):
             if key in state:
                 state[key] = state[key] + rnd(*state[key].shape, scale=0.3)

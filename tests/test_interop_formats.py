@@ -141,7 +141,7 @@ def test_finetuning_scaling_factor_is_refused(tmp_path):
 
 
 def test_batchtopk_keeps_its_inference_threshold():
-    state = torch.load(FIXTURES / ENTRIES["dictionary_learning_batchtopk"]["path"] / "ae.pt", weights_only=True)
+    state = torch.load(FIXTURES / ENTRIES["dictionary_learning_batchtopk"]["path"] / "ae.pt", weights_only=True)  # noqa: TID251 - tensors only
     sae = saekit.load_sae(FIXTURES / ENTRIES["dictionary_learning_batchtopk"]["path"])
     assert sae.cfg.batch_topk and float(sae.threshold) == float(state["threshold"]) > 0
     ref = _reference("dictionary_learning_batchtopk")
@@ -150,7 +150,7 @@ def test_batchtopk_keeps_its_inference_threshold():
 
 def test_unestimated_batchtopk_threshold_is_refused(tmp_path):
     folder = _copy(ENTRIES["dictionary_learning_batchtopk"]["path"], tmp_path)
-    state = torch.load(folder / "ae.pt", weights_only=True)
+    state = torch.load(folder / "ae.pt", weights_only=True)  # noqa: TID251 - tensors only
     state["threshold"] = torch.tensor(-1.0)
     torch.save(state, folder / "ae.pt")
     with pytest.raises(ConfigError, match="'threshold'"):
@@ -163,7 +163,7 @@ class _NotATensor:
 
 def test_ae_pt_with_pickled_objects_is_not_unpickled(tmp_path):
     folder = _copy(ENTRIES["dictionary_learning_relu"]["path"], tmp_path)
-    state = torch.load(folder / "ae.pt", weights_only=True)
+    state = torch.load(folder / "ae.pt", weights_only=True)  # noqa: TID251 - tensors only
     torch.save(state | {"payload": _NotATensor()}, folder / "ae.pt")
     with pytest.raises(CorruptArtifactError, match="weights_only=True"):
         saekit.load_sae(folder)

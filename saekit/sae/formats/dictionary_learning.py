@@ -37,7 +37,7 @@ def is_dictionary_learning(path: Path) -> bool:
 def read(path: Path, device: str | torch.device = "cpu", strict: bool = True) -> SparseAutoencoder:
     file = path if path.is_file() else path / WEIGHTS_FILE
     try:
-        state = torch.load(file, map_location="cpu", weights_only=True)
+        state = torch.load(file, map_location="cpu", weights_only=True)  # noqa: TID251 - tensors only
     except Exception as e:  # weights_only refuses pickled objects: say so instead of a pickle traceback
         raise CorruptArtifactError(f"{file}: expected a state dict of tensors readable with "
                                    f"torch.load(weights_only=True), could not read it ({e})") from e
