@@ -4,7 +4,7 @@ After Rajamanoharan et al. (2024), "Jumping Ahead: Improving Reconstruction Fide
 Sparse Autoencoders" (the Gemma Scope architecture):
 
     pre_NF = (x_ND - b_dec_D) @ W_enc_DF + b_enc_F      (b_dec subtracted only if apply_b_dec_to_input)
-    z_NF   = JumpReLU_theta(pre_NF) = pre_NF * H(pre_NF - theta_F)     (and ReLU, as SAELens and Gemma Scope)
+    z_NF   = JumpReLU_theta(pre_NF) = pre_NF * H(pre_NF - theta_F)     (then ReLU, as SAELens and Gemma Scope)
     x_hat  = z_NF @ W_dec_FD + b_dec_D
     loss   = mean_rows ||x - x_hat||^2 + l0_coefficient * mean_rows sum_j H(pre_j - theta_j)
 
@@ -109,8 +109,9 @@ class JumpReLUSAE(DecoderParam, SparseAutoencoder):
         return x_in @ self.W_enc + self.b_enc
 
     def _dense(self, pre_NF: Tensor) -> Tensor:
-        # ReLU first (SAELens and Gemma Scope), so a negative threshold never lets negative values through
-        return JumpReLUSTE.apply(torch.relu(pre_NF), self.threshold, self.cfg.bandwidth)
+        # The ReLU after the jump only matters for a threshold < 0 (possible in loaded files, never after a
+        # saekit step): like SAELens and Gemma Scope, it never lets a negative value through.
+        return torch.relu(JumpReLUSTE.apply(pre_NF, self.threshold, self.cfg.bandwidth))
 
     def _encode_flat(self, x_ND: Tensor) -> SparseCode:
         return code_from_dense(self._dense(self._pre(x_ND)))
@@ -132,7 +133,7 @@ class JumpReLUSAE(DecoderParam, SparseAutoencoder):
         if pre_NF is None:  # eval mode: the hard count (no gradient path needed)
             l0 = out.code.l0().reshape(-1).to(mse.dtype).mean()
         else:
-            l0 = StepSTE.apply(torch.relu(pre_NF), self.threshold, self.cfg.bandwidth).sum(-1).mean()
+            l0 = StepSTE.apply(pre_NF, self.threshold, self.cfg.bandwidth).sum(-1).mean()
         total = mse + self.cfg.l0_coefficient * l0
         return LossOutput(total, {"mse": mse.item(), "l0": l0.item()})
 
