@@ -17,6 +17,7 @@ import torch
 from safetensors.torch import load_file
 
 import saekit
+from saekit.artifacts import MANIFEST
 from saekit.errors import ConfigError, CorruptArtifactError
 from saekit.sae.formats import SAEMetadata, detect, load_many, save_sae
 from saekit.sae.registry import create
@@ -194,7 +195,7 @@ def test_saekit_folders_are_still_saekit(tmp_path):
     sae = create({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 2})
     saekit.save_sae(sae, tmp_path / "sae")
     assert detect(tmp_path / "sae") == "saekit"
-    (tmp_path / "sae" / "manifest.json").unlink(missing_ok=True)
+    (tmp_path / "sae" / MANIFEST).unlink()
     assert detect(tmp_path / "sae") == "saekit"  # every cfg key is a saekit field
     assert type(saekit.load_sae(tmp_path / "sae")) is type(sae)
 
