@@ -142,9 +142,11 @@ def sparsify_fixtures() -> None:
 def dictionary_learning_fixtures() -> None:
     """Trained for a few steps by dictionary_learning's own trainSAE (which writes ae.pt + config.json),
     then biases and thresholds randomised (re-saved the same way) so that nothing is at its init."""
-    from dictionary_learning.dictionary import AutoEncoder, JumpReluAutoEncoder
+    from dictionary_learning.dictionary import AutoEncoder, GatedAutoEncoder, JumpReluAutoEncoder
     from dictionary_learning.trainers.batch_top_k import BatchTopKSAE, BatchTopKTrainer
+    from dictionary_learning.trainers.gdm import GatedSAETrainer
     from dictionary_learning.trainers.jumprelu import JumpReluTrainer
+    from dictionary_learning.trainers.matryoshka_batch_top_k import MatryoshkaBatchTopKSAE, MatryoshkaBatchTopKTrainer
     from dictionary_learning.trainers.standard import StandardTrainer
     from dictionary_learning.trainers.top_k import AutoEncoderTopK, TopKTrainer
     from dictionary_learning.training import trainSAE
@@ -160,6 +162,11 @@ def dictionary_learning_fixtures() -> None:
                        "warmup_steps": 1}, BatchTopKSAE, "topk"),
         "jumprelu": ({"trainer": JumpReluTrainer, "dict_class": JumpReluAutoEncoder, "lr": 1e-3,
                       "warmup_steps": 1, "sparsity_warmup_steps": 1}, JumpReluAutoEncoder, "jumprelu"),
+        "matryoshka_batchtopk": ({"trainer": MatryoshkaBatchTopKTrainer, "dict_class": MatryoshkaBatchTopKSAE,
+                                  "k": K, "group_fractions": [0.25, 0.75], "threshold_start_step": 0,
+                                  "warmup_steps": 1}, MatryoshkaBatchTopKSAE, "topk"),
+        "gated": ({"trainer": GatedSAETrainer, "dict_class": GatedAutoEncoder, "lr": 1e-3, "warmup_steps": 1,
+                   "sparsity_warmup_steps": 1}, GatedAutoEncoder, "gated"),
     }
     steps = 20
     data = (torch.randn(64, D_IN, generator=torch.Generator().manual_seed(s)) for s in range(10_000))
@@ -169,18 +176,18 @@ def dictionary_learning_fixtures() -> None:
         trainSAE(data=data, trainer_configs=[tcfg], steps=steps, save_dir=str(folder), device="cpu")
         run = folder / "trainer_0"
         state = torch.load(run / "ae.pt", weights_only=True)  # noqa: TID251 - tensors only
-        for key in ("b_dec", "bias", "encoder.bias", "b_enc"):
+        for key in ("b_dec", "bias", "encoder.bias", "b_enc", "decoder_bias", "gate_bias", "mag_bias", "r_mag"):
             if key in state:
                 state[key] = state[key] + rnd(*state[key].shape, scale=0.3)
         if name == "jumprelu":
             state["threshold"] = rnd(D_SAE).abs() * 0.6 + 0.2
-        if name in ("topk", "batchtopk"):
+        if name in ("topk", "batchtopk", "matryoshka_batchtopk"):
             state["threshold"] = torch.tensor(max(float(state["threshold"]), 0.1))
         torch.save(state, run / "ae.pt")
         ae = _dl_load(cls, run / "ae.pt")
         x = inputs()
         with torch.no_grad():
-            codes = ae.encode(x, use_threshold=True) if name == "batchtopk" else ae.encode(x)
+            codes = ae.encode(x, use_threshold=True) if "batchtopk" in name else ae.encode(x)
             recon = ae.decode(codes)
         save_reference(f"dictionary_learning_{name}", x, codes, recon)
         INDEX[f"dictionary_learning_{name}"] = {"format": "dictionary_learning", "path":
@@ -228,6 +235,7 @@ def versions() -> dict:
 
 def make() -> None:
     OUT.mkdir(parents=True, exist_ok=True)
+    torch.manual_seed(0)  # the peers initialise from the global generator: same files on every run
     saelens_fixtures()
     sparsify_fixtures()
     dictionary_learning_fixtures()

@@ -48,7 +48,7 @@ def test_fixtures_cover_every_peer_architecture():
     classes = {e.get("peer_class") for e in ENTRIES.values()}
     assert {"StandardSAE", "TopKSAE", "JumpReLUSAE", "GatedSAE", "BatchTopKTrainingSAE",
             "MatryoshkaBatchTopKTrainingSAE", "AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE",
-            "JumpReluAutoEncoder"} <= classes
+            "JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE", "GatedAutoEncoder"} <= classes
     assert {e["format"] for e in ENTRIES.values()} == {"saelens", "sparsify", "dictionary_learning", "gemmascope"}
     for name in ENTRIES:  # the fixtures are not trivial: some latents on, some off
         codes = _reference(name)["codes"] if name in LOADABLE else None

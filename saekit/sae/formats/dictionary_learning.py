@@ -7,6 +7,8 @@ class is `config.json`'s trainer.dict_class (or, without a config, inferred from
     AutoEncoderTopK     top-k of relu(encoder(x - b_dec)), decoder(f) + b_dec     -> topk
     BatchTopKSAE        inference: relu(pre) kept where > threshold (a scalar)   -> topk, batch_topk, threshold
     JumpReluAutoEncoder relu(pre * 1[pre > threshold]), pre = x @ W_enc + b_enc   -> jumprelu (no b_dec on input)
+    MatryoshkaBatchTopKSAE  as BatchTopKSAE, W_enc/W_dec named as JumpReLU's     -> topk, batch_topk, threshold
+    GatedAutoEncoder    gate 1[enc(x - b) + gate_bias > 0] * ReLU(exp(r_mag) enc(x - b) + mag_bias) -> gated
 
 Why BatchTopK is never read as plain ReLU (a bug another library shipped): its inference threshold is
 kept as saekit's BatchTopK threshold, and a threshold that was never estimated (< 0), with which
@@ -27,7 +29,8 @@ from saekit.sae.formats.common import SAEMetadata, build, dtype_name, refuse
 
 WEIGHTS_FILE = "ae.pt"
 CONFIG_FILE = "config.json"
-CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder")
+CLASSES = ("AutoEncoder", "AutoEncoderTopK", "BatchTopKSAE", "JumpReluAutoEncoder", "MatryoshkaBatchTopKSAE",
+           "GatedAutoEncoder")
 
 
 def is_dictionary_learning(path: Path) -> bool:
@@ -55,8 +58,12 @@ def read(path: Path, device: str | torch.device = "cpu", strict: bool = True) ->
 
 def _class_from_keys(state: dict, source: str) -> str:
     keys = set(state)
+    if {"W_enc", "group_sizes"} <= keys:
+        return "MatryoshkaBatchTopKSAE"
     if {"W_enc", "threshold"} <= keys:
         return "JumpReluAutoEncoder"
+    if {"encoder.weight", "gate_bias", "mag_bias"} <= keys:
+        return "GatedAutoEncoder"
     if {"encoder.weight", "bias"} <= keys:
         return "AutoEncoder"
     if {"encoder.weight", "k", "threshold"} <= keys:
@@ -70,18 +77,31 @@ def _convert(dict_class: str, s: dict, source: str) -> tuple[str, dict, dict]:
         d_in, d_sae = s["W_enc"].shape
         tensors = {k: s[k] for k in ("W_enc", "b_enc", "W_dec", "b_dec", "threshold")}
         return "jumprelu", tensors, _dims(d_in, d_sae, s["W_dec"]) | {"apply_b_dec_to_input": False}
+    if dict_class == "MatryoshkaBatchTopKSAE":  # all groups active once loaded: a BatchTopK SAE
+        d_in, d_sae = s["W_enc"].shape
+        enc = {k: s[k] for k in ("W_enc", "b_enc", "W_dec")}
+        return _batch_topk(enc, s, _dims(d_in, d_sae, s["b_dec"]) | {"k": int(s["k"])}, source)
     d_sae, d_in = s["encoder.weight"].shape
+    if dict_class == "GatedAutoEncoder":
+        tensors = {"W_enc": s["encoder.weight"].T, "W_dec": s["decoder.weight"].T, "b_dec": s["decoder_bias"],
+                   "b_gate": s["gate_bias"], "b_mag": s["mag_bias"], "r_mag": s["r_mag"]}
+        return "gated", tensors, _dims(d_in, d_sae, s["decoder_bias"]) | {"apply_b_dec_to_input": True}
     enc = {"W_enc": s["encoder.weight"].T, "b_enc": s["encoder.bias"], "W_dec": s["decoder.weight"].T}
     if dict_class == "AutoEncoder":
         return "relu", enc | {"b_dec": s["bias"]}, _dims(d_in, d_sae, s["bias"]) | {"apply_b_dec_to_input": True}
     kw = _dims(d_in, d_sae, s["b_dec"]) | {"k": int(s["k"]), "apply_b_dec_to_input": True}
     if dict_class == "AutoEncoderTopK":  # its default encode is the row-wise top-k; the threshold is unused
         return "topk", enc | {"b_dec": s["b_dec"]}, kw
+    return _batch_topk(enc, s, kw, source)
+
+
+def _batch_topk(enc: dict, s: dict, kw: dict, source: str) -> tuple[str, dict, dict]:
     threshold = s["threshold"].reshape(())
     if float(threshold) < 0:
         raise refuse("dictionary_learning", "threshold", float(threshold), "an estimated BatchTopK inference "
                      "threshold >= 0 (dictionary_learning would keep every positive latent)", source)
-    return "topk", enc | {"b_dec": s["b_dec"], "threshold": threshold.to(torch.float32)}, kw | {"batch_topk": True}
+    tensors = enc | {"b_dec": s["b_dec"], "threshold": threshold.to(torch.float32)}
+    return "topk", tensors, kw | {"apply_b_dec_to_input": True, "batch_topk": True}
 
 
 def _dims(d_in: int, d_sae: int, like: torch.Tensor) -> dict:
