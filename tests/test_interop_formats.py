@@ -246,3 +246,16 @@ def test_flat_cfg_of_saelens_5_reads_as_topk(tmp_path):
     (folder / "cfg.json").write_text(json.dumps(cfg))
     with pytest.raises(ConfigError, match="'activation_fn_str'"):
         saekit.load_sae(folder)
+
+
+def test_hook_z_reshape_is_metadata(tmp_path):
+    """SAELens's hook_z reshaping only flattens [..., n_heads, d_head] into [..., d_in] before the SAE; saekit
+    works on the flattened activations, so the key is kept (and written back), not refused."""
+    folder = _copy("saelens/standard", tmp_path)
+    cfg = json.loads((folder / "cfg.json").read_text())
+    (folder / "cfg.json").write_text(json.dumps(cfg | {"reshape_activations": "hook_z"}))
+    sae = saekit.load_sae(folder)
+    assert sae.metadata.extra["reshape_activations"] == "hook_z"
+    _assert_matches(sae, _reference("saelens_standard"))
+    save_sae(sae, tmp_path / "out", format="saelens")
+    assert json.loads((tmp_path / "out" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
