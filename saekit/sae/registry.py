@@ -87,8 +87,13 @@ def _class_for_config(cfg: SAEConfig) -> type[SparseAutoencoder]:
     raise ConfigError(f"no registered architecture uses config class {type(cfg).__name__}")
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True) -> Path:
-    """Write `cfg.json` + `sae_weights.safetensors` atomically; normalisation folded by default."""
+def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format: str = "saekit") -> Path:  # noqa: A002
+    """Write `cfg.json` + `sae_weights.safetensors` atomically; normalisation folded by default.
+    `format="saelens" | "sparsify"` writes files those tools load (see saekit.sae.formats)."""
+    if format != "saekit":
+        from saekit.sae import formats
+
+        return formats.save_sae(sae, path, format=format)
     path = Path(path)
     model = sae.folded_copy() if (fold and sae.supports_folding) else sae
     with atomic_dir(path) as tmp:
@@ -103,6 +108,10 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     path = Path(path)
     if (path / "final_sae").is_dir() and not (path / CFG_FILE).exists():
         path = path / "final_sae"  # a training run folder
+    from saekit.sae import formats  # other tools' files (SAELens, sparsify, dictionary_learning, Gemma Scope)
+
+    if formats.foreign_format(path):
+        return formats.load_foreign(path, device=device, strict=strict)
     cfg_path = path / CFG_FILE
     if not cfg_path.exists():
         raise CorruptArtifactError(f"{path}: no {CFG_FILE} (expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE})")
