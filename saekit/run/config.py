@@ -19,7 +19,7 @@ from saekit.analysis.features import AnalyzeConfig
 from saekit.config import Config, param
 from saekit.data.corpus import CorpusConfig
 from saekit.errors import ConfigError
-from saekit.layout import RunFolder
+from saekit.layout import STORE, RunFolder
 from saekit.sources.base import SourceConfig
 from saekit.store.writer import StoreConfig
 from saekit.train.config import TrainConfig
@@ -43,7 +43,7 @@ class ActivationRunConfig(Config):
     @property
     def folder(self) -> RunFolder:
         """Where this run's parts live (the store honours `store.path`)."""
-        return RunFolder(self.run_dir, store_path=Path(self.store.path) if self.store.path else None)
+        return RunFolder(self.run_dir, store_path=Path(self.store.path) if self.store.path else self.run_dir / STORE)
 
     @property
     def store_dir(self) -> Path:
