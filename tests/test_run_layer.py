@@ -9,7 +9,6 @@ Two bugs this layer fixes are pinned here end to end on a tiny GPT-2 (no hub, se
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import pytest
@@ -91,7 +90,6 @@ def test_load_run_config_returns_the_kind_the_file_describes(tmp_path):
 
 # -- the two bugs ---------------------------------------------------------------------------------
 def _dashboard_common(monkeypatch, roots: list[Path]):
-    pytest.importorskip("streamlit")
     monkeypatch.syspath_prepend(str(DASHBOARDS))
     monkeypatch.setenv("SAEKIT_RUNS", ":".join(str(r) for r in roots))
     from views import common, reports
