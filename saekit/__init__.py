@@ -21,8 +21,9 @@ _LAZY = {
     "cache": ("saekit.store.writer", "cache_activations"),
     "ActivationStore": ("saekit.store.reader", "ActivationStore"),
     "evaluate": ("saekit.eval.report", "evaluate_sae"),
-    "load_run_config": ("saekit.pipeline", "load_run_config"),
-    "run": ("saekit.pipeline", "run_all"),
+    "load_run_config": ("saekit.run.config", "load_run_config"),
+    "run_all": ("saekit.run.stages", "run_all"),
+    "RunFolder": ("saekit.layout", "RunFolder"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

@@ -71,14 +71,16 @@ def main() -> None:
     ap.add_argument("--chunk-rows", type=int, default=8192)
     args = ap.parse_args()
     from saekit.browser.demo import synthetic_llm_run
+    from saekit.layout import RunFolder
 
     with tempfile.TemporaryDirectory() as tmp:
         res = {}
         for name, rows in (("ref", args.ref_rows), ("main", args.rows)):
             run = synthetic_llm_run(Path(tmp) / name, rows, d_sae=args.d_sae, k=args.k)
             res[name] = {"rows": rows, **build_in_subprocess(run, args.chunk_rows)}
-        times = page_times(Path(tmp) / "main" / "bundle")
-        bundle_mb = sum(p.stat().st_size for p in (Path(tmp) / "main" / "bundle").rglob("*") if p.is_file()) / 2**20
+        bundle = RunFolder(Path(tmp) / "main").bundle
+        times = page_times(bundle)
+        bundle_mb = sum(p.stat().st_size for p in bundle.rglob("*") if p.is_file()) / 2**20
     out = {
         "bench": "browser_bundle", "rows": args.rows, "d_sae": args.d_sae, "k": args.k,
         "build_s_per_100k_rows": round(res["main"]["seconds"] / args.rows * 1e5, 3),

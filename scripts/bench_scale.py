@@ -85,7 +85,9 @@ def bench_stream(steps: int) -> dict:
     from saekit.sae.registry import create
     from saekit.sources.base import SourceConfig
     from saekit.sources.embeddings import EmbeddingSource
-    from saekit.train.multi import MultiConfig, ShuffleBuffer, stream_blocks, train_multi
+    from saekit.run.config import MultiConfig
+    from saekit.run.multi import train_multi
+    from saekit.train.multi import ShuffleBuffer, stream_blocks
 
     docs = load_documents(CorpusConfig(max_docs=3000))
     source = EmbeddingSource(SourceConfig(kind="embedding", batch_size=64))

@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 import yaml
 
-from saekit.eval.mdl_select import MDLSelectConfig, format_table, run_mdl_select
+from saekit.run.mdl_select import MDLSelectConfig, format_table, run_mdl_select
 
 ROOT = Path(__file__).resolve().parent.parent
 

@@ -36,18 +36,20 @@ def main() -> None:
     from saekit.store.writer import StoreConfig, cache_activations
     from saekit.train import TrainConfig, train
 
-    out = Path(a.out or tempfile.mkdtemp(prefix="probe_demo_"))
+    from saekit.layout import RunFolder
+
+    run = RunFolder(Path(a.out or tempfile.mkdtemp(prefix="probe_demo_")))
     docs = load_documents(CorpusConfig(max_docs=a.docs))
-    cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=128)), docs, out / "store",
+    cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=128)), docs, run.store,
                       StoreConfig(docs_per_shard=1000))
-    store = ActivationStore(out / "store")
+    store = ActivationStore(run.store)
     sae = create({"architecture": "topk", "d_in": store.d_in, "d_sae": a.d_sae, "k": a.k, "seed": 0})
     train(sae, store.batches(256, seed=0), TrainConfig(total_steps=a.steps, batch_size=256, checkpoint_every=0,
                                                       progress_bar=False, lr=2e-3,
                                                       normalize_activations="expected_average_only_in"),
-          out / "train")
-    report = probe_sweep(store, a.label, sae=load_sae(out / "train"))
-    paths = write_probe_report(report, out / "probe")
+          run.train())
+    report = probe_sweep(store, a.label, sae=load_sae(run.train()))
+    paths = write_probe_report(report, run.probe)
     winners = {f"{fs}/{m}": {"feature": w["feature"], "example": w["top_examples"][0]["text"][:80]}
                for fs, by in report["winners"].items() for m, w in by.items()}
     print(json.dumps({"label": a.label, "positive": report["positive"], "n_docs": a.docs,

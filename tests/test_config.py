@@ -4,7 +4,7 @@ import pytest
 
 from saekit.config import Config, param
 from saekit.errors import ConfigError
-from saekit.pipeline import RunConfig
+from saekit.run.config import RunConfig
 
 
 @dataclass
@@ -70,8 +70,8 @@ def test_run_config_yaml_files_load(tmp_path):
 
     import yaml
 
-    from saekit.eval.mdl_select import MDLSelectConfig
-    from saekit.train.multi import MultiConfig
+    from saekit.run.config import MultiConfig
+    from saekit.run.mdl_select import MDLSelectConfig
 
     for path in sorted(Path("configs").glob("*.yaml")):  # every shipped config loads strictly with its own class
         data = yaml.safe_load(path.read_text())

@@ -20,14 +20,15 @@ import yaml
 
 from saekit.artifacts import load_tensors, save_tensors
 from saekit.errors import ConfigError
-from saekit.pipeline import cache_stage, load_run_config
+from saekit.run.config import load_run_config
+from saekit.run.stages import cache_distributed, cache_stage
 from saekit.sae.registry import load_sae
 from saekit.store.batches import TensorBatches
 from saekit.store.reader import ActivationStore
 from saekit.store.writer import merge_manifests
 from saekit.train import Callback, train
 from saekit.train.checkpoint import read_checkpoint
-from saekit.train.distributed import DistributedSync, cache_distributed
+from saekit.train.distributed import DistributedSync
 
 from train_helpers import make_data, make_setup
 

@@ -11,7 +11,7 @@ import yaml
 
 from saekit.errors import ConfigError
 from saekit.cli.mdl import cmd_mdl_select
-from saekit.eval.mdl_select import (
+from saekit.run.mdl_select import (
     MDLSelectConfig,
     run_mdl_select,
     select_by_reconstruction,

@@ -11,14 +11,9 @@ from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.embeddings import EmbeddingSource
 from saekit.store.reader import ActivationStore
 from saekit.train import TrainConfig, train
-from saekit.train.multi import (
-    MemoryBudgetError,
-    MultiConfig,
-    SharedBatches,
-    ShuffleBuffer,
-    stream_blocks,
-    train_multi,
-)
+from saekit.run.config import MultiConfig
+from saekit.run.multi import train_multi
+from saekit.train.multi import MemoryBudgetError, SharedBatches, ShuffleBuffer, stream_blocks
 
 TRAIN = {"total_steps": 12, "batch_size": 32, "lr": 2e-3, "checkpoint_every": 6, "log_every": 4,
          "progress_bar": False}

@@ -7,7 +7,8 @@ import sys
 import pytest
 import yaml
 
-from saekit.pipeline import RunConfig, run_all
+from saekit.run.config import RunConfig
+from saekit.run.stages import run_all
 from saekit.sae.registry import load_sae
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,10 @@
 """Shared pieces of the browser app: which runs, cached bundles, highlighting, guarded rendering.
 
-The app reads bundles only; the few views that run a model (type your text, steering) load it
-lazily through `cached_lm` / `cached_embedder` / `cached_sae`, once per process.
+A "run" in the app is a `saekit.layout.RunFolder`: one per single run, and one per SAE of a
+multi-SAE run, so every page (bundle, probing, evaluation, live model) reads that SAE's own folders
+and the store the run's config names. The app reads bundles only; the few views that run a model
+(type your text, steering) load it lazily through `cached_lm` / `cached_embedder` / `cached_sae`
+(all through `saekit.sources.models.load_for_spec`), once per process.
 """
 
 from __future__ import annotations
@@ -15,29 +18,32 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from saekit.browser.bundle import BUNDLE_DIR, Bundle, BundleError
+from saekit.artifacts import MANIFEST
+from saekit.browser.bundle import Bundle, BundleError
 from saekit.errors import SaekitError
+from saekit.layout import RunFolder
 
 log = logging.getLogger("saekit.dashboards")
 RUNS_ENV = "SAEKIT_RUNS"
 
 
 def looks_like_run(p: Path) -> bool:
-    return p.is_dir() and any((p / d).exists() for d in (BUNDLE_DIR, "train", "store"))
+    return RunFolder(p).looks_like_run()
 
 
-def run_folders() -> list[Path]:
-    """Runs from $SAEKIT_RUNS (os.pathsep-separated) or else the script arguments (`-- RUN...`)."""
+def run_folders() -> list[RunFolder]:
+    """Runs from $SAEKIT_RUNS (os.pathsep-separated) or else the script arguments (`-- RUN...`); a
+    multi-SAE run contributes one entry per SAE."""
     env = os.environ.get(RUNS_ENV)
-    if env:
-        return [Path(p) for p in env.split(os.pathsep) if p]
-    return [Path(a) for a in sys.argv[1:] if looks_like_run(Path(a))]
+    paths = [Path(p) for p in env.split(os.pathsep) if p] if env else \
+        [Path(a) for a in sys.argv[1:] if looks_like_run(Path(a))]
+    return [f for p in paths for f in RunFolder(p).per_sae()]
 
 
-def run_labels(runs: list[Path]) -> dict[str, Path]:
-    """Unique, readable labels: the folder name, with its parent when names repeat."""
-    names = [r.name for r in runs]
-    return {(f"{r.parent.name}/{r.name}" if names.count(r.name) > 1 else r.name): r for r in runs}
+def run_labels(runs: list[RunFolder]) -> dict[str, RunFolder]:
+    """Unique, readable labels: the run's label, with its parent folder's name when labels repeat."""
+    labels = [r.label for r in runs]
+    return {(f"{r.root.parent.name}/{r.label}" if labels.count(r.label) > 1 else r.label): r for r in runs}
 
 
 @st.cache_resource(show_spinner="Checking the bundle…")
@@ -45,12 +51,12 @@ def _cached_bundle(path: str, stamp: float) -> Bundle:
     return Bundle(path, verify=True)
 
 
-def load_bundle(run: Path) -> Bundle:
+def load_bundle(run: RunFolder) -> Bundle:
     """The run's verified bundle (cached until its manifest changes); BundleError when unusable."""
-    manifest = run / BUNDLE_DIR / "saekit_manifest.json"
+    manifest = run.bundle / MANIFEST
     if not manifest.exists():
-        raise BundleError(f"No browser bundle in {run}. Build it with `saekit analyze {run}`.")
-    return _cached_bundle(str(run / BUNDLE_DIR), manifest.stat().st_mtime)
+        raise BundleError(f"No browser bundle in {run.bundle}. Build it with `saekit analyze {run.root}`.")
+    return _cached_bundle(str(run.bundle), manifest.stat().st_mtime)
 
 
 def guarded(fn, *args) -> None:
@@ -117,33 +123,42 @@ SORTS = {"density (high first)": ("density", False), "max activation": ("max", F
          "children (families)": ("children", False)}
 
 
+def cached_sae(run: RunFolder):
+    """The run's SAE (eval mode), loaded once per process."""
+    return _cached_sae(str(run.train()))
+
+
 @st.cache_resource(show_spinner="Loading the SAE…")
-def cached_sae(run: str):
+def _cached_sae(train_dir: str):
     from saekit.sae.registry import load_sae
 
-    return load_sae(Path(run) / "train").eval()
+    return load_sae(train_dir).eval()
 
 
 @st.cache_resource(show_spinner="Loading the language model…")
 def cached_lm(model: str, kind: str):
-    """(model to hook, tokenizer): the HF model, or its TransformerLens wrapper for 'lens' runs."""
-    from saekit.sources.models import load_lens, load_lm
+    """(model to hook, tokenizer) of an LLM run's source: the HF model, or its TransformerLens
+    wrapper for 'lens' runs."""
+    from saekit.sources.models import load_for_spec
 
-    hf, tok = load_lm(model)
-    return (load_lens(model) if kind == "lens" else hf), tok
+    return load_for_spec({"kind": kind, "model": model})
 
 
 @st.cache_resource(show_spinner="Loading the embedding model…")
 def cached_embedder(model: str):
-    from saekit.sources.models import load_embedder
+    from saekit.sources.models import load_for_spec
 
-    return load_embedder(model)
+    return load_for_spec({"kind": "embedding", "model": model})[0]
+
+
+def cached_corpus(run: RunFolder, hook: str | None = None):
+    """(acts [N, d], doc ids [N], docs) of an embedding run's store, for steered search."""
+    return _cached_corpus(str(run.store), hook)
 
 
 @st.cache_resource(show_spinner="Reading the corpus embeddings…")
-def cached_corpus(run: str):
-    """(acts [N, d], doc ids [N], docs) of an embedding run's store, for steered search."""
-    from saekit.store.reader import ActivationStore
+def _cached_corpus(store_root: str, hook: str | None):
+    from saekit.store.locate import store_for_hook
 
-    store = ActivationStore(Path(run) / "store")
+    store = store_for_hook(store_root, hook)
     return store[:], store.meta("doc_id"), store.docs

@@ -1,20 +1,20 @@
 """Type your text: which features fire on each token (LLM runs) or on the document (embedding runs).
 
-Computed live: the model runs up to the run's hook through `saekit.sources.hooks.capture` and the
-SAE encodes the activations. Models and the SAE are cached once per process.
+Computed live: the text is tokenised by `saekit.sources.hf.tokenize` with the store's own source
+settings (the same BOS rule as caching), the model runs up to the run's hook through
+`saekit.sources.hooks.capture` and the SAE encodes the activations. Models and the SAE are cached once per process.
 """
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import streamlit as st
 
+from saekit.layout import RunFolder
 from views.common import cached_embedder, cached_lm, cached_sae, highlight, open_feature
 
 
-def render(bundle, run: Path) -> None:
+def render(bundle, run: RunFolder) -> None:
     st.subheader("Type your text")
     text = st.text_area("Text", value="", key="live_text", placeholder="Type a sentence and press Find features")
     go = st.button("Find features", key="live_go")
@@ -27,21 +27,21 @@ def render(bundle, run: Path) -> None:
     show(bundle, res[2])
 
 
-def encode_text(bundle, run: Path, text: str) -> dict:
+def encode_text(bundle, run: RunFolder, text: str) -> dict:
     import torch
 
-    spec, sae = bundle.manifest["source"], cached_sae(str(run))
+    spec, sae = bundle.manifest["source"], cached_sae(run)
     with torch.no_grad():
         if not bundle.is_llm:
             emb = cached_embedder(spec["model"]).encode([text], convert_to_tensor=True).float().cpu()
             code = sae.encode(emb)
             return {"tokens": None, "indices": code.indices.tolist(), "values": code.values.tolist()}
+        from saekit.sources.base import SourceConfig
+        from saekit.sources.hf import tokenize
         from saekit.sources.hooks import capture
 
         model, tok = cached_lm(spec["model"], bundle.kind)
-        ids = tok(text, return_tensors="pt")["input_ids"]
-        if spec.get("prepend_bos") and tok.bos_token_id is not None:
-            ids = torch.cat([torch.tensor([[tok.bos_token_id]]), ids], 1)
+        ids = tokenize(tok, [text], SourceConfig.from_spec(spec))["input_ids"]  # the caching's own BOS rule
         hook = bundle.manifest["hook"]
         acts = capture(model, [hook], lambda: model(ids))[hook][0].float()
         code = sae.encode(acts)

@@ -1,4 +1,6 @@
-"""Probing and evaluation summaries, read from the run folder's JSON reports (no model, no torch)."""
+"""Probing and evaluation summaries, read from the run folder's JSON reports (no model, no torch).
+
+Where they are is the `RunFolder`'s answer (per SAE for a multi-SAE run)."""
 
 from __future__ import annotations
 
@@ -8,13 +10,15 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-
-def probe_files(run: Path) -> list[Path]:
-    return sorted((run / "probe").glob("*.json")) if (run / "probe").is_dir() else []
+from saekit.layout import RunFolder
 
 
-def eval_report(run: Path) -> Path | None:
-    p = run / "eval" / "report.json"
+def probe_files(run: RunFolder) -> list[Path]:
+    return sorted(run.probe.glob("*.json")) if run.probe.is_dir() else []
+
+
+def eval_report(run: RunFolder) -> Path | None:
+    p = run.eval / "report.json"
     return p if p.exists() else None
 
 
@@ -37,7 +41,7 @@ def _accuracy_table(rep: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def render_probing(run: Path) -> None:
+def render_probing(run: RunFolder) -> None:
     st.subheader("Sparse probing")
     for path in probe_files(run):
         rep = _read(path)
@@ -70,12 +74,12 @@ def _scalars(obj, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
-def render_eval(run: Path) -> None:
+def render_eval(run: RunFolder) -> None:
     st.subheader("Evaluation")
     path = eval_report(run)
     rep = _read(path) if path else None
     if not isinstance(rep, dict):
-        st.info(f"No evaluation report in {run / 'eval'}.")
+        st.info(f"No evaluation report in {run.eval}.")
         return
     rows = [(k, v) for k, v in _scalars(rep) if not isinstance(v, str) or len(v) < 80]
     st.dataframe(pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str}), hide_index=True)

@@ -3,11 +3,10 @@ through `saekit.analysis.steering` (imported only when the page runs something).
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import pandas as pd
 import streamlit as st
 
+from saekit.layout import RunFolder
 from views.common import cached_corpus, cached_embedder, cached_lm, cached_sae
 
 MODES = ["add", "clamp", "ablate"]
@@ -33,7 +32,7 @@ def _edit_controls(bundle) -> dict:
     return {"feature": f, "mode": mode, "alpha": alpha, "value": value}
 
 
-def render(bundle, run: Path) -> None:
+def render(bundle, run: RunFolder) -> None:
     st.subheader("Steering" + (" · generation" if bundle.is_llm else " · search"))
     edit = _edit_controls(bundle)
     if bundle.is_llm:
@@ -42,7 +41,7 @@ def render(bundle, run: Path) -> None:
         search(bundle, run, edit)
 
 
-def generation(bundle, run: Path, edit: dict) -> None:
+def generation(bundle, run: RunFolder, edit: dict) -> None:
     prompt = st.text_input("Prompt", value="", key="steer_prompt", placeholder="I think that")
     c = st.columns(2)
     n_new = int(c[0].number_input("New tokens", 1, 200, value=24, key="steer_tokens"))
@@ -54,7 +53,7 @@ def generation(bundle, run: Path, edit: dict) -> None:
     if api is None:
         return
     model, tok = cached_lm(bundle.manifest["source"]["model"], bundle.kind)
-    out = api.generate_steered(model, tok, prompt, bundle.manifest["hook"], sae=cached_sae(str(run)),
+    out = api.generate_steered(model, tok, prompt, bundle.manifest["hook"], sae=cached_sae(run),
                                edits=[api.FeatureEdit(**edit)], max_new_tokens=n_new, seed=seed)
     left, right = st.columns(2)
     left.markdown("**Default**")
@@ -63,7 +62,7 @@ def generation(bundle, run: Path, edit: dict) -> None:
     right.write(prompt + out["steered"])
 
 
-def search(bundle, run: Path, edit: dict) -> None:
+def search(bundle, run: RunFolder, edit: dict) -> None:
     query = st.text_input("Query", value="", key="steer_query", placeholder="a sentence to search the corpus with")
     top_n = int(st.number_input("Results", 1, 50, value=10, key="steer_top"))
     if not (st.button("Search", key="steer_go") and query.strip()):
@@ -72,9 +71,9 @@ def search(bundle, run: Path, edit: dict) -> None:
     api = _steering()
     if api is None:
         return
-    corpus_ND, doc_ids, docs = cached_corpus(str(run))
+    corpus_ND, doc_ids, docs = cached_corpus(run, bundle.manifest["hook"])
     q = cached_embedder(bundle.manifest["source"]["model"]).encode([query], convert_to_tensor=True).float().cpu()[0]
-    out = api.steered_search(cached_sae(str(run)), q, corpus_ND, [api.FeatureEdit(**edit)], top_n)
+    out = api.steered_search(cached_sae(run), q, corpus_ND, [api.FeatureEdit(**edit)], top_n)
 
     def table(ranked):
         return pd.DataFrame([{"row": r, "cosine": round(s, 4), "moved": r in out["moved"],

@@ -1,4 +1,8 @@
-"""Building a run's browser bundle (`RUN/bundle/`) from its store and SAE: `saekit analyze RUN`.
+"""Building a run's browser bundle from its store and SAE: `saekit analyze RUN`.
+
+Where the store, the SAE and the bundle live is `saekit.layout.RunFolder`'s answer (a config's
+`store.path`, one bundle per SAE of a multi-SAE run); the run layer (`saekit.run.stages.analyze_run`)
+picks the SAEs and the run's `analyze:` settings.
 
 The heavy lifting is `saekit.analysis.features` (two streaming passes); this module gathers the
 examples' contexts and documents, assembles one JSON record per feature (everything its page
@@ -32,25 +36,16 @@ from saekit.analysis.features import (
     top_cooccurring,
 )
 from saekit.artifacts import FORMAT_VERSION, atomic_dir, read_json, write_manifest
-from saekit.browser.bundle import BUNDLE_DIR, BUNDLE_FORMAT, FEATURES_TABLE, INDEX_DIR, OFFSETS, RECORDS, LatentIndex
+from saekit.browser.bundle import BUNDLE_FORMAT, FEATURES_TABLE, INDEX_DIR, OFFSETS, RECORDS, LatentIndex
 from saekit.errors import ModelNotAvailableError, ShapeMismatchError
+from saekit.layout import RunFolder
 from saekit.sae.registry import load_sae
+from saekit.store.locate import store_for_hook
 from saekit.store.reader import ActivationStore
 from saekit.store.writer import DOCS
 
 log = logging.getLogger(__name__)
 NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm", "ln_f")
-
-
-def run_analyze_config(run_dir: Path) -> AnalyzeConfig:
-    """The `analyze:` section of the run's resolved config.yaml, or the defaults."""
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        return AnalyzeConfig()
-    import yaml
-
-    section = (yaml.safe_load(cfg_file.read_text()) or {}).get("analyze") or {}
-    return AnalyzeConfig.from_dict(section, where="analyze")
 
 
 def load_lm_parts(spec: dict, model=None, tokenizer=None):
@@ -235,16 +230,26 @@ def _logit_fn(W_dec_FD, W_U, norm, tokenizer, n: int):
                       [[strs[int(i)], round(float(v), 4)] for i, v in zip(ni[f], nv[f])])
 
 
-def build_bundle(run_dir: str | Path, cfg: AnalyzeConfig | None = None, *, model=None, tokenizer=None,
-                 out: str | Path | None = None) -> Path:
-    """Analyse the run's store with its SAE and write `RUN/bundle/` (or `out`); returns the folder."""
-    t0 = time.perf_counter()
-    run_dir = Path(run_dir)
-    cfg = cfg or run_analyze_config(run_dir)
-    store = ActivationStore(run_dir / "store")
-    sae = load_sae(run_dir / "train")
+def open_run(run: str | Path | RunFolder):
+    """(folder, SAE, store of the SAE's hook) of a single run or of one SAE of a multi-SAE run."""
+    folder = (run if isinstance(run, RunFolder) else RunFolder(Path(run))).require_one_sae()
+    sae = load_sae(folder.train())
+    store = store_for_hook(folder.store, sae.cfg.hook_name or None)
     if sae.cfg.d_in != store.d_in:
         raise ShapeMismatchError(f"SAE expects d_in={sae.cfg.d_in}, the store has d_in={store.d_in}")
+    return folder, sae, store
+
+
+def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, *, model=None, tokenizer=None,
+                 out: str | Path | None = None) -> Path:
+    """Analyse the run's store with its SAE and write its bundle folder (or `out`); returns the folder.
+
+    `run` is a run folder (or a `RunFolder` scoped to one SAE of a multi-SAE run); `cfg` defaults to
+    `AnalyzeConfig()` (the run layer passes the run config's `analyze:` section)."""
+    t0 = time.perf_counter()
+    cfg = cfg or AnalyzeConfig()
+    folder, sae, store = open_run(run)
+    out = Path(out) if out else folder.bundle
     spec = store.manifest["source"]
     is_llm = store.kind != "embedding"
     W_U = norm = None
@@ -253,7 +258,7 @@ def build_bundle(run_dir: str | Path, cfg: AnalyzeConfig | None = None, *, model
             else (tokenizer, None, None)
     W_dec = getattr(sae, "W_dec", None)
     W_dec = W_dec.detach().float().cpu() if isinstance(W_dec, torch.Tensor) else None
-    with atomic_dir(Path(out) if out else run_dir / BUNDLE_DIR) as tmp:
+    with atomic_dir(out) as tmp:
         stats, parts = encode_pass(store, sae, cfg, tmp / INDEX_DIR)
         istats = index_pass(tmp / INDEX_DIR, parts, stats.max_F, cfg)
         ex = Examples(stats, istats)
@@ -270,7 +275,7 @@ def build_bundle(run_dir: str | Path, cfg: AnalyzeConfig | None = None, *, model
         facts = assemble(stats, istats, ex, docs, extras, cfg, len(store), tmp)
         files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
         write_manifest(tmp, files, {
-            "bundle_format": BUNDLE_FORMAT, "kind": store.kind, "run": run_dir.name, "hook": store.hook,
+            "bundle_format": BUNDLE_FORMAT, "kind": store.kind, "run": folder.label, "hook": store.hook,
             "model": spec.get("model"), "source": spec, "d_in": store.d_in, "d_sae": sae.cfg.d_sae,
             "n_rows": len(store), "n_docs": store.manifest.get("n_docs"), "index_parts": parts,
             "sae": {"architecture": sae.architecture, "k": getattr(sae.cfg, "k", None)},
@@ -278,10 +283,10 @@ def build_bundle(run_dir: str | Path, cfg: AnalyzeConfig | None = None, *, model
             "has_logit_lens": bool(is_llm and W_U is not None and cfg.logit_lens),
             "has_token_text": bool(is_llm and tokenizer is not None), "dead": facts["dead"],
             "build_seconds": round(time.perf_counter() - t0, 3), "store_format_version": FORMAT_VERSION,
-            "eval_report": (run_dir / "eval" / "report.json").exists()})
-    log.info("bundle for %s: %d features (%d dead) over %d rows in %.1f s", run_dir, sae.cfg.d_sae,
+            "eval_report": (folder.eval / "report.json").exists()})
+    log.info("bundle for %s: %d features (%d dead) over %d rows in %.1f s", folder.label, sae.cfg.d_sae,
              facts["dead"], len(store), time.perf_counter() - t0)
-    return Path(out) if out else run_dir / BUNDLE_DIR
+    return out
 
 
 def read_bundle_manifest(path: str | Path) -> dict:

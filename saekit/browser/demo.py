@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from saekit.artifacts import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, save_tensors
+from saekit.layout import RunFolder
 from saekit.store.writer import CACHE_INDEX, DOCS, MANIFEST, hook_slug, shard_name
 
 WORDS = ("the a cat dog bird fish red blue green happy sad angry calm fast slow big small runs eats sleeps "
@@ -138,11 +139,11 @@ def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4
     run_dir = Path(run_dir)
     model_dir = tiny_lm(model_dir or run_dir.parent / "tiny_lm")
     source = make_source(SourceConfig(kind="hf", model=str(model_dir), hooks=["transformer.h.1"], batch_size=32))
-    cache_activations(source, synthetic_docs(n_docs, seed), run_dir / "store", StoreConfig(docs_per_shard=64))
-    store = ActivationStore(run_dir / "store")
+    cache_activations(source, synthetic_docs(n_docs, seed), RunFolder(run_dir).store, StoreConfig(docs_per_shard=64))
+    store = ActivationStore(RunFolder(run_dir).store)
     sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
     make_one_shot(sae, store[:], one_shot)
-    save_sae(sae, run_dir / "train" / "final_sae")
+    save_sae(sae, RunFolder(run_dir).final_sae())
     return run_dir
 
 
@@ -157,11 +158,11 @@ def tiny_embedding_run(run_dir: str | Path, docs: list[dict], model=None, d_sae:
 
     run_dir = Path(run_dir)
     cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=64), model=model), docs,
-                      run_dir / "store", StoreConfig(docs_per_shard=64))
-    store = ActivationStore(run_dir / "store")
+                      RunFolder(run_dir).store, StoreConfig(docs_per_shard=64))
+    store = ActivationStore(RunFolder(run_dir).store)
     sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
     make_one_shot(sae, store[:], one_shot)
-    save_sae(sae, run_dir / "train" / "final_sae")
+    save_sae(sae, RunFolder(run_dir).final_sae())
     return run_dir
 
 
@@ -176,7 +177,7 @@ def synthetic_llm_run(run_dir: str | Path, n_rows: int, d_sae: int = 512, k: int
     n_docs = max(1, n_rows // tokens_per_doc)
     docs = synthetic_docs(n_docs, seed, min_words=tokens_per_doc, max_words=tokens_per_doc)
     hook = "transformer.h.1"
-    write_store(run_dir / "store", llm_spec(str(model_dir), hook, d_in), docs,
+    write_store(RunFolder(run_dir).store, llm_spec(str(model_dir), hook, d_in), docs,
                 token_shards(docs, d_in, 256, len(WORDS) + 2, seed), docs_per_shard=256)
-    save_sae(make_sae(d_in, d_sae, k, [0], seed), run_dir / "train" / "final_sae")
+    save_sae(make_sae(d_in, d_sae, k, [0], seed), RunFolder(run_dir).final_sae())
     return run_dir

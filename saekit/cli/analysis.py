@@ -1,6 +1,8 @@
-"""CLI logic of `saekit probe RUN` and `saekit steer RUN` (wired in by saekit/cli/__init__.py; printing happens here).
+"""CLI logic of `saekit probe RUN` and `saekit steer RUN` (printing happens here).
 
-Kept apart from probing.py and steering.py so the library modules hold only the APIs.
+Kept apart from probing.py and steering.py so the library modules hold only the APIs. Which SAE and
+store a run folder holds is the run layer's answer (`RunFolder`, `open_sae_and_store`): a run whose
+config sets `store.path` is read there, and a multi-SAE run is probed once per SAE.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, wr
 from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError
+from saekit.layout import RunFolder
+from saekit.run.stages import open_sae_and_store
+from saekit.store.locate import store_for_hook
 
 # -- CLI logic `saekit probe` -------------------------------------------------------------
 
@@ -26,7 +31,8 @@ def _int_list(text: str) -> list[int]:
 
 
 def add_probe_arguments(parser) -> None:
-    parser.add_argument("run", help="run folder (holds store/ and train/)")
+    parser.add_argument("run", help="run folder (its store and trained SAE; every SAE of a multi-SAE run)")
+    parser.add_argument("--sae", default=None, help="only this SAE of a multi-SAE run")
     parser.add_argument("--label", default="sentiment", help="document label to probe (default: sentiment)")
     parser.add_argument("--positive", default=None, help="positive class (default: the most frequent class)")
     parser.add_argument("--ks", default="1,2,5,10,20", help="comma-separated k values")
@@ -35,21 +41,31 @@ def add_probe_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=None, help="probe at most this many rows (seeded sample)")
     parser.add_argument("--no-sae", action="store_true", help="raw neurons only")
-    parser.add_argument("--out", default=None, help="output folder (default: RUN/probe)")
+    parser.add_argument("--out", default=None, help="output folder (default: the run's probe folder)")
+
+
+def _folders(args) -> list[RunFolder]:
+    """The run folder scoped to --sae, or one folder per SAE of the run."""
+    folder = RunFolder(Path(args.run))
+    return [folder.for_sae(args.sae)] if getattr(args, "sae", None) else folder.per_sae()
 
 
 def cmd_probe(args) -> int:
-    from saekit.sae.registry import load_sae
-    from saekit.store.reader import ActivationStore
+    folders = _folders(args)
+    if args.out and len(folders) > 1:
+        raise ConfigError(f"probe: --out names one folder but {args.run} holds {len(folders)} SAEs; add --sae NAME")
+    for folder in folders:
+        _probe_one(args, folder)
+    return 0
 
-    run = Path(args.run)
-    store = ActivationStore(run / "store")
-    sae = None if args.no_sae else load_sae(run / "train")
+
+def _probe_one(args, folder: RunFolder) -> None:
+    sae, store = (None, store_for_hook(folder.store, None)) if args.no_sae else open_sae_and_store(folder)
     report = probe_sweep(store, args.label, sae=sae, ks=_int_list(args.ks),
                          methods=[m for m in args.methods.split(",") if m], test_frac=args.test_frac,
                          seed=args.seed, max_rows=args.max_rows, positive=args.positive)
-    paths = write_probe_report(report, args.out or run / "probe")
-    print(f"probe '{report['label']}' = {report['positive']} vs rest: {report['n_train_docs']} train / "
+    paths = write_probe_report(report, args.out or folder.probe)
+    print(f"== {folder.label}: probe '{report['label']}' = {report['positive']} vs rest: {report['n_train_docs']} train / "
           f"{report['n_test_docs']} test documents, {report['n_rows']} rows")
     print(format_probe_table(report))
     for fs, by_method in report["winners"].items():
@@ -57,14 +73,14 @@ def cmd_probe(args) -> int:
             ex = w["top_examples"][0]["text"][:80] if w["top_examples"] else ""
             print(f"k=1 {fs}/{method}: feature {w['feature']} ({w['sign']}) acc {w['accuracy']:.3f} — e.g. {ex!r}")
     print(f"wrote {paths['json']} and {paths['png']}")
-    return 0
 
 
 # -- CLI logic `saekit steer` -------------------------------------------------------------
 
 
 def add_steer_arguments(parser) -> None:
-    parser.add_argument("run", help="run folder (holds store/ and train/)")
+    parser.add_argument("run", help="run folder (its store and trained SAE)")
+    parser.add_argument("--sae", default=None, help="which SAE of a multi-SAE run")
     parser.add_argument("--prompt", required=True, help="prompt to continue (LLM runs) or query text (embedding runs)")
     parser.add_argument("--feature", type=int, action="append", default=[], help="feature to add (repeatable)")
     parser.add_argument("--alpha", type=float, action="append", default=[],
@@ -100,19 +116,6 @@ def edits_from_args(args) -> list[FeatureEdit]:
     return edits
 
 
-def _model_for_run(source: dict):
-    from saekit.sources.models import load_embedder, load_lens, load_lm
-
-    kind, name = source["kind"], source["model"]
-    if kind == "hf":
-        return load_lm(name)
-    if kind == "lens":
-        return load_lens(name), load_lm(name)[1]
-    if kind == "embedding":
-        return load_embedder(name), None
-    raise ConfigError(f"steer: unknown source kind '{kind}' in the store manifest; expected hf, lens or embedding")
-
-
 def _search_for_cli(store, sae, model, prompt: str, edits, top_n: int) -> dict:
     query_D = torch.as_tensor(model.encode([prompt], convert_to_tensor=True))[0].float().cpu()
     res = steered_search(sae, query_D, store[:], edits, top_n=top_n)
@@ -136,17 +139,16 @@ def _print_side_by_side(out: dict) -> None:
 
 def cmd_steer(args) -> int:
     import time
-    from pathlib import Path
 
     from saekit.artifacts import to_strict_json
-    from saekit.sae.registry import load_sae
-    from saekit.store.reader import ActivationStore
+    from saekit.sources.models import load_for_spec
 
-    run = Path(args.run)
-    store = ActivationStore(run / "store")
-    sae = load_sae(run / "train").eval()
+    folder = RunFolder(Path(args.run))
+    folder = (folder.for_sae(args.sae) if getattr(args, "sae", None) else folder).require_one_sae()
+    sae, store = open_sae_and_store(folder)
+    sae = sae.eval()
     edits = edits_from_args(args)
-    model, tok = _model_for_run(store.manifest["source"])
+    model, tok = load_for_spec(store.manifest["source"])
     if store.kind == "embedding":
         out = _search_for_cli(store, sae, model, args.prompt, edits, args.top_n)
     else:
@@ -154,8 +156,17 @@ def cmd_steer(args) -> int:
                                max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=not args.greedy,
                                temperature=args.temperature)
     _print_side_by_side(out)
-    path = run / "steer" / f"steer-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}.json"
+    path = folder.steer / f"steer-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write_json(path, to_strict_json(out))
     print(f"saved {path}")
     return 0
+
+
+def register(sub) -> None:
+    p = sub.add_parser("probe", help="sparse probing: SAE features vs neurons for a sweep of k")
+    add_probe_arguments(p)
+    p.set_defaults(fn=cmd_probe)
+    p = sub.add_parser("steer", help="steered vs default generation (LLM runs) with the same seed")
+    add_steer_arguments(p)
+    p.set_defaults(fn=cmd_steer)

@@ -1,6 +1,7 @@
 """CLI logic of `saekit analyze RUN` (build the browser bundle) and `saekit browse RUN...` (open the app).
 
-`saekit/cli/__init__.py` wires `add_*_arguments` / `cmd_*` in; printing happens only here.
+`register` adds both sub-commands; printing happens only here. Which SAEs a run holds and where
+their bundles go is `saekit.layout.RunFolder`'s answer; building them is `saekit.run.stages.analyze_run`.
 """
 
 from __future__ import annotations
@@ -11,32 +12,37 @@ import subprocess
 import sys
 from pathlib import Path
 
+from saekit.layout import RunFolder
+
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
 
 
 def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("run", help="run folder (with store/ and train/final_sae/)")
+    parser.add_argument("run", help="run folder (its store and trained SAE; every SAE of a multi-SAE run)")
+    parser.add_argument("--sae", default=None, help="only this SAE of a multi-SAE run")
     parser.add_argument("--chunk-rows", type=int, default=None, help="store rows encoded per chunk")
     parser.add_argument("--top-examples", type=int, default=None, help="top-activating examples per feature")
     parser.add_argument("--no-logit-lens", action="store_true", help="skip the logit lens (no model load)")
     parser.add_argument("--device", default=None, help="device for encoding (cpu, cuda)")
-    parser.add_argument("--out", default=None, help="bundle folder (default RUN/bundle)")
+    parser.add_argument("--out", default=None, help="bundle folder (default: the run's bundle folder)")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from saekit.analysis.features import AnalyzeConfig
-    from saekit.browser.build import build_bundle, read_bundle_manifest, run_analyze_config
+    from saekit.browser.build import read_bundle_manifest
+    from saekit.run.stages import analyze_config_for, analyze_run
 
-    run = Path(args.run)
-    fields = run_analyze_config(run).to_dict()
+    folder = RunFolder(Path(args.run))
+    folder = folder.for_sae(args.sae) if getattr(args, "sae", None) else folder
+    fields = analyze_config_for(folder).to_dict()
     overrides = {"chunk_rows": args.chunk_rows, "top_examples": args.top_examples, "device": args.device,
                  "logit_lens": False if args.no_logit_lens else None}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    cfg = AnalyzeConfig.from_dict(fields, where="analyze")
-    out = build_bundle(run, cfg, out=args.out)
-    m = read_bundle_manifest(out)
-    print(f"bundle {out}: {m['d_sae']} features ({m['dead']} dead) over {m['n_rows']:,} rows in {m['build_seconds']:.1f} s")
-    print(f"open it with: saekit browse {run}")
+    for out in analyze_run(folder, AnalyzeConfig.from_dict(fields, where="analyze"), out=args.out):
+        m = read_bundle_manifest(out)
+        print(f"bundle {out}: {m['d_sae']} features ({m['dead']} dead) over {m['n_rows']:,} rows "
+              f"in {m['build_seconds']:.1f} s")
+    print(f"open it with: saekit browse {args.run}")
     return 0
 
 
@@ -60,7 +66,7 @@ def cmd_browse(args: argparse.Namespace) -> int:
         print(f"error: the app is not next to this saekit install (expected {APP}); run from a source checkout",
               file=sys.stderr)
         return 2
-    missing = [r for r in args.runs if not (Path(r) / "bundle").is_dir()]
+    missing = [r for r in args.runs if not all(f.bundle.is_dir() for f in RunFolder(Path(r)).per_sae())]
     for r in missing:
         print(f"warning: {r} has no bundle yet; build it with `saekit analyze {r}`", file=sys.stderr)
     cmd = browse_command(args.runs, args.port)
@@ -69,3 +75,12 @@ def cmd_browse(args: argparse.Namespace) -> int:
         return 0
     print(f"serving on http://127.0.0.1:{args.port or 8501}  (Ctrl-C to stop)")
     return subprocess.call(cmd, env={**os.environ})
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("analyze", help="build the feature-browser bundle of a run (one per SAE)")
+    add_analyze_arguments(p)
+    p.set_defaults(fn=cmd_analyze)
+    p = sub.add_parser("browse", help="open the Streamlit feature browser on runs (127.0.0.1)")
+    add_browse_arguments(p)
+    p.set_defaults(fn=cmd_browse)

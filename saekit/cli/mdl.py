@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from saekit.errors import ConfigError
-from saekit.eval.mdl_select import MDLSelectConfig, format_table, run_mdl_select
+from saekit.run.mdl_select import MDLSelectConfig, format_table, run_mdl_select
 
 
 def add_mdl_select_arguments(parser) -> None:
@@ -28,3 +28,9 @@ def cmd_mdl_select(args) -> int:
     print(format_table(result))
     print(f"wrote {Path(result['config']['output_dir']) / 'results.json'}")
     return 0 if result["mdl_choice"] is not None else 1
+
+
+def register(sub) -> None:
+    p = sub.add_parser("mdl-select", help="train/take a grid of SAEs and pick the minimum-description-length one")
+    add_mdl_select_arguments(p)
+    p.set_defaults(fn=cmd_mdl_select)

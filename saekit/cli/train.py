@@ -1,16 +1,22 @@
-"""CLI logic of `saekit train CONFIG` and of `saekit cache CONFIG` under torchrun (printing happens here)."""
+"""CLI of `saekit train CONFIG` and of `saekit cache CONFIG` under torchrun (printing happens here).
+
+Which kind of run a config describes is `saekit.run.config.load_run_config`'s answer; this module
+only sets up the process group, calls the run layer and prints one JSON line per trained SAE.
+"""
 
 from __future__ import annotations
 
 import argparse
 import json
-from pathlib import Path
 
-from saekit.train.distributed import cache_distributed, current_sync, init_process_group, shutdown, train_run
+from saekit.run.config import MultiConfig, load_run_config
+from saekit.run.multi import train_multi
+from saekit.run.stages import cache_distributed, train_run
+from saekit.train.distributed import current_sync, init_process_group, shutdown
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("config", help="run config YAML (saekit.pipeline.RunConfig) or multi-SAE config (has `saes:`)")
+    parser.add_argument("config", help="run config YAML (saekit.run.config.RunConfig) or multi-SAE config (has `saes:`)")
     parser.add_argument("--resume", choices=["auto", "yes", "no"], default="auto",
                         help="continue from the latest checkpoint: auto (if any), yes (required), no (fresh run)")
     parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
@@ -19,22 +25,16 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
 
 def cmd_train(args) -> int:
     """`saekit train CONFIG`: plain, or one process per rank under torchrun."""
-    import yaml
-
     resume = {"auto": "auto", "yes": True, "no": False}[getattr(args, "resume", "auto")]
     init_process_group(getattr(args, "backend", "auto"))
     try:
-        data = yaml.safe_load(Path(args.config).read_text()) or {}
-        if "saes" in data:
-            from saekit.train.multi import MultiConfig, train_multi
-
-            results = train_multi(MultiConfig.from_yaml(args.config), resume=resume)
+        cfg = load_run_config(args.config)
+        if isinstance(cfg, MultiConfig):
+            results = train_multi(cfg, resume=resume)
             summary = [{"name": n, "final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens}
                        for n, r in results.items()]
         else:
-            from saekit.pipeline import load_run_config
-
-            r = train_run(load_run_config(args.config), resume=resume)
+            r = train_run(cfg, resume=resume)
             summary = [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens}]
         if current_sync().is_main:
             for line in summary:
@@ -44,11 +44,8 @@ def cmd_train(args) -> int:
         shutdown()
 
 
-
 def cmd_cache_distributed(args) -> int:
     """`saekit cache CONFIG` under torchrun (WORLD_SIZE > 1): sharded caching over gloo."""
-    from saekit.pipeline import load_run_config
-
     cfg = load_run_config(args.config)
     rank, world = init_process_group("gloo")
     try:
@@ -57,3 +54,10 @@ def cmd_cache_distributed(args) -> int:
         return 0
     finally:
         shutdown()
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train the SAE(s) of a config on its store; torchrun-aware "
+                                     "(`torchrun ... -m saekit train`)")
+    add_train_arguments(p)
+    p.set_defaults(fn=cmd_train)

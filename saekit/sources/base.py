@@ -55,6 +55,13 @@ class SourceConfig(Config):
     dtype: str = param("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
     device: str = param("cpu", "device for the model forward")
 
+    @classmethod
+    def from_spec(cls, spec: dict) -> "SourceConfig":
+        """The config a store's manifest `source` spec was made with, as far as the spec records it
+        (model, hooks, tokenisation); so a live page tokenises text exactly as caching did."""
+        keys = ("kind", "model", "hooks", "max_length", "exclude_special", "prepend_bos", "dtype")
+        return cls.from_dict({k: spec[k] for k in keys if k in spec}, where="store manifest source")
+
     def validate(self) -> None:
         from saekit.errors import ConfigError
 

@@ -153,3 +153,22 @@ def load_lens(name: str = "default"):
     bridge = TransformerBridge.boot_transformers(hub_id(name), hf_model=model, tokenizer=tok)
     bridge.eval()
     return bridge
+
+
+def load_for_spec(spec: dict) -> tuple:
+    """(model to hook, tokenizer) for the source a store was made from (its manifest's `source`).
+
+    Why one function: evaluation (splice-in loss), the CLI's steering and the app's live pages all
+    need "the model this store came from"; each used to dispatch on the source kind itself. For
+    `lens` runs the hooked model is the TransformerLens wrapper and the tokenizer the HF one; for
+    embedding runs there is no tokenizer (None)."""
+    from saekit.errors import ConfigError
+
+    kind, name = spec.get("kind"), str(spec.get("model", "default"))
+    if kind == "hf":
+        return load_lm(name)
+    if kind == "lens":
+        return load_lens(name), load_lm(name)[1]
+    if kind == "embedding":
+        return load_embedder(name), None
+    raise ConfigError(f"source spec: expected kind hf, lens or embedding, found {kind!r}")

@@ -46,12 +46,12 @@ from saekit.artifacts import (
     write_manifest,
 )
 from saekit.errors import CorruptArtifactError, MissingCheckpointError, ResumeMismatchError
+from saekit.layout import CHECKPOINTS
 from saekit.sae.base import SAEConfig, SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_FORMAT = 1
-CHECKPOINTS = "checkpoints"
 LATEST = "latest"
 SAE_CFG, SAE_STATE = "sae_cfg.json", "sae_state.safetensors"
 OPT_TENSORS, OPT_JSON = "optimizer.safetensors", "optimizer.json"

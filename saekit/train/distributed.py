@@ -26,6 +26,9 @@ What else must be global, and how it is made so (`StepSync.reduce_buffers`). The
 * the warm-up batches (normalisation scale, data-dependent init) are gathered, so every rank
   initialises from the same global rows a one-process run reads.
 
+Why only sync primitives live here: the stages that run a config under torchrun (`train_run`,
+`cache_distributed`) are run-layer work in `saekit.run.stages`; the trainer only needs the sync.
+
 Checkpoints and the final SAE are written by rank 0 only; the data position in a checkpoint is the
 global one, so a run can resume with a different world size. A dataset whose size does not divide
 by the world size is fine: global batches are cut first and then split, so every rank makes the
@@ -213,71 +216,3 @@ def init_process_group(backend: str = "auto", timeout_s: float = 600.0) -> tuple
 def shutdown() -> None:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
-
-
-# -- training a run config -----------------------------------------------------------------------
-def train_run(cfg, resume: bool | str = "auto", rank: int | None = None, world_size: int | None = None,
-              callbacks: list | None = None):
-    """Train the SAE of a RunConfig on its store into `cfg.run_dir/"train"` (this rank's share when
-    a process group is initialised). Returns the TrainResult."""
-    from saekit.sae.registry import create
-    from saekit.store.reader import ActivationStore
-    from saekit.train.config import TrainConfig
-    from saekit.train.loop import train
-
-    sync = current_sync()
-    rank = sync.rank if rank is None else rank
-    world_size = sync.world_size if world_size is None else world_size
-    store = ActivationStore(cfg.store_dir, hook=_single_hook(cfg))
-    tcfg = TrainConfig.from_dict(cfg.train, where="train")
-    spec = store.manifest["source"]
-    sae_cfg = {"d_in": store.d_in, "hook_name": store.hook, "model_name": str(spec.get("model", "")),
-               "context_size": int(spec.get("max_length", 0)), "dataset_path": cfg.corpus.name,
-               "seed": cfg.seed, **cfg.sae}
-    sae = create(sae_cfg)
-    device = sae_cfg.get("device", "cpu")
-    if torch.device(device).type == "cuda" and dist.is_initialized():
-        sae = sae.to(torch.device("cuda", torch.cuda.current_device()))
-    # whole documents are held out for evaluation (cfg.eval.holdout); training never sees them
-    train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
-    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=train_rows, rank=rank, world_size=world_size)
-    return train(sae, batches, tcfg, cfg.run_dir / "train", callbacks=callbacks, resume=resume)
-
-
-def _single_hook(cfg) -> str | None:
-    hooks = list(cfg.source.hooks)
-    if cfg.sae.get("hook_name"):
-        return cfg.sae["hook_name"]
-    if len(hooks) > 1:
-        raise ConfigError(f"the run caches several hooks {hooks}; set sae.hook_name to the one to train on, or use "
-                          "a multi-SAE config (saekit.train.multi)")
-    return None
-
-
-# -- distributed caching -------------------------------------------------------------------------
-def cache_distributed(cfg, rank: int, world_size: int) -> dict:
-    """Each rank fills its shards (shard s goes to rank s % world_size) with its own partial
-    manifest `manifest.rank-R.json`; after a barrier rank 0 merges them into one manifest per hook.
-    Resuming re-runs the same command: each rank skips the shards its partial manifest lists.
-
-    Rank 0 first creates (or checks) the store alone (`prepare_store`), then every rank runs
-    `saekit.pipeline.cache_stage(cfg, rank, world_size)`. Returns hook -> summary on rank 0."""
-    from saekit.data.corpus import load_documents
-    from saekit.pipeline import cache_stage, store_summary
-    from saekit.sources.base import make_source
-    from saekit.store.reader import ActivationStore
-    from saekit.store.writer import merge_manifests, prepare_store
-
-    if rank == 0:
-        prepare_store(make_source(cfg.source), load_documents(cfg.corpus), cfg.store_dir, cfg.store)
-    dist.barrier()
-    cache_stage(cfg, rank, world_size)
-    dist.barrier()
-    summaries = {}
-    if rank == 0:
-        merge_manifests(cfg.store_dir)
-        for h in cfg.source.hooks or [None]:
-            store = ActivationStore(cfg.store_dir, hook=h)
-            summaries[store.hook] = store_summary(store)
-    dist.barrier()
-    return summaries

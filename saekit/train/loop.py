@@ -28,6 +28,7 @@ from torch import Tensor
 
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError, MissingCheckpointError, NonFiniteError, ShapeMismatchError
+from saekit.layout import FINAL_SAE
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import save_sae
 from saekit.store.batches import BatchSource
@@ -187,7 +188,7 @@ class Trainer:
 
     def finish(self) -> TrainResult:
         """Save final_sae/ (rank 0; every rank waits for it) and tell the callbacks."""
-        final = self.run_dir / "final_sae"
+        final = self.run_dir / FINAL_SAE
         if self.sync.is_main:
             final = save_sae(self.sae, final)
         self.sync.barrier()

@@ -1,29 +1,25 @@
-"""Many SAEs from one forward pass: several hooks, several SAE configs per hook, one model pass.
+"""Feeding many trainers from one batch stream: the data plumbing of multi-SAE runs.
 
-    saekit train configs/multi_sae.yaml          (a MultiConfig: the config has a `saes:` list)
+Why here, in `train/`: these classes know batch sources and trainers only, never runs, configs or
+stores; the orchestration that builds them from a multi-SAE config (`MultiConfig`, `train_multi`)
+is stage work and lives in `saekit.run.multi`.
 
-Two ways to feed them:
-* `mode: store` — the activation store is filled once (one model pass caches every hook), then
-  each batch is read from it once and handed to every SAE that trains on that hook with the same
-  batch size (`SharedBatches`). Every SAE sees exactly the batches a separate run
-  `train(sae, store.batches(batch_size, seed), ...)` reads, so the results are identical to
-  separate runs, at the cost of one read.
-* `mode: stream` — nothing touches disk: the model's batches are split by hook (`StreamTee`), and
-  each hook's rows go through a `ShuffleBuffer` (a fixed-size buffer filled from the stream and
-  sampled with a seeded generator) whose batches are shared the same way. Equal to separate runs fed
-  the same stream.
-
-The trainers are stepped in lockstep (`saekit.train.loop.Trainer`); an SAE that reads more warm-up
-batches than another (input normalisation) simply runs a few batches ahead, and `SharedBatches`
-keeps the batches between the slowest and the fastest consumer. SAEs whose training draws from
-torch's global RNG during steps would see a different random stream than in a separate run (the
-built-in architectures draw none).
+* `SharedBatches` / `BatchView` — each batch of a source is read once and served to every trainer
+  that trains on that hook with the same batch size. Every SAE sees exactly the batches a separate
+  run `train(sae, store.batches(batch_size, seed), ...)` reads, so results equal separate runs.
+* `StreamTee` / `ShuffleBuffer` — with no store, the model's batches are split by hook and each
+  hook's rows go through a fixed-size buffer sampled with a seeded generator, whose batches are
+  shared the same way. Equal to separate runs fed the same stream.
+* `train_many` — the trainers are stepped in lockstep (`saekit.train.loop.Trainer`); an SAE that
+  reads more warm-up batches than another (input normalisation) simply runs a few batches ahead, and
+  `SharedBatches` keeps the batches between the slowest and the fastest consumer. SAEs whose training
+  draws from torch's global RNG during steps would see a different random stream than in a separate
+  run (the built-in architectures draw none).
 """
 
 from __future__ import annotations
 
 import collections
-import hashlib
 import logging
 import os
 from dataclasses import dataclass
@@ -33,9 +29,8 @@ from typing import Any, Callable, Iterator
 import torch
 from torch import Tensor
 
-from saekit.config import Config, param
 from saekit.errors import ConfigError, SaekitError
-from saekit.store.run import ActivationRunConfig
+from saekit.train.loop import Trainer, TrainingInterrupted
 
 log = logging.getLogger(__name__)
 
@@ -219,44 +214,6 @@ def _available_bytes() -> float | None:
         return None
 
 
-# -- configuration -------------------------------------------------------------------------------------
-@dataclass
-class SAESpec(Config):
-    """One SAE of a multi-run."""
-
-    name: str = param(doc="folder name under <run>/train/")
-    sae: dict[str, Any] = param(doc="`architecture` plus its config fields (d_in is taken from the hook)")
-    hook: str = param("", "hook the SAE reads; empty = the source's only hook")
-    train: dict[str, Any] = param({}, "overrides of the shared train settings for this SAE")
-
-
-@dataclass
-class BufferConfig(Config):
-    """The streaming shuffle buffer (one per hook)."""
-
-    capacity_rows: int = param(65536, "rows held per hook", ge=1)
-    max_gb: float = param(8.0, "refuse buffers larger than this in total (GiB), checked before allocating", gt=0)
-
-
-@dataclass
-class MultiConfig(ActivationRunConfig):
-    """Several SAEs trained from one model pass (a run config with a `saes:` list)."""
-
-    name: str = param("multi", "run name (default output folder runs/<name>)")
-    mode: str = param("store", "store: cache once, read each batch once; stream: no disk, shuffle buffers",
-                      choices=["store", "stream"])
-    buffer: BufferConfig = param(default_factory=BufferConfig, doc="shuffle buffers (mode: stream)")
-    train: dict[str, Any] = param({}, "trainer settings shared by every SAE (saekit.train.TrainConfig)")
-    saes: list[SAESpec] = param([], "the SAEs")
-
-    def validate(self) -> None:
-        if not self.saes:
-            raise ConfigError("multi config: expected at least one entry in `saes`, found none")
-        names = [s.name for s in self.saes]
-        if len(set(names)) != len(names):
-            raise ConfigError(f"multi config: SAE names must be unique, found {names}")
-
-
 # -- training --------------------------------------------------------------------------------------
 @dataclass
 class Job:
@@ -273,8 +230,6 @@ def train_many(jobs: list[Job], resume: bool | str = False, callbacks: dict[str,
     """Train several SAEs in lockstep, one step each per round; returns name -> TrainResult.
 
     A stop signal checkpoints every SAE, then raises TrainingInterrupted."""
-    from saekit.train.loop import Trainer, TrainingInterrupted
-
     callbacks = callbacks or {}
     trainers = {j.name: Trainer(j.sae, j.batches, j.cfg, j.run_dir, callbacks.get(j.name), resume) for j in jobs}
     first = next(iter(trainers.values()))
@@ -290,100 +245,6 @@ def train_many(jobs: list[Job], resume: bool | str = False, callbacks: dict[str,
         finally:
             for t in trainers.values():
                 t.close()
-
-
-def build_jobs(cfg: MultiConfig, batch_source: Callable[[str, int], Any], d_in: dict[str, int],
-               model_name: str = "") -> list[Job]:
-    """Jobs for every SAE of `cfg`; `batch_source(hook, batch_size)` is called once per (hook,
-    batch size) and its batches are shared by all SAEs of that group."""
-    from saekit.sae.registry import create
-    from saekit.train.config import TrainConfig
-
-    shared: dict[tuple[str, int], SharedBatches] = {}
-    jobs = []
-    hooks = list(d_in)
-    for spec in cfg.saes:
-        hook = spec.hook or (hooks[0] if len(hooks) == 1 else "")
-        if hook not in d_in:
-            raise ConfigError(f"saes[{spec.name}].hook: expected one of {hooks}, found {spec.hook!r}")
-        tcfg = TrainConfig.from_dict({**cfg.train, **spec.train}, where=f"saes[{spec.name}].train")
-        key = (hook, tcfg.batch_size)
-        if key not in shared:
-            shared[key] = SharedBatches(batch_source(hook, tcfg.batch_size))
-        sae = create({"d_in": d_in[hook], "hook_name": hook, "model_name": model_name, "seed": cfg.seed, **spec.sae})
-        jobs.append(Job(spec.name, sae, shared[key].view(), tcfg, cfg.run_dir / "train" / spec.name))
-    return jobs
-
-
-def train_multi(cfg: MultiConfig, resume: bool | str = "auto", source: Any = None, docs: list[dict] | None = None,
-                callbacks: dict[str, list] | None = None) -> dict:
-    """Train every SAE of `cfg` from one model pass (store or stream mode); name -> TrainResult.
-
-    `source`/`docs` override the config's (tests feed synthetic sources)."""
-    from saekit.train.distributed import current_sync
-
-    sync = current_sync()
-    if cfg.mode == "store":
-        stores = _stores(cfg, source, docs)
-        d_in = {h: s.d_in for h, s in stores.items()}
-        model = str(next(iter(stores.values())).manifest["source"].get("model", ""))
-        jobs = build_jobs(cfg, lambda h, bs: stores[h].batches(bs, seed=cfg.seed, rank=sync.rank,
-                                                                world_size=sync.world_size), d_in, model)
-    else:
-        jobs = _stream_jobs(cfg, source, docs, sync)
-    return train_many(jobs, resume, callbacks)
-
-
-def _stores(cfg: MultiConfig, source: Any, docs: list[dict] | None) -> dict:
-    from saekit.data.corpus import load_documents
-    from saekit.store.reader import ActivationStore
-    from saekit.store.writer import CACHE_INDEX, cache_activations
-
-    root = cfg.store_dir
-    index = root / CACHE_INDEX
-    if not index.exists() or not all(ActivationStore(root, hook=h).complete for h in _index_hooks(index)):
-        src = source
-        if src is None:
-            from saekit.sources.base import make_source
-
-            src = make_source(cfg.source)
-        cache_activations(src, docs if docs is not None else load_documents(cfg.corpus), root, cfg.store)
-    return {h: ActivationStore(root, hook=h) for h in _index_hooks(index)}
-
-
-def _index_hooks(index: Path) -> list[str]:
-    from saekit.artifacts import read_json
-
-    return list(read_json(index)["stores"])
-
-
-def _stream_jobs(cfg: MultiConfig, source: Any, docs: list[dict] | None, sync) -> list[Job]:
-    from saekit.data.corpus import fingerprint, load_documents
-
-    if source is None:
-        from saekit.sources.base import make_source
-
-        source = make_source(cfg.source)
-    docs = docs if docs is not None else load_documents(cfg.corpus)
-    hooks = list(source.hooks)
-    from saekit.train.config import TrainConfig
-
-    sizes = {TrainConfig.from_dict({**cfg.train, **s.train}).batch_size for s in cfg.saes}
-    if len(sizes) > 1:
-        raise ConfigError(f"stream mode: every SAE must use one batch size (hooks are read at one rate), "
-                          f"found {sorted(sizes)}")
-    per_hook = cfg.buffer.capacity_rows * 4 * sum(source.d_in[h] for h in hooks)
-    check_memory(per_hook, cfg.buffer.max_gb * 2**30, f"{len(hooks)} shuffle buffers of {cfg.buffer.capacity_rows} rows")
-    fp = hashlib.sha256(f"{fingerprint(docs)}:{source.spec()}".encode()).hexdigest()[:16]
-    tee = StreamTee(stream_blocks(source, docs), hooks)
-
-    def make(hook: str, bs: int) -> ShuffleBuffer:
-        return ShuffleBuffer(lambda: (b[hook] for b in stream_blocks(source, docs)), source.d_in[hook],
-                             cfg.buffer.capacity_rows, bs, seed=cfg.seed, fingerprint=f"{fp}:{hook}",
-                             max_bytes=cfg.buffer.max_gb * 2**30, rank=sync.rank, world_size=sync.world_size,
-                             stream=tee.stream(hook))
-
-    return build_jobs(cfg, make, {h: source.d_in[h] for h in hooks}, str(source.spec().get("model", "")))
 
 
 def stream_blocks(source: Any, docs: list[dict]) -> Iterator[dict[str, Tensor]]:

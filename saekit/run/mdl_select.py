@@ -16,6 +16,10 @@ the width with the lowest FVU): on planted data that choice drifts to wider dict
 extra latents always buy some error at the same L0, while the bits to say *which* latents fire grow
 with the width (the paper's feature-splitting argument).
 
+Why in the run layer: this is an experiment runner, not a metric. It trains a grid, measures,
+selects and plots, so it sits beside the other stages and may call the trainer; `saekit.eval`
+keeps only the measurements (`description_length`) it is built from.
+
 Output folder: `results.json` (strict JSON), `results.md` (the table), `mdl_select.png` (DL against
 width, one line per k, and against k, one line per width).
 """
@@ -36,6 +40,7 @@ from saekit.artifacts import atomic_write_bytes, atomic_write_json
 from saekit.config import Config, param
 from saekit.errors import ConfigError
 from saekit.eval.description_length import DEFAULT_FVU_TOLERANCE, DEFAULT_PRECISIONS, description_length
+from saekit.layout import FINAL_SAE, RunFolder
 from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.sae.registry import create, get_class, load_sae
 from saekit.store.batches import TensorBatches
@@ -162,8 +167,8 @@ def _store_data(cfg: DataConfig) -> SelectionData:
     from saekit.store.reader import ActivationStore
 
     path = Path(cfg.store)
-    if (path / "store").is_dir() and not (path / "manifest.json").exists():
-        path = path / "store"  # a pipeline run folder: runs/<name>/store
+    if RunFolder(path).store.is_dir() and not (path / "manifest.json").exists():
+        path = RunFolder(path).store  # a run folder: its store (honouring the config's store.path)
     store = ActivationStore(path, hook=cfg.hook)
     train_rows, held_rows = store.split_by_document(cfg.heldout_fraction, cfg.split_seed)
     held_rows = held_rows[: cfg.max_heldout_rows]
@@ -183,7 +188,7 @@ def grid_name(width: int, k: int) -> str:
 def train_grid_sae(cfg: MDLSelectConfig, data: SelectionData, width: int, k: int) -> tuple[SparseAutoencoder, Path]:
     """Train one grid point into output_dir/saes/<name>/ (trainer run folder), or load it if it is done."""
     run_dir = Path(cfg.output_dir) / "saes" / grid_name(width, k)
-    if (run_dir / "final_sae").is_dir():
+    if (run_dir / FINAL_SAE).is_dir():
         log.info("mdl-select: %s already trained, loading it", run_dir)
         return load_sae(run_dir), run_dir
     sae_cfg = {"architecture": cfg.architecture, **cfg.sae, "d_in": data.d_in, "d_sae": width, "k": k}

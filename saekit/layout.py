@@ -1,0 +1,154 @@
+"""Where a run's parts live on disk: the one owner of the run-folder layout.
+
+Why here, in the base layer: every layer that touches a run (the trainer writing `final_sae/`,
+the browser build, the CLI, the dashboard) needs the same answer to "where is the store, the SAE,
+the bundle?". Spelled out as string joins in each of them, the answers drifted apart (a config's
+`store.path` was honoured by caching and ignored by analysis; multi-SAE runs were read as if they
+were single). `RunFolder` answers once, and imports nothing above the base.
+
+    <root>/config.yaml                 the resolved run config
+    <root>/store/                      the activation cache (or the config's `store.path`)
+    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/
+    <root>/train/<name>/               a multi-SAE run: one such folder per SAE
+    <root>/eval/[<name>/]              report.json, report.txt, figures
+    <root>/probe/[<name>/]             probe reports
+    <root>/steer/[<name>/]             saved steering results
+    <root>/explanations/[<name>/]      feature explanations
+    <root>/bundle/[<name>/]            the feature-browser bundle
+
+The bracketed `<name>` level exists for multi-SAE runs only: a `RunFolder` scoped to one SAE
+(`folder.for_sae(name)`) answers every per-SAE question for that SAE.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from saekit.errors import ConfigError
+
+CONFIG = "config.yaml"
+STORE = "store"
+TRAIN = "train"
+FINAL_SAE = "final_sae"
+EVAL = "eval"
+PROBE = "probe"
+STEER = "steer"
+EXPLANATIONS = "explanations"
+BUNDLE = "bundle"
+CHECKPOINTS = "checkpoints"
+
+
+@dataclass(frozen=True)
+class RunFolder:
+    """A run folder, optionally scoped to one SAE of a multi-SAE run.
+
+    `store_path` is the config's `store.path` when the caller holds the config; when it is None the
+    resolved `config.yaml` in the folder is read for it, and without one the store is `<root>/store`."""
+
+    root: Path
+    store_path: Path | None = None
+    sae: str | None = None
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "root", Path(self.root))
+        if self.store_path is not None:
+            object.__setattr__(self, "store_path", Path(self.store_path))
+
+    # -- run-wide parts --------------------------------------------------------------------
+    @property
+    def config(self) -> Path:
+        return self.root / CONFIG
+
+    @property
+    def store(self) -> Path:
+        """The activation cache: the config's `store.path` when set, else `<root>/store`."""
+        if self.store_path is not None:
+            return self.store_path
+        configured = _configured_store_path(self.config)
+        return Path(configured) if configured else self.root / STORE
+
+    def train(self, name: str | None = None) -> Path:
+        """`<root>/train` of a single run, `<root>/train/<name>` of one SAE of a multi-SAE run."""
+        name = name or self.sae
+        return self.root / TRAIN / name if name else self.root / TRAIN
+
+    def final_sae(self, name: str | None = None) -> Path:
+        return self.train(name) / FINAL_SAE
+
+    # -- the SAEs of the run ----------------------------------------------------------------
+    def sae_names(self) -> list[str]:
+        """Names of the SAEs of a multi-SAE run (folders under train/ holding a final SAE or
+        checkpoints); empty for a single run."""
+        train = self.root / TRAIN
+        if not train.is_dir() or (train / FINAL_SAE).exists() or (train / CHECKPOINTS).exists():
+            return []
+        return sorted(p.name for p in train.iterdir()
+                      if p.is_dir() and ((p / FINAL_SAE).exists() or (p / CHECKPOINTS).exists()))
+
+    @property
+    def is_multi(self) -> bool:
+        return bool(self.sae_names())
+
+    def for_sae(self, name: str) -> "RunFolder":
+        """This run scoped to one SAE of a multi-SAE run (per-SAE eval, probe, steer, bundle)."""
+        names = self.sae_names()
+        if name not in names:
+            raise ConfigError(f"{self.root}: expected one of the run's SAEs {names}, found {name!r}")
+        return replace(self, sae=name)
+
+    def per_sae(self) -> list["RunFolder"]:
+        """One folder per SAE: itself for a single run, one scoped folder per SAE of a multi run."""
+        names = self.sae_names()
+        return [replace(self, sae=n) for n in names] if names else [self]
+
+    def require_one_sae(self) -> "RunFolder":
+        """Itself when it names one SAE (a single run, or already scoped); else a ConfigError that
+        lists the SAEs to choose from."""
+        if self.sae is None and self.is_multi:
+            raise ConfigError(f"{self.root} is a multi-SAE run with SAEs {self.sae_names()}; choose one (--sae NAME)")
+        return self
+
+    # -- per-SAE outputs --------------------------------------------------------------------
+    def _per_sae(self, part: str) -> Path:
+        return self.root / part / self.sae if self.sae else self.root / part
+
+    @property
+    def eval(self) -> Path:
+        return self._per_sae(EVAL)
+
+    @property
+    def probe(self) -> Path:
+        return self._per_sae(PROBE)
+
+    @property
+    def steer(self) -> Path:
+        return self._per_sae(STEER)
+
+    @property
+    def explanations(self) -> Path:
+        return self._per_sae(EXPLANATIONS)
+
+    @property
+    def bundle(self) -> Path:
+        return self._per_sae(BUNDLE)
+
+    @property
+    def label(self) -> str:
+        """A readable name: the folder's, plus `/<sae>` for one SAE of a multi-SAE run."""
+        return f"{self.root.name}/{self.sae}" if self.sae else self.root.name
+
+    def looks_like_run(self) -> bool:
+        return self.root.is_dir() and any((self.root / d).exists() for d in (BUNDLE, TRAIN, STORE, CONFIG))
+
+
+def _configured_store_path(config: Path) -> str:
+    """`store.path` of a resolved run config ("" when absent). Only that key is read: the config's
+    types belong to the run layer above, the store's location belongs here."""
+    if not config.exists():
+        return ""
+    import yaml
+
+    data = yaml.safe_load(config.read_text()) or {}
+    store = data.get("store") if isinstance(data, dict) else None
+    return str((store or {}).get("path") or "") if isinstance(store, dict) else ""

@@ -1,0 +1,164 @@
+"""The run configs: what one YAML file asks a run to do, and `load_run_config` that reads either kind.
+
+Why here, in the run layer: a run config names every stage (corpus, model, store, SAE, trainer,
+evaluation, probing, analysis), so it may import each stage's own config; keeping it at the top
+means no lower layer ever needs to know what a run is. The single-SAE run (`RunConfig`) and the
+multi-SAE run (`MultiConfig`, a config with a `saes:` list) cache and read activations the same way;
+they share `ActivationRunConfig` and the `RunFolder` derived from it instead of declaring them twice.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from saekit.analysis.features import AnalyzeConfig
+from saekit.config import Config, param
+from saekit.data.corpus import CorpusConfig
+from saekit.errors import ConfigError
+from saekit.layout import STORE, RunFolder
+from saekit.sources.base import SourceConfig
+from saekit.store.writer import StoreConfig
+from saekit.train.config import TrainConfig
+
+
+@dataclass
+class ActivationRunConfig(Config):
+    """Documents, model, store and run folder of a run."""
+
+    name: str = param("run", "run name (used for the default output folder)")
+    output_dir: str = param("", "run folder; empty = runs/<name>")
+    seed: int = param(0, "seed for data order and initialisation")
+    corpus: CorpusConfig = param(default_factory=CorpusConfig, doc="the documents")
+    source: SourceConfig = param(default_factory=SourceConfig, doc="the model and its hook points")
+    store: StoreConfig = param(default_factory=StoreConfig, doc="the activation cache")
+
+    @property
+    def run_dir(self) -> Path:
+        return Path(self.output_dir or f"runs/{self.name}")
+
+    @property
+    def folder(self) -> RunFolder:
+        """Where this run's parts live (the store honours `store.path`)."""
+        return RunFolder(self.run_dir, store_path=Path(self.store.path) if self.store.path else self.run_dir / STORE)
+
+    @property
+    def store_dir(self) -> Path:
+        return self.folder.store
+
+
+@dataclass
+class EvalConfig(Config):
+    """How a trained SAE is evaluated on held-out documents."""
+
+    holdout: float = param(0.1, "fraction of documents held out of training for evaluation", ge=0, lt=1)
+    max_rows: int = param(0, "evaluate on at most this many held-out rows (0 = all)", ge=0)
+    batch_rows: int = param(4096, "rows per evaluation batch", ge=1)
+    description_length: bool = param(True, "compute the MDL description-length sweep")
+    splice_docs: int = param(48, "held-out documents for the splice-in LM loss (LLM runs; 0 = skip)", ge=0)
+    splice_batch: int = param(8, "documents per splice-in forward pass", ge=1)
+    retrieval_rows: int = param(2000, "held-out rows for recall@k (embedding runs)", ge=0)
+    retrieval_k: int = param(10, "k of recall@k", ge=1)
+
+
+@dataclass
+class ProbeConfig(Config):
+    """Sparse probing of a corpus label after training (SAE features vs neurons)."""
+
+    label: str = param("", "document label to probe (e.g. sentiment); empty = skip probing")
+    positive: str | None = param(None, "the positive class (one vs rest); None = the most frequent class")
+    ks: list[int] = param([1, 2, 5, 10, 20], "numbers of features to probe with")
+    max_rows: int = param(20000, "rows used (whole documents, sampled deterministically)", ge=100)
+    test_frac: float = param(0.3, "fraction of documents in the probe's test split", gt=0, lt=1)
+
+
+@dataclass
+class RunConfig(ActivationRunConfig):
+    """One run: which text, which model and hooks, where to store, what SAE to train and how."""
+
+    sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields")
+    train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig)")
+    eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
+    analyze: dict[str, Any] = param({}, "feature-browser bundle settings (saekit.analysis.features.AnalyzeConfig)")
+    probe: ProbeConfig = param(default_factory=ProbeConfig, doc="sparse probing after training")
+
+    def validate(self) -> None:
+        if self.train:
+            self.train_config()
+        if self.analyze:
+            self.analyze_config()
+        if self.sae and "architecture" not in self.sae:
+            raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl)")
+
+    def train_config(self) -> TrainConfig:
+        return TrainConfig.from_dict(self.train, where="train")
+
+    def analyze_config(self) -> AnalyzeConfig:
+        return AnalyzeConfig.from_dict(self.analyze, where="analyze")
+
+
+@dataclass
+class SAESpec(Config):
+    """One SAE of a multi-run."""
+
+    name: str = param(doc="folder name under <run>/train/")
+    sae: dict[str, Any] = param(doc="`architecture` plus its config fields (d_in is taken from the hook)")
+    hook: str = param("", "hook the SAE reads; empty = the source's only hook")
+    train: dict[str, Any] = param({}, "overrides of the shared train settings for this SAE")
+
+
+@dataclass
+class BufferConfig(Config):
+    """The streaming shuffle buffer (one per hook)."""
+
+    capacity_rows: int = param(65536, "rows held per hook", ge=1)
+    max_gb: float = param(8.0, "refuse buffers larger than this in total (GiB), checked before allocating", gt=0)
+
+
+@dataclass
+class MultiConfig(ActivationRunConfig):
+    """Several SAEs trained from one model pass (a run config with a `saes:` list)."""
+
+    name: str = param("multi", "run name (default output folder runs/<name>)")
+    mode: str = param("store", "store: cache once, read each batch once; stream: no disk, shuffle buffers",
+                      choices=["store", "stream"])
+    buffer: BufferConfig = param(default_factory=BufferConfig, doc="shuffle buffers (mode: stream)")
+    train: dict[str, Any] = param({}, "trainer settings shared by every SAE (saekit.train.TrainConfig)")
+    analyze: dict[str, Any] = param({}, "feature-browser bundle settings, shared by every SAE's bundle")
+    saes: list[SAESpec] = param([], "the SAEs")
+
+    def validate(self) -> None:
+        if not self.saes:
+            raise ConfigError("multi config: expected at least one entry in `saes`, found none")
+        names = [s.name for s in self.saes]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"multi config: SAE names must be unique, found {names}")
+        if self.analyze:
+            self.analyze_config()
+
+    def analyze_config(self) -> AnalyzeConfig:
+        return AnalyzeConfig.from_dict(self.analyze, where="analyze")
+
+
+AnyRunConfig = RunConfig | MultiConfig
+
+
+def load_run_config(path: str | Path, strict: bool = True) -> AnyRunConfig:
+    """The config of a YAML file or of a run folder (its resolved config.yaml): a `MultiConfig` when
+    it has a `saes:` list, else a `RunConfig`."""
+    path = Path(path)
+    if path.is_dir():
+        path = RunFolder(path).config
+    if not path.exists():
+        raise ConfigError(f"{path}: expected a run config YAML file (or a run folder holding config.yaml), found none")
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    kind = MultiConfig if "saes" in data else RunConfig
+    return kind.from_dict(data, strict=strict)

@@ -1,0 +1,267 @@
+"""The main job as plain calls: cache → train → evaluate → probe → analyze, each resumable on its own.
+
+Why here, at the top of the library: a stage turns a run config into calls of the layers below it
+(data, sources, store, sae, train, eval, analysis, browser) and writes into the run folder, so it is
+the one place allowed to know all of them. Where each part of a run lives is `saekit.layout.RunFolder`'s
+answer; nothing here joins path strings. The trainer (`saekit.train`) never sees a run config: the
+stages build the SAE from the store's facts and hand it batches.
+
+A run folder, once more (see `saekit.layout`): config.yaml, store/ (or the config's `store.path`),
+train/ (train/<name>/ for each SAE of a multi-SAE run), eval/, probe/, steer/, bundle/ (per SAE).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+import yaml
+
+from saekit.analysis.features import AnalyzeConfig
+from saekit.artifacts import atomic_write_bytes
+from saekit.data.corpus import load_documents
+from saekit.errors import ConfigError, SaekitError
+from saekit.layout import EVAL, RunFolder
+from saekit.run.config import ActivationRunConfig, RunConfig, load_run_config
+from saekit.sae.base import SparseAutoencoder
+from saekit.sae.registry import create, load_sae
+from saekit.sources.base import make_source
+from saekit.store.locate import store_for_hook
+from saekit.store.reader import ActivationStore
+from saekit.store.writer import cache_activations, merge_manifests, prepare_store
+from saekit.train.distributed import current_sync
+from saekit.train.loop import TrainResult, train
+
+log = logging.getLogger(__name__)
+
+
+# -- run folders ---------------------------------------------------------------------------------
+def save_resolved(cfg: ActivationRunConfig) -> None:
+    """Write the resolved config into the run folder (analysis, probing and the browser read it back)."""
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    text = yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False)
+    atomic_write_bytes(cfg.folder.config, text.encode())
+
+
+def as_folder(run: str | Path | RunFolder) -> RunFolder:
+    return run if isinstance(run, RunFolder) else RunFolder(Path(run))
+
+
+def open_sae_and_store(folder: RunFolder, device: str = "cpu") -> tuple[SparseAutoencoder, ActivationStore]:
+    """The SAE of a (single or SAE-scoped) run folder and the store of its hook."""
+    folder = folder.require_one_sae()
+    sae = load_sae(folder.train(), device=device)
+    return sae, store_for_hook(folder.store, sae.cfg.hook_name or None)
+
+
+# -- cache ---------------------------------------------------------------------------------------
+def cache_stage(cfg: ActivationRunConfig, rank: int = 0, world_size: int = 1) -> dict[str, ActivationStore]:
+    """Fill the run's activation stores (resuming a partial cache); returns hook -> store."""
+    save_resolved(cfg) if rank == 0 else None
+    docs = load_documents(cfg.corpus)
+    source = make_source(cfg.source)
+    kwargs = {}
+    if world_size > 1:
+        n_shards = max(1, -(-len(docs) // cfg.store.docs_per_shard))
+        kwargs = {"shard_range": range(rank, n_shards, world_size), "manifest_name": f"manifest.rank-{rank}.json"}
+    paths = cache_activations(source, docs, cfg.store_dir, cfg.store, **kwargs)
+    if world_size > 1:
+        return {}
+    return {h: ActivationStore(p) for h, p in paths.items()}
+
+
+def cache_distributed(cfg: ActivationRunConfig, rank: int, world_size: int) -> dict:
+    """Each rank fills its shards (shard s goes to rank s % world_size) with its own partial
+    manifest `manifest.rank-R.json`; after a barrier rank 0 merges them into one manifest per hook.
+    Resuming re-runs the same command: each rank skips the shards its partial manifest lists.
+
+    Rank 0 first creates (or checks) the store alone (`prepare_store`), then every rank runs
+    `cache_stage(cfg, rank, world_size)`. Returns hook -> summary on rank 0."""
+    if rank == 0:
+        prepare_store(make_source(cfg.source), load_documents(cfg.corpus), cfg.store_dir, cfg.store)
+    dist.barrier()
+    cache_stage(cfg, rank, world_size)
+    dist.barrier()
+    summaries = {}
+    if rank == 0:
+        merge_manifests(cfg.store_dir)
+        for h in cfg.source.hooks or [None]:
+            store = ActivationStore(cfg.store_dir, hook=h)
+            summaries[store.hook] = store_summary(store)
+    dist.barrier()
+    return summaries
+
+
+def store_summary(store: ActivationStore) -> dict:
+    m = store.manifest
+    return {"store": str(store.path), "hook": store.hook, "kind": store.kind, "model": m["source"]["model"],
+            "rows": len(store), "d_in": store.d_in, "docs": m["n_docs"], "shards": len(m["shards"]),
+            "complete": store.complete}
+
+
+def run_store(cfg: RunConfig, hook: str | None = None) -> ActivationStore:
+    hook = hook or (cfg.source.hooks[0] if cfg.source.kind != "embedding" else None)
+    return ActivationStore(cfg.store_dir, hook=hook)
+
+
+# -- train ---------------------------------------------------------------------------------------
+def create_sae_for(fields: dict[str, Any], d_in: int, hook: str, source_spec: dict, seed: int,
+                   dataset: str = "") -> SparseAutoencoder:
+    """An SAE of the config's `sae:` fields, with the facts of the activations it will read (d_in,
+    hook, model, context size, corpus) filled in; the config's own fields win. Shared by single and
+    multi-SAE runs so both write the same metadata into cfg.json."""
+    facts = {"d_in": d_in, "hook_name": hook, "model_name": str(source_spec.get("model", "")),
+             "context_size": int(source_spec.get("max_length", 0) or 0), "dataset_path": dataset, "seed": seed}
+    return create({**facts, **fields})
+
+
+def train_stage(cfg: RunConfig) -> TrainResult:
+    """Train the run's SAE on the training documents of its store (resuming a partial run)."""
+    if not cfg.sae or not cfg.train:
+        raise ConfigError("run config: the train stage needs `sae` and `train` sections")
+    torch.manual_seed(cfg.seed)
+    return train_run(cfg, resume="auto")
+
+
+def train_run(cfg: RunConfig, resume: bool | str = "auto", rank: int | None = None, world_size: int | None = None,
+              callbacks: list | None = None) -> TrainResult:
+    """Train the SAE of a RunConfig on its store into the run's train folder (this rank's share
+    when a process group is initialised). Returns the TrainResult."""
+    sync = current_sync()
+    rank = sync.rank if rank is None else rank
+    world_size = sync.world_size if world_size is None else world_size
+    store = ActivationStore(cfg.store_dir, hook=_single_hook(cfg))
+    tcfg = cfg.train_config()
+    sae = create_sae_for(cfg.sae, store.d_in, store.hook, store.manifest["source"], cfg.seed, cfg.corpus.name)
+    if torch.device(cfg.sae.get("device", "cpu")).type == "cuda" and dist.is_initialized():
+        sae = sae.to(torch.device("cuda", torch.cuda.current_device()))
+    # whole documents are held out for evaluation (cfg.eval.holdout); training never sees them
+    train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=train_rows, rank=rank, world_size=world_size)
+    return train(sae, batches, tcfg, cfg.folder.train(), callbacks=callbacks, resume=resume)
+
+
+def _single_hook(cfg: RunConfig) -> str | None:
+    hooks = list(cfg.source.hooks)
+    if cfg.sae.get("hook_name"):
+        return cfg.sae["hook_name"]
+    if len(hooks) > 1:
+        raise ConfigError(f"the run caches several hooks {hooks}; set sae.hook_name to the one to train on, or use "
+                          "a multi-SAE config (saekit.run.multi)")
+    return None
+
+
+# -- evaluate ------------------------------------------------------------------------------------
+def heldout_batches(rows: torch.Tensor, batch_rows: int, max_rows: int = 0) -> list[torch.Tensor]:
+    rows = rows[:max_rows] if max_rows else rows
+    return [rows[i: i + batch_rows] for i in range(0, len(rows), batch_rows)]
+
+
+def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None) -> dict:
+    """Evaluate the trained SAE on held-out documents; write RUN/eval/report.json, table and figures."""
+    from saekit.eval.report import attach_downstream, evaluate_sae, format_report, write_report
+
+    store = run_store(cfg)
+    sae = sae or load_sae(cfg.folder.train())
+    _, held = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    chunks = heldout_batches(held, cfg.eval.batch_rows, cfg.eval.max_rows)
+    report = evaluate_sae(sae, lambda: (store[c] for c in chunks), description_length=cfg.eval.description_length,
+                          retrieval_rows=cfg.eval.retrieval_rows if store.kind == "embedding" else 0,
+                          retrieval_k=cfg.eval.retrieval_k, progress=True)
+    report["run"] = {"name": cfg.name, "store": str(store.path), "heldout_rows": int(len(held))}
+    if store.kind != "embedding" and cfg.eval.splice_docs:
+        attach_downstream(report, "splice_in", splice_stage(cfg, store, sae, held))
+    write_report(report, cfg.folder.eval)
+    log.info("\n%s", format_report(report))
+    return report
+
+
+def splice_stage(cfg: RunConfig, store: ActivationStore, sae: SparseAutoencoder, held_rows: torch.Tensor) -> dict:
+    from saekit.eval.splice import splice_lm_loss
+    from saekit.sources.models import load_for_spec
+
+    doc_ids = torch.unique(store.meta("doc_id")[held_rows]).tolist()[: cfg.eval.splice_docs]
+    texts = [store.docs[d]["text"] for d in doc_ids]
+    model, tok = load_for_spec({**store.manifest["source"], "model": cfg.source.model})
+    mean_D = sum(c.double().sum(0) for _, c in store.iter_chunks(65536)) / len(store)
+    return splice_lm_loss(model, tok, store.hook, sae, texts, mean_acts_D=mean_D,
+                          max_length=cfg.source.max_length, batch_size=cfg.eval.splice_batch)
+
+
+def eval_target(target: str | Path, store: str | Path | None = None, max_rows: int = 0,
+                out: str | Path | None = None) -> tuple[dict, Path]:
+    """Evaluate what `saekit eval TARGET` names: a run config YAML, a run folder, or a bare SAE
+    folder with a store. Returns (report, folder the report was written to)."""
+    from saekit.eval.report import evaluate_sae, write_report
+
+    target = Path(target)
+    if target.suffix in (".yaml", ".yml") or (RunFolder(target).config.exists() and store is None):
+        cfg = load_run_config(target)
+        if not isinstance(cfg, RunConfig):
+            raise ConfigError(f"{target}: a multi-SAE run; evaluate one of its SAEs with "
+                              f"`saekit eval {cfg.folder.train('NAME')} --store {cfg.store_dir}`")
+        return eval_stage(cfg), cfg.folder.eval
+    if store is None:
+        raise SaekitError(f"{target}: not a run folder; pass --store STORE to evaluate a bare SAE folder")
+    sae, acts = load_sae(target), ActivationStore(store)
+    chunks = [c for _, c in acts.iter_chunks(4096, stop=min(len(acts), max_rows or len(acts)))]
+    report = evaluate_sae(sae, chunks, description_length=True,
+                          retrieval_rows=2000 if acts.kind == "embedding" else 0)
+    out = Path(out or target / EVAL)  # beside a bare SAE folder
+    write_report(report, out)
+    return report, out
+
+
+# -- probe, analyze ------------------------------------------------------------------------------
+def probe_stage(cfg: RunConfig) -> dict:
+    """k-sparse probes of a corpus label on the SAE's latents vs raw neurons; RUN/probe/<label>.json + plot."""
+    from saekit.analysis.probing import format_probe_table, probe_sweep, write_probe_report
+
+    p = cfg.probe
+    report = probe_sweep(run_store(cfg), p.label, sae=load_sae(cfg.folder.train()), ks=p.ks, test_frac=p.test_frac,
+                         seed=cfg.seed, max_rows=p.max_rows, positive=p.positive)
+    write_probe_report(report, cfg.folder.probe)
+    log.info("\n%s", format_probe_table(report))
+    return report
+
+
+def analyze_config_for(run: str | Path | RunFolder) -> AnalyzeConfig:
+    """The `analyze:` section of the run's resolved config, or the defaults when it has none."""
+    folder = as_folder(run)
+    if not folder.config.exists():
+        return AnalyzeConfig()
+    return load_run_config(folder.config).analyze_config()
+
+
+def analyze_stage(cfg: RunConfig) -> Path:
+    """Build the read-only feature-browser bundle of the run (RUN/bundle)."""
+    from saekit.browser.build import build_bundle
+
+    return build_bundle(cfg.folder, cfg.analyze_config())
+
+
+def analyze_run(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, out: str | Path | None = None,
+                **bundle_kwargs) -> list[Path]:
+    """A bundle per SAE of the run (one for a single run); `out` only for a single SAE."""
+    from saekit.browser.build import build_bundle
+
+    folder = as_folder(run)
+    cfg = cfg or analyze_config_for(folder)
+    targets = [folder] if folder.sae else folder.per_sae()
+    if out is not None and len(targets) > 1:
+        raise ConfigError(f"{folder.root} holds {len(targets)} SAEs; --out names one bundle, choose one SAE")
+    return [build_bundle(t, cfg, out=out, **bundle_kwargs) for t in targets]
+
+
+def run_all(cfg: RunConfig) -> dict:
+    """The main job for one config: cache → train → evaluate → (probe) → browser bundle."""
+    cache_stage(cfg)
+    result = train_stage(cfg)
+    report = eval_stage(cfg, None)
+    if cfg.probe.label:
+        probe_stage(cfg)
+    bundle = analyze_stage(cfg)
+    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report, "bundle": str(bundle)}
