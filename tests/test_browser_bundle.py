@@ -23,7 +23,7 @@ from saekit.analysis.features import (
 )
 from saekit.browser.build import build_bundle
 from saekit.browser.bundle import RECORDS, Bundle, BundleError
-from saekit.browser.demo import tiny_embedding_run, tiny_run
+from support.runs import tiny_embedding_run, tiny_run
 from saekit.sae.registry import load_sae
 from saekit.store.reader import ActivationStore
 
@@ -191,7 +191,7 @@ def test_embedding_bundle_top_documents_and_labels(tmp_path, minilm, tweets):
 def test_peak_memory_does_not_grow_with_store_rows(tmp_path):
     """Bound: building a 200k-row bundle peaks at most 1.5× the 50k-row build's RSS growth (+32 MB slack)
     — rows grow 4× — and below 600 MB above the pre-build RSS."""
-    from saekit.browser.demo import synthetic_llm_run
+    from support.runs import synthetic_llm_run
 
     script = Path(__file__).resolve().parents[1] / "scripts"
     peaks = {}
