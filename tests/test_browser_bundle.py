@@ -76,6 +76,16 @@ def test_families_parent_contains_child():
     assert parent.tolist() == [-1, 0, -1, -1] and p[1] == 1.0
 
 
+def test_table_row_keeps_feature_zero_as_a_parent():
+    from saekit.browser.build import table_row
+
+    rec = {"feature": 5, "count": 2, "density": 0.1, "mean": 1.0, "max": 2.0, "top": [], "labels": {},
+           "logit_lens": {"promoted": [], "suppressed": []},
+           "family": {"parent": 0, "p_parent": 1.0, "children": []}}
+    assert table_row(rec)["parent"] == 0
+    assert table_row({**rec, "family": {"parent": None, "p_parent": 0.0, "children": [[7, 1.0]]}})["parent"] == -1
+
+
 # -- the bundle against a dense brute force --------------------------------------------------------
 def test_stats_match_dense_brute_force(llm_run, dense_codes):
     b = Bundle(llm_run)
@@ -137,6 +147,21 @@ def test_manifest_lists_every_file_and_logit_lens_uses_unembedding(llm_run):
     logits = (sae.W_dec[f] * model.transformer.ln_f.weight) @ model.lm_head.weight.T
     want = [tok.decode([int(i)]) for i in logits.topk(3).indices]
     assert [t for t, _ in b.feature(f)["logit_lens"]["promoted"][:3]] == want
+
+
+def test_bundle_files_follow_the_declared_types(llm_run):
+    """The writer and the app agree through browser.bundle's types: every record, table row and the
+    manifest carry exactly the declared fields."""
+    from saekit.browser.bundle import FEATURE_COLUMNS, BundleManifest, Example, FeatureRecord
+
+    b = Bundle(llm_run)
+    assert tuple(b.table.columns) == FEATURE_COLUMNS
+    assert set(b.manifest) == set(BundleManifest.__annotations__)
+    for f in (0, ONE_SHOT, 10):
+        rec = b.feature(f)
+        assert list(rec) == list(FeatureRecord.__annotations__)
+        for ex in rec["top"] + [x for q in rec["quantiles"] for x in q["examples"]]:
+            assert set(ex) <= set(Example.__annotations__) and {"row", "doc", "act", "labels", "tokens"} <= set(ex)
 
 
 def test_latent_index_matches_sae_code(llm_run, dense_codes):

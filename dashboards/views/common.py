@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from saekit.artifacts import MANIFEST
 from saekit.browser.bundle import BUNDLE_DIR, Bundle, BundleError
 from saekit.errors import SaekitError
 
@@ -47,7 +48,7 @@ def _cached_bundle(path: str, stamp: float) -> Bundle:
 
 def load_bundle(run: Path) -> Bundle:
     """The run's verified bundle (cached until its manifest changes); BundleError when unusable."""
-    manifest = run / BUNDLE_DIR / "saekit_manifest.json"
+    manifest = run / BUNDLE_DIR / MANIFEST
     if not manifest.exists():
         raise BundleError(f"No browser bundle in {run}. Build it with `saekit analyze {run}`.")
     return _cached_bundle(str(run / BUNDLE_DIR), manifest.stat().st_mtime)
