@@ -1,8 +1,8 @@
 """The on-disk contract of an activation store, typed once for the writer and the reader.
 
 A store folder holds `manifest.json` (a `StoreManifest`), its shards (`shard-NNNNN.safetensors`,
-each listed as a `ShardEntry` with its sha256) and `docs.jsonl`; a cache root holds `cache.json`,
-which maps hooks to store folders. The writer builds manifests only through `StoreManifest`, the
+each listed as a `ShardEntry` with its sha256) and `docs.jsonl`; a cache root holds `cache.json`
+(a `CacheIndex`), which maps hooks to store folders. The writer builds manifests only through `StoreManifest`, the
 reader parses them only through `StoreManifest.from_json`, so a field added or renamed in one place
 cannot silently go missing in the other: an unknown or missing key raises `CorruptArtifactError`.
 """
@@ -29,6 +29,28 @@ def hook_slug(hook: str) -> str:
 
 def shard_name(i: int) -> str:
     return f"shard-{i:05d}.safetensors"
+
+
+class StoreIdentity(TypedDict):
+    """What makes two caches the same: resuming or reusing a cache root requires an equal identity."""
+
+    source: dict
+    corpus_fingerprint: str
+    n_docs: int
+    docs_per_shard: int
+    dtype: str
+
+
+class CacheIndex(TypedDict):
+    """`cache.json` of a cache root: its identity and, per hook, the folder of that hook's store."""
+
+    format_version: int
+    identity: StoreIdentity
+    stores: dict[str, str]
+
+
+def cache_index(identity: StoreIdentity, hooks: list[str]) -> CacheIndex:
+    return CacheIndex(format_version=FORMAT_VERSION, identity=identity, stores={h: hook_slug(h) for h in hooks})
 
 
 class ShardEntry(TypedDict):
@@ -102,11 +124,9 @@ class StoreManifest:
         atomic_write_json(path, self.to_json())
 
     def __getitem__(self, key: str) -> Any:
-        """Read a field by its JSON name (for callers written against the plain manifest dict)."""
+        """Read a field by its JSON name, for callers written against the plain manifest dict
+        (`store.manifest["source"]`); new code reads the attributes."""
         if key not in {f.name for f in fields(self)}:
             raise KeyError(key)
         return getattr(self, key)
-
-    def get(self, key: str, default: Any = None) -> Any:
-        return self[key] if key in {f.name for f in fields(self)} else default
 

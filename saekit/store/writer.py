@@ -24,12 +24,22 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saekit.artifacts import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
+from saekit.artifacts import atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
 from saekit.config import Config, param
 from saekit.data.corpus import fingerprint
 from saekit.errors import StoreExistsError
 from saekit.sources.base import ActivationBatch, ActivationSource
-from saekit.store.manifest import CACHE_INDEX, DOCS, MANIFEST, ShardEntry, StoreManifest, hook_slug, shard_name
+from saekit.store.manifest import (
+    CACHE_INDEX,
+    DOCS,
+    MANIFEST,
+    ShardEntry,
+    StoreIdentity,
+    StoreManifest,
+    cache_index,
+    hook_slug,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,9 +55,9 @@ class StoreConfig(Config):
     sort_by_length: bool = param(True, "order documents by length inside a shard (less padding, same rows)")
 
 
-def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> dict:
-    return {"source": spec, "corpus_fingerprint": corpus_fp, "n_docs": n_docs,
-            "docs_per_shard": cfg.docs_per_shard, "dtype": cfg.dtype}
+def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> StoreIdentity:
+    return StoreIdentity(source=spec, corpus_fingerprint=corpus_fp, n_docs=n_docs,
+                         docs_per_shard=cfg.docs_per_shard, dtype=cfg.dtype)
 
 
 def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifest_name: str,
@@ -70,8 +80,7 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
             shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     if not index_path.exists():
-        atomic_write_json(index_path, {"format_version": FORMAT_VERSION, "identity": identity,
-                                       "stores": {h: hook_slug(h) for h in spec["hooks"]}})
+        atomic_write_json(index_path, cache_index(identity, spec["hooks"]))
     manifests = {}
     for h in spec["hooks"]:
         folder = root / hook_slug(h)
