@@ -211,6 +211,20 @@ def test_embedding_bundle_top_documents_and_labels(tmp_path, minilm, tweets):
     assert b.feature(2)["count"] == 1
 
 
+def test_synthetic_run_store_is_written_by_the_writer(tmp_path):
+    """The model-free test store goes through `cache_activations`: a complete, verified store whose
+    rows are the documents' tokens in order."""
+    from support.runs import WORDS, synthetic_llm_run
+
+    run = synthetic_llm_run(tmp_path / "syn", 600, d_sae=32, k=4, tokens_per_doc=20)
+    store = ActivationStore(run / "store")
+    assert store.complete and len(store) == 600 and store.manifest.n_docs == 30
+    doc_id, tok = store.meta("doc_id"), store.meta("token_id")
+    for d in (0, 17):
+        words = store.docs[d]["text"].split()
+        assert [WORDS[t - 2] for t in tok[doc_id == d].tolist()] == words
+
+
 # -- memory does not grow with the store ----------------------------------------------------------------
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_store_rows(tmp_path):

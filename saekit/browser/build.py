@@ -191,7 +191,8 @@ class FeatureTables:
 
 
 def feature_tables(stats: RunningStats, istats: IndexStats, W_dec_FD, lm_parts: tuple, cfg: AnalyzeConfig) -> FeatureTables:
-    """Co-firing partners, families, decoder neighbours and the logit lens of every feature."""
+    """Co-firing partners, families, decoder neighbours and the logit lens of every feature;
+    `lm_parts` is `load_lm_parts`' (tokenizer, W_U, final norm weight)."""
     tokenizer, W_U, norm = lm_parts
     feature_M, other_M, together_M, p_M = (t.numpy() for t in top_cooccurring(
         istats.pair_keys, istats.pair_counts, stats.count_F, cfg.cooccur))

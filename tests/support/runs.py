@@ -5,7 +5,8 @@
 * `synthetic_docs(n)`: labelled sentences over that vocabulary.
 * `TokenNoiseSource`: an activation source without a model (a fixed random vector per token id plus
   noise), so `saekit.store.writer.cache_activations` itself writes stores of any size quickly.
-* `tiny_run(...)`: a run folder (store + SAE) with dead features and a feature that fires exactly once.
+* `tiny_run(...)` / `tiny_embedding_run(...)`: a run folder (store + SAE) with dead features and a
+  feature that fires exactly once; `synthetic_llm_run(...)`: a run of any size over `TokenNoiseSource`.
 """
 
 from __future__ import annotations
