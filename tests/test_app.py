@@ -13,7 +13,7 @@ import pytest
 
 from saekit.analysis.features import AnalyzeConfig
 from saekit.browser.build import build_bundle
-from saekit.browser.demo import tiny_embedding_run, tiny_run
+from support.runs import tiny_embedding_run, tiny_run
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
 AppTest = pytest.importorskip("streamlit.testing.v1").AppTest

@@ -23,7 +23,7 @@ from saekit.analysis.features import (
 )
 from saekit.browser.build import build_bundle
 from saekit.browser.bundle import RECORDS, Bundle, BundleError
-from saekit.browser.demo import tiny_embedding_run, tiny_run
+from support.runs import tiny_embedding_run, tiny_run
 from saekit.sae.registry import load_sae
 from saekit.store.reader import ActivationStore
 
@@ -74,6 +74,16 @@ def test_families_parent_contains_child():
     keys, counts = torch.tensor([0 * 4 + 1, 0 * 4 + 2]), torch.tensor([4, 3])
     parent, p = feature_families(keys, counts, count, threshold=0.9, min_count=2)
     assert parent.tolist() == [-1, 0, -1, -1] and p[1] == 1.0
+
+
+def test_table_row_keeps_feature_zero_as_a_parent():
+    from saekit.browser.build import table_row
+
+    rec = {"feature": 5, "count": 2, "density": 0.1, "mean": 1.0, "max": 2.0, "top": [], "labels": {},
+           "logit_lens": {"promoted": [], "suppressed": []},
+           "family": {"parent": 0, "p_parent": 1.0, "children": []}}
+    assert table_row(rec)["parent"] == 0
+    assert table_row({**rec, "family": {"parent": None, "p_parent": 0.0, "children": [[7, 1.0]]}})["parent"] == -1
 
 
 # -- the bundle against a dense brute force --------------------------------------------------------
@@ -139,6 +149,21 @@ def test_manifest_lists_every_file_and_logit_lens_uses_unembedding(llm_run):
     assert [t for t, _ in b.feature(f)["logit_lens"]["promoted"][:3]] == want
 
 
+def test_bundle_files_follow_the_declared_types(llm_run):
+    """The writer and the app agree through browser.bundle's types: every record, table row and the
+    manifest carry exactly the declared fields."""
+    from saekit.browser.bundle import FEATURE_COLUMNS, BundleManifest, Example, FeatureRecord
+
+    b = Bundle(llm_run)
+    assert tuple(b.table.columns) == FEATURE_COLUMNS
+    assert set(b.manifest) == set(BundleManifest.__annotations__)
+    for f in (0, ONE_SHOT, 10):
+        rec = b.feature(f)
+        assert list(rec) == list(FeatureRecord.__annotations__)
+        for ex in rec["top"] + [x for q in rec["quantiles"] for x in q["examples"]]:
+            assert set(ex) <= set(Example.__annotations__) and {"row", "doc", "act", "labels", "tokens"} <= set(ex)
+
+
 def test_latent_index_matches_sae_code(llm_run, dense_codes):
     idx, val = Bundle(llm_run).index.rows(np.array([0, 5, 700]))
     for j, r in enumerate([0, 5, 700]):
@@ -186,12 +211,26 @@ def test_embedding_bundle_top_documents_and_labels(tmp_path, minilm, tweets):
     assert b.feature(2)["count"] == 1
 
 
+def test_synthetic_run_store_is_written_by_the_writer(tmp_path):
+    """The model-free test store goes through `cache_activations`: a complete, verified store whose
+    rows are the documents' tokens in order."""
+    from support.runs import WORDS, synthetic_llm_run
+
+    run = synthetic_llm_run(tmp_path / "syn", 600, d_sae=32, k=4, tokens_per_doc=20)
+    store = ActivationStore(run / "store")
+    assert store.complete and len(store) == 600 and store.manifest.n_docs == 30
+    doc_id, tok = store.meta("doc_id"), store.meta("token_id")
+    for d in (0, 17):
+        words = store.docs[d]["text"].split()
+        assert [WORDS[t - 2] for t in tok[doc_id == d].tolist()] == words
+
+
 # -- memory does not grow with the store ----------------------------------------------------------------
 @pytest.mark.slow
 def test_peak_memory_does_not_grow_with_store_rows(tmp_path):
     """Bound: building a 200k-row bundle peaks at most 1.5× the 50k-row build's RSS growth (+32 MB slack)
     — rows grow 4× — and below 600 MB above the pre-build RSS."""
-    from saekit.browser.demo import synthetic_llm_run
+    from support.runs import synthetic_llm_run
 
     script = Path(__file__).resolve().parents[1] / "scripts"
     peaks = {}

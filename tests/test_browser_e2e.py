@@ -17,7 +17,7 @@ from saekit.analysis.features import AnalyzeConfig
 from saekit.browser.build import build_bundle
 from saekit.browser.bundle import Bundle
 from saekit.cli.browse import browse_command
-from saekit.browser.demo import tiny_run
+from support.runs import tiny_run
 
 pytestmark = pytest.mark.browser
 CHROMIUM = "/usr/bin/chromium"

@@ -15,7 +15,7 @@ import pytest
 import yaml
 
 from saekit.browser.bundle import Bundle
-from saekit.browser.demo import synthetic_docs, tiny_lm
+from support.runs import synthetic_docs, tiny_lm
 from saekit.cli import main
 from saekit.errors import ConfigError
 from saekit.layout import RunFolder

@@ -7,7 +7,8 @@ from saekit.errors import HookNotFoundError
 from saekit.sources.base import SourceConfig
 from saekit.sources.embeddings import EmbeddingSource
 from saekit.sources.hf import HFSource, tokenize
-from saekit.sources.hooks import count_hooks, hook_point
+from saekit.sources.hooks import hook_point
+from support.hooks import count_hooks
 from saekit.sources.lens import LensSource
 
 pytestmark = pytest.mark.slow

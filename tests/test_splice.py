@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from saekit.eval.splice import splice_lm_loss
-from saekit.sources.hooks import count_hooks
+from support.hooks import count_hooks
 
 pytestmark = pytest.mark.slow
 

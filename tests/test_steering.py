@@ -17,7 +17,7 @@ from saekit.analysis.steering import (
 )
 from saekit.errors import ConfigError, ShapeMismatchError
 from saekit.sae.registry import create
-from saekit.sources.hooks import count_hooks
+from support.hooks import count_hooks
 
 LAYER, LENS_HOOK = "model.layers.16", "blocks.16.hook_resid_post"
 TOPIC_WORDS = [" flight", " flights", " plane", " airline", " airport", " pilot", " travel", " trip"]

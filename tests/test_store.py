@@ -123,3 +123,31 @@ def test_rows_trace_back_to_documents(tmp_path, emb_source, tweets):
     train, held = store.split_by_document(0.25, seed=0)
     assert set(doc_ids[train].tolist()).isdisjoint(doc_ids[held].tolist())
     assert os.path.exists(store.path / "docs.jsonl")
+
+
+def test_manifest_is_typed_and_round_trips_through_the_reader(tmp_path, emb_source, tweets):
+    from saekit.store.manifest import MANIFEST, StoreManifest
+
+    path = cache_activations(emb_source, tweets[:40], tmp_path / "s", StoreConfig(docs_per_shard=16))["sentence_embedding"]
+    store = ActivationStore(path)
+    m = store.manifest
+    assert isinstance(m, StoreManifest) and m.complete and m.rows == len(store) == 40
+    assert [e["index"] for e in m.shards] == [0, 1, 2] and m.n_shards == 3
+    assert StoreManifest.from_json(json.loads((path / MANIFEST).read_text())) == m
+    raw = m.to_json() | {"extra_key": 1}
+    with pytest.raises(CorruptArtifactError, match="unknown \\['extra_key'\\]"):
+        StoreManifest.from_json(raw)
+    del raw["extra_key"], raw["shards"]
+    raw.pop("n_docs")
+    with pytest.raises(CorruptArtifactError, match="missing \\['n_docs'\\]"):
+        StoreManifest.from_json(raw)
+
+
+def test_gather_returns_columns_in_the_order_asked(tmp_path, emb_source, tweets):
+    store = ActivationStore(cache_activations(emb_source, tweets[:30], tmp_path / "s",
+                                              StoreConfig(docs_per_shard=7))["sentence_embedding"])
+    rows = [25, 3, 3, 14, 0]
+    assert store.gather("doc_id", rows).tolist() == [int(store.meta("doc_id")[r]) for r in rows]
+    assert torch.equal(store.gather("acts", rows), store[:][rows])
+    with pytest.raises(KeyError, match="expected one of"):
+        store.gather("labels", rows)

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import streamlit as st
 
+from saekit.browser.bundle import Bundle
 from views.common import SORTS, filter_features, open_feature
 
+# columns of the bundle's `FeatureRow` table (saekit.browser.bundle) shown in the list, in this order
 SHOWN_COLUMNS = ["feature", "density", "count", "max", "top_tokens", "top_text", "top_labels", "promoted", "children"]
 N_BUTTONS = 12
 
 
-def render(bundle, run_key: str) -> None:
+def render(bundle: Bundle, run_key: str) -> None:
     df = bundle.table
-    st.subheader(f"Features · {bundle.d_sae} latents · {bundle.n_rows:,} rows · {bundle.manifest.get('dead', 0)} dead")
+    st.subheader(f"Features · {bundle.d_sae} latents · {bundle.n_rows:,} rows · {bundle.manifest['dead']} dead")
     query = st.text_input("Search (token, text, label or promoted token; #id for a feature)", key="search")
     c1, c2, c3 = st.columns([2, 1, 3])
     sort = c1.selectbox("Sort by", list(SORTS), key="sort")
@@ -25,7 +27,7 @@ def render(bundle, run_key: str) -> None:
     if shown.empty:
         st.info("No feature matches: widen the density range, show dead features or change the search.")
         return
-    cols = [c for c in SHOWN_COLUMNS if c in shown.columns and (bundle.is_llm or c not in ("top_tokens", "promoted"))]
+    cols = [c for c in SHOWN_COLUMNS if bundle.is_llm or c not in ("top_tokens", "promoted")]
     st.dataframe(shown[cols].head(2000), hide_index=True, width="stretch")
     st.markdown("**Open a feature**")
     grid = st.columns(3)

@@ -1,15 +1,17 @@
 """One feature: stats, highlighted top examples, interval samples, histogram, logit lens,
-neighbours, co-firing features, label distribution and family — all from the bundle."""
+neighbours, co-firing features, label distribution and family — all from the bundle's
+`FeatureRecord` (saekit.browser.bundle), read by the names that type declares."""
 
 from __future__ import annotations
 
 import pandas as pd
 import streamlit as st
 
+from saekit.browser.bundle import Bundle, Example, FeatureRecord
 from views.common import highlight, highlight_doc, open_feature
 
 
-def render(bundle, run_key: str) -> None:
+def render(bundle: Bundle, run_key: str) -> None:
     if st.session_state.get("feature", 0) >= bundle.d_sae:
         st.session_state["feature"] = 0
     f = int(st.number_input(f"Feature (0 – {bundle.d_sae - 1})", 0, bundle.d_sae - 1, step=1, key="feature"))
@@ -32,7 +34,7 @@ def render(bundle, run_key: str) -> None:
         family(rec)
 
 
-def stats_row(rec: dict, bundle) -> None:
+def stats_row(rec: FeatureRecord, bundle: Bundle) -> None:
     c = st.columns(4)
     c[0].metric("Density", f"{rec['density']:.3%}")
     c[1].metric("Firings", f"{rec['count']:,}")
@@ -44,7 +46,7 @@ def stats_row(rec: dict, bundle) -> None:
         st.info("This feature fired exactly once.")
 
 
-def examples(items: list[dict], vmax: float, is_llm: bool, key: str) -> None:
+def examples(items: list[Example], vmax: float, is_llm: bool, key: str) -> None:
     if not items:
         st.caption("No examples.")
         return
@@ -57,7 +59,7 @@ def examples(items: list[dict], vmax: float, is_llm: bool, key: str) -> None:
         st.markdown(body, unsafe_allow_html=True)
 
 
-def intervals(rec: dict, is_llm: bool) -> None:
+def intervals(rec: FeatureRecord, is_llm: bool) -> None:
     if not rec["quantiles"]:
         st.caption("No samples (the feature never fired).")
         return
@@ -67,7 +69,7 @@ def intervals(rec: dict, is_llm: bool) -> None:
             examples(q["examples"], rec["max"], is_llm, f"q{q['interval']}")
 
 
-def histogram(rec: dict) -> None:
+def histogram(rec: FeatureRecord) -> None:
     counts = rec["hist"]["counts"]
     if rec["count"] == 0 or not any(counts):
         st.info("Empty histogram: the feature never fired.")
@@ -77,12 +79,12 @@ def histogram(rec: dict) -> None:
     st.bar_chart(df, x="activation", y="firings")
 
 
-def logit_lens(rec: dict, bundle) -> None:
-    lens = rec.get("logit_lens") or {}
+def logit_lens(rec: FeatureRecord, bundle: Bundle) -> None:
+    lens = rec["logit_lens"]
     if not bundle.is_llm:
         st.caption("The logit lens applies to language-model runs only.")
         return
-    if not lens.get("promoted"):
+    if not lens["promoted"]:
         st.caption("No logit lens in this bundle (the model's unembedding was not available when it was built).")
         return
     c1, c2 = st.columns(2)
@@ -98,7 +100,7 @@ def _jump_buttons(ids: list[int], prefix: str, labels: list[str]) -> None:
         cols[i].button(f"#{g} ({lab})", key=f"{prefix}_{g}", on_click=open_feature, args=(g,))
 
 
-def neighbours(rec: dict) -> None:
+def neighbours(rec: FeatureRecord) -> None:
     c1, c2 = st.columns(2)
     with c1:
         st.markdown("**Decoder-cosine neighbours**")
@@ -116,7 +118,7 @@ def neighbours(rec: dict) -> None:
             st.caption("Never fires together with another feature.")
 
 
-def labels(rec: dict) -> None:
+def labels(rec: FeatureRecord) -> None:
     if not rec["labels"]:
         st.caption("No labels among the top examples (the corpus has none, or the feature never fired).")
         return
@@ -126,7 +128,7 @@ def labels(rec: dict) -> None:
         col.bar_chart(pd.DataFrame({"value": list(dist), "examples": list(dist.values())}), x="value", y="examples")
 
 
-def family(rec: dict) -> None:
+def family(rec: FeatureRecord) -> None:
     fam = rec["family"]
     if fam["parent"] is None and not fam["children"]:
         st.caption("Not part of a feature family (no feature's firing set nests with this one's).")

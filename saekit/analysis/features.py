@@ -15,14 +15,18 @@ Two passes, memory bounded by the number of features, never by the number of row
 
 Then, from the small per-feature tables: decoder-cosine neighbours, feature families (parents whose
 firing set contains the child's, "Disentangling Dense Embeddings", O'Neill et al. 2024), the logit
-lens (`W_dec @ W_U`, after the final norm's weight), and token contexts / documents of the examples.
+lens (`W_dec @ W_U`, after the final norm's weight); and for the examples kept by the two passes,
+their token contexts (`gather_examples`), the label distribution of a feature's top examples and
+the list table's search text (`feature_summary`). The browser build only assembles these into files.
 """
 
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import torch
@@ -300,3 +304,93 @@ def example_windows(rows_E: np.ndarray, n_rows: int, context: int) -> tuple[np.n
     win = rows_E[:, None] + offs[None, :]
     valid = (win >= 0) & (win < n_rows)
     return np.clip(win, 0, max(n_rows - 1, 0)), valid
+
+
+IndexRows = Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]]  # rows -> (indices [m, k], values [m, k])
+
+
+@dataclass
+class TokenWindows:
+    """For each example of an LLM store, the `[r - c, r + c]` window of rows around it (same document only)."""
+
+    rows_EW: np.ndarray  # global rows of the window (clipped to the store)
+    valid_EW: np.ndarray  # inside the store and in the example's document
+    token_EW: np.ndarray  # token id at each window position
+    acts_EW: np.ndarray  # the example's feature's activation at each window position
+
+
+@dataclass
+class ExampleSet:
+    """Every example the bundle shows (top examples and interval samples), flat, in the passes' order."""
+
+    feature_E: np.ndarray
+    value_E: np.ndarray
+    row_E: np.ndarray
+    interval_E: np.ndarray  # -1: a top example, else the activation interval it was sampled from
+    doc_E: np.ndarray
+    pos_E: np.ndarray
+    windows: TokenWindows | None  # None for embedding stores (one row per document)
+
+    def by_feature(self, d_sae: int) -> list[np.ndarray]:
+        """Example positions of each feature: top examples first (best first), then interval samples."""
+        order = np.lexsort((np.arange(len(self.feature_E)), self.interval_E, self.feature_E))
+        bounds = np.searchsorted(self.feature_E[order], np.arange(d_sae + 1))
+        return [order[bounds[f]:bounds[f + 1]] for f in range(d_sae)]
+
+
+def gather_examples(stats: RunningStats, istats: IndexStats, store, index_rows: IndexRows,
+                    context: int) -> ExampleSet:
+    """Doc ids and positions of every kept example; for LLM stores its token window and the feature's
+    activation on each token (read back from the latent index, not re-encoded)."""
+    n_top = len(stats.top_f)
+    feature_E = torch.cat([stats.top_f, istats.sample_f]).numpy()
+    row_E = torch.cat([stats.top_r, istats.sample_r]).numpy()
+    ex = ExampleSet(feature_E=feature_E, value_E=torch.cat([stats.top_v, istats.sample_v]).numpy(), row_E=row_E,
+                    interval_E=np.concatenate([np.full(n_top, -1), istats.sample_q.numpy()]),
+                    doc_E=store.gather("doc_id", row_E).numpy(), pos_E=store.gather("pos", row_E).numpy(),
+                    windows=None)
+    if store.kind != "embedding" and len(row_E):
+        ex.windows = _token_windows(ex, store, index_rows, context)
+    return ex
+
+
+def _token_windows(ex: ExampleSet, store, index_rows: IndexRows, context: int) -> TokenWindows:
+    rows_EW, valid_EW = example_windows(ex.row_E, len(store), context)
+    flat = rows_EW.ravel()
+    doc_EW = store.gather("doc_id", flat).numpy().reshape(rows_EW.shape)
+    token_EW = store.gather("token_id", flat).numpy().reshape(rows_EW.shape)
+    acts_EW = feature_values_at(index_rows(flat), np.repeat(ex.feature_E, rows_EW.shape[1])).reshape(rows_EW.shape)
+    return TokenWindows(rows_EW, valid_EW & (doc_EW == ex.doc_E[:, None]), token_EW, acts_EW)
+
+
+def label_distribution(labels: list[dict]) -> dict[str, dict[str, int]]:
+    """Per label key, how many of the given examples carry each (scalar) value, most common first."""
+    out: dict[str, Counter] = {}
+    for lab in labels:
+        for k, v in (lab or {}).items():
+            if v is not None and not isinstance(v, (dict, list)):
+                out.setdefault(k, Counter())[str(v)] += 1
+    return {k: dict(c.most_common()) for k, c in out.items()}
+
+
+def join_tokens(tokens: list[str]) -> str:
+    """Text of a token window: BPE pieces carry their own spaces, word-level tokens need them added."""
+    return "".join(tokens) if any(t[:1].isspace() for t in tokens) else " ".join(tokens)
+
+
+def feature_summary(top: list[dict], labels: dict[str, dict[str, int]], promoted: list) -> dict[str, str]:
+    """The list table's search text of a feature: its top examples' centre tokens and text, dominant
+    labels, and promoted tokens. `top` holds example records (`tokens` + `center`, or `text`)."""
+    if top and "tokens" in top[0]:
+        seen: list[str] = []
+        for it in top:
+            t = it["tokens"][it["center"]] if it["tokens"] else ""
+            if t not in seen:
+                seen.append(t)
+        tokens, text = " | ".join(seen[:6]), join_tokens(top[0]["tokens"])
+    else:
+        tokens, text = "", (top[0]["text"] if top else "")
+    n = max(len(top), 1)
+    lab = ", ".join(f"{k}={max(c, key=c.get)} ({100 * max(c.values()) // n}%)" for k, c in labels.items() if c)
+    return {"top_tokens": tokens, "top_text": text[:200], "top_labels": lab,
+            "promoted": " | ".join(p[0] for p in promoted[:5])}

@@ -71,9 +71,6 @@ class FeatureEdit:
         """The code value a clamp/ablate edit sets."""
         return 0.0 if self.mode == "ablate" else float(self.value)
 
-    def is_noop(self) -> bool:
-        return self.mode == "add" and self.alpha == 0
-
 
 # -- building the intervention -------------------------------------------------------------------------
 

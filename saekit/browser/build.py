@@ -4,10 +4,11 @@ Where the store, the SAE and the bundle live is `saekit.layout.RunFolder`'s answ
 `store.path`, one bundle per SAE of a multi-SAE run); the run layer (`saekit.run.stages.analyze_run`)
 picks the SAEs and the run's `analyze:` settings.
 
-The heavy lifting is `saekit.analysis.features` (two streaming passes); this module gathers the
-examples' contexts and documents, assembles one JSON record per feature (everything its page
-shows, so the app assembles a page with one seek), the list table, and the manifest. The folder is
-built beside its final name and renamed into place, so a crash never leaves a half bundle.
+The analysis is `saekit.analysis.features` (two streaming passes, then the examples' contexts, label
+distributions and summaries); this module only assembles: one `FeatureRecord` per feature
+(everything its page shows, so the app assembles a page with one seek), the list table of
+`FeatureRow`s, and the `BundleManifest`. The folder is built beside its final name and renamed into
+place, so a crash never leaves a half bundle.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import io
 import json
 import logging
 import time
-from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -24,25 +25,40 @@ import torch
 
 from saekit.analysis.features import (
     AnalyzeConfig,
+    ExampleSet,
     IndexStats,
     RunningStats,
     decoder_neighbours,
     encode_pass,
-    example_windows,
     feature_families,
-    feature_values_at,
+    feature_summary,
+    gather_examples,
     index_pass,
+    label_distribution,
     logit_lens,
     top_cooccurring,
 )
-from saekit.artifacts import FORMAT_VERSION, atomic_dir, read_json, write_manifest
-from saekit.browser.bundle import BUNDLE_FORMAT, FEATURES_TABLE, INDEX_DIR, OFFSETS, RECORDS, LatentIndex
+from saekit.artifacts import FORMAT_VERSION, MANIFEST, atomic_dir, read_json, write_manifest
+from saekit.browser.bundle import (
+    BUNDLE_FORMAT,
+    FEATURES_TABLE,
+    INDEX_DIR,
+    OFFSETS,
+    RECORDS,
+    BundleManifest,
+    Example,
+    Family,
+    FeatureRecord,
+    FeatureRow,
+    Interval,
+    LatentIndex,
+    LogitLens,
+)
 from saekit.errors import ModelNotAvailableError, ShapeMismatchError
 from saekit.layout import RunFolder
 from saekit.sae.registry import load_sae
 from saekit.store.locate import store_for_hook
-from saekit.store.reader import ActivationStore
-from saekit.store.writer import DOCS
+from saekit.store.manifest import DOCS
 
 log = logging.getLogger(__name__)
 NORM_PATHS = ("model.norm", "transformer.ln_f", "gpt_neox.final_layer_norm", "model.final_layernorm", "ln_f")
@@ -88,146 +104,159 @@ def read_docs(path: Path, wanted: set[int]) -> dict[int, dict]:
     return out
 
 
-class Examples:
-    """Every example the bundle shows (top and interval samples), flat, with its context gathered."""
-
-    def __init__(self, stats: RunningStats, istats: IndexStats):
-        n_top = len(stats.top_f)
-        self.f = torch.cat([stats.top_f, istats.sample_f]).numpy()
-        self.v = torch.cat([stats.top_v, istats.sample_v]).numpy()
-        self.r = torch.cat([stats.top_r, istats.sample_r]).numpy()
-        self.q = np.concatenate([np.full(n_top, -1), istats.sample_q.numpy()])  # -1: top example
-
-    def gather(self, store: ActivationStore, index: LatentIndex, context: int, tokenizer) -> None:
-        """Doc ids for all; for LLM runs the window's tokens and the feature's activation on each."""
-        self.doc = store._gather("doc_id", self.r).numpy()
-        self.pos = store._gather("pos", self.r).numpy()
-        if store.kind == "embedding" or len(self.r) == 0:
-            self.win = None
-            return
-        win, valid = example_windows(self.r, len(store), context)
-        flat = win.ravel()
-        doc_w = store._gather("doc_id", flat).numpy().reshape(win.shape)
-        tok_w = store._gather("token_id", flat).numpy().reshape(win.shape)
-        acts_w = feature_values_at(index.rows(flat), np.repeat(self.f, win.shape[1])).reshape(win.shape)
-        self.win, self.valid = win, valid & (doc_w == self.doc[:, None])
-        self.tok_w, self.acts_w = tok_w, acts_w
-        self.tok_str = token_strings(tokenizer, tok_w[self.valid])
-
-    def item(self, e: int, docs: dict[int, dict]) -> dict:
-        out = {"row": int(self.r[e]), "doc": int(self.doc[e]), "act": round(float(self.v[e]), 5)}
-        d = docs.get(int(self.doc[e]), {})
-        out["labels"] = d.get("labels") or {}
-        if self.win is None:
-            out["text"] = d.get("text", "")
-            return out
-        ok = self.valid[e]
-        out["pos"] = int(self.pos[e])
-        out["tokens"] = [self.tok_str.get(int(t), f"<{int(t)}>") for t in self.tok_w[e][ok]]
-        out["acts"] = [round(float(a), 4) for a in self.acts_w[e][ok]]
-        out["center"] = int(ok[: len(ok) // 2].sum())
+def example_record(ex: ExampleSet, e: int, docs: dict[int, dict], token_text: dict[int, str]) -> Example:
+    """The JSON record of example `e`: its document's labels, and its token window or document text."""
+    doc = docs.get(int(ex.doc_E[e]), {})
+    out = Example(row=int(ex.row_E[e]), doc=int(ex.doc_E[e]), act=round(float(ex.value_E[e]), 5),
+                  labels=doc.get("labels") or {})
+    if ex.windows is None:
+        out["text"] = doc.get("text", "")
         return out
+    ok_W = ex.windows.valid_EW[e]
+    out["pos"] = int(ex.pos_E[e])
+    out["tokens"] = [token_text.get(int(t), f"<{int(t)}>") for t in ex.windows.token_EW[e][ok_W]]
+    out["acts"] = [round(float(a), 4) for a in ex.windows.acts_EW[e][ok_W]]
+    out["center"] = int(ok_W[: len(ok_W) // 2].sum())
+    return out
 
 
-def join_tokens(tokens: list[str]) -> str:
-    """Text of a token window: BPE pieces carry their own spaces, word-level tokens need them added."""
-    return "".join(tokens) if any(t[:1].isspace() for t in tokens) else " ".join(tokens)
+@dataclass
+class Cooccurrence:
+    """Each feature's most frequent co-firing partners: flat arrays grouped by feature."""
+
+    other_M: np.ndarray
+    together_M: np.ndarray  # firings together
+    p_other_M: np.ndarray  # P(other fires | feature fires)
+    bounds_F1: np.ndarray  # feature f's partners are [bounds_F1[f], bounds_F1[f + 1])
+
+    def of(self, f: int) -> list[tuple[int, int, float]]:
+        lo, hi = self.bounds_F1[f], self.bounds_F1[f + 1]
+        return [[int(o), int(c), round(float(p), 4)]
+                for o, c, p in zip(self.other_M[lo:hi], self.together_M[lo:hi], self.p_other_M[lo:hi])]
 
 
-def label_distribution(items: list[dict]) -> dict[str, dict[str, int]]:
-    out: dict[str, Counter] = {}
-    for it in items:
-        for k, v in (it.get("labels") or {}).items():
-            if v is not None and not isinstance(v, (dict, list)):
-                out.setdefault(k, Counter())[str(v)] += 1
-    return {k: dict(c.most_common()) for k, c in out.items()}
+@dataclass
+class LogitTable:
+    """Promoted / suppressed token ids and logits of every feature, with the tokens' text."""
+
+    promoted_FN: np.ndarray
+    promoted_logit_FN: np.ndarray
+    suppressed_FN: np.ndarray
+    suppressed_logit_FN: np.ndarray
+    token_text: dict[int, str]
+
+    def of(self, f: int) -> LogitLens:
+        def pairs(ids, vals):
+            return [[self.token_text[int(i)], round(float(v), 4)] for i, v in zip(ids[f], vals[f])]
+
+        return LogitLens(promoted=pairs(self.promoted_FN, self.promoted_logit_FN),
+                         suppressed=pairs(self.suppressed_FN, self.suppressed_logit_FN))
 
 
-def _summary_fields(top: list[dict], labels: dict, promoted: list) -> dict:
-    """The list table's search text: top tokens, top text, dominant labels, promoted tokens."""
-    if top and "tokens" in top[0]:
-        seen = []
-        for it in top:
-            t = it["tokens"][it["center"]] if it["tokens"] else ""
-            if t not in seen:
-                seen.append(t)
-        tokens = " | ".join(seen[:6])
-        text = join_tokens(top[0]["tokens"])
-    else:
-        tokens, text = "", (top[0]["text"] if top else "")
-    n = max(len(top), 1)
-    lab = ", ".join(f"{k}={max(c, key=c.get)} ({100 * max(c.values()) // n}%)" for k, c in labels.items() if c)
-    return {"top_tokens": tokens, "top_text": text[:200], "top_labels": lab,
-            "promoted": " | ".join(p[0] for p in promoted[:5])}
+@dataclass
+class FeatureTables:
+    """The per-feature tables a record needs besides its examples, computed once before assembly."""
+
+    cooccur: Cooccurrence
+    parent_F: np.ndarray  # -1 when none
+    p_parent_F: np.ndarray
+    neighbour_FN: np.ndarray | None  # None when the SAE has no decoder matrix
+    neighbour_cos_FN: np.ndarray | None
+    logits: LogitTable | None  # None without an unembedding (embedding runs, no model, logit_lens off)
+
+    def __post_init__(self):
+        self.children: dict[int, list] = {}
+        for c in np.nonzero(self.parent_F >= 0)[0]:
+            self.children.setdefault(int(self.parent_F[c]), []).append([int(c), round(float(self.p_parent_F[c]), 4)])
+
+    def neighbours(self, f: int) -> list[tuple[int, float]]:
+        if self.neighbour_FN is None:
+            return []
+        return [[int(g), round(float(c), 4)] for g, c in zip(self.neighbour_FN[f].tolist(), self.neighbour_cos_FN[f].tolist())]
+
+    def family(self, f: int) -> Family:
+        parent = int(self.parent_F[f])
+        return Family(parent=parent if parent >= 0 else None, p_parent=round(float(self.p_parent_F[f]), 4),
+                      children=self.children.get(f, []))
+
+    def logit_lens(self, f: int) -> LogitLens:
+        return self.logits.of(f) if self.logits is not None else LogitLens(promoted=[], suppressed=[])
 
 
-def _groups(keys: np.ndarray, n: int) -> np.ndarray:
-    """Bounds of each feature's block in an array sorted by feature."""
-    return np.searchsorted(keys, np.arange(n + 1))
+def feature_tables(stats: RunningStats, istats: IndexStats, W_dec_FD, lm_parts: tuple, cfg: AnalyzeConfig) -> FeatureTables:
+    """Co-firing partners, families, decoder neighbours and the logit lens of every feature;
+    `lm_parts` is `load_lm_parts`' (tokenizer, W_U, final norm weight)."""
+    tokenizer, W_U, norm = lm_parts
+    feature_M, other_M, together_M, p_M = (t.numpy() for t in top_cooccurring(
+        istats.pair_keys, istats.pair_counts, stats.count_F, cfg.cooccur))
+    cooc = Cooccurrence(other_M, together_M, p_M, np.searchsorted(feature_M, np.arange(stats.d_sae + 1)))
+    parent_F, p_parent_F = (t.numpy() for t in feature_families(istats.pair_keys, istats.pair_counts, stats.count_F,
+                                                                cfg.family_threshold, cfg.family_min_count))
+    n_idx = n_cos = None
+    if W_dec_FD is not None:
+        n_idx, n_cos = (t.numpy() for t in decoder_neighbours(W_dec_FD, cfg.neighbours))
+    logits = _logit_table(W_dec_FD, W_U if cfg.logit_lens else None, norm, tokenizer, cfg.logit_tokens)
+    return FeatureTables(cooc, parent_F, p_parent_F, n_idx, n_cos, logits)
 
 
-def assemble(stats: RunningStats, istats: IndexStats, ex: Examples, docs: dict, extras: dict,
-             cfg: AnalyzeConfig, n_rows: int, tmp: Path) -> dict:
+def _logit_table(W_dec_FD, W_U, norm, tokenizer, n: int) -> LogitTable | None:
+    if W_U is None or n == 0 or W_dec_FD is None:
+        return None
+    if W_U.shape[1] != W_dec_FD.shape[1]:
+        raise ShapeMismatchError(f"logit lens: unembedding expects width {W_U.shape[1]}, SAE decoder has {W_dec_FD.shape[1]}")
+    pi, pv, ni, nv = (t.numpy() for t in logit_lens(W_dec_FD, W_U, norm, n))
+    return LogitTable(pi, pv, ni, nv, token_strings(tokenizer, np.concatenate([pi.ravel(), ni.ravel()])))
+
+
+def feature_record(f: int, stats: RunningStats, istats: IndexStats, examples: list[Example], interval_E: list[int],
+                   tables: FeatureTables, cfg: AnalyzeConfig, n_rows: int) -> FeatureRecord:
+    """One feature's page: stats, histogram, top examples, interval samples and the per-feature tables."""
+    count, max_f = int(stats.count_F[f]), float(stats.max_F[f])
+    top = [x for x, q in zip(examples, interval_E) if q < 0]
+    quantiles = [Interval(interval=q, lo=round(max_f * q / cfg.quantiles, 5), hi=round(max_f * (q + 1) / cfg.quantiles, 5),
+                          examples=[x for x, qq in zip(examples, interval_E) if qq == q]) for q in range(cfg.quantiles)]
+    return FeatureRecord(
+        feature=f, count=count, density=float(count) / max(n_rows, 1),
+        mean=float(stats.sum_F[f] / max(count, 1)), max=max_f,
+        hist={"max": max_f, "counts": istats.hist_FB[f].tolist()},
+        top=top, quantiles=[q for q in quantiles if q["examples"]],
+        neighbours=tables.neighbours(f), cooccur=tables.cooccur.of(f), logit_lens=tables.logit_lens(f),
+        labels=label_distribution([x.get("labels") for x in top]), family=tables.family(f))
+
+
+def table_row(rec: FeatureRecord) -> FeatureRow:
+    """The list table's row of a feature: its stats plus the search text."""
+    return FeatureRow(feature=rec["feature"], count=rec["count"], density=rec["density"], mean=rec["mean"],
+                      max=rec["max"], dead=rec["count"] == 0, parent=_or_minus_one(rec["family"]["parent"]),
+                      children=len(rec["family"]["children"]),
+                      **feature_summary(rec["top"], rec["labels"], rec["logit_lens"]["promoted"]))
+
+
+def _or_minus_one(parent: int | None) -> int:
+    return -1 if parent is None else parent
+
+
+def assemble(stats: RunningStats, istats: IndexStats, ex: ExampleSet, docs: dict, tables: FeatureTables,
+             token_text: dict[int, str], cfg: AnalyzeConfig, n_rows: int, tmp: Path) -> dict:
     """Write features.jsonl + offsets + features.parquet; returns counts for the manifest."""
     import pandas as pd
 
     from saekit.artifacts import save_tensors
 
-    F = stats.d_sae
-    order = np.lexsort((np.arange(len(ex.f)), ex.q, ex.f))  # by feature, top first, interval, rank
-    bounds = _groups(ex.f[order], F)
-    cf, co, cc, cp = (t.numpy() for t in extras["cooc"])
-    cb = _groups(cf, F)
-    parent, p_parent = extras["parent"]
-    children: dict[int, list] = {}
-    for c in np.nonzero(parent >= 0)[0]:
-        children.setdefault(int(parent[c]), []).append([int(c), round(float(p_parent[c]), 4)])
-    count, mx = stats.count_F.numpy(), stats.max_F.numpy()
-    mean = (stats.sum_F / stats.count_F.clamp_min(1)).numpy()
-    hist = istats.hist_FB.numpy()
     rows, offsets = [], [0]
     with open(tmp / RECORDS, "wb") as fh:
-        for f in range(F):
-            sel = order[bounds[f]:bounds[f + 1]]
-            top = [ex.item(e, docs) for e in sel if ex.q[e] < 0]
-            quant = [{"interval": q, "lo": round(float(mx[f] * q / cfg.quantiles), 5),
-                      "hi": round(float(mx[f] * (q + 1) / cfg.quantiles), 5),
-                      "examples": [ex.item(e, docs) for e in sel if ex.q[e] == q]} for q in range(cfg.quantiles)]
-            labels = label_distribution(top)
-            promoted, suppressed = extras["logits"](f)
-            rec = {"feature": f, "count": int(count[f]), "density": float(count[f]) / max(n_rows, 1),
-                   "mean": float(mean[f]), "max": float(mx[f]),
-                   "hist": {"max": float(mx[f]), "counts": hist[f].tolist()},
-                   "top": top, "quantiles": [q for q in quant if q["examples"]],
-                   "neighbours": [[int(g), round(float(c), 4)] for g, c in zip(*extras["neigh"](f))],
-                   "cooccur": [[int(o), int(c), round(float(p), 4)] for o, c, p in
-                               zip(co[cb[f]:cb[f + 1]], cc[cb[f]:cb[f + 1]], cp[cb[f]:cb[f + 1]])],
-                   "logit_lens": {"promoted": promoted, "suppressed": suppressed},
-                   "labels": labels,
-                   "family": {"parent": int(parent[f]) if parent[f] >= 0 else None,
-                              "p_parent": round(float(p_parent[f]), 4), "children": children.get(f, [])}}
+        for f, sel in enumerate(ex.by_feature(stats.d_sae)):
+            examples = [example_record(ex, e, docs, token_text) for e in sel]
+            rec = feature_record(f, stats, istats, examples, ex.interval_E[sel].tolist(), tables, cfg, n_rows)
             line = json.dumps(rec, ensure_ascii=False, allow_nan=False).encode() + b"\n"
             fh.write(line)
             offsets.append(offsets[-1] + len(line))
-            rows.append({"feature": f, "count": int(count[f]), "density": rec["density"], "mean": rec["mean"],
-                         "max": rec["max"], "dead": bool(count[f] == 0), "parent": rec["family"]["parent"] or -1,
-                         "children": len(rec["family"]["children"]), **_summary_fields(top, labels, promoted)})
+            rows.append(table_row(rec))
     save_tensors(tmp / OFFSETS, {"offsets": torch.tensor(offsets, dtype=torch.int64)})
     buf = io.BytesIO()
     pd.DataFrame(rows).to_parquet(buf, index=False)
     (tmp / FEATURES_TABLE).write_bytes(buf.getvalue())
-    return {"dead": int((count == 0).sum())}
-
-
-def _logit_fn(W_dec_FD, W_U, norm, tokenizer, n: int):
-    if W_U is None or n == 0 or W_dec_FD is None:
-        return lambda f: ([], [])
-    if W_U.shape[1] != W_dec_FD.shape[1]:
-        raise ShapeMismatchError(f"logit lens: unembedding expects width {W_U.shape[1]}, SAE decoder has {W_dec_FD.shape[1]}")
-    pi, pv, ni, nv = (t.numpy() for t in logit_lens(W_dec_FD, W_U, norm, n))
-    strs = token_strings(tokenizer, np.concatenate([pi.ravel(), ni.ravel()]))
-    return lambda f: ([[strs[int(i)], round(float(v), 4)] for i, v in zip(pi[f], pv[f])],
-                      [[strs[int(i)], round(float(v), 4)] for i, v in zip(ni[f], nv[f])])
+    return {"dead": int((stats.count_F == 0).sum())}
 
 
 def open_run(run: str | Path | RunFolder):
@@ -250,7 +279,7 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
     cfg = cfg or AnalyzeConfig()
     folder, sae, store = open_run(run)
     out = Path(out) if out else folder.bundle
-    spec = store.manifest["source"]
+    spec = store.manifest.source
     is_llm = store.kind != "embedding"
     W_U = norm = None
     if is_llm:
@@ -261,23 +290,16 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
     with atomic_dir(out) as tmp:
         stats, parts = encode_pass(store, sae, cfg, tmp / INDEX_DIR)
         istats = index_pass(tmp / INDEX_DIR, parts, stats.max_F, cfg)
-        ex = Examples(stats, istats)
-        ex.gather(store, LatentIndex(tmp / INDEX_DIR, parts), cfg.context, tokenizer)
-        docs = read_docs(store.path / DOCS, set(ex.doc.tolist()))
-        n_idx, n_cos = decoder_neighbours(W_dec, cfg.neighbours) if W_dec is not None else (None, None)
-        extras = {
-            "cooc": top_cooccurring(istats.pair_keys, istats.pair_counts, stats.count_F, cfg.cooccur),
-            "parent": tuple(t.numpy() for t in feature_families(istats.pair_keys, istats.pair_counts, stats.count_F,
-                                                                 cfg.family_threshold, cfg.family_min_count)),
-            "neigh": (lambda f: (n_idx[f].tolist(), n_cos[f].tolist())) if n_idx is not None else (lambda f: ([], [])),
-            "logits": _logit_fn(W_dec, W_U if cfg.logit_lens else None, norm, tokenizer, cfg.logit_tokens),
-        }
-        facts = assemble(stats, istats, ex, docs, extras, cfg, len(store), tmp)
+        ex = gather_examples(stats, istats, store, LatentIndex(tmp / INDEX_DIR, parts).rows, cfg.context)
+        docs = read_docs(store.path / DOCS, set(ex.doc_E.tolist()))
+        token_text = token_strings(tokenizer, ex.windows.token_EW[ex.windows.valid_EW]) if ex.windows else {}
+        tables = feature_tables(stats, istats, W_dec, (tokenizer, W_U, norm), cfg)
+        facts = assemble(stats, istats, ex, docs, tables, token_text, cfg, len(store), tmp)
         files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
         write_manifest(tmp, files, {
             "bundle_format": BUNDLE_FORMAT, "kind": store.kind, "run": folder.label, "hook": store.hook,
             "model": spec.get("model"), "source": spec, "d_in": store.d_in, "d_sae": sae.cfg.d_sae,
-            "n_rows": len(store), "n_docs": store.manifest.get("n_docs"), "index_parts": parts,
+            "n_rows": len(store), "n_docs": store.manifest.n_docs, "index_parts": parts,
             "sae": {"architecture": sae.architecture, "k": getattr(sae.cfg, "k", None)},
             "analyze": cfg.to_dict(), "cooccurrence_exact": not istats.pairs_truncated,
             "has_logit_lens": bool(is_llm and W_U is not None and cfg.logit_lens),
@@ -289,7 +311,5 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
     return out
 
 
-def read_bundle_manifest(path: str | Path) -> dict:
-    from saekit.artifacts import MANIFEST
-
+def read_bundle_manifest(path: str | Path) -> BundleManifest:
     return read_json(Path(path) / MANIFEST)

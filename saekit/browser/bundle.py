@@ -8,9 +8,12 @@ A bundle (`RUN/bundle/`) is read-only and self-describing:
     features.offsets.safetensors  byte offset of every record (so a page reads one line, not the file)
     index/part-NNNNN.safetensors  the sparse latent index: indices [n, k] int32, values [n, k] float16
 
-Reading needs numpy, pandas and safetensors only: the app never imports torch or loads a model to
-show a feature page. Any missing, altered or unreadable file raises `BundleError` naming it, which
-the app turns into a message.
+Reading needs numpy, pandas and safetensors only: the app never loads a model to show a feature
+page. Any missing, altered or unreadable file raises `BundleError` naming it, which the app turns
+into a message.
+
+The types below are the bundle's contract: `browser/build.py` writes a `FeatureRecord` per feature,
+a `FeatureRow` per table row and a `BundleManifest`; the app's pages read them by these names.
 """
 
 from __future__ import annotations
@@ -18,19 +21,132 @@ from __future__ import annotations
 import json
 from functools import cached_property
 from pathlib import Path
+from typing import Any, Optional, TypedDict
 
 import numpy as np
 
 from saekit.artifacts import FORMAT_VERSION, MANIFEST, read_json, sha256_file
 from saekit.errors import CorruptArtifactError
+from saekit.layout import BUNDLE
 from saekit.safetensors_mmap import memmap_safetensors as _memmap
 
-BUNDLE_DIR = "bundle"
+BUNDLE_DIR = BUNDLE  # the run folder's bundle sub-folder (saekit.layout owns the name)
 FEATURES_TABLE = "features.parquet"
 RECORDS = "features.jsonl"
 OFFSETS = "features.offsets.safetensors"
 INDEX_DIR = "index"
 BUNDLE_FORMAT = 1
+
+
+class Example(TypedDict, total=False):
+    """One example of a feature: always row, doc, act, labels; an LLM example adds its token window
+    (`tokens`, the feature's `acts` on them, `center` = the example's position in the window, `pos`
+    in its document); an embedding example adds the document `text`."""
+
+    row: int
+    doc: int
+    act: float
+    labels: dict[str, Any]
+    text: str
+    pos: int
+    tokens: list[str]
+    acts: list[float]
+    center: int
+
+
+class Interval(TypedDict):
+    """Examples sampled from one activation interval `[lo, hi)` of `[0, max]`."""
+
+    interval: int
+    lo: float
+    hi: float
+    examples: list[Example]
+
+
+class Histogram(TypedDict):
+    max: float
+    counts: list[int]  # equal-width bins of [0, max]
+
+
+class LogitLens(TypedDict):
+    promoted: list[tuple[str, float]]  # (token text, logit), strongest first; empty when not computed
+    suppressed: list[tuple[str, float]]
+
+
+class Family(TypedDict):
+    parent: Optional[int]  # the denser feature whose firings contain this one's, or None
+    p_parent: float  # P(parent fires | this fires)
+    children: list[tuple[int, float]]  # (child, P(this fires | child fires))
+
+
+class FeatureRecord(TypedDict):
+    """Everything one feature page shows (one line of `features.jsonl`)."""
+
+    feature: int
+    count: int
+    density: float
+    mean: float
+    max: float
+    hist: Histogram
+    top: list[Example]
+    quantiles: list[Interval]  # only intervals with examples
+    neighbours: list[tuple[int, float]]  # (feature, decoder cosine)
+    cooccur: list[tuple[int, int, float]]  # (feature, firings together, P(other | this))
+    logit_lens: LogitLens
+    labels: dict[str, dict[str, int]]  # label key -> value -> count among the top examples
+    family: Family
+
+
+class FeatureRow(TypedDict):
+    """One row of the list table (`features.parquet`): stats plus the search text."""
+
+    feature: int
+    count: int
+    density: float
+    mean: float
+    max: float
+    dead: bool
+    parent: int  # -1 when none
+    children: int
+    top_tokens: str
+    top_text: str
+    top_labels: str
+    promoted: str
+
+
+FEATURE_COLUMNS = tuple(FeatureRow.__annotations__)
+
+
+class SAEFacts(TypedDict):
+    architecture: str
+    k: Optional[int]
+
+
+class BundleManifest(TypedDict):
+    """`saekit_manifest.json` of a bundle: file checksums plus the facts the app shows."""
+
+    format_version: int
+    files: dict[str, str]  # relative name -> sha256
+    bundle_format: int
+    kind: str  # source kind: hf, lens or embedding
+    run: str
+    hook: str
+    model: Optional[str]
+    source: dict[str, Any]  # the store's source spec
+    d_in: int
+    d_sae: int
+    n_rows: int
+    n_docs: int
+    index_parts: list[dict[str, Any]]
+    sae: SAEFacts
+    analyze: dict[str, Any]
+    cooccurrence_exact: bool
+    has_logit_lens: bool
+    has_token_text: bool
+    dead: int
+    build_seconds: float
+    store_format_version: int
+    eval_report: bool
 
 
 class BundleError(CorruptArtifactError):
@@ -51,7 +167,7 @@ class Bundle:
         if not (self.path / MANIFEST).exists():
             raise BundleError(f"{self.path}: no browser bundle here (no {MANIFEST}); "
                               f"build it with `saekit analyze {self.path.parent}`")
-        self.manifest = read_json(self.path / MANIFEST)
+        self.manifest: BundleManifest = read_json(self.path / MANIFEST)
         found = self.manifest.get("bundle_format")
         if found != BUNDLE_FORMAT or self.manifest.get("format_version") != FORMAT_VERSION:
             raise BundleError(f"{self.path}: expected bundle format {BUNDLE_FORMAT}, found {found}; "
@@ -109,7 +225,7 @@ class Bundle:
         except Exception as e:
             raise BundleError(f"{self.path / FEATURES_TABLE}: unreadable ({e})") from e
 
-    def feature(self, f: int) -> dict:
+    def feature(self, f: int) -> FeatureRecord:
         """Everything one feature page shows: one seek and one JSON line."""
         if not 0 <= int(f) < self.d_sae:
             raise IndexError(f"feature {f} out of range: expected 0 <= f < {self.d_sae}")
@@ -166,6 +282,3 @@ def memmap_safetensors(path: Path) -> dict[str, np.ndarray]:
     """Map the tensors of a bundle part without reading them (pages come in on demand)."""
     return {name: arr for name, (arr, _) in _memmap(path, error=BundleError).items()}
 
-
-def open_bundle(path: str | Path, verify: bool = True) -> Bundle:
-    return Bundle(path, verify=verify)

@@ -102,14 +102,6 @@ def run_until_stop(forward: Callable[[], object]) -> None:
         pass
 
 
-def count_hooks(model: nn.Module) -> int:
-    """Forward, pre-forward and backward hooks installed anywhere in the model (for tests)."""
-    total = 0
-    for m in model.modules():
-        total += len(m._forward_hooks) + len(m._forward_pre_hooks) + len(m._backward_hooks)
-    return total
-
-
 @torch.no_grad()
 def capture(model: nn.Module, names: list[str], forward: Callable[[], object], stop: bool = True) -> dict[str, Tensor]:
     """Run `forward()` once and return the activations at `names` (forward stops after the last)."""

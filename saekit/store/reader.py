@@ -21,7 +21,9 @@ from saekit.artifacts import read_json, sha256_file
 from saekit.errors import CorruptArtifactError, SaekitError
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
-from saekit.store.writer import CACHE_INDEX, DOCS, MANIFEST
+from saekit.store.manifest import CACHE_INDEX, DOCS, MANIFEST, StoreManifest
+
+COLUMNS = ("acts", "doc_id", "pos", "token_id")
 
 def _map_shard(path: Path) -> dict:
     """The shard's arrays by name, plus `name.__dtype__` -> safetensors dtype (bf16 is raw uint16)."""
@@ -52,28 +54,28 @@ class ActivationStore:
         if not (path / MANIFEST).exists():
             raise CorruptArtifactError(f"{path}: no {MANIFEST} (expected an activation store folder)")
         self.path = path
-        self.manifest = read_json(path / MANIFEST)
+        self.manifest = StoreManifest.load(path / MANIFEST)
         self.verify = verify
-        self.shards = self.manifest["shards"]
+        self.shards = self.manifest.shards
         self.offsets = np.cumsum([0] + [s["rows"] for s in self.shards])
         self._maps: dict[int, dict] = {}
 
     # -- metadata ------------------------------------------------------------------------
     @property
     def hook(self) -> str:
-        return self.manifest["hook"]
+        return self.manifest.hook
 
     @property
     def kind(self) -> str:
-        return self.manifest["kind"]
+        return self.manifest.kind
 
     @property
     def d_in(self) -> int:
-        return int(self.manifest["d_in"])
+        return int(self.manifest.d_in)
 
     @property
     def complete(self) -> bool:
-        return bool(self.manifest["complete"])
+        return bool(self.manifest.complete)
 
     def __len__(self) -> int:
         return int(self.offsets[-1])
@@ -84,7 +86,7 @@ class ActivationStore:
 
     @property
     def fingerprint(self) -> str:
-        return f"{self.manifest['corpus_fingerprint']}:{self.hook}:{len(self)}"
+        return f"{self.manifest.corpus_fingerprint}:{self.hook}:{len(self)}"
 
     # -- shards --------------------------------------------------------------------------
     def _shard(self, i: int) -> dict:
@@ -98,11 +100,12 @@ class ActivationStore:
             self._maps[i] = _map_shard(f)
         return self._maps[i]
 
-    def verify_all(self) -> None:
-        for i in range(len(self.shards)):
-            self._shard(i)
-
-    def _gather(self, name: str, rows: np.ndarray) -> Tensor:
+    def gather(self, column: str, rows: np.ndarray) -> Tensor:
+        """Values of `column` ('acts' as float32 [n, d_in]; 'doc_id', 'pos', 'token_id' as ints [n]) at
+        the given global rows, in the order given (rows may repeat; shards are read in row order)."""
+        if column not in COLUMNS:
+            raise KeyError(f"store column '{column}': expected one of {COLUMNS}")
+        rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
         shard_of = np.searchsorted(self.offsets, sorted_rows, side="right") - 1
@@ -110,8 +113,8 @@ class ActivationStore:
         for s in np.unique(shard_of):
             sel = sorted_rows[shard_of == s] - self.offsets[s]
             m = self._shard(int(s))
-            parts.append(_to_torch(m[name][sel], m[name + ".__dtype__"]) if name == "acts"
-                         else torch.from_numpy(np.array(m[name][sel])))
+            parts.append(_to_torch(m[column][sel], m[column + ".__dtype__"]) if column == "acts"
+                         else torch.from_numpy(np.array(m[column][sel])))
         out = torch.cat(parts) if parts else torch.zeros(0, self.d_in)
         inv = torch.from_numpy(np.argsort(order, kind="stable"))
         return out[inv]
@@ -121,7 +124,7 @@ class ActivationStore:
         if isinstance(idx, slice):
             idx = np.arange(*idx.indices(len(self)))
         rows = np.asarray(idx.numpy() if isinstance(idx, Tensor) else idx, dtype=np.int64)
-        return self._gather("acts", rows)
+        return self.gather("acts", rows)
 
     def meta(self, name: str) -> Tensor:
         """A whole provenance column: 'doc_id', 'pos' or 'token_id' (small: one int per row)."""
@@ -178,6 +181,3 @@ class RowSubset:
     def __getitem__(self, idx) -> Tensor:
         return self.store[self.rows[idx]]
 
-
-def open_store(path: str | Path, hook: str | None = None, verify: bool = True) -> ActivationStore:
-    return ActivationStore(path, hook, verify)

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import logging
-import re
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,16 +24,24 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saekit.artifacts import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
+from saekit.artifacts import atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
 from saekit.config import Config, param
 from saekit.data.corpus import fingerprint
 from saekit.errors import StoreExistsError
 from saekit.sources.base import ActivationBatch, ActivationSource
+from saekit.store.manifest import (
+    CACHE_INDEX,
+    DOCS,
+    MANIFEST,
+    ShardEntry,
+    StoreIdentity,
+    StoreManifest,
+    cache_index,
+    hook_slug,
+    shard_name,
+)
 
 log = logging.getLogger(__name__)
-MANIFEST = "manifest.json"
-CACHE_INDEX = "cache.json"
-DOCS = "docs.jsonl"
 
 
 @dataclass
@@ -48,21 +55,13 @@ class StoreConfig(Config):
     sort_by_length: bool = param(True, "order documents by length inside a shard (less padding, same rows)")
 
 
-def hook_slug(hook: str) -> str:
-    return re.sub(r"[^A-Za-z0-9_.-]+", "_", hook)
-
-
-def shard_name(i: int) -> str:
-    return f"shard-{i:05d}.safetensors"
-
-
-def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> dict:
-    return {"source": spec, "corpus_fingerprint": corpus_fp, "n_docs": n_docs,
-            "docs_per_shard": cfg.docs_per_shard, "dtype": cfg.dtype}
+def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> StoreIdentity:
+    return StoreIdentity(source=spec, corpus_fingerprint=corpus_fp, n_docs=n_docs,
+                         docs_per_shard=cfg.docs_per_shard, dtype=cfg.dtype)
 
 
 def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifest_name: str,
-             clean: bool = True) -> dict[str, dict]:
+             clean: bool = True) -> dict[str, StoreManifest]:
     """Create or reopen the per-hook stores; refuse to mix with a store made differently.
 
     `clean=False` leaves `.tmp` files alone: with several ranks writing into one folder, another
@@ -81,8 +80,7 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
             shutil.rmtree(root)
     root.mkdir(parents=True, exist_ok=True)
     if not index_path.exists():
-        atomic_write_json(index_path, {"format_version": FORMAT_VERSION, "identity": identity,
-                                       "stores": {h: hook_slug(h) for h in spec["hooks"]}})
+        atomic_write_json(index_path, cache_index(identity, spec["hooks"]))
     manifests = {}
     for h in spec["hooks"]:
         folder = root / hook_slug(h)
@@ -91,26 +89,25 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
             clean_stale_tmp(folder)
         mpath = folder / manifest_name
         if mpath.exists():
-            manifests[h] = read_json(mpath)
+            manifests[h] = StoreManifest.load(mpath)
         else:
             lines = "".join(json.dumps(d, default=str) + "\n" for d in docs)
             atomic_write_bytes(folder / DOCS, lines.encode())
-            manifests[h] = {"format_version": FORMAT_VERSION, "kind": spec["kind"], "hook": h,
-                            "d_in": spec["d_in"][h], "dtype": cfg.dtype, "source": spec,
-                            "corpus_fingerprint": identity["corpus_fingerprint"], "n_docs": len(docs),
-                            "docs_per_shard": cfg.docs_per_shard, "rows": 0, "shards": [], "complete": False}
+            manifests[h] = StoreManifest(kind=spec["kind"], hook=h, d_in=spec["d_in"][h], dtype=cfg.dtype, source=spec,
+                                         corpus_fingerprint=identity["corpus_fingerprint"], n_docs=len(docs),
+                                         docs_per_shard=cfg.docs_per_shard)
     return manifests
 
 
 def _write_shard(folder: Path, index: int, batches: list[ActivationBatch], hook: str, dtype: torch.dtype,
-                 doc_range: tuple[int, int]) -> dict:
+                 doc_range: tuple[int, int]) -> ShardEntry:
     acts = torch.cat([b.acts[hook] for b in batches]) if batches else torch.zeros(0, 0)
     cols = {"acts": acts.to(dtype)}
     for name in ("doc_id", "pos", "token_id"):
         cols[name] = torch.cat([getattr(b, name) for b in batches]) if batches else torch.zeros(0)
     sha = save_tensors(folder / shard_name(index), cols)
-    return {"file": shard_name(index), "rows": int(acts.shape[0]), "sha256": sha,
-            "doc_start": doc_range[0], "doc_end": doc_range[1]}
+    return ShardEntry(index=index, file=shard_name(index), rows=int(acts.shape[0]), sha256=sha,
+                      doc_start=doc_range[0], doc_end=doc_range[1])
 
 
 def cache_activations(source: ActivationSource, docs: list[dict], root: str | Path, cfg: StoreConfig | None = None,
@@ -126,8 +123,7 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
     spec = source.spec()
     manifests = _prepare(root, spec, docs, cfg, manifest_name, clean=manifest_name == MANIFEST)
     n_shards = max(1, -(-len(docs) // cfg.docs_per_shard))
-    todo = [s for s in (shard_range or range(n_shards))
-            if all(s not in {sh["index"] for sh in m["shards"]} for m in manifests.values())]
+    todo = [s for s in (shard_range or range(n_shards)) if not all(m.has_shard(s) for m in manifests.values())]
     dtype = getattr(torch, cfg.dtype)
     bar = tqdm(total=len(todo), desc="caching", unit="shard", dynamic_ncols=True)
     tokens, t0 = 0, time.perf_counter()
@@ -138,12 +134,8 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
             shard_docs = sorted(shard_docs, key=lambda d: len(d["text"]))
         batches = list(source.iter_batches(shard_docs))
         for h, m in manifests.items():
-            entry = _write_shard(root / hook_slug(h), s, batches, h, dtype, (lo, hi))
-            entry["index"] = s
-            m["shards"] = sorted(m["shards"] + [entry], key=lambda e: e["index"])
-            m["rows"] = sum(e["rows"] for e in m["shards"])
-            m["complete"] = len(m["shards"]) == n_shards
-            atomic_write_json(root / hook_slug(h) / manifest_name, m)
+            m.add_shard(_write_shard(root / hook_slug(h), s, batches, h, dtype, (lo, hi)))
+            m.save(root / hook_slug(h) / manifest_name)
         tokens += sum(b.n for b in batches)
         bar.update(1)
         bar.set_postfix(tok_s=f"{tokens / max(time.perf_counter() - t0, 1e-9):.0f}")
@@ -169,13 +161,9 @@ def merge_manifests(root: str | Path) -> None:
     index = read_json(root / CACHE_INDEX)
     for h, slug in index["stores"].items():
         folder = root / slug
-        parts = [read_json(p) for p in sorted(folder.glob("manifest.rank-*.json"))]
+        parts = [StoreManifest.load(p) for p in sorted(folder.glob("manifest.rank-*.json"))]
         if not parts:
             continue
-        base = parts[0]
-        shards = {e["index"]: e for p in parts for e in p["shards"]}
-        base["shards"] = [shards[i] for i in sorted(shards)]
-        base["rows"] = sum(e["rows"] for e in base["shards"])
-        n_shards = max(1, -(-base["n_docs"] // base["docs_per_shard"]))
-        base["complete"] = len(shards) == n_shards
-        atomic_write_json(folder / MANIFEST, base)
+        merged = parts[0]
+        merged.set_shards([e for p in parts for e in p.shards])
+        merged.save(folder / MANIFEST)

@@ -3,23 +3,23 @@
 * `tiny_lm(folder)`: a 2-layer GPT-2 with a word-level tokenizer over a small vocabulary, saved as
   a local transformers folder, so `load_lm(folder)` works offline and the live pages can run it.
 * `synthetic_docs(n)`: labelled sentences over that vocabulary.
-* `write_store(...)`: a store in the exact on-disk format of `saekit.store.writer`, filled shard by
-  shard from a row generator (for stores of any size without a model forward).
-* `tiny_run(...)`: a run folder (store + SAE) with dead features and a feature that fires exactly once.
+* `TokenNoiseSource`: an activation source without a model (a fixed random vector per token id plus
+  noise), so `saekit.store.writer.cache_activations` itself writes stores of any size quickly.
+* `tiny_run(...)` / `tiny_embedding_run(...)`: a run folder (store + SAE) with dead features and a
+  feature that fires exactly once; `synthetic_llm_run(...)`: a run of any size over `TokenNoiseSource`.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
 
-from saekit.artifacts import FORMAT_VERSION, atomic_write_bytes, atomic_write_json, save_tensors
 from saekit.layout import RunFolder
-from saekit.store.writer import CACHE_INDEX, DOCS, MANIFEST, hook_slug, shard_name
+from saekit.sources.base import ActivationBatch
+from saekit.store.writer import StoreConfig, cache_activations
 
 WORDS = ("the a cat dog bird fish red blue green happy sad angry calm fast slow big small runs eats sleeps "
          "sings jumps over under near and but very not today tomorrow rain sun moon star tree river city").split()
@@ -59,45 +59,27 @@ def synthetic_docs(n: int, seed: int = 0, min_words: int = 4, max_words: int = 1
     return docs
 
 
-def write_store(root: str | Path, spec: dict, docs: list[dict], shards: Iterator[dict], docs_per_shard: int) -> Path:
-    """Write a store in the writer's format from ready shards ({acts, doc_id, pos, token_id, doc_range})."""
-    root = Path(root)
-    hook = spec["hooks"][0]
-    folder = root / hook_slug(hook)
-    folder.mkdir(parents=True, exist_ok=True)
-    identity = {"source": spec, "corpus_fingerprint": "synthetic", "n_docs": len(docs),
-                "docs_per_shard": docs_per_shard, "dtype": "float32"}
-    atomic_write_json(root / CACHE_INDEX, {"format_version": FORMAT_VERSION, "identity": identity,
-                                           "stores": {hook: hook_slug(hook)}})
-    atomic_write_bytes(folder / DOCS, "".join(json.dumps(d) + "\n" for d in docs).encode())
-    entries = []
-    for i, sh in enumerate(shards):
-        lo, hi = sh.pop("doc_range")
-        sha = save_tensors(folder / shard_name(i), sh)
-        entries.append({"file": shard_name(i), "rows": int(len(sh["acts"])), "sha256": sha,
-                        "doc_start": lo, "doc_end": hi, "index": i})
-    atomic_write_json(folder / MANIFEST, {
-        "format_version": FORMAT_VERSION, "kind": spec["kind"], "hook": hook, "d_in": spec["d_in"][hook],
-        "dtype": "float32", "source": spec, "corpus_fingerprint": "synthetic", "n_docs": len(docs),
-        "docs_per_shard": docs_per_shard, "rows": sum(e["rows"] for e in entries), "shards": entries,
-        "complete": True})
-    return folder
+class TokenNoiseSource:
+    """An ActivationSource over `WORDS` documents without a model forward: each token's row is a fixed
+    random vector of its token id plus noise (so rows cluster by token). The store is then written by
+    the writer's own `cache_activations`, in the one on-disk format."""
 
+    def __init__(self, spec: dict, vocab_size: int, seed: int = 0):
+        self._spec, self.hooks, self.d_in = spec, list(spec["hooks"]), dict(spec["d_in"])
+        self.g = torch.Generator().manual_seed(seed)
+        self.emb_VD = torch.randn(vocab_size, self.d_in[self.hooks[0]], generator=self.g)
 
-def token_shards(docs: list[dict], d_in: int, docs_per_shard: int, vocab_size: int, seed: int = 0,
-                 tokens: Callable[[dict], list[int]] | None = None) -> Iterator[dict]:
-    """Rows for an LLM-kind store: a fixed random vector per token id plus noise (so tokens cluster)."""
-    g = torch.Generator().manual_seed(seed)
-    emb_VD = torch.randn(vocab_size, d_in, generator=g)
-    for lo in range(0, len(docs), docs_per_shard):
-        chunk = docs[lo:lo + docs_per_shard]
-        ids = [tokens(d) if tokens else [2 + WORDS.index(w) for w in d["text"].split()] for d in chunk]
+    def spec(self) -> dict:
+        return self._spec
+
+    def iter_batches(self, docs: list[dict]) -> Iterator[ActivationBatch]:
+        ids = [[2 + WORDS.index(w) for w in d["text"].split()] for d in docs]
         tok = torch.tensor([t for row in ids for t in row], dtype=torch.int32)
-        acts = emb_VD[tok.long()] + 0.3 * torch.randn(len(tok), d_in, generator=g)
-        yield {"acts": acts, "token_id": tok,
-               "doc_id": torch.tensor([d["doc_id"] for d, row in zip(chunk, ids) for _ in row], dtype=torch.int64),
-               "pos": torch.tensor([p for row in ids for p in range(len(row))], dtype=torch.int32),
-               "doc_range": (lo, lo + len(chunk))}
+        acts_ND = self.emb_VD[tok.long()] + 0.3 * torch.randn(len(tok), self.emb_VD.shape[1], generator=self.g)
+        yield ActivationBatch(
+            acts={h: acts_ND for h in self.hooks}, token_id=tok,
+            doc_id=torch.tensor([d["doc_id"] for d, row in zip(docs, ids) for _ in row], dtype=torch.int64),
+            pos=torch.tensor([p for row in ids for p in range(len(row))], dtype=torch.int32))
 
 
 def llm_spec(model: str, hook: str, d_in: int) -> dict:
@@ -134,7 +116,6 @@ def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4
     from saekit.sae.registry import save_sae
     from saekit.sources.base import SourceConfig, make_source
     from saekit.store.reader import ActivationStore
-    from saekit.store.writer import StoreConfig, cache_activations
 
     run_dir = Path(run_dir)
     model_dir = tiny_lm(model_dir or run_dir.parent / "tiny_lm")
@@ -154,7 +135,6 @@ def tiny_embedding_run(run_dir: str | Path, docs: list[dict], model=None, d_sae:
     from saekit.sources.base import SourceConfig
     from saekit.sources.embeddings import EmbeddingSource
     from saekit.store.reader import ActivationStore
-    from saekit.store.writer import StoreConfig, cache_activations
 
     run_dir = Path(run_dir)
     cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=64), model=model), docs,
@@ -176,8 +156,7 @@ def synthetic_llm_run(run_dir: str | Path, n_rows: int, d_sae: int = 512, k: int
     model_dir = tiny_lm(run_dir / "tiny_lm", d_model=d_in)
     n_docs = max(1, n_rows // tokens_per_doc)
     docs = synthetic_docs(n_docs, seed, min_words=tokens_per_doc, max_words=tokens_per_doc)
-    hook = "transformer.h.1"
-    write_store(RunFolder(run_dir).store, llm_spec(str(model_dir), hook, d_in), docs,
-                token_shards(docs, d_in, 256, len(WORDS) + 2, seed), docs_per_shard=256)
+    source = TokenNoiseSource(llm_spec(str(model_dir), "transformer.h.1", d_in), len(WORDS) + 2, seed)
+    cache_activations(source, docs, RunFolder(run_dir).store, StoreConfig(docs_per_shard=256))
     save_sae(make_sae(d_in, d_sae, k, [0], seed), RunFolder(run_dir).final_sae())
     return run_dir
