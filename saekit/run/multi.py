@@ -28,7 +28,7 @@ from saekit.data.corpus import fingerprint, load_documents
 from saekit.errors import ConfigError
 from saekit.run.config import BufferConfig, MultiConfig, SAESpec
 from saekit.run.stages import create_sae_for, save_resolved
-from saekit.sources.base import make_source
+from saekit.sources.factory import make_source
 from saekit.store.locate import cached_hooks
 from saekit.store.reader import ActivationStore
 from saekit.store.writer import cache_activations

@@ -28,7 +28,7 @@ from saekit.layout import EVAL, RunFolder
 from saekit.run.config import ActivationRunConfig, RunConfig, load_run_config
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import create, load_sae
-from saekit.sources.base import make_source
+from saekit.sources.factory import make_source
 from saekit.store.locate import store_for_hook
 from saekit.store.reader import ActivationStore
 from saekit.store.writer import cache_activations, merge_manifests, prepare_store

@@ -67,17 +67,3 @@ class SourceConfig(Config):
 
         if self.kind != "embedding" and not self.hooks:
             raise ConfigError(f"source.hooks: expected at least one hook point for kind '{self.kind}', found []")
-
-
-def make_source(cfg: SourceConfig) -> ActivationSource:
-    if cfg.kind == "embedding":
-        from saekit.sources.embeddings import EmbeddingSource
-
-        return EmbeddingSource(cfg)
-    if cfg.kind == "lens":
-        from saekit.sources.lens import LensSource
-
-        return LensSource(cfg)
-    from saekit.sources.hf import HFSource
-
-    return HFSource(cfg)

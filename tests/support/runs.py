@@ -114,7 +114,8 @@ def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4
              one_shot: int = 3, model_dir: str | Path | None = None, seed: int = 0) -> Path:
     """An LLM-kind run folder over the tiny GPT-2's residual stream (real forward through the source)."""
     from saekit.sae.registry import save_sae
-    from saekit.sources.base import SourceConfig, make_source
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
     from saekit.store.reader import ActivationStore
 
     run_dir = Path(run_dir)
