@@ -192,7 +192,7 @@ def test_sae_feature_raises_topic_token_probability(smollm, topic_setup, tmp_pat
     largest activation; decoder rows are unit norm). Choosing by decoder alignment with the class-mean
     direction and adding the class-mean norm was not robust: the best-aligned row (cos ~0.3) can be a
     mixed feature that fires on half the rows, and the class-mean norm (27) is below the peak
-    activations of these features (about 50-85), so the pick and the effect changed with the training's float results."""
+    activations of these features (about 50-85), so pick and effect moved with training's float noise."""
     from saekit.store.batches import TensorBatches
     from saekit.train import TrainConfig, train
 
@@ -217,7 +217,8 @@ def test_sae_feature_raises_topic_token_probability(smollm, topic_setup, tmp_pat
     edits = [FeatureEdit(f, "add", alpha=float(z_N.max()))]
     steered = topic_token_probability(model, tok, PROMPTS, ids, hook=LAYER, sae=sae, edits=edits)
     print(f"\nSAE feature {f} (cos {float(decoder_alignment(sae, topic_setup['direction'])[f]):.2f}, "
-          f"{airline_share:.0%} of top-20 airline, alpha {float(z_N.max()):.1f}): topic mass {base:.5f} -> {steered:.5f}")
+          f"{airline_share:.0%} of top-20 airline, alpha {float(z_N.max()):.1f}): "
+          f"topic mass {base:.5f} -> {steered:.5f}")
     assert airline_share >= 0.6
     assert steered > 1.3 * base
 
