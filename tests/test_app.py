@@ -10,13 +10,13 @@ import sys
 from pathlib import Path
 
 import pytest
+from streamlit.testing.v1 import AppTest  # streamlit is a runtime dependency: these tests never skip
 
 from saekit.analysis.features import AnalyzeConfig
 from saekit.browser.build import build_bundle
 from saekit.browser.demo import tiny_embedding_run, tiny_run
 
 APP = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
-AppTest = pytest.importorskip("streamlit.testing.v1").AppTest
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""Evaluation metrics: reconstruction known answers (RELIABILITY 33), streaming exactness,
+"""Evaluation metrics: reconstruction known answers (docs/RELIABILITY.md 33), streaming exactness,
 densities, ground-truth recovery, retrieval fidelity, and the report (strict JSON, table, figures)."""
 
 from __future__ import annotations

@@ -44,7 +44,7 @@ def test_bf16_keeps_fp32_state_and_matches_fp32_quality(tmp_path):
 
 
 def test_biases_move_by_more_than_bf16_resolution_in_200_steps(tmp_path):
-    """RELIABILITY 24: the encoder bias starts in [1, 1.5), where the bf16 spacing is 2^-7 ≈ 0.0078,
+    """docs/RELIABILITY.md 24: the encoder bias starts in [1, 1.5), where the bf16 spacing is 2^-7 ≈ 0.0078,
     far above any single Adam step at lr 1e-4, so a bf16 parameter would round every step away and
     never move; fp32 master parameters accumulate the steps."""
     sae, batches, cfg = make_setup(precision="bf16", **RUN)

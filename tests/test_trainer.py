@@ -1,4 +1,4 @@
-"""The training loop: exact resume after SIGKILL, signals, non-finite policies, metrics (RELIABILITY 15-23)."""
+"""The training loop: exact resume after SIGKILL, signals, non-finite policies, metrics (docs/RELIABILITY.md 15-23)."""
 
 from __future__ import annotations
 
