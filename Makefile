@@ -24,10 +24,10 @@ quickstart: setup
 	$(PY) -m saekit quickstart
 
 test: setup
-	$(PY) -m pytest -x --durations=15
+	$(PY) -m pytest -x -rs --durations=15
 
 test-fast: setup
-	$(PY) -m pytest -x -m "not slow and not browser"
+	$(PY) -m pytest -x -rs -m "not slow and not browser"
 
 clean:
 	rm -rf runs .pytest_cache

@@ -8,10 +8,14 @@ folders are built beside their final name and renamed in one step. Nothing here 
 from __future__ import annotations
 
 import contextlib
+import ctypes
+import errno
 import hashlib
 import json
+import logging
 import math
 import os
+import sys
 import shutil
 import uuid
 from pathlib import Path
@@ -27,6 +31,8 @@ from saekit.errors import CorruptArtifactError
 FORMAT_VERSION = 1
 MANIFEST = "saekit_manifest.json"
 
+log = logging.getLogger(__name__)
+
 
 def sha256_bytes(data: bytes) -> str:
     return hashlib.sha256(data).hexdigest()
@@ -40,13 +46,37 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+# fsync on a directory is refused by some platforms and file systems (Windows, some network
+# mounts); that means "no directory durability here", not a failed write. Anything else is real.
+_DIR_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.EACCES}
+
+
 def _fsync_dir(path: Path) -> None:
-    with contextlib.suppress(OSError):
+    """Make a rename inside `path` durable; an I/O error propagates (a silent one loses data)."""
+    try:
         fd = os.open(path, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+    except OSError as e:
+        if e.errno in _DIR_FSYNC_UNSUPPORTED:
+            log.debug("%s: directories cannot be opened for fsync here (%s)", path, e)
+            return
+        raise
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        if e.errno not in _DIR_FSYNC_UNSUPPORTED:
+            raise
+        log.debug("%s: directory fsync is not supported here (%s)", path, e)
+    finally:
+        os.close(fd)
+
+
+def _remove_tree(path: Path) -> None:
+    """Remove a leftover folder; a failure is logged, not raised, because the write it belonged
+    to already succeeded or already failed with its own error, and `clean_stale_tmp` retries."""
+    def report(_func, failed, exc_info) -> None:
+        log.warning("could not remove leftover %s (%s); it will be retried by the next write", failed, exc_info[1])
+
+    shutil.rmtree(path, onerror=report)
 
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
@@ -139,6 +169,7 @@ def write_manifest(folder: str | Path, files: list[str], extra: dict | None = No
 def verify_manifest(folder: str | Path) -> dict:
     """Check every file listed in the folder's manifest; raise naming the first damaged one."""
     folder = Path(folder)
+    recover_replaced_dir(folder)
     mpath = folder / MANIFEST
     if not mpath.exists():
         return {}
@@ -152,15 +183,79 @@ def verify_manifest(folder: str | Path) -> dict:
     return manifest
 
 
+def _old_sibling(final: Path) -> Path:
+    """Where an overwritten folder waits while its replacement moves in (fixed name, so a
+    reader or the next write can find and restore it after a kill)."""
+    return final.with_name(f".{final.name}.old")
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+_AT_FDCWD = -100
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap two existing folders in one system call (Linux renameat2 RENAME_EXCHANGE).
+
+    Returns False where the kernel, libc or file system cannot do it; the caller then falls back
+    to two renames, whose gap `recover_replaced_dir` repairs."""
+    if not sys.platform.startswith("linux"):
+        return False
+    renameat2 = getattr(ctypes.CDLL(None, use_errno=True), "renameat2", None)
+    if renameat2 is None:
+        return False
+    if renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, f"could not swap {a} and {b}: {os.strerror(err)}")
+
+
+def recover_replaced_dir(final: str | Path) -> None:
+    """Repair what a kill in the middle of replacing `final` left behind.
+
+    The fallback replacement renames `final` to `.<name>.old`, then the new folder to `final`.
+    A kill between the two leaves only `.old`: it is the last complete version, so it is renamed
+    back. A `.old` next to an existing `final` is a finished replacement's leftover: removed.
+    Called by every `atomic_dir`, by `clean_stale_tmp` and by `verify_manifest`."""
+    final = Path(final)
+    old = _old_sibling(final)
+    if not old.exists():
+        return
+    if final.exists():
+        _remove_tree(old)
+    else:
+        log.warning("%s: restoring the previous version from %s (a replacement was interrupted)", final, old.name)
+        os.replace(old, final)
+        _fsync_dir(final.parent)
+
+
+def _replace_dir(tmp: Path, final: Path) -> None:
+    """Put the finished folder `tmp` at `final`, which exists: so that a kill at any instant
+    leaves a complete `final` (swap), or a `.old` that `recover_replaced_dir` restores."""
+    if _exchange(tmp, final):
+        _fsync_dir(final.parent)
+        _remove_tree(tmp)  # now holds the previous version
+        return
+    old = _old_sibling(final)
+    os.replace(final, old)
+    os.replace(tmp, final)
+    _fsync_dir(final.parent)
+    _remove_tree(old)
+
+
 @contextlib.contextmanager
 def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
-    """Build a folder beside `final` and move it into place in one rename when the body succeeds.
+    """Build a folder beside `final` and move it into place when the body succeeds.
 
     If the body raises (or the process dies) the previous folder, if any, is untouched and the
-    half-built one is removed (or left as an ignorable `.tmp` sibling after a hard kill).
+    half-built one is removed (or left as an ignorable `.tmp` sibling after a hard kill). An
+    existing `final` is swapped atomically where the system can; elsewhere a kill between the two
+    renames leaves `.<name>.old`, which the next write or load restores.
     """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
+    recover_replaced_dir(final)
     tmp = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.tmp")
     tmp.mkdir()
     try:
@@ -169,25 +264,25 @@ def atomic_dir(final: str | Path, overwrite: bool = True) -> Iterator[Path]:
         if final.exists():
             if not overwrite:
                 raise FileExistsError(f"{final} exists")
-            old = final.with_name(f".{final.name}.{uuid.uuid4().hex[:8]}.old")
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
+            _replace_dir(tmp, final)
         else:
             os.replace(tmp, final)
-        _fsync_dir(final.parent)
+            _fsync_dir(final.parent)
     finally:
         if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+            _remove_tree(tmp)
 
 
 def clean_stale_tmp(folder: str | Path) -> None:
-    """Remove `.tmp` leftovers of writes that a hard kill interrupted."""
+    """Remove `.tmp` leftovers of writes that a hard kill interrupted, and restore or remove
+    the `.old` folders of interrupted replacements."""
     folder = Path(folder)
     if not folder.exists():
         return
     for p in folder.glob(".*.tmp"):
         if p.is_dir():
-            shutil.rmtree(p, ignore_errors=True)
+            _remove_tree(p)
         else:
             p.unlink(missing_ok=True)
+    for old in folder.glob(".*.old"):
+        recover_replaced_dir(folder / old.name[1:-len(".old")])

@@ -2,13 +2,13 @@
 
 Workload: d_in=512, d_sae=8192, batch 4096, fp32, 2 threads. The naive reference (kept here on
 purpose) runs k steps of `(r @ D.T).max`, gather, subtract, with full autograd through the unroll,
-and Adam; it is slow, so it is timed over one step after a small warm-up. Throughput ratios are
-measured inside one process: every round times the naive reference and saekit's MP at k=32 back
-to back (alternating which goes first), and the speedup is the median of the per-round ratios, so
-both see the same load from other jobs; the 1-minute load average is reported beside it. Peak RSS
-is measured per variant in a fresh subprocess. Prints ONE JSON line.
+and Adam. Every variant, the reference included, gets the same warm-up (one step on the full
+batch) and the same number of timed rounds (`--reps`, at least 5). Each round times every variant
+once, in an order that rotates from round to round, so all see the same load from other jobs; every
+headline ratio is the median of the per-round ratios (the 1-minute load average is reported
+beside them). Peak RSS is measured per variant in a fresh subprocess. Prints ONE JSON line.
 
-    python scripts/bench_mp.py            # full run (~2-3 min on 2 cores)
+    python scripts/bench_mp.py            # full run (~5 min on 2 cores)
     python scripts/bench_mp.py --quick    # smaller batch, for a smoke test
 """
 
@@ -95,42 +95,42 @@ def data(batch: int) -> torch.Tensor:
     return torch.randn(batch, D_IN, generator=torch.Generator().manual_seed(1))
 
 
-def throughput(batch: int, ks: list[int], reps: int, naive_k: int) -> tuple[dict, list[float]]:
-    """Per-round step times of every variant in this one process, plus per-round naive/mp ratios.
+def throughput(batch: int, ks: list[int], reps: int, naive_k: int) -> tuple[dict, dict[str, list[float]]]:
+    """Per-round step times of every variant in this one process, and per-round ratios.
 
-    Each round times the naive reference and saekit's MP at `naive_k` back to back (alternating
-    which goes first), so both see the same machine load; the speedup is the median of these
-    per-round ratios. Tokens/s are medians over rounds.
+    Warm-up: one step of every variant on the full batch (the reference too). Then `reps` rounds;
+    each times every variant once, the order rotated by one each round. Ratios are taken within a
+    round; tokens/s are medians over rounds.
     """
     x = data(batch)
-    secs: dict[str, list[float]] = {}
-    trainers = {f"mp_train_k{k}": Trainer("mp", k) for k in ks}
+    trainers = {f"naive_train_k{naive_k}": Trainer("naive", naive_k)}
+    trainers.update({f"mp_train_k{k}": Trainer("mp", k) for k in ks})
     trainers["topk_train_k32"] = Trainer("topk", 32)
     enc = trainers[f"mp_train_k{max(ks)}"].m
-    for t in trainers.values():
-        t.step(x)  # warm-up (Gram matrix, allocator)
-    with torch.no_grad():
-        enc.eval()
-        enc.encode(x)
-        enc.train()
-    naive = Trainer("naive", naive_k)
-    naive.step(x[:256])  # warm-up on a slice: the reference is ~10-20x slower
-    pair = [f"naive_train_k{naive_k}", f"mp_train_k{naive_k}"]
-    ratios = []
-    for r in range(reps):
-        names = pair if r % 2 == 0 else pair[::-1]
-        for name in names:
-            t = naive if name.startswith("naive") else trainers[name]
-            secs.setdefault(name, []).append(timed(lambda: t.step(x)))
-        ratios.append(secs[pair[0]][-1] / secs[pair[1]][-1])
-        for name, t in trainers.items():
-            if name not in pair:
-                secs.setdefault(name, []).append(timed(lambda: t.step(x)))
+
+    def encode():
         enc.eval()
         with torch.no_grad():
-            secs.setdefault(f"mp_encode_k{max(ks)}", []).append(timed(lambda: enc.encode(x)))
+            enc.encode(x)
         enc.train()
-    return {name: batch / statistics.median(v) for name, v in secs.items()}, ratios
+
+    steps = {name: (lambda t=t: t.step(x)) for name, t in trainers.items()}
+    steps[f"mp_encode_k{max(ks)}"] = encode
+    for fn in steps.values():
+        fn()  # warm-up, identical for every variant (Gram matrix, allocator, autograd buffers)
+    names = list(steps)
+    secs: dict[str, list[float]] = {name: [] for name in names}
+    for r in range(reps):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            secs[name].append(timed(steps[name]))
+    per_round = {
+        f"speedup_vs_naive_k{naive_k}": [a / b for a, b in zip(secs[f"naive_train_k{naive_k}"],
+                                                                 secs[f"mp_train_k{naive_k}"])],
+        "mp_vs_topk_train_k32": [a / b for a, b in zip(secs["topk_train_k32"], secs["mp_train_k32"])],
+        f"step_time_ratio_k{max(ks)}_over_k{min(ks)}": [a / b for a, b in zip(secs[f"mp_train_k{max(ks)}"],
+                                                                              secs[f"mp_train_k{min(ks)}"])],
+    }
+    return {name: batch / statistics.median(v) for name, v in secs.items()}, per_round
 
 
 def peak_rss(variant: str, k: int, batch: int) -> float:
@@ -160,30 +160,30 @@ def vm_hwm_gb() -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true")
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5, help="timed rounds (>= 5: headline ratios are medians)")
     ap.add_argument("--child")
     ap.add_argument("--k", type=int, default=32)
     ap.add_argument("--batch", type=int, default=BATCH)
     args = ap.parse_args()
     if args.child:
         return child(args.child, args.k, args.batch)
+    if args.reps < 5:
+        ap.error(f"--reps: headline ratios are medians over at least 5 rounds, found {args.reps}")
     torch.set_num_threads(2)
     batch = 512 if args.quick else args.batch
     ks = [8, 16, 32]
     load_before = os.getloadavg()[0]
-    tps, ratios = throughput(batch, ks, args.reps, naive_k=32)
+    tps, per_round = throughput(batch, ks, args.reps, naive_k=32)
     load_after = os.getloadavg()[0]
     rss = {f"mp_k{k}": peak_rss("mp", k, batch) for k in (8, 32)}
     rss["topk_k32"] = peak_rss("topk", 32, batch)
     rss["naive_k8"] = peak_rss("naive", 8, batch)  # naive k=32 would need ~10 GB on a shared machine
-    step_s = {k: batch / tps[f"mp_train_k{k}"] for k in ks}
     print(json.dumps({
         "bench": "mp_sae", "d_in": D_IN, "d_sae": D_SAE, "batch": batch, "dtype": "float32", "threads": 2,
+        "rounds": args.reps, "warmup_steps_each": 1,
         "tokens_per_s": {n: round(v, 1) for n, v in tps.items()},
-        "speedup_vs_naive_k32": round(statistics.median(ratios), 2),
-        "speedup_per_round": [round(r, 2) for r in ratios],
-        "mp_vs_topk_train_k32": round(tps["mp_train_k32"] / tps["topk_train_k32"], 3),
-        "step_time_ratio_k32_over_k8": round(step_s[32] / step_s[8], 2),
+        **{name: round(statistics.median(v), 3) for name, v in per_round.items()},
+        "per_round": {name: [round(r, 3) for r in v] for name, v in per_round.items()},
         "peak_rss_gb": {n: round(v, 3) for n, v in rss.items()},
         "peak_rss_mp_over_topk_k32": round(rss["mp_k32"] / rss["topk_k32"], 2),
         "load_avg_1min": {"before": round(load_before, 2), "after": round(load_after, 2), "cores": os.cpu_count()},

@@ -20,10 +20,22 @@ from saekit.cli.browse import browse_command
 from support.runs import tiny_run
 
 pytestmark = pytest.mark.browser
-CHROMIUM = "/usr/bin/chromium"
+CHROMIUM = os.environ.get("SAEKIT_CHROMIUM", "/usr/bin/chromium")  # the override exists for test_ci_strictness
 FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage", "--disable-background-networking",
          "--disable-component-update", "--disable-sync", "--no-first-run"]
 ARTIFACTS = Path(__file__).resolve().parent / "artifacts"
+
+
+def browser_required() -> bool:
+    """CI (and anyone who sets SAEKIT_REQUIRE_BROWSER=1) must not pass without a real browser."""
+    ci = os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no")
+    return ci or os.environ.get("SAEKIT_REQUIRE_BROWSER") == "1"
+
+
+def unavailable(reason: str):
+    if browser_required():
+        pytest.fail(f"{reason}; the real-browser test is required here (CI or SAEKIT_REQUIRE_BROWSER=1)")
+    pytest.skip(reason)
 
 
 def free_port() -> int:
@@ -49,8 +61,11 @@ def wait_healthy(url: str, proc: subprocess.Popen, timeout: float = 60) -> None:
 @pytest.fixture(scope="module")
 def served(tmp_path_factory):
     if not Path(CHROMIUM).exists():
-        pytest.skip(f"{CHROMIUM} is missing (apt-get install -y chromium)")
-    pytest.importorskip("playwright.sync_api")
+        unavailable(f"{CHROMIUM} is missing (apt-get install -y chromium)")
+    try:
+        import playwright.sync_api  # noqa: F401
+    except ImportError:
+        unavailable("the playwright package is missing (pip install -e '.[test]')")
     run = tiny_run(tmp_path_factory.mktemp("e2e") / "llm", dead=(0, 1, 2), one_shot=3)
     build_bundle(run, AnalyzeConfig(top_examples=4, context=3))
     port = free_port()

@@ -1,4 +1,4 @@
-"""Checkpoints: atomicity under kills and full disks, resume refusals, inference loading (RELIABILITY 17-21)."""
+"""Checkpoints: atomicity under kills and full disks, resume refusals, inference loading (docs/RELIABILITY.md 17-21)."""
 
 from __future__ import annotations
 

@@ -73,7 +73,9 @@ def test_run_config_yaml_files_load(tmp_path):
     from saekit.run.config import MultiConfig
     from saekit.run.mdl_select import MDLSelectConfig
 
-    for path in sorted(Path("configs").glob("*.yaml")):  # every shipped config loads strictly with its own class
+    paths = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.yaml"))
+    assert len(paths) >= 5 and "quickstart.yaml" in {p.name for p in paths}, paths  # found, whatever the cwd
+    for path in paths:  # every shipped config loads strictly with its own class
         data = yaml.safe_load(path.read_text())
         cls = MultiConfig if "saes" in data else MDLSelectConfig if "grid" in data else RunConfig
         cls.from_yaml(path)

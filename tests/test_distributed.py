@@ -155,7 +155,7 @@ def test_resume_with_a_different_world_size(two_rank, tmp_path):
 
 
 def test_non_divisible_dataset_finishes_and_saves(two_rank):
-    """RELIABILITY 26: the workers finished within the spawn timeout and rank 0 saved."""
+    """docs/RELIABILITY.md 26: the workers finished within the spawn timeout and rank 0 saved."""
     assert (two_rank / "done-0").exists() and (two_rank / "done-1").exists()
     assert (two_rank / "ragged" / "final_sae").is_dir()
     assert read_checkpoint(two_rank / "ragged").state.tokens == 40 * 33

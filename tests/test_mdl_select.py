@@ -108,11 +108,24 @@ def test_cli_takes_trained_folders_and_reuses_grid(tmp_path, one_thread, capsys)
     assert rc == 0 and "MDL selects w16_k2" in capsys.readouterr().out
     folder = Path(data["output_dir"]) / "saes" / "w16_k2"
     mtime = (folder / "final_sae" / "sae_weights.safetensors").stat().st_mtime_ns
-    # second run: the grid point is loaded, not retrained; an extra folder is taken as it is
-    data["saes"] = [str(folder)]
+    first = json.loads((Path(data["output_dir"]) / "results.json").read_text())["rows"]
+    # second run: the grid point is loaded, not retrained; an extra folder (another SAE: the grid
+    # point with its encoder halved, so its codes and bits differ) is taken as it is
+    import torch
+
+    from saekit.sae.registry import load_sae, save_sae
+
+    extra = load_sae(folder)
+    with torch.no_grad():
+        extra.W_enc.mul_(0.5)
+    save_sae(extra, tmp_path / "extra_sae")
+    data["saes"] = [str(tmp_path / "extra_sae")]
     cfg_path.write_text(yaml.safe_dump(data))
     rc = cmd_mdl_select(SimpleNamespace(config=str(cfg_path), output_dir=None, fvu_budget=1e-9))
     assert rc == 1  # nothing within an impossible budget
     assert (folder / "final_sae" / "sae_weights.safetensors").stat().st_mtime_ns == mtime
-    saved = json.loads((Path(data["output_dir"]) / "results.json").read_text())
-    assert len(saved["rows"]) == 2 and saved["rows"][0]["dl_bits"] == pytest.approx(saved["rows"][1]["dl_bits"])
+    rows = json.loads((Path(data["output_dir"]) / "results.json").read_text())["rows"]
+    assert [r["name"] for r in rows] == ["w16_k2", "extra_sae"]
+    assert rows[0]["dl_bits"] == pytest.approx(first[0]["dl_bits"], rel=1e-12)  # the same SAE, reloaded
+    assert rows[1]["dl_bits"] != pytest.approx(rows[0]["dl_bits"], rel=1e-3)  # the extra one measured itself
+    assert rows[1]["fvu"] > rows[0]["fvu"]

@@ -1,4 +1,4 @@
-"""The SparseAutoencoder contract, for every registered architecture (RELIABILITY.md 1, 2, 8, 9, 11).
+"""The SparseAutoencoder contract, for every registered architecture (docs/RELIABILITY.md 1, 2, 8, 9, 11).
 
 Each architecture is built from a small config through its own config_class; fields this file does
 not know keep their defaults, so architectures added later are covered without editing this file.

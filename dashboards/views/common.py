@@ -60,16 +60,20 @@ def load_bundle(run: RunFolder) -> Bundle:
 
 
 def guarded(fn, *args) -> None:
-    """Render a view; a failure becomes a message on the page, never a stack trace."""
+    """Render a view. A named saekit error (a missing or damaged bundle, a bad run folder) is a
+    state the app expects: it becomes a message on the page. Anything else is a bug in a view: it
+    is shown with its trace through `st.exception`, so the rest of the app stays up while the
+    crash stays visible (AppTest records it in `at.exception`; tests then fail instead of seeing
+    a polite error box)."""
     try:
         fn(*args)
     except BundleError as e:
         st.error(f"This run's browser bundle cannot be used: {e}")
     except SaekitError as e:
         st.error(str(e))
-    except Exception as e:  # noqa: BLE001 - the page must stay up; the log keeps the trace
-        log.exception("view failed")
-        st.error(f"Something went wrong on this page: {type(e).__name__}: {e}")
+    except Exception as e:  # noqa: BLE001 - shown as a crash, with its trace, not as a message
+        log.exception("view %s crashed", getattr(fn, "__name__", fn))
+        st.exception(e)
 
 
 def open_feature(f: int) -> None:

@@ -4,7 +4,7 @@ Why streaming: an evaluation set can be far larger than memory. `ReconstructionA
 takes batches of `(x, recon, code)` and keeps only per-dimension and per-latent sums, so memory is
 `O(d_in + d_sae + max L0)` whatever the row count.
 
-Conventions (RELIABILITY 33):
+Conventions (docs/RELIABILITY.md 33):
 
 - FVU (fraction of variance unexplained) = Σ‖x − x̂‖² / Σ‖x − x̄‖², with x̄ the *per-dimension
   mean* over all rows (not zero). Explained variance EV = 1 − FVU, so predicting the mean gives

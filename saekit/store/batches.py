@@ -1,6 +1,6 @@
 """The batch-source protocol the trainer reads from, and an in-memory implementation.
 
-Why a protocol: the trainer must checkpoint *where it is in the data* (RELIABILITY 16), whether
+Why a protocol: the trainer must checkpoint *where it is in the data* (docs/RELIABILITY.md 16), whether
 rows come from an on-disk store, memory, or a streaming model. Every source can report and
 restore its position as plain JSON, and names a fingerprint of its contents so a resume against
 different data is refused.

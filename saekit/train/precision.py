@@ -2,7 +2,7 @@
 
 Why only autocast: the parameters, their gradients and Adam's moments stay fp32, so small updates
 to biases and thresholds are not rounded away (bf16 has 8 mantissa bits: an Adam step of 1e-4 on a
-bias of size 1 would vanish in a bf16 parameter; RELIABILITY 24). Only the matmuls inside the
+bias of size 1 would vanish in a bf16 parameter; docs/RELIABILITY.md 24). Only the matmuls inside the
 forward run in bf16, which is where the time goes on GPUs and on CPUs with bf16 instructions
 (AVX512-BF16 / AMX). Without such hardware, bf16 is emulated and slower, so `auto` picks fp32 there.
 """
