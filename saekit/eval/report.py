@@ -331,7 +331,7 @@ def format_report(report: dict) -> str:
         rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", _fmt(rt["recall_at_k"])],
                  ["retrieval cosine", _fmt(rt["cosine_mean"])]]
     dl = report.get("description_length")
-    out = _table(rows, ["metric", "value"])
+    out = _table(rows, ["metric", "value"]) + _row_set_note(report)
     if dl:
         out += (f"\n\nDescription length (bits per activation vector; activity {_fmt(dl['activity_bits_per_row'])}; "
                 f"selected {_fmt(dl['selected_bits'])} bits -> DL {_fmt(dl['dl_bits_per_row'])} "
@@ -349,11 +349,23 @@ def _outlier_rows(report: dict) -> list[list[str]]:
     rs, out = report.get("row_set"), report.get("outliers")
     if not rs or not out:
         return []
-    rows = [["headline rows", f"ordinary ({rs['outlier_rows']} outliers excluded: {rs['outlier_rule'].get('description')})"],
+    rows = [["headline rows", f"ordinary ({rs['outlier_rows']} outliers apart)"],
             ["outlier rows: count / FVU", f"{out['count']} / {_fmt(out.get('fvu'))}"]]
     if out.get("all_rows"):
         rows.append(["FVU all rows (incl. outliers)", _fmt(out["all_rows"]["fvu"])])
     return rows
+
+
+def _row_set_note(report: dict) -> str:
+    """A sentence under the table saying which rows the headline covers and by which rule."""
+    rs, out = report.get("row_set"), report.get("outliers")
+    if not rs or not out:
+        return ""
+    note = (f"\nHeadline figures are on {rs['ordinary_rows']} ordinary held-out rows; {out['count']} massive-activation "
+            f"outlier rows ({rs['outlier_rule'].get('description')}) are reported apart")
+    if out.get("all_rows"):
+        note += f" (FVU of all rows together: {_fmt(out['all_rows']['fvu'])})"
+    return note + "."
 
 
 def compare_table(reports: dict[str, dict]) -> str:

@@ -168,7 +168,7 @@ class ActivationStore:
         m = self._shard(i)
         if "norm" in m and "outlier" in m:
             return torch.from_numpy(np.array(m["norm"])).float(), torch.from_numpy(np.array(m["outlier"])).bool()
-        norm = row_norms(_to_torch(m["acts"], m["acts.__dtype__"]))
+        norm = row_norms(_to_torch(np.array(m["acts"]), m["acts.__dtype__"]))
         return norm, self.outlier_rule.flag(norm)
 
     @cached_property
