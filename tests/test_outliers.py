@@ -285,3 +285,28 @@ def test_splice_passes_outlier_positions_through(tmp_path):
     assert identity["ce_spliced"] == pytest.approx(identity["ce_clean"], abs=1e-6)
     assert identity["kl_spliced"] == pytest.approx(0.0, abs=1e-6)
     assert not math.isclose(identity["ce_zero_ablation"], identity["ce_clean"])
+
+
+# -- the browser bundle ------------------------------------------------------------------------------
+def test_bundle_marks_the_feature_whose_top_examples_are_outliers(tmp_path):
+    from saekit.analysis.features import AnalyzeConfig
+    from saekit.browser.build import build_bundle
+    from saekit.browser.bundle import Bundle
+    from support.planted import planted_run
+
+    run, f = planted_run(tmp_path / "run")
+    b = Bundle(build_bundle(run, AnalyzeConfig(top_examples=6, context=2, logit_lens=False)))
+    rec = b.feature(f)
+    assert rec["mostly_outliers"] and rec["outlier_examples"] == len(rec["top"]) == 6
+    assert all(x["outlier"] for x in rec["top"])
+    assert not b.feature(0)["mostly_outliers"]  # dead: no top examples
+    table = b.table.set_index("feature")
+    assert bool(table.loc[f, "mostly_outliers"]) and int(table["mostly_outliers"].sum()) == rec_count(b)
+    facts = b.manifest["outliers"]
+    assert facts["excluded_in_training"] is True and facts["rule"]["multiple"] == 4.0
+    assert facts["store_outliers"] == int(ActivationStore(RunFolder(run).store).outlier_mask().sum())
+    assert facts["threshold_norm"] == pytest.approx(4 * facts["median_norm"], rel=1e-6)
+
+
+def rec_count(b) -> int:
+    return sum(bool(b.feature(g).get("mostly_outliers")) for g in range(b.d_sae))

@@ -42,3 +42,24 @@ def planted_store(root: str | Path, n_docs: int = 120, every: int = 10, d_in: in
     cache_activations(source, synthetic_docs(n_docs, seed, min_words=4, max_words=10), root,
                       StoreConfig(docs_per_shard=docs_per_shard))
     return Path(root)
+
+
+def planted_run(run_dir: str | Path, every: int = 4, d_sae: int = 32, k: int = 4, feature: int = 5) -> tuple[Path, int]:
+    """A run folder over a planted store whose SAE has one feature (`feature`) aimed at the outliers
+    (its top examples are the planted rows), trained-on rows recorded with outliers excluded."""
+    from saekit.layout import RunFolder
+    from saekit.run.outliers import training_rows, write_training_rows
+    from saekit.sae.registry import save_sae
+    from saekit.store.reader import ActivationStore
+    from support.runs import make_sae
+
+    folder = RunFolder(Path(run_dir))
+    store = ActivationStore(planted_store(folder.store, every=every))
+    sae = make_sae(store.d_in, d_sae, k, dead=[0], seed=0)
+    outliers_ND = store[store.outlier_mask().nonzero().flatten()]
+    with torch.no_grad():
+        sae.W_enc[:, feature] = 10 * torch.nn.functional.normalize(outliers_ND.mean(0), dim=0)
+        sae.b_enc[feature] = 0
+    save_sae(sae, folder.final_sae())
+    write_training_rows(folder.train_data(), training_rows(store, torch.arange(len(store)), exclude_outliers=True))
+    return folder.root, feature
