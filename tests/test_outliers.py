@@ -310,3 +310,26 @@ def test_bundle_marks_the_feature_whose_top_examples_are_outliers(tmp_path):
 
 def rec_count(b) -> int:
     return sum(bool(b.feature(g).get("mostly_outliers")) for g in range(b.d_sae))
+
+
+# -- what the main job prints ----------------------------------------------------------------------
+def test_cli_says_how_many_rows_training_excluded(tmp_path, planted, one_thread, capsys):
+    import yaml
+
+    from saekit.cli import main
+    from saekit.cli.run import _print_run
+    from saekit.run.outliers import read_training_rows
+
+    cfg = run_config(tmp_path, planted)
+    path = tmp_path / "cfg.yaml"
+    path.write_text(yaml.safe_dump(cfg.to_dict()))
+    assert main(["train", str(path)]) == 0
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    n = line["training_rows"]["excluded_outliers"]
+    assert n > 0 and line["training_rows"]["exclude_outliers"] is True
+    report = eval_stage(cfg)
+    _print_run(cfg, {"report": report, "final_sae": str(cfg.folder.final_sae()),
+                     "training_rows": read_training_rows(cfg.folder.train_data())})
+    out = capsys.readouterr().out
+    assert f"excluded {n} massive-activation outlier rows" in out
+    assert f"{report['outliers']['count']} massive-activation outlier rows" in out and "Headline figures are on" in out
