@@ -211,7 +211,10 @@ def splice_stage(cfg: RunConfig, store: ActivationStore, sae: SparseAutoencoder,
     doc_ids = torch.unique(store.meta("doc_id")[held_rows]).tolist()[: cfg.eval.splice_docs]
     texts = [store.docs[d]["text"] for d in doc_ids]
     model, tok = load_for_spec({**store.manifest["source"], "model": cfg.source.model})
-    mean_D = sum(c.double().sum(0) for _, c in store.iter_chunks(65536)) / len(store)
+    # the mean-ablation baseline is the mean of the ordinary rows (outlier positions are passed through)
+    ordinary_N = ~store.outlier_mask()
+    mean_D = sum(c[ordinary_N[lo: lo + len(c)]].double().sum(0) for lo, c in store.iter_chunks(65536)) \
+        / max(int(ordinary_N.sum()), 1)
     # outlier positions (norm above the store's threshold) and, when the store left them out,
     # special tokens keep their own activation: the SAE was neither trained nor is it judged on them
     spec = store.manifest["source"]
