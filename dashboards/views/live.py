@@ -56,8 +56,6 @@ def encode_text(bundle, run: RunFolder, text: str) -> dict:
 def excluded_positions(bundle, ids_T, acts_TD, tok) -> list[str]:
     """Per position, why the ranking leaves it out ("" = ranked): 'special' (the store excludes special
     tokens such as BOS) or 'outlier' (norm above the threshold, when the run trained without outliers)."""
-    import torch
-
     spec, facts = bundle.manifest["source"], bundle.manifest.get("outliers") or {}
     special = set(tok.all_special_ids) if spec.get("exclude_special", True) else set()
     threshold = facts.get("threshold_norm") if facts.get("excluded_in_training") else None
