@@ -8,7 +8,8 @@ were single). `RunFolder` answers once, and imports nothing above the base.
 
     <root>/config.yaml                 the resolved run config
     <root>/store/                      the activation cache (or the config's `store.path`)
-    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/
+    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/, data.json
+                                       (the rows trained on: outliers excluded, the rule)
     <root>/train/<name>/               a multi-SAE run: one such folder per SAE
     <root>/eval/[<name>/]              report.json, report.txt, figures
     <root>/probe/[<name>/]             probe reports
@@ -37,6 +38,7 @@ STEER = "steer"
 EXPLANATIONS = "explanations"
 BUNDLE = "bundle"
 CHECKPOINTS = "checkpoints"
+TRAIN_DATA = "data.json"
 
 
 @dataclass(frozen=True)
@@ -75,6 +77,10 @@ class RunFolder:
 
     def final_sae(self, name: str | None = None) -> Path:
         return self.train(name) / FINAL_SAE
+
+    def train_data(self, name: str | None = None) -> Path:
+        """What the SAE was trained on (rows used, massive-activation outliers excluded, the rule)."""
+        return self.train(name) / TRAIN_DATA
 
     # -- the SAEs of the run ----------------------------------------------------------------
     def sae_names(self) -> list[str]:

@@ -18,7 +18,7 @@ import numpy as np
 from saekit.errors import CorruptArtifactError
 
 NUMPY_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "I64": np.int64, "I32": np.int32,
-                "F64": np.float64}
+                "F64": np.float64, "U8": np.uint8}
 """safetensors dtype -> numpy dtype; bfloat16 has no numpy type and comes back as its raw uint16 bits."""
 
 

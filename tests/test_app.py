@@ -248,3 +248,60 @@ def test_plain_streamlit_run_listens_on_localhost_only(tmp_path):
         proc.terminate()
         proc.wait(timeout=30)
     assert addrs == ["0100007F"], addrs  # 127.0.0.1 only; 00000000 or :: would mean every interface
+
+
+@pytest.fixture(scope="module")
+def outlier_run(tmp_path_factory):
+    from support.planted import planted_run
+
+    run, feature = planted_run(tmp_path_factory.mktemp("outliers") / "planted")
+    build_bundle(run, AnalyzeConfig(top_examples=4, context=2, logit_lens=False))
+    return run, feature
+
+
+def test_feature_list_can_hide_outlier_features_and_the_page_marks_them(monkeypatch, outlier_run):
+    run, f = outlier_run
+    at = app(monkeypatch, run)
+    ok(at)
+    at.text_input(key="search").input(f"#{f}").run()
+    ok(at)
+    assert any(b.key == f"open_{f}" for b in at.button)
+    from saekit.browser.bundle import Bundle
+
+    n_marked = int(Bundle(run).table["mostly_outliers"].sum())
+    assert 1 <= n_marked < Bundle(run).d_sae
+    assert at.checkbox(key="hide_outliers").label == f"Hide outlier features ({n_marked})"
+    at.checkbox(key="hide_outliers").check().run()
+    ok(at)
+    assert not any(b.key == f"open_{f}" for b in at.button)
+    assert any("No feature matches" in i.value for i in at.info)
+    at.checkbox(key="hide_outliers").uncheck().run()
+    at.button(key=f"open_{f}").click().run()
+    ok(at)
+    assert any("Outlier feature" in w.value for w in at.warning)
+    assert any("outlier row" in m.value for m in at.markdown)
+
+
+def test_live_ranking_leaves_out_special_and_outlier_positions():
+    import torch
+
+    sys.path.insert(0, str(Path(APP).parent))
+    from views.live import excluded_positions, exclusion_note, ranked_positions
+
+    class Tok:
+        all_special_ids = [1]
+
+    class FakeBundle:
+        manifest = {"source": {"exclude_special": True},
+                    "outliers": {"threshold_norm": 10.0, "excluded_in_training": True}}
+
+    acts = torch.ones(4, 9)  # norms 3
+    acts[2] *= 100  # norm 300: an outlier
+    why = excluded_positions(FakeBundle(), torch.tensor([1, 5, 6, 7]), acts, Tok())
+    assert why == ["special", "", "outlier", ""]
+    res = {"indices": [[0], [1], [2], [3]], "values": [[1.0], [2.0], [9.0], [4.0]], "excluded": why}
+    assert ranked_positions(res) == ([[1], [3]], [[2.0], [4.0]])
+    note = exclusion_note(res)
+    assert "1 special token" in note and "1 massive-activation outlier" in note
+    FakeBundle.manifest["outliers"]["excluded_in_training"] = False  # the run kept them: rank them too
+    assert excluded_positions(FakeBundle(), torch.tensor([1, 5, 6, 7]), acts, Tok()) == ["special", "", "", ""]

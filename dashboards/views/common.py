@@ -105,11 +105,15 @@ def highlight_doc(text: str, act: float, vmax: float) -> str:
 
 
 def filter_features(df: pd.DataFrame, query: str, density: tuple[float, float], hide_dead: bool,
-                    sort: str) -> pd.DataFrame:
-    """The list page's search, filters and sort, as a pure function of the table."""
+                    sort: str, hide_outliers: bool = False) -> pd.DataFrame:
+    """The list page's search, filters and sort, as a pure function of the table. `hide_outliers`
+    drops features whose top examples are mostly massive-activation outliers (a table without the
+    `mostly_outliers` column, from an older bundle, has none to drop)."""
     out = df
     if hide_dead:
         out = out[~out["dead"]]
+    if hide_outliers and "mostly_outliers" in out:
+        out = out[~out["mostly_outliers"].astype(bool)]
     out = out[(out["density"] >= density[0]) & (out["density"] <= density[1])]
     q = (query or "").strip()
     if q:

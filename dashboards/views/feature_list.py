@@ -1,4 +1,4 @@
-"""Feature list: search by token / text / label, sort, density and dead-feature filters."""
+"""Feature list: search by token / text / label, sort, density, dead-feature and outlier-feature filters."""
 
 from __future__ import annotations
 
@@ -8,7 +8,8 @@ from saekit.browser.bundle import Bundle
 from views.common import SORTS, filter_features, open_feature
 
 # columns of the bundle's `FeatureRow` table (saekit.browser.bundle) shown in the list, in this order
-SHOWN_COLUMNS = ["feature", "density", "count", "max", "top_tokens", "top_text", "top_labels", "promoted", "children"]
+SHOWN_COLUMNS = ["feature", "density", "count", "max", "top_tokens", "top_text", "top_labels", "promoted", "children",
+                 "mostly_outliers"]
 N_BUTTONS = 12
 
 
@@ -19,15 +20,19 @@ def render(bundle: Bundle, run_key: str) -> None:
     c1, c2, c3 = st.columns([2, 1, 3])
     sort = c1.selectbox("Sort by", list(SORTS), key="sort")
     hide_dead = c2.checkbox("Hide dead", value=True, key="hide_dead")
+    n_out = int(df["mostly_outliers"].sum()) if "mostly_outliers" in df else 0
+    hide_outliers = c2.checkbox(f"Hide outlier features ({n_out})", value=False, key="hide_outliers",
+                                help="Features whose top examples are mostly massive-activation outlier rows "
+                                     "(row norm far above the store's median; see the store manifest's rule)")
     dmax = float(df["density"].max()) if len(df) else 0.0
     top = dmax if dmax > 0 else 1.0
     density = c3.slider("Density range", 0.0, top, (0.0, top), key=f"density_{run_key}", format="%.4f")
-    shown = filter_features(df, query, density, hide_dead, sort)
+    shown = filter_features(df, query, density, hide_dead, sort, hide_outliers=hide_outliers)
     st.caption(f"{len(shown)} of {len(df)} features match")
     if shown.empty:
         st.info("No feature matches: widen the density range, show dead features or change the search.")
         return
-    cols = [c for c in SHOWN_COLUMNS if bundle.is_llm or c not in ("top_tokens", "promoted")]
+    cols = [c for c in SHOWN_COLUMNS if (bundle.is_llm or c not in ("top_tokens", "promoted")) and c in shown]
     st.dataframe(shown[cols].head(2000), hide_index=True, width="stretch")
     st.markdown("**Open a feature**")
     grid = st.columns(3)

@@ -44,6 +44,10 @@ def stats_row(rec: FeatureRecord, bundle: Bundle) -> None:
         st.warning(f"Feature {rec['feature']} is dead: it never fired on the {bundle.n_rows:,} rows analysed.")
     elif rec["count"] == 1:
         st.info("This feature fired exactly once.")
+    if rec.get("mostly_outliers"):
+        rule = (bundle.manifest.get("outliers") or {}).get("rule", {}).get("description", "row norm far above the median")
+        st.warning(f"Outlier feature: {rec['outlier_examples']} of its {len(rec['top'])} top examples are "
+                   f"massive-activation outlier rows ({rule}). It mostly describes those few rows, not ordinary text.")
 
 
 def examples(items: list[Example], vmax: float, is_llm: bool, key: str) -> None:
@@ -53,6 +57,7 @@ def examples(items: list[Example], vmax: float, is_llm: bool, key: str) -> None:
     for i, it in enumerate(items):
         lab = ", ".join(f"{k}: {v}" for k, v in (it.get("labels") or {}).items())
         meta = f"act **{it['act']:.4g}** · doc {it['doc']}" + (f" · pos {it['pos']}" if "pos" in it else "")
+        meta += " · **outlier row**" if it.get("outlier") else ""
         st.markdown(meta + (f" · {lab}" if lab else ""))
         body = (highlight(it["tokens"], it["acts"], vmax, it["center"]) if is_llm and "tokens" in it
                 else highlight_doc(it.get("text", ""), it["act"], vmax))

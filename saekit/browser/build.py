@@ -9,6 +9,11 @@ distributions and summaries); this module only assembles: one `FeatureRecord` pe
 (everything its page shows, so the app assembles a page with one seek), the list table of
 `FeatureRow`s, and the `BundleManifest`. The folder is built beside its final name and renamed into
 place, so a crash never leaves a half bundle.
+
+Massive-activation outliers (`saekit.store.outliers`): every example says whether its row is one
+(`outlier`), a feature whose top examples are mostly outliers is marked (`outlier_examples`,
+`mostly_outliers` in its record and list row), and the manifest's `outliers` carries the rule, the
+norm threshold for live text and whether the run's training left them out.
 """
 
 from __future__ import annotations
@@ -56,6 +61,7 @@ from saekit.browser.bundle import (
 )
 from saekit.errors import ModelNotAvailableError, ShapeMismatchError
 from saekit.layout import RunFolder
+from saekit.store.reader import ActivationStore
 from saekit.sae.registry import load_sae
 from saekit.store.locate import store_for_hook
 from saekit.store.manifest import DOCS
@@ -104,11 +110,16 @@ def read_docs(path: Path, wanted: set[int]) -> dict[int, dict]:
     return out
 
 
-def example_record(ex: ExampleSet, e: int, docs: dict[int, dict], token_text: dict[int, str]) -> Example:
+MOSTLY = 0.5  # a feature is marked when more than this fraction of its top examples are outliers
+
+
+def example_record(ex: ExampleSet, e: int, docs: dict[int, dict], token_text: dict[int, str],
+                   outlier_R: np.ndarray | None = None) -> Example:
     """The JSON record of example `e`: its document's labels, and its token window or document text."""
     doc = docs.get(int(ex.doc_E[e]), {})
     out = Example(row=int(ex.row_E[e]), doc=int(ex.doc_E[e]), act=round(float(ex.value_E[e]), 5),
-                  labels=doc.get("labels") or {})
+                  labels=doc.get("labels") or {},
+                  outlier=bool(outlier_R[int(ex.row_E[e])]) if outlier_R is not None else False)
     if ex.windows is None:
         out["text"] = doc.get("text", "")
         return out
@@ -215,20 +226,22 @@ def feature_record(f: int, stats: RunningStats, istats: IndexStats, examples: li
     top = [x for x, q in zip(examples, interval_E) if q < 0]
     quantiles = [Interval(interval=q, lo=round(max_f * q / cfg.quantiles, 5), hi=round(max_f * (q + 1) / cfg.quantiles, 5),
                           examples=[x for x, qq in zip(examples, interval_E) if qq == q]) for q in range(cfg.quantiles)]
+    n_out = sum(bool(x.get("outlier")) for x in top)
     return FeatureRecord(
         feature=f, count=count, density=float(count) / max(n_rows, 1),
         mean=float(stats.sum_F[f] / max(count, 1)), max=max_f,
         hist={"max": max_f, "counts": istats.hist_FB[f].tolist()},
         top=top, quantiles=[q for q in quantiles if q["examples"]],
         neighbours=tables.neighbours(f), cooccur=tables.cooccur.of(f), logit_lens=tables.logit_lens(f),
-        labels=label_distribution([x.get("labels") for x in top]), family=tables.family(f))
+        labels=label_distribution([x.get("labels") for x in top]), family=tables.family(f),
+        outlier_examples=n_out, mostly_outliers=bool(top) and n_out > MOSTLY * len(top))
 
 
 def table_row(rec: FeatureRecord) -> FeatureRow:
     """The list table's row of a feature: its stats plus the search text."""
     return FeatureRow(feature=rec["feature"], count=rec["count"], density=rec["density"], mean=rec["mean"],
                       max=rec["max"], dead=rec["count"] == 0, parent=_or_minus_one(rec["family"]["parent"]),
-                      children=len(rec["family"]["children"]),
+                      children=len(rec["family"]["children"]), mostly_outliers=bool(rec.get("mostly_outliers")),
                       **feature_summary(rec["top"], rec["labels"], rec["logit_lens"]["promoted"]))
 
 
@@ -237,7 +250,8 @@ def _or_minus_one(parent: int | None) -> int:
 
 
 def assemble(stats: RunningStats, istats: IndexStats, ex: ExampleSet, docs: dict, tables: FeatureTables,
-             token_text: dict[int, str], cfg: AnalyzeConfig, n_rows: int, tmp: Path) -> dict:
+             token_text: dict[int, str], cfg: AnalyzeConfig, n_rows: int, tmp: Path,
+             outlier_R: np.ndarray | None = None) -> dict:
     """Write features.jsonl + offsets + features.parquet; returns counts for the manifest."""
     import pandas as pd
 
@@ -246,7 +260,7 @@ def assemble(stats: RunningStats, istats: IndexStats, ex: ExampleSet, docs: dict
     rows, offsets = [], [0]
     with open(tmp / RECORDS, "wb") as fh:
         for f, sel in enumerate(ex.by_feature(stats.d_sae)):
-            examples = [example_record(ex, e, docs, token_text) for e in sel]
+            examples = [example_record(ex, e, docs, token_text, outlier_R) for e in sel]
             rec = feature_record(f, stats, istats, examples, ex.interval_E[sel].tolist(), tables, cfg, n_rows)
             line = json.dumps(rec, ensure_ascii=False, allow_nan=False).encode() + b"\n"
             fh.write(line)
@@ -256,7 +270,18 @@ def assemble(stats: RunningStats, istats: IndexStats, ex: ExampleSet, docs: dict
     buf = io.BytesIO()
     pd.DataFrame(rows).to_parquet(buf, index=False)
     (tmp / FEATURES_TABLE).write_bytes(buf.getvalue())
-    return {"dead": int((stats.count_F == 0).sum())}
+    return {"dead": int((stats.count_F == 0).sum()), "mostly_outliers": sum(r["mostly_outliers"] for r in rows)}
+
+
+def outlier_facts(store: ActivationStore, folder: RunFolder, mostly_outliers: int) -> dict:
+    """The manifest's `outliers`: the store's rule and counts, the norm threshold the live page applies,
+    and whether the run trained without them (None when the run recorded nothing)."""
+    trained = folder.train_data()
+    excluded = read_json(trained).get("exclude_outliers") if trained.exists() else None
+    stats = store.norm_stats
+    return {"rule": store.outlier_rule.to_json(), "store_outliers": int(stats["outliers"]),
+            "median_norm": stats["median_norm"], "threshold_norm": stats["outlier_threshold_norm"],
+            "excluded_in_training": excluded, "mostly_outlier_features": int(mostly_outliers)}
 
 
 def open_run(run: str | Path | RunFolder):
@@ -294,7 +319,8 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
         docs = read_docs(store.path / DOCS, set(ex.doc_E.tolist()))
         token_text = token_strings(tokenizer, ex.windows.token_EW[ex.windows.valid_EW]) if ex.windows else {}
         tables = feature_tables(stats, istats, W_dec, (tokenizer, W_U, norm), cfg)
-        facts = assemble(stats, istats, ex, docs, tables, token_text, cfg, len(store), tmp)
+        facts = assemble(stats, istats, ex, docs, tables, token_text, cfg, len(store), tmp,
+                         store.outlier_mask().numpy())
         files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
         write_manifest(tmp, files, {
             "bundle_format": BUNDLE_FORMAT, "kind": store.kind, "run": folder.label, "hook": store.hook,
@@ -305,7 +331,8 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
             "has_logit_lens": bool(is_llm and W_U is not None and cfg.logit_lens),
             "has_token_text": bool(is_llm and tokenizer is not None), "dead": facts["dead"],
             "build_seconds": round(time.perf_counter() - t0, 3), "store_format_version": FORMAT_VERSION,
-            "eval_report": (folder.eval / "report.json").exists()})
+            "eval_report": (folder.eval / "report.json").exists(),
+            "outliers": outlier_facts(store, folder, facts["mostly_outliers"])})
     log.info("bundle for %s: %d features (%d dead) over %d rows in %.1f s", folder.label, sae.cfg.d_sae,
              facts["dead"], len(store), time.perf_counter() - t0)
     return out

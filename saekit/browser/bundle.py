@@ -52,6 +52,7 @@ class Example(TypedDict, total=False):
     tokens: list[str]
     acts: list[float]
     center: int
+    outlier: bool  # the row is a massive-activation outlier of the store (saekit.store.outliers)
 
 
 class Interval(TypedDict):
@@ -95,6 +96,8 @@ class FeatureRecord(TypedDict):
     logit_lens: LogitLens
     labels: dict[str, dict[str, int]]  # label key -> value -> count among the top examples
     family: Family
+    outlier_examples: int  # top examples whose row is a massive-activation outlier
+    mostly_outliers: bool  # more than half of the top examples are outliers (absent in older bundles)
 
 
 class FeatureRow(TypedDict):
@@ -108,6 +111,7 @@ class FeatureRow(TypedDict):
     dead: bool
     parent: int  # -1 when none
     children: int
+    mostly_outliers: bool  # its top examples are mostly massive-activation outliers (absent in older bundles)
     top_tokens: str
     top_text: str
     top_labels: str
@@ -147,6 +151,7 @@ class BundleManifest(TypedDict):
     build_seconds: float
     store_format_version: int
     eval_report: bool
+    outliers: dict[str, Any]  # rule, store_outliers, median_norm, threshold_norm, excluded_in_training, ...
 
 
 class BundleError(CorruptArtifactError):

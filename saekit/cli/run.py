@@ -81,6 +81,8 @@ def _print_run(cfg, result) -> None:
     from saekit.eval.report import format_report
 
     print(f"\n== {cfg.name}: results in {cfg.run_dir}")
+    if result.get("training_rows"):
+        print(f"training rows: {_describe_training_rows(result['training_rows'])}")
     print(format_report(result["report"]))
     print(f"SAE: {result['final_sae']}   (python: saekit.load_sae('{result['final_sae']}'))")
     probe = cfg.folder.probe / "report.json"
@@ -92,6 +94,15 @@ def _print_run(cfg, result) -> None:
         print(format_probe_table(read_json(probe)))
     if result.get("bundle"):
         print(f"browser bundle: {result['bundle']}")
+
+
+def _describe_training_rows(rows: dict) -> str:
+    """One line on what the SAE was trained on (the run's `train/data.json`)."""
+    if not rows["exclude_outliers"]:
+        return (f"{rows['rows_used']} (all rows of the training documents; {rows['outliers_in_training_docs']} "
+                "massive-activation outliers kept: train.exclude_outliers is false)")
+    return (f"{rows['rows_used']} of {rows['train_rows']}: excluded {rows['excluded_outliers']} massive-activation "
+            f"outlier rows ({rows['outlier_rule'].get('description')})")
 
 
 def cmd_quickstart(args) -> int:

@@ -11,6 +11,7 @@ import json
 
 from saekit.run.config import MultiConfig, load_run_config
 from saekit.run.multi import train_multi
+from saekit.run.outliers import read_training_rows
 from saekit.run.stages import cache_distributed, train_run
 from saekit.train.distributed import current_sync, init_process_group, shutdown
 
@@ -35,7 +36,8 @@ def cmd_train(args) -> int:
                        for n, r in results.items()]
         else:
             r = train_run(cfg, resume=resume)
-            summary = [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens}]
+            summary = [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens,
+                        "training_rows": read_training_rows(cfg.folder.train_data())}]
         if current_sync().is_main:
             for line in summary:
                 print(json.dumps(line))

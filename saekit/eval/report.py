@@ -12,6 +12,11 @@ a dataset) or a zero-argument function returning a fresh iterator.
 
 The report's `downstream` section is where results that need a model (splice-in language-model
 loss, computed through the hook adapter in `saekit.sources`) go; `attach_downstream` fills it.
+
+Massive-activation outliers (`saekit.store.outliers`): a run evaluates its headline on the ordinary
+rows and puts the outlier rows' own figures in `report["outliers"]` (`outlier_section`), with the
+rule and the row counts in `report["row_set"]`; `compare_table` flags reports whose headlines cover
+different row sets.
 """
 
 from __future__ import annotations
@@ -36,7 +41,7 @@ from saekit.eval.description_length import (
     LatentValueRange,
 )
 from saekit.eval.ground_truth import ground_truth_metrics
-from saekit.eval.reconstruction import DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator
+from saekit.eval.reconstruction import DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator, RunningMoments
 from saekit.eval.retrieval import retrieval_metrics
 from saekit.sae.base import SparseAutoencoder, inference_mode
 
@@ -215,6 +220,64 @@ def description_length_pass(sae: SparseAutoencoder, batches: Iterable | Callable
     return dl
 
 
+def outlier_section(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], rule: dict,
+                    headline: dict | None = None, ordinary_moments: RunningMoments | None = None,
+                    device: str | torch.device | None = None) -> dict:
+    """Reconstruction on the massive-activation outlier rows alone, reported apart from the headline.
+
+    Their FVU is around their own mean (null with fewer than two rows). Given the headline report of
+    the ordinary rows and those rows' moments, `all_rows` adds the FVU and explained variance of both
+    sets together: what a headline that kept the outliers would have said."""
+    cfg = sae.cfg
+    dev = torch.device(device) if device is not None else next(iter(sae.parameters()), torch.zeros(())).device
+    acc = ReconstructionAccumulator(cfg.d_in, cfg.d_sae)
+    with inference_mode(sae):
+        for x_ND in _limited(batches, None, cfg.d_in):
+            x_ND = x_ND.to(dev)
+            out = sae(x_ND)
+            acc.update(x_ND, out.recon, out.code)
+    rec = acc.result()
+    n = rec["n_rows"]
+    section = {"rule": rule, "count": n, **{k: (rec[k] if n else None) for k in RECON_KEYS},
+               "l0_mean": rec["l0_mean"] if n else None}
+    if n < 2:
+        section["fvu"] = section["explained_variance"] = None
+    if headline is not None and ordinary_moments is not None:
+        section["all_rows"] = _all_rows(headline, ordinary_moments, acc)
+    return section
+
+
+def _all_rows(headline: dict, ordinary: RunningMoments, acc: ReconstructionAccumulator) -> dict:
+    """FVU of ordinary and outlier rows together, merging the two sets' moments (Chan et al.)."""
+    n_a, n_b = int(headline["n_rows"]), acc.n_rows
+    sse = float(headline["reconstruction"]["sse_per_row"] or 0.0) * n_a + acc.sse
+    merged = RunningMoments(ordinary.n, ordinary.mean_D.clone(), ordinary.m2_D.clone())
+    delta = acc.moments.mean_D.to(merged.mean_D) - merged.mean_D
+    n = n_a + n_b
+    tv = merged.total + acc.moments.total + (float(delta.pow(2).sum()) * n_a * n_b / n if n else 0.0)
+    fvu_ = sse / tv if tv > 0 else math.nan
+    return {"rows": n, "fvu": fvu_, "explained_variance": 1.0 - fvu_,
+            "outlier_share_of_variance": acc.moments.total / tv if tv > 0 else math.nan}
+
+
+def row_set_label(report: dict) -> str:
+    """Which rows a report's headline covers: 'ordinary (outliers > 4x median norm excluded)' or 'all rows'."""
+    rs = report.get("row_set")
+    if not rs:
+        return "all rows"
+    return f"ordinary (outliers > {rs['outlier_rule'].get('multiple')}x median norm excluded)"
+
+
+def row_set_mismatch(reports: dict[str, dict]) -> str | None:
+    """A warning when the reports' headline figures cover different row sets (None when they agree)."""
+    labels = {name: row_set_label(r) for name, r in reports.items()}
+    if len(set(labels.values())) <= 1:
+        return None
+    return ("WARNING: these reports measured their headline figures on different row sets, so FVU / EV / MSE / "
+            "cosine are not comparable across them: " + "; ".join(f"{n}: {lab}" for n, lab in labels.items())
+            + ". Re-evaluate the older runs (`saekit eval RUN`) to compare on ordinary rows.")
+
+
 def attach_downstream(report: dict, name: str, results: dict) -> dict:
     """Put model-dependent results (e.g. splice-in LM loss) under `report["downstream"][name]`."""
     report.setdefault("downstream", {})[name] = results
@@ -257,6 +320,7 @@ def format_report(report: dict) -> str:
         ["dead fraction", _fmt(sp["dead_fraction"])],
         [f"dense fraction (>{sp['dense_threshold']})", _fmt(sp["dense_fraction"])],
     ]
+    rows += _outlier_rows(report)
     gt = report.get("ground_truth")
     if gt:
         rows += [["GT mean max cos", _fmt(gt["mean_max_cosine"])],
@@ -267,7 +331,7 @@ def format_report(report: dict) -> str:
         rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", _fmt(rt["recall_at_k"])],
                  ["retrieval cosine", _fmt(rt["cosine_mean"])]]
     dl = report.get("description_length")
-    out = _table(rows, ["metric", "value"])
+    out = _table(rows, ["metric", "value"]) + _row_set_note(report)
     if dl:
         out += (f"\n\nDescription length (bits per activation vector; activity {_fmt(dl['activity_bits_per_row'])}; "
                 f"selected {_fmt(dl['selected_bits'])} bits -> DL {_fmt(dl['dl_bits_per_row'])} "
@@ -278,6 +342,30 @@ def format_report(report: dict) -> str:
     if report.get("downstream"):
         out += "\n\nDownstream\n" + "\n".join(f"  {k}: {dumps_json(v, indent=None)}" for k, v in report["downstream"].items())
     return out
+
+
+def _outlier_rows(report: dict) -> list[list[str]]:
+    """The table's lines on the row set: headline rows, and the outliers' own figures."""
+    rs, out = report.get("row_set"), report.get("outliers")
+    if not rs or not out:
+        return []
+    rows = [["headline rows", f"ordinary ({rs['outlier_rows']} outliers apart)"],
+            ["outlier rows: count / FVU", f"{out['count']} / {_fmt(out.get('fvu'))}"]]
+    if out.get("all_rows"):
+        rows.append(["FVU all rows (incl. outliers)", _fmt(out["all_rows"]["fvu"])])
+    return rows
+
+
+def _row_set_note(report: dict) -> str:
+    """A sentence under the table saying which rows the headline covers and by which rule."""
+    rs, out = report.get("row_set"), report.get("outliers")
+    if not rs or not out:
+        return ""
+    note = (f"\nHeadline figures are on {rs['ordinary_rows']} ordinary held-out rows; {out['count']} massive-activation "
+            f"outlier rows ({rs['outlier_rule'].get('description')}) are reported apart")
+    if out.get("all_rows"):
+        note += f" (FVU of all rows together: {_fmt(out['all_rows']['fvu'])})"
+    return note + "."
 
 
 def compare_table(reports: dict[str, dict]) -> str:
@@ -291,8 +379,10 @@ def compare_table(reports: dict[str, dict]) -> str:
                      _fmt(sp["dense_fraction"]), _fmt(dl["dl_bits_per_row"]) if dl else "-",
                      _fmt(dl["selected_bits"]) if dl else "-", _fmt(gt.get("mcc")) if gt else "-",
                      _fmt(rt["recall_at_k"]) if rt else "-"])
-    return _table(rows, ["run", "rows", "L0", "FVU", "EV", "cos", "shrink", "dead", "dense", "DL bits", "DL prec",
-                         "MCC", "recall@k"])
+    table = _table(rows, ["run", "rows", "L0", "FVU", "EV", "cos", "shrink", "dead", "dense", "DL bits", "DL prec",
+                          "MCC", "recall@k"])
+    warning = row_set_mismatch(reports)
+    return table + (f"\n\n{warning}" if warning else "")
 
 
 # ---------------------------------------------------------------------------------------------

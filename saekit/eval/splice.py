@@ -8,10 +8,18 @@ same activation. As SAELens / dictionary_learning / SAEBench define it:
     loss_recovered = (CE_ablated − CE_spliced) / (CE_ablated − CE_clean)
 
 so an identity replacement scores 1 and the ablation itself scores 0.
+
+Pass-through positions: the store leaves special tokens (BOS) out and flags massive-activation
+outliers (`saekit.store.outliers`), so the SAE is neither trained nor judged on them. Positions
+whose token is in `passthrough_ids` or whose activation norm exceeds `passthrough_norm` keep their
+own activation in every variant (spliced, zero- and mean-ablated): the loss measures the SAE on the
+positions it is responsible for, and the ablation baselines remove the same positions. The result
+says how many positions were passed through and why (`passthrough`).
 """
 
 from __future__ import annotations
 
+import contextlib
 from typing import Callable
 
 import torch
@@ -55,13 +63,36 @@ def sae_dtype(sae) -> torch.dtype:
     return next(sae.parameters()).dtype
 
 
+def passthrough_mask(acts_BTD: Tensor, ids_BT: Tensor, norm_threshold: float | None,
+                     special_ids: set[int] | frozenset = frozenset()) -> tuple[Tensor, Tensor]:
+    """(outlier_BT, special_BT): positions whose activation norm exceeds the threshold, and positions
+    holding a special token; both keep their own activation."""
+    norm_BT = acts_BTD.double().pow(2).sum(-1).sqrt()
+    outlier_BT = norm_BT > norm_threshold if norm_threshold is not None else torch.zeros_like(norm_BT, dtype=torch.bool)
+    special_BT = torch.isin(ids_BT.to(acts_BTD.device), torch.tensor(sorted(special_ids), device=acts_BTD.device,
+                                                                     dtype=ids_BT.dtype)) \
+        if special_ids else torch.zeros_like(outlier_BT)
+    return outlier_BT, special_BT & ~outlier_BT
+
+
+def _passing_through(fn: Replacement, keep_BT: Tensor) -> Replacement:
+    def replace(acts: Tensor) -> Tensor:
+        new = fn(acts)
+        return torch.where(keep_BT.to(acts.device).unsqueeze(-1), acts, new)
+
+    return replace
+
+
 @torch.no_grad()
 def splice_lm_loss(model, tokenizer, hook: str, sae=None, texts: list[str] = (), *,
                    reconstruct: Replacement | None = None, mean_acts_D: Tensor | None = None,
-                   max_length: int = 64, batch_size: int = 8) -> dict:
+                   max_length: int = 64, batch_size: int = 8, passthrough_norm: float | None = None,
+                   passthrough_ids: set[int] | frozenset = frozenset()) -> dict:
     """CE / KL of the clean, spliced, zero-ablated and (if `mean_acts_D`) mean-ablated model.
 
     Give an SAE (its reconstruction is spliced in) or any `reconstruct(acts) -> acts` function.
+    Positions with activation norm > `passthrough_norm` or a token in `passthrough_ids` keep their
+    own activation in every variant (see the module docstring).
     """
     replace = reconstruct or _sae_replacement(sae)
     variants: dict[str, Replacement] = {"spliced": replace, "zero_ablation": torch.zeros_like}
@@ -70,12 +101,20 @@ def splice_lm_loss(model, tokenizer, hook: str, sae=None, texts: list[str] = (),
     ce = {k: [] for k in ["clean", *variants]}
     kl = {k: [] for k in variants}
     cfg = SourceConfig(hooks=[hook], max_length=max_length, padding_side="right")
+    passed = {"outlier_positions": 0, "special_positions": 0}
     for i in range(0, len(texts), batch_size):
         enc = tokenize(tokenizer, list(texts[i: i + batch_size]), cfg)
-        clean_ce, _, clean_logp = token_losses(model_logits(model, enc), enc["input_ids"], enc["attention_mask"])
+        with capture_point(model, hook) as got:
+            clean_logits = model_logits(model, enc)
+        clean_ce, _, clean_logp = token_losses(clean_logits, enc["input_ids"], enc["attention_mask"])
         ce["clean"].append(clean_ce)
+        outlier_BT, special_BT = passthrough_mask(got[0], enc["input_ids"], passthrough_norm, passthrough_ids)
+        real_BT = enc["attention_mask"].bool().to(outlier_BT.device)
+        passed["outlier_positions"] += int((outlier_BT & real_BT).sum())
+        passed["special_positions"] += int((special_BT & real_BT).sum())
+        keep_BT = outlier_BT | special_BT
         for name, fn in variants.items():
-            with hook_point(model, hook, fn):
+            with hook_point(model, hook, _passing_through(fn, keep_BT)):
                 logits = model_logits(model, enc)
             c, k, _ = token_losses(logits, enc["input_ids"], enc["attention_mask"], clean_logp)
             ce[name].append(c)
@@ -90,7 +129,17 @@ def splice_lm_loss(model, tokenizer, hook: str, sae=None, texts: list[str] = (),
         out.update(ce_mean_ablation=mean["mean_ablation"], kl_mean_ablation=torch.cat(kl["mean_ablation"]).mean().item(),
                    loss_recovered_vs_mean=_recovered(mean, "mean_ablation"))
     out["loss_recovered"] = out.get("loss_recovered_vs_mean", out["loss_recovered_vs_zero"])
+    out["passthrough"] = {**passed, "norm_threshold": passthrough_norm, "special_ids": sorted(passthrough_ids),
+                          "note": "these positions kept their own activation in the spliced and ablated models"}
     return out
+
+
+@contextlib.contextmanager
+def capture_point(model, hook: str):
+    """Record the activation at `hook` during the block's clean forward (list of one tensor [B, T, D])."""
+    got: list[Tensor] = []
+    with hook_point(model, hook, lambda a: got.append(a.detach()) or None):
+        yield got
 
 
 def _recovered(mean: dict[str, float], ablation: str) -> float | None:

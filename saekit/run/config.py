@@ -75,12 +75,18 @@ class ProbeConfig(Config):
     test_frac: float = param(0.3, "fraction of documents in the probe's test split", gt=0, lt=1)
 
 
+# keys of a run's `train:` section that the run layer consumes (with their defaults); the rest is TrainConfig's
+RUN_TRAIN_KEYS = {"exclude_outliers": True}
+
+
 @dataclass
 class RunConfig(ActivationRunConfig):
     """One run: which text, which model and hooks, where to store, what SAE to train and how."""
 
     sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields")
-    train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig)")
+    train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig), plus the run's own "
+                                      "`exclude_outliers` (default true: train without the store's "
+                                      "massive-activation outlier rows)")
     eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
     analyze: dict[str, Any] = param({}, "feature-browser bundle settings (saekit.analysis.features.AnalyzeConfig)")
     probe: ProbeConfig = param(default_factory=ProbeConfig, doc="sparse probing after training")
@@ -88,13 +94,33 @@ class RunConfig(ActivationRunConfig):
     def validate(self) -> None:
         if self.train:
             self.train_config()
+            _ = self.exclude_outliers
         if self.analyze:
             self.analyze_config()
         if self.sae and "architecture" not in self.sae:
             raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl)")
 
     def train_config(self) -> TrainConfig:
-        return TrainConfig.from_dict(self.train, where="train")
+        """The trainer's settings: the `train:` section without the run's own keys (RUN_TRAIN_KEYS)."""
+        return TrainConfig.from_dict({k: v for k, v in self.train.items() if k not in RUN_TRAIN_KEYS}, where="train")
+
+    @property
+    def exclude_outliers(self) -> bool:
+        """`train.exclude_outliers`: leave the store's massive-activation outlier rows out of training.
+
+        It sits in the `train:` section because it is a training choice, but the run layer applies it
+        (it picks the rows of the store's batch source); the trainer, which never sees stores, does not."""
+        value = self.train.get("exclude_outliers", RUN_TRAIN_KEYS["exclude_outliers"])
+        if not isinstance(value, bool):
+            raise ConfigError(f"train.exclude_outliers: expected true or false, found {value!r}")
+        return value
+
+    def resolved_dict(self, redact: bool = True) -> dict:
+        """`to_dict` with the run's own train keys filled in, so the run folder records the values used."""
+        data = self.to_dict(redact=redact)
+        if self.train:
+            data["train"] = {**data["train"], "exclude_outliers": self.exclude_outliers}
+        return data
 
     def analyze_config(self) -> AnalyzeConfig:
         return AnalyzeConfig.from_dict(self.analyze, where="analyze")

@@ -26,6 +26,7 @@ from saekit.data.corpus import load_documents
 from saekit.errors import ConfigError, SaekitError
 from saekit.layout import EVAL, RunFolder
 from saekit.run.config import ActivationRunConfig, RunConfig, load_run_config
+from saekit.run.outliers import chunked, eval_rows, read_training_rows, training_rows, write_training_rows
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import create, load_sae
 from saekit.sources.factory import make_source
@@ -42,7 +43,8 @@ log = logging.getLogger(__name__)
 def save_resolved(cfg: ActivationRunConfig) -> None:
     """Write the resolved config into the run folder (analysis, probing and the browser read it back)."""
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
-    text = yaml.safe_dump(cfg.to_dict(redact=True), sort_keys=False)
+    data = cfg.resolved_dict(redact=True) if isinstance(cfg, RunConfig) else cfg.to_dict(redact=True)
+    text = yaml.safe_dump(data, sort_keys=False)
     atomic_write_bytes(cfg.folder.config, text.encode())
 
 
@@ -138,9 +140,15 @@ def train_run(cfg: RunConfig, resume: bool | str = "auto", rank: int | None = No
     sae = create_sae_for(cfg.sae, store.d_in, store.hook, store.manifest["source"], cfg.seed, cfg.corpus.name)
     if torch.device(cfg.sae.get("device", "cpu")).type == "cuda" and dist.is_initialized():
         sae = sae.to(torch.device("cuda", torch.cuda.current_device()))
-    # whole documents are held out for evaluation (cfg.eval.holdout); training never sees them
+    # whole documents are held out for evaluation (cfg.eval.holdout); training never sees them, nor
+    # (train.exclude_outliers) the store's massive-activation outliers: the loss and the input
+    # normalisation estimate are then the ordinary rows'
     train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
-    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=train_rows, rank=rank, world_size=world_size)
+    used = training_rows(store, train_rows, cfg.exclude_outliers)
+    log.info("%s: %s", cfg.name, used.describe())
+    if rank == 0:
+        write_training_rows(cfg.folder.train_data(), used)
+    batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=used.rows, rank=rank, world_size=world_size)
     return train(sae, batches, tcfg, cfg.folder.train(), callbacks=callbacks, resume=resume)
 
 
@@ -167,15 +175,32 @@ def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None) -> dict:
     store = run_store(cfg)
     sae = sae or load_sae(cfg.folder.train())
     _, held = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
-    chunks = heldout_batches(held, cfg.eval.batch_rows, cfg.eval.max_rows)
+    held = held[: cfg.eval.max_rows] if cfg.eval.max_rows else held
+    split = eval_rows(store, held)  # the headline is the ordinary rows'; outliers are reported apart
+    chunks = heldout_batches(split.ordinary, cfg.eval.batch_rows)
     report = evaluate_sae(sae, lambda: (store[c] for c in chunks), description_length=cfg.eval.description_length,
                           retrieval_rows=cfg.eval.retrieval_rows if store.kind == "embedding" else 0,
                           retrieval_k=cfg.eval.retrieval_k, progress=True)
+    attach_outliers(report, sae, store, split, cfg.eval.batch_rows)
     report["run"] = {"name": cfg.name, "store": str(store.path), "heldout_rows": int(len(held))}
     if store.kind != "embedding" and cfg.eval.splice_docs:
         attach_downstream(report, "splice_in", splice_stage(cfg, store, sae, held))
     write_report(report, cfg.folder.eval)
     log.info("\n%s", format_report(report))
+    return report
+
+
+def attach_outliers(report: dict, sae: SparseAutoencoder, store: ActivationStore, split, batch_rows: int) -> dict:
+    """The report's `row_set` (which rows the headline covers) and `outliers` (their own figures)."""
+    from saekit.eval.reconstruction import RunningMoments
+    from saekit.eval.report import outlier_section
+
+    moments = RunningMoments(0, torch.zeros(store.d_in, dtype=torch.float64), torch.zeros(store.d_in, dtype=torch.float64))
+    for c in chunked(split.ordinary, batch_rows):
+        moments.update(store[c])
+    report["row_set"] = split.row_set(len(split.ordinary) + len(split.outliers))
+    report["outliers"] = outlier_section(sae, [store[c] for c in chunked(split.outliers, batch_rows)], split.rule,
+                                         headline=report, ordinary_moments=moments)
     return report
 
 
@@ -186,9 +211,17 @@ def splice_stage(cfg: RunConfig, store: ActivationStore, sae: SparseAutoencoder,
     doc_ids = torch.unique(store.meta("doc_id")[held_rows]).tolist()[: cfg.eval.splice_docs]
     texts = [store.docs[d]["text"] for d in doc_ids]
     model, tok = load_for_spec({**store.manifest["source"], "model": cfg.source.model})
-    mean_D = sum(c.double().sum(0) for _, c in store.iter_chunks(65536)) / len(store)
+    # the mean-ablation baseline is the mean of the ordinary rows (outlier positions are passed through)
+    ordinary_N = ~store.outlier_mask()
+    mean_D = sum(c[ordinary_N[lo: lo + len(c)]].double().sum(0) for lo, c in store.iter_chunks(65536)) \
+        / max(int(ordinary_N.sum()), 1)
+    # outlier positions (norm above the store's threshold) and, when the store left them out,
+    # special tokens keep their own activation: the SAE was neither trained nor is it judged on them
+    spec = store.manifest["source"]
+    special = set(tok.all_special_ids) if spec.get("exclude_special", True) else set()
     return splice_lm_loss(model, tok, store.hook, sae, texts, mean_acts_D=mean_D,
-                          max_length=cfg.source.max_length, batch_size=cfg.eval.splice_batch)
+                          max_length=cfg.source.max_length, batch_size=cfg.eval.splice_batch,
+                          passthrough_norm=store.outlier_threshold(), passthrough_ids=special)
 
 
 def eval_target(target: str | Path, store: str | Path | None = None, max_rows: int = 0,
@@ -207,9 +240,11 @@ def eval_target(target: str | Path, store: str | Path | None = None, max_rows: i
     if store is None:
         raise SaekitError(f"{target}: not a run folder; pass --store STORE to evaluate a bare SAE folder")
     sae, acts = load_sae(target), ActivationStore(store)
-    chunks = [c for _, c in acts.iter_chunks(4096, stop=min(len(acts), max_rows or len(acts)))]
+    split = eval_rows(acts, torch.arange(min(len(acts), max_rows or len(acts))))
+    chunks = [acts[c] for c in chunked(split.ordinary, 4096)]
     report = evaluate_sae(sae, chunks, description_length=True,
                           retrieval_rows=2000 if acts.kind == "embedding" else 0)
+    attach_outliers(report, sae, acts, split, 4096)
     out = Path(out or target / EVAL)  # beside a bare SAE folder
     write_report(report, out)
     return report, out
@@ -264,4 +299,5 @@ def run_all(cfg: RunConfig) -> dict:
     if cfg.probe.label:
         probe_stage(cfg)
     bundle = analyze_stage(cfg)
-    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report, "bundle": str(bundle)}
+    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report, "bundle": str(bundle),
+            "training_rows": read_training_rows(cfg.folder.train_data())}

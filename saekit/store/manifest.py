@@ -80,6 +80,9 @@ class StoreManifest:
     rows: int = 0
     complete: bool = False
     format_version: int = FORMAT_VERSION
+    # massive-activation outliers (saekit.store.outliers); absent in stores cached before they existed
+    outlier_rule: dict | None = None  # OutlierRule.to_json(): the rule every shard's `outlier` column follows
+    norm_stats: dict | None = None  # norm_statistics(): written when the store is complete
 
     @property
     def n_shards(self) -> int:

@@ -5,6 +5,13 @@ in place), so opening a store costs nothing in RAM and shuffled batches gather r
 cache. Every shard is checked against the manifest's sha256 when first opened (`verify=True`), so
 a truncated or altered shard raises `CorruptArtifactError` naming the file instead of returning
 wrong rows.
+
+Massive-activation outliers (`saekit.store.outliers`): every shard written since they exist has
+`norm` and `outlier` columns. For a shard cached before (no such columns) the reader derives both
+on the fly from the stored activations with the same function and the manifest's rule (the default
+one when the manifest has none), so old stores open and give exactly the mask the writer would
+have written; their manifest has no `norm_stats` until `compute_norm_statistics()` is asked for
+(re-running `saekit cache` on the finished store records them).
 """
 
 from __future__ import annotations
@@ -22,8 +29,10 @@ from saekit.errors import CorruptArtifactError, SaekitError
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
 from saekit.store.manifest import CACHE_INDEX, DOCS, MANIFEST, StoreManifest
+from saekit.store.outliers import OutlierRule, norm_statistics, row_norms
 
 COLUMNS = ("acts", "doc_id", "pos", "token_id")
+NORM_COLUMNS = ("norm", "outlier")  # written since outliers are flagged; derived for older shards
 
 def _map_shard(path: Path) -> dict:
     """The shard's arrays by name, plus `name.__dtype__` -> safetensors dtype (bf16 is raw uint16)."""
@@ -103,8 +112,10 @@ class ActivationStore:
     def gather(self, column: str, rows: np.ndarray) -> Tensor:
         """Values of `column` ('acts' as float32 [n, d_in]; 'doc_id', 'pos', 'token_id' as ints [n]) at
         the given global rows, in the order given (rows may repeat; shards are read in row order)."""
+        if column in NORM_COLUMNS:
+            return self._norm_column(column)[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
         if column not in COLUMNS:
-            raise KeyError(f"store column '{column}': expected one of {COLUMNS}")
+            raise KeyError(f"store column '{column}': expected one of {COLUMNS + NORM_COLUMNS}")
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -127,7 +138,10 @@ class ActivationStore:
         return self.gather("acts", rows)
 
     def meta(self, name: str) -> Tensor:
-        """A whole provenance column: 'doc_id', 'pos' or 'token_id' (small: one int per row)."""
+        """A whole provenance column: 'doc_id', 'pos' or 'token_id' (small: one int per row), or
+        'norm' (float32) / 'outlier' (bool)."""
+        if name in NORM_COLUMNS:
+            return self._norm_column(name).clone()
         parts = [torch.from_numpy(np.array(self._shard(i)[name])) for i in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
@@ -137,6 +151,54 @@ class ActivationStore:
         for lo in range(start, stop, chunk_rows):
             hi = min(stop, lo + chunk_rows)
             yield lo, self[lo:hi]
+
+    # -- row norms and massive-activation outliers (saekit.store.outliers) -------------------
+    @property
+    def outlier_rule(self) -> OutlierRule:
+        """The rule the store's `outlier` column follows (the default for stores cached without one)."""
+        return OutlierRule.from_json(self.manifest.outlier_rule)
+
+    @property
+    def has_outlier_column(self) -> bool:
+        """Whether every shard carries the written `outlier` column (False: derived on the fly)."""
+        return all("outlier" in self._shard(i) for i in range(len(self.shards)))
+
+    def _shard_norms(self, i: int) -> tuple[Tensor, Tensor]:
+        """(norm float32 [n], outlier bool [n]) of shard i: its columns, or derived from its activations."""
+        m = self._shard(i)
+        if "norm" in m and "outlier" in m:
+            return torch.from_numpy(np.array(m["norm"])).float(), torch.from_numpy(np.array(m["outlier"])).bool()
+        norm = row_norms(_to_torch(np.array(m["acts"]), m["acts.__dtype__"]))
+        return norm, self.outlier_rule.flag(norm)
+
+    @cached_property
+    def _norms(self) -> tuple[Tensor, Tensor]:
+        parts = [self._shard_norms(i) for i in range(len(self.shards))]
+        if not parts:
+            return torch.zeros(0), torch.zeros(0, dtype=torch.bool)
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def _norm_column(self, name: str) -> Tensor:
+        return self._norms[0] if name == "norm" else self._norms[1]
+
+    def outlier_mask(self) -> Tensor:
+        """bool [N]: the rows flagged as massive-activation outliers (kept in the store, marked)."""
+        return self._norm_column("outlier").clone()
+
+    def compute_norm_statistics(self) -> dict:
+        """The row-norm statistics the manifest records (`norm_stats`), from the columns (or derived)."""
+        norm, outlier = self._norms
+        return norm_statistics(norm.numpy(), self.meta("pos").numpy(), outlier.numpy(), self.outlier_rule)
+
+    @cached_property
+    def norm_stats(self) -> dict:
+        """The manifest's norm statistics, computed on the fly for a store cached without them."""
+        return self.manifest.norm_stats or self.compute_norm_statistics()
+
+    def outlier_threshold(self) -> float:
+        """The norm above which a row counts as an outlier where no shard applies (splice-in, live
+        pages): the rule's multiple x the store's median row norm."""
+        return float(self.norm_stats["outlier_threshold_norm"])
 
     @cached_property
     def docs(self) -> dict[int, dict]:

@@ -4,13 +4,17 @@ Layout of a cache folder (one store per hook, so each store is self-contained):
 
     <root>/cache.json                      hooks -> store folders, the source spec, the corpus fingerprint
     <root>/<hook>/manifest.json            format version, source spec, corpus fingerprint, rows, shards + sha256
-    <root>/<hook>/shard-00000.safetensors  acts [n, d_in], doc_id [n], pos [n], token_id [n]
+    <root>/<hook>/shard-00000.safetensors  acts [n, d_in], doc_id [n], pos [n], token_id [n],
+                                           norm [n] (float32), outlier [n] (uint8; saekit.store.outliers)
     <root>/<hook>/docs.jsonl               doc_id, text, labels of every document in the corpus slice
 
 Shard s always holds documents [s·docs_per_shard, (s+1)·docs_per_shard) of the corpus order, so a
 job killed at any point and run again redoes at most the unfinished shard and ends with exactly
 the rows an uninterrupted run writes. A shard file is renamed into place before the manifest that
 lists it; the manifest is rewritten (atomically) after every shard and marked complete at the end.
+Every row is kept; massive-activation outliers are flagged in each shard's `outlier` column by the
+manifest's `outlier_rule`, and a complete store's manifest records its row-norm statistics
+(`norm_stats`: quantiles per position bucket, outlier counts and share).
 """
 
 from __future__ import annotations
@@ -40,6 +44,7 @@ from saekit.store.manifest import (
     hook_slug,
     shard_name,
 )
+from saekit.store.outliers import DEFAULT_MULTIPLE, OutlierRule, describe_statistics, row_norms
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +58,9 @@ class StoreConfig(Config):
     dtype: str = param("float32", "dtype of stored activations", choices=["float32", "bfloat16", "float16"])
     overwrite: bool = param(False, "replace an existing store made from a different source or corpus")
     sort_by_length: bool = param(True, "order documents by length inside a shard (less padding, same rows)")
+    outlier_multiple: float = param(DEFAULT_MULTIPLE, "flag rows whose norm exceeds this multiple of their shard's "
+                                    "median row norm as massive-activation outliers (kept, marked in the "
+                                    "`outlier` column); fixed when a store is created", gt=1)
 
 
 def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> StoreIdentity:
@@ -90,24 +98,52 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
         mpath = folder / manifest_name
         if mpath.exists():
             manifests[h] = StoreManifest.load(mpath)
+            _keep_rule(manifests[h], cfg)
         else:
             lines = "".join(json.dumps(d, default=str) + "\n" for d in docs)
             atomic_write_bytes(folder / DOCS, lines.encode())
             manifests[h] = StoreManifest(kind=spec["kind"], hook=h, d_in=spec["d_in"][h], dtype=cfg.dtype, source=spec,
                                          corpus_fingerprint=identity["corpus_fingerprint"], n_docs=len(docs),
-                                         docs_per_shard=cfg.docs_per_shard)
+                                         docs_per_shard=cfg.docs_per_shard,
+                                         outlier_rule=OutlierRule(cfg.outlier_multiple).to_json())
     return manifests
 
 
+def _keep_rule(m: StoreManifest, cfg: StoreConfig) -> None:
+    """A store keeps the outlier rule it was created with (its shards already follow it); a store
+    cached before the rule existed takes the configured one for the shards still to write."""
+    if m.outlier_rule is None:
+        m.outlier_rule = OutlierRule(cfg.outlier_multiple).to_json()
+    elif float(m.outlier_rule["multiple"]) != cfg.outlier_multiple:
+        log.warning("%s keeps its outlier rule (multiple %s); store.outlier_multiple=%s applies to new stores only",
+                    m.hook, m.outlier_rule["multiple"], cfg.outlier_multiple)
+
+
 def _write_shard(folder: Path, index: int, batches: list[ActivationBatch], hook: str, dtype: torch.dtype,
-                 doc_range: tuple[int, int]) -> ShardEntry:
+                 doc_range: tuple[int, int], rule: OutlierRule | None = None) -> ShardEntry:
     acts = torch.cat([b.acts[hook] for b in batches]) if batches else torch.zeros(0, 0)
     cols = {"acts": acts.to(dtype)}
     for name in ("doc_id", "pos", "token_id"):
         cols[name] = torch.cat([getattr(b, name) for b in batches]) if batches else torch.zeros(0)
+    # norms of the values as stored (after the dtype cast), so a reader deriving them gets the same
+    cols["norm"] = row_norms(cols["acts"].float())
+    cols["outlier"] = (rule or OutlierRule()).flag(cols["norm"]).to(torch.uint8)
     sha = save_tensors(folder / shard_name(index), cols)
     return ShardEntry(index=index, file=shard_name(index), rows=int(acts.shape[0]), sha256=sha,
                       doc_start=doc_range[0], doc_end=doc_range[1])
+
+
+def _finish(folder: Path, m: StoreManifest, manifest_name: str) -> None:
+    """Record the row-norm statistics of a complete store in its manifest (once). A rank's partial
+    manifest is never complete; `merge_manifests` finishes the merged one."""
+    if not m.complete or m.norm_stats is not None or manifest_name != MANIFEST:
+        return
+    from saekit.store.reader import ActivationStore
+
+    m.save(folder / manifest_name)  # the reader reads the rule from the manifest on disk
+    m.norm_stats = ActivationStore(folder, verify=False).compute_norm_statistics()
+    m.save(folder / manifest_name)
+    log.info("store %s: %s", m.hook, describe_statistics(m.norm_stats))
 
 
 def cache_activations(source: ActivationSource, docs: list[dict], root: str | Path, cfg: StoreConfig | None = None,
@@ -134,7 +170,8 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
             shard_docs = sorted(shard_docs, key=lambda d: len(d["text"]))
         batches = list(source.iter_batches(shard_docs))
         for h, m in manifests.items():
-            m.add_shard(_write_shard(root / hook_slug(h), s, batches, h, dtype, (lo, hi)))
+            m.add_shard(_write_shard(root / hook_slug(h), s, batches, h, dtype, (lo, hi),
+                                     OutlierRule.from_json(m.outlier_rule)))
             m.save(root / hook_slug(h) / manifest_name)
         tokens += sum(b.n for b in batches)
         bar.update(1)
@@ -142,6 +179,8 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
         if stop_after_shards is not None and n_done + 1 >= stop_after_shards:
             break
     bar.close()
+    for h, m in manifests.items():
+        _finish(root / hook_slug(h), m, manifest_name)
     return {h: root / hook_slug(h) for h in manifests}
 
 
@@ -166,4 +205,6 @@ def merge_manifests(root: str | Path) -> None:
             continue
         merged = parts[0]
         merged.set_shards([e for p in parts for e in p.shards])
+        merged.norm_stats = None  # a rank's partial statistics are not the store's
         merged.save(folder / MANIFEST)
+        _finish(folder, merged, MANIFEST)
