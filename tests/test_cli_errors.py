@@ -102,7 +102,7 @@ def workspace(tmp_path_factory) -> Path:
 def _run_without_model(ws: Path) -> None:
     """A copy of the tiny run whose store names a model folder that is not there (moved or deleted)."""
     shutil.copytree(ws / "run", ws / "run_model_gone")
-    manifest = ws / "run_model_gone" / "store" / "manifest.json"
+    manifest = ws / "run_model_gone" / "store" / "transformer.h.1" / "manifest.json"
     data = json.loads(manifest.read_text())
     data["source"]["model"] = str(ws / "moved_lm")
     manifest.write_text(json.dumps(data))

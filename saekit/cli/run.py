@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from saekit.errors import SaekitError
+from saekit.errors import MissingArtifactError
 from saekit.layout import RunFolder
 
 QUICKSTART_CONFIGS = ("configs/quickstart.yaml", "configs/quickstart_embeddings.yaml")
@@ -50,7 +50,9 @@ def cmd_compare(args) -> int:
         if not path.exists():
             path = Path(run) / "report.json"
         if not path.exists():
-            raise SaekitError(f"{run}: no eval/report.json (run `saekit eval {run}` first)")
+            found = "no such folder" if not Path(run).exists() else "none"
+            raise MissingArtifactError(f"{run}: expected an eval report {RunFolder(Path(run)).eval / 'report.json'} "
+                                       f"(or report.json), found {found}", fix=f"saekit eval {run}")
         reports[Path(run).name] = read_json(path)
     print(compare_table(reports))
     if args.out:

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import read_json, sha256_file
-from saekit.errors import CorruptArtifactError, SaekitError
+from saekit.errors import ConfigError, CorruptArtifactError, HookNotFoundError, StoreMissingError
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
 from saekit.store.manifest import CACHE_INDEX, DOCS, MANIFEST, StoreManifest
@@ -38,6 +38,18 @@ def _to_torch(arr: np.ndarray, st_dtype: str) -> Tensor:
     return t.view(torch.bfloat16).float() if st_dtype == "BF16" else t.float()
 
 
+def _raise_no_store(path: Path) -> None:
+    """No manifest: a store never cached (missing or empty folder) is StoreMissingError, naming the
+    command that creates it; a folder holding shards but no manifest is damaged."""
+    if path.is_dir() and any(path.glob("shard-*")):
+        raise CorruptArtifactError(f"{path}: expected an activation store with {MANIFEST}, found shards "
+                                   f"without one (an interrupted or damaged cache)")
+    found = "an empty folder" if path.is_dir() and not any(path.iterdir()) else \
+        "a folder that is not a store" if path.is_dir() else "no such folder"
+    raise StoreMissingError(f"{path}: expected an activation store ({MANIFEST}), found {found}",
+                            fix="saekit cache CONFIG")
+
+
 class ActivationStore:
     """One hook's store. Open a cache root with `hook=` (or leave it out when there is one hook)."""
 
@@ -46,13 +58,13 @@ class ActivationStore:
         if not (path / MANIFEST).exists() and (path / CACHE_INDEX).exists():
             stores = read_json(path / CACHE_INDEX)["stores"]
             if hook is None and len(stores) != 1:
-                raise SaekitError(f"{path} holds stores for several hooks {sorted(stores)}; pass hook=")
+                raise ConfigError(f"{path}: expected one hook's store or hook=, found stores for {sorted(stores)}")
             hook = hook or next(iter(stores))
             if hook not in stores:
-                raise SaekitError(f"{path}: no store for hook '{hook}'; available: {sorted(stores)}")
+                raise HookNotFoundError(f"{path}: no store for hook '{hook}'; available: {sorted(stores)}")
             path = path / stores[hook]
         if not (path / MANIFEST).exists():
-            raise CorruptArtifactError(f"{path}: no {MANIFEST} (expected an activation store folder)")
+            _raise_no_store(path)
         self.path = path
         self.manifest = StoreManifest.load(path / MANIFEST)
         self.verify = verify
