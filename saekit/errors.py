@@ -42,6 +42,13 @@ class HookNotFoundError(SaekitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownNameError(SaekitError, KeyError):
+    """A name (a store column, a field) that is not among the valid ones; the message lists them."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class StoreExistsError(SaekitError, FileExistsError):
     """An activation store already exists with different contents; saekit never overwrites it silently."""
 

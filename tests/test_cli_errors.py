@@ -269,7 +269,7 @@ ROWS: list[Row] = [
         ("steer", "run", "--prompt", "the cat", "--ablate", "1", "--hook", "transformer.h.9"), "HookNotFoundError",
         ("transformer.h.9",)),
     Row("steer", "model not available offline", ("steer", "run_model_gone", "--prompt", "the cat", "--ablate", "1"),
-        "ModelNotAvailableError", ("moved_lm",)),
+        "ModelNotAvailableError", ("moved_lm", "no such folder")),
     Row("steer", "missing --prompt", ("steer", "run", "--ablate", "1"), "UsageError", ("--prompt",)),
     # mdl-select
     Row("mdl-select", "missing path", ("mdl-select", "nope.yaml"), "ConfigError", ("nope.yaml", "no such file"),
@@ -353,3 +353,126 @@ def test_a_bug_is_a_traceback_and_exit_1(monkeypatch):
     monkeypatch.setattr(run_config, "load_run_config", broken)
     with pytest.raises(ZeroDivisionError):
         main(["cache", "x.yaml"])
+
+
+# -- the Python API: the same mistakes through the public entry points -----------------------------
+def _broken_copy(src: Path, dst: Path, name: str, text: str) -> Path:
+    shutil.copytree(src, dst)
+    (dst / name).write_text(text)
+    return dst
+
+
+def _sae(d_in: int = 8):
+    import saekit
+
+    return saekit.create_sae({"architecture": "topk", "d_in": d_in, "d_sae": 16, "k": 2})
+
+
+def _store(ws: Path):
+    import saekit
+
+    return saekit.ActivationStore(ws / "run" / "store")
+
+
+def _train_cfg():
+    import saekit
+
+    return saekit.TrainConfig(total_steps=1, batch_size=4)
+
+
+API_CASES = {  # id -> (call(workspace, tmp_path), expected error class, substring of the message)
+    "load_sae missing path": (lambda ws, tmp: _api().load_sae(ws / "nope"), "MissingArtifactError", "no such folder"),
+    "load_sae run without an SAE": (lambda ws, tmp: _api().load_sae(ws / "run_no_sae"), "MissingArtifactError",
+                                    "expected an SAE folder"),
+    "load_sae folder without weights": (lambda ws, tmp: _api().load_sae(ws / "sae_no_weights"),
+                                        "CorruptArtifactError", "sae_weights.safetensors"),
+    "load_sae malformed cfg.json": (lambda ws, tmp: _api().load_sae(_broken_copy(
+        ws / "run" / "train" / "final_sae", tmp / "sae", "cfg.json", "{")), "CorruptArtifactError", "cfg.json"),
+    "ActivationStore missing path": (lambda ws, tmp: _api().ActivationStore(ws / "nope"), "StoreMissingError",
+                                     "saekit cache"),
+    "ActivationStore hook that does not exist": (lambda ws, tmp: _api().ActivationStore(
+        ws / "run" / "store", hook="transformer.h.9"), "HookNotFoundError", "transformer.h.1"),
+    "ActivationStore malformed manifest": (lambda ws, tmp: _api().ActivationStore(_broken_copy(
+        ws / "run" / "store" / "transformer.h.1", tmp / "store", "manifest.json", "{")),
+        "CorruptArtifactError", "manifest.json"),
+    "ActivationStore.gather unknown column": (lambda ws, tmp: _store(ws).gather("labels", [0]), "UnknownNameError",
+                                              "expected one of"),
+    "ActivationStore.meta unknown column": (lambda ws, tmp: _store(ws).meta("labels"), "UnknownNameError",
+                                            "expected one of"),
+    "create_sae unknown architecture": (lambda ws, tmp: _api().create_sae({"architecture": "topkk", "d_in": 8,
+                                                                           "d_sae": 16}), "ConfigError", "topk"),
+    "create_sae missing architecture": (lambda ws, tmp: _api().create_sae({"d_in": 8}), "ConfigError",
+                                        "architecture"),
+    "create_sae not a mapping": (lambda ws, tmp: _api().create_sae(None), "ConfigError", "NoneType"),
+    "create_sae wrong type": (lambda ws, tmp: _api().create_sae({"architecture": "topk", "d_in": "eight",
+                                                                 "d_sae": 16}), "ConfigError", "'eight'"),
+    "create_sae out of range": (lambda ws, tmp: _api().create_sae({"architecture": "topk", "d_in": 8, "d_sae": 16,
+                                                                   "k": 99}), "ConfigError", "99"),
+    "train batches not a batch source": (lambda ws, tmp: _api().train(_sae(), [_torch().randn(4, 8)], _train_cfg(),
+                                                                      tmp / "r"), "ConfigError", "list"),
+    "train config as a dict": (lambda ws, tmp: _api().train(_sae(32), _store(ws).batches(4), {"total_steps": 1},
+                                                            tmp / "r"), "ConfigError", "TrainConfig"),
+    "train SAE width differs from the store": (lambda ws, tmp: _api().train(_sae(8), _store(ws).batches(4),
+                                                                            _train_cfg(), tmp / "r"),
+                                               "ShapeMismatchError", "d_in=32"),
+    "TrainConfig wrong type": (lambda ws, tmp: _api().TrainConfig.from_dict({"lr": "fast", "total_steps": 1}),
+                               "ConfigError", "'fast'"),
+    "evaluate wrong width": (lambda ws, tmp: _api().evaluate(_sae(), [_torch().randn(4, 5)]), "ShapeMismatchError",
+                             "(4, 5)"),
+    "load_run_config missing path": (lambda ws, tmp: _api().load_run_config(ws / "nope.yaml"), "ConfigError",
+                                     "nope.yaml"),
+    "load_run_config empty file": (lambda ws, tmp: _api().load_run_config(ws / "empty.yaml"), "ConfigError",
+                                   "empty file"),
+    "load_run_config malformed YAML": (lambda ws, tmp: _api().load_run_config(ws / "malformed.yaml"), "ConfigError",
+                                       "not valid YAML"),
+    "load_documents corpus path typo": (lambda ws, tmp: _corpus(ws / "data" / "mytweets.jsonl"), "ConfigError",
+                                        "not a hub dataset name either"),
+    "RunFolder.require_run on a store": (lambda ws, tmp: _api().RunFolder(ws / "run" / "store").require_run(),
+                                         "ConfigError", "activation store"),
+    "load_lm moved model folder": (lambda ws, tmp: _load_lm(str(ws / "moved_lm")), "ModelNotAvailableError",
+                                   "no such folder"),
+}
+
+
+def _api():
+    import saekit
+
+    return saekit
+
+
+def _torch():
+    import torch
+
+    return torch
+
+
+def _corpus(path: Path):
+    from saekit.data.corpus import CorpusConfig, load_documents
+
+    return load_documents(CorpusConfig(name=str(path)))
+
+
+def _load_lm(name: str):
+    from saekit.sources.models import load_lm
+
+    return load_lm(name)
+
+
+@pytest.mark.parametrize("case", sorted(API_CASES))
+def test_public_api_raises_named_errors(case: str, workspace: Path, tmp_path: Path):
+    """A named SaekitError subclass, never a dependency's bare KeyError/FileNotFoundError/JSONDecodeError."""
+    from saekit.errors import SaekitError
+
+    call, expected, says = API_CASES[case]
+    with pytest.raises(SaekitError) as info:
+        call(workspace, tmp_path)
+    assert type(info.value).__name__ == expected, f"{case}: {type(info.value).__name__}: {info.value}"
+    assert says in str(info.value), f"{case}: expected {says!r} in {str(info.value)!r}"
+
+
+def test_train_is_callable_after_its_package_is_imported():
+    """`saekit.train(...)` (README) keeps working once the `saekit.train` package has been imported."""
+    import saekit
+    import saekit.train.loop  # noqa: F401 — binds saekit.train to the package
+
+    assert callable(saekit.train) and saekit.train.TrainConfig is saekit.TrainConfig

@@ -65,6 +65,8 @@ def get_class(name: str) -> type[SparseAutoencoder]:
 
 def make_config(data: dict[str, Any], strict: bool = True) -> SAEConfig:
     """Build the architecture's own config class from a dict with an `architecture` key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"SAE config: expected a mapping with an 'architecture' key, found {type(data).__name__}")
     data = dict(data)
     name = data.pop("architecture", None)
     if name is None:

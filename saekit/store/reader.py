@@ -18,7 +18,8 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import read_json, sha256_file
-from saekit.errors import ConfigError, CorruptArtifactError, HookNotFoundError, StoreMissingError
+from saekit.errors import (ConfigError, CorruptArtifactError, HookNotFoundError, StoreMissingError,
+                           UnknownNameError)
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
 from saekit.store.manifest import CACHE_INDEX, DOCS, MANIFEST, StoreManifest
@@ -38,14 +39,19 @@ def _to_torch(arr: np.ndarray, st_dtype: str) -> Tensor:
     return t.view(torch.bfloat16).float() if st_dtype == "BF16" else t.float()
 
 
+def _check_column(column: str, valid: tuple[str, ...]) -> None:
+    if column not in valid:
+        raise UnknownNameError(f"store column '{column}': expected one of {valid}")
+
+
 def _raise_no_store(path: Path) -> None:
     """No manifest: a store never cached (missing or empty folder) is StoreMissingError, naming the
     command that creates it; a folder holding shards but no manifest is damaged."""
     if path.is_dir() and any(path.glob("shard-*")):
         raise CorruptArtifactError(f"{path}: expected an activation store with {MANIFEST}, found shards "
                                    f"without one (an interrupted or damaged cache)")
-    found = "an empty folder" if path.is_dir() and not any(path.iterdir()) else \
-        "a folder that is not a store" if path.is_dir() else "no such folder"
+    found = ("no such folder" if not path.exists() else "a file" if not path.is_dir()
+             else "an empty folder" if not any(path.iterdir()) else "a folder that is not a store")
     raise StoreMissingError(f"{path}: expected an activation store ({MANIFEST}), found {found}",
                             fix="saekit cache CONFIG")
 
@@ -115,8 +121,7 @@ class ActivationStore:
     def gather(self, column: str, rows: np.ndarray) -> Tensor:
         """Values of `column` ('acts' as float32 [n, d_in]; 'doc_id', 'pos', 'token_id' as ints [n]) at
         the given global rows, in the order given (rows may repeat; shards are read in row order)."""
-        if column not in COLUMNS:
-            raise KeyError(f"store column '{column}': expected one of {COLUMNS}")
+        _check_column(column, COLUMNS)
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -140,6 +145,7 @@ class ActivationStore:
 
     def meta(self, name: str) -> Tensor:
         """A whole provenance column: 'doc_id', 'pos' or 'token_id' (small: one int per row)."""
+        _check_column(name, COLUMNS[1:])
         parts = [torch.from_numpy(np.array(self._shard(i)[name])) for i in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
