@@ -67,6 +67,8 @@ CONFIG_FILES = {  # name -> YAML text
     "model_offline.yaml": yaml.safe_dump(_with(source={"model": "no-such-org/no-such-model-xyz"})),
     "bad_hook.yaml": yaml.safe_dump(_with(source={"hooks": ["transformer.h.9"]})),
     "bad_train.yaml": yaml.safe_dump(_with(train={"batch_size": 0})),
+    "store_clash.yaml": yaml.safe_dump(_with(store={"path": "run/store"})),
+    "resume.yaml": yaml.safe_dump(_with(store={"path": "run/store"}, sae={"d_sae": 64})),
     "multi.yaml": yaml.safe_dump({**{k: v for k, v in GOOD_RUN.items() if k not in ("sae", "train")},
                                   "saes": [{"name": "a", "sae": {"architecture": "topk", "d_sae": 64, "k": 4}}]}),
     "mdl_unknown_key.yaml": yaml.safe_dump({"output_dir": "mdl", "data": {"synthetic": {}}, "gird": {}}),
@@ -182,6 +184,8 @@ def _config_rows(command: str, subprocess_rows: tuple[str, ...] = ()) -> list[Ro
              ("no-such-org/no-such-model-xyz",), ""),
             ("hook that does not exist", "bad_hook.yaml", "HookNotFoundError", ("transformer.h.9",), ""),
         ]
+    if command in ("cache", "run"):
+        rows += [("store path of another corpus's store", "store_clash.yaml", "StoreExistsError", ("run/store",), "")]
     if command in ("train", "run"):
         rows += [("bad train section", "bad_train.yaml", "ConfigError", ("batch_size", "0"), "")]
     if command == "run":
@@ -197,6 +201,8 @@ ROWS: list[Row] = [
     Row("train", "train before cache", ("train", "good.yaml"), "StoreMissingError",
         ("expected an activation store", "fresh/store"), fix="saekit cache good.yaml", may_write="fresh",
         subprocess=True),
+    Row("train", "resume without a checkpoint", ("train", "resume.yaml", "--resume", "yes"), "MissingCheckpointError",
+        ("resume", "checkpoint"), may_write="fresh"),
     Row("train", "resume flag not a choice", ("train", "good.yaml", "--resume", "maybe"), "UsageError",
         ("--resume", "maybe")),
     # eval: a run folder, a run config, or an SAE folder with --store
@@ -209,6 +215,8 @@ ROWS: list[Row] = [
         "CorruptArtifactError", ("sae_weights.safetensors", "missing")),
     Row("eval", "store that does not exist", ("eval", "run/train", "--store", "nostore"), "StoreMissingError",
         ("expected an activation store", "nostore"), fix="saekit cache"),
+    Row("eval", "config before cache", ("eval", "good.yaml"), "StoreMissingError",
+        ("expected an activation store", "fresh/store"), fix="saekit cache good.yaml"),
     Row("eval", "config that does not exist", ("eval", "nope.yaml"), "ConfigError", ("expected a run config",)),
     Row("eval", "negative max rows", ("eval", "run/train", "--store", "run/store", "--max-rows", "-3"),
         "ConfigError", ("--max-rows", ">= 0", "-3")),
