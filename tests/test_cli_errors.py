@@ -307,11 +307,21 @@ def commands_without_rows(commands: set[str], rows: list[Row]) -> set[str]:
     return commands - {r.command for r in rows}
 
 
+def takes_a_path(parser: argparse.ArgumentParser, command: str) -> bool:
+    """Whether the sub-command has a positional argument (a config, run or SAE folder)."""
+    sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+    return any(not a.option_strings for a in sub.choices[command]._actions)
+
+
 def test_every_sub_command_has_rows():
-    commands = sub_commands(build_parser())
+    parser = build_parser()
+    commands = sub_commands(parser)
     assert {"cache", "train", "eval", "analyze", "browse", "probe", "steer", "mdl-select"} <= commands
     assert not commands_without_rows(commands, ROWS), "sub-commands without rows in the sweep"
     assert not {r.command for r in ROWS} - commands, "rows for sub-commands the CLI does not register"
+    without_missing_path = {c for c in commands if takes_a_path(parser, c)} - {
+        r.command for r in ROWS if r.mistake == "missing path"}
+    assert not without_missing_path, "sub-commands taking a path without a 'missing path' row"
 
 
 def test_a_new_sub_command_without_rows_is_caught():
