@@ -79,9 +79,11 @@ CONFIG_FILES = {  # name -> YAML text
 # -- the workspace ---------------------------------------------------------------------------------
 @pytest.fixture(scope="module")
 def workspace(tmp_path_factory) -> Path:
-    """A folder with a tiny run (store + SAE), a run without an SAE, an SAE folder without weights, a
-    run whose model is gone, a run with an unreadable eval report, a corpus file and the configs."""
-    from tests.support.runs import synthetic_docs, tiny_run
+    """A folder with a tiny run (store + SAE), a run without an SAE, an SAE folder without weights, an
+    SAE of another width, a run whose model is gone, runs with an unreadable or empty eval report, a
+    corpus file and the configs."""
+    from saekit.sae.registry import save_sae
+    from tests.support.runs import make_sae, synthetic_docs, tiny_run
 
     ws = tmp_path_factory.mktemp("ws")
     tiny_run(ws / "run", n_docs=60, model_dir=ws / "tiny_lm")
@@ -95,6 +97,10 @@ def workspace(tmp_path_factory) -> Path:
     (ws / "run_bad_report" / "eval").mkdir()
     (ws / "run_bad_report" / "eval" / "report.json").write_text('{"fvu": ')
     _run_without_model(ws)
+    shutil.copytree(ws / "run", ws / "run_empty_report")
+    (ws / "run_empty_report" / "eval").mkdir()
+    (ws / "run_empty_report" / "eval" / "report.json").write_text("")
+    save_sae(make_sae(8, 16, 2), ws / "sae_d8")
     (ws / "empty_dir").mkdir()
     for name, text in CONFIG_FILES.items():
         (ws / name).write_text(text)
@@ -213,6 +219,8 @@ ROWS: list[Row] = [
         ("expected an SAE folder", "run_no_sae"), fix="saekit train"),
     Row("eval", "SAE folder without weights", ("eval", "sae_no_weights", "--store", "run/store"),
         "CorruptArtifactError", ("sae_weights.safetensors", "missing")),
+    Row("eval", "SAE of another width than the store", ("eval", "sae_d8", "--store", "run/store"),
+        "ShapeMismatchError", ("d_in=8", ", 32)")),
     Row("eval", "store that does not exist", ("eval", "run/train", "--store", "nostore"), "StoreMissingError",
         ("expected an activation store", "nostore"), fix="saekit cache"),
     Row("eval", "config before cache", ("eval", "good.yaml"), "StoreMissingError",
@@ -226,6 +234,8 @@ ROWS: list[Row] = [
         fix="saekit eval nope"),
     Row("compare", "a run without an eval report", ("compare", "run"), "MissingArtifactError",
         ("eval/report.json", "run"), fix="saekit eval run"),
+    Row("compare", "empty report file", ("compare", "run_empty_report"), "CorruptArtifactError",
+        ("report.json", "not valid JSON")),
     Row("compare", "malformed report JSON", ("compare", "run_bad_report"), "CorruptArtifactError",
         ("report.json", "not valid JSON")),
     # quickstart: reads configs/ relative to where it runs
@@ -246,6 +256,8 @@ ROWS: list[Row] = [
     # browse (--print-command: the sweep never starts a server)
     Row("browse", "missing path", ("browse", "nope", "--print-command"), "ConfigError",
         ("expected a run folder", "nope")),
+    Row("browse", "a store where a run is expected", ("browse", "run/store", "--print-command"), "ConfigError",
+        ("expected a run folder", "activation store")),
     Row("browse", "a run without a bundle", ("browse", "run", "--print-command"), "MissingArtifactError",
         ("expected a feature-browser bundle", "run"), fix="saekit analyze run"),
     Row("browse", "port not a number", ("browse", "run", "--port", "http"), "UsageError", ("--port", "http")),
@@ -259,6 +271,9 @@ ROWS: list[Row] = [
         ("mood", "sentiment")),
     Row("probe", "positive class that does not exist", ("probe", "run", "--positive", "ecstatic"), "ConfigError",
         ("ecstatic", "not among the labels")),
+    Row("probe", "SAE that does not exist", ("probe", "run", "--sae", "wide"), "ConfigError",
+        ("expected one of the run's SAEs", "'wide'")),
+    Row("probe", "negative max rows", ("probe", "run", "--max-rows", "-5"), "ConfigError", ("max_rows", "-5")),
     Row("probe", "ks not integers", ("probe", "run", "--ks", "one,two"), "ConfigError", ("integers", "one,two")),
     Row("probe", "out-of-range test fraction", ("probe", "run", "--test-frac", "1.5"), "ConfigError",
         ("test_frac", "1.5")),
@@ -271,6 +286,9 @@ ROWS: list[Row] = [
     Row("steer", "no edit", ("steer", "run", "--prompt", "the cat"), "ConfigError", ("at least one",)),
     Row("steer", "feature out of range", ("steer", "run", "--prompt", "the cat", "--feature", "4800", "--alpha", "2"),
         "ConfigError", ("d_sae=48", "4800")),
+    Row("steer", "alphas do not match features",
+        ("steer", "run", "--prompt", "the cat", "--feature", "1", "--feature", "2", "--alpha", "1", "--alpha", "2",
+         "--alpha", "3"), "ConfigError", ("one --alpha per --feature", "3 alphas")),
     Row("steer", "clamp not N=V", ("steer", "run", "--prompt", "the cat", "--clamp", "3"), "ConfigError",
         ("N=V", "'3'")),
     Row("steer", "hook that does not exist",
@@ -287,6 +305,8 @@ ROWS: list[Row] = [
     Row("mdl-select", "not a mapping", ("mdl-select", "list.yaml"), "ConfigError", ("expected a mapping",)),
     Row("mdl-select", "unknown key", ("mdl-select", "mdl_unknown_key.yaml"), "ConfigError",
         ("unknown key 'gird'", "did you mean 'grid'")),
+    Row("mdl-select", "a run config where an mdl-select config is expected", ("mdl-select", "good.yaml"),
+        "ConfigError", ("unknown key 'corpus'", "valid keys")),
     Row("mdl-select", "missing required key", ("mdl-select", "mdl_missing_key.yaml"), "ConfigError",
         ("missing required key 'output_dir'",)),
     Row("mdl-select", "out-of-range budget", ("mdl-select", "mdl_missing_key.yaml", "--output-dir", "mdl",
