@@ -117,7 +117,7 @@ def _hub(cfg: CorpusConfig) -> list[dict]:
 
     try:
         ds = datasets.load_dataset(cfg.name, split=cfg.split)
-    except (FileNotFoundError, ConnectionError, OSError, ValueError) as e:
+    except (OSError, ValueError) as e:  # DatasetNotFoundError and ConnectionError are OSErrors
         raise ConfigError(f"corpus.name '{cfg.name}': expected 'default', an existing file or a hub dataset; found "
                           f"no such file, and the hub dataset could not be loaded (offline or unknown name: "
                           f"{type(e).__name__}: {e})") from e
