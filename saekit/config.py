@@ -43,9 +43,9 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[T], data: dict | None, strict: bool = True, where: str = "") -> T:
+        if not isinstance(data or {}, dict):
+            raise ConfigError(f"{where or cls.__name__}: expected a mapping, found {type(data).__name__} {data!r}")
         data = dict(data or {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where or cls.__name__}: expected a mapping, found {type(data).__name__}")
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         hints = typing.get_type_hints(cls)
         for key in list(data):
@@ -92,19 +92,33 @@ class Config:
 
     @classmethod
     def from_yaml(cls: type[T], path: str | Path, strict: bool = True) -> T:
-        path = Path(path)
-        if not path.exists():
-            raise ConfigError(f"config file {path} does not exist")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML ({e})") from e
-        return cls.from_dict(data, strict=strict)
+        return cls.from_dict(read_yaml_mapping(path, f"a {cls.__name__} YAML file"), strict=strict)
 
     @classmethod
     def describe(cls) -> dict[str, str]:
         """Field name -> docstring, for help texts."""
         return {f.name: f.metadata.get("doc", "") for f in dataclasses.fields(cls)}
+
+
+def read_yaml_mapping(path: str | Path, what: str = "a YAML config file") -> dict:
+    """The top-level mapping of a YAML file. A missing, unreadable, empty or malformed file, or one whose
+    top level is not a mapping, is a ConfigError that says which: an empty file is never read as "all
+    defaults" (a run on the defaults is hours of work nobody asked for)."""
+    path = Path(path)
+    if not path.is_file():
+        found = "a folder" if path.is_dir() else "no such file"
+        raise ConfigError(f"{path}: expected {what}, found {found}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except UnicodeDecodeError as e:
+        raise ConfigError(f"{path}: expected {what} (UTF-8 text), found binary data ({e})") from e
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML ({e})") from e
+    if data is None:
+        raise ConfigError(f"{path}: expected {what}, found an empty file")
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level of {what}, found {type(data).__name__}")
+    return data
 
 
 def _type_name(tp) -> str:

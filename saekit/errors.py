@@ -42,12 +42,43 @@ class HookNotFoundError(SaekitError, KeyError):
         return str(self.args[0]) if self.args else ""
 
 
+class UnknownNameError(SaekitError, KeyError):
+    """A name (a store column, a field) that is not among the valid ones; the message lists them."""
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0]) if self.args else ""
+
+
 class StoreExistsError(SaekitError, FileExistsError):
     """An activation store already exists with different contents; saekit never overwrites it silently."""
 
 
 class ModelNotAvailableError(SaekitError):
     """A model could not be found locally and the hub is not reachable."""
+
+
+class MissingArtifactError(SaekitError, FileNotFoundError):
+    """Something a step needs (an SAE, an eval report, a bundle) was never made; the message names the
+    command that makes it (`fix`). Not `CorruptArtifactError`: nothing is damaged, a step was skipped."""
+
+    def __init__(self, message: str, fix: str = ""):
+        super().__init__(message)
+        self.message, self.fix = message, fix
+
+    def __str__(self) -> str:
+        return f"{self.message}; create it with `{self.fix}`" if self.fix else self.message
+
+    def with_fix(self, fix: str) -> "MissingArtifactError":
+        """The same error naming a concrete command (the CLI knows the config path the library does not)."""
+        return type(self)(self.message, fix)
+
+
+class StoreMissingError(MissingArtifactError):
+    """No activation store where one is expected: caching has not run (`saekit cache CONFIG`)."""
+
+
+class UsageError(ConfigError):
+    """The command line does not parse (unknown option, missing argument, a value of the wrong type)."""
 
 
 def nearest(name: str, candidates, n: int = 3) -> list[str]:

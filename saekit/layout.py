@@ -147,6 +147,28 @@ class RunFolder:
     def looks_like_run(self) -> bool:
         return self.root.is_dir() and any((self.root / d).exists() for d in (BUNDLE, TRAIN, STORE, CONFIG))
 
+    def require_run(self) -> "RunFolder":
+        """Itself when the folder is a run; else a ConfigError saying what the path is instead (a typo,
+        a store or an SAE folder given where a run is expected)."""
+        if self.looks_like_run():
+            return self
+        raise ConfigError(f"{self.root}: expected a run folder (with {CONFIG}, {STORE}/, {TRAIN}/ or {BUNDLE}/), "
+                          f"found {_what_is(self.root)}")
+
+
+# Names of the files that mark other artifacts; only read to say what a wrong path is instead.
+_MARKERS = {"manifest.json": "an activation store", "cache.json": "an activation store (cache root)",
+            "cfg.json": "an SAE folder"}
+
+
+def _what_is(path: Path) -> str:
+    if not path.exists():
+        return "no such folder"
+    if not path.is_dir():
+        return "a file"
+    kind = next((what for name, what in _MARKERS.items() if (path / name).exists()), None)
+    return kind or "a folder with none of them"
+
 
 def _configured_store_path(config: Path) -> str:
     """`store.path` of a resolved run config ("" when absent). Only that key is read: the config's

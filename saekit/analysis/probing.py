@@ -104,6 +104,8 @@ class _MetaCache:
 
 def sample_rows(n: int, max_rows: int | None, seed: int) -> np.ndarray:
     """All rows, or `max_rows` of them chosen by `seed` (sorted, so reads stay sequential)."""
+    if max_rows is not None and max_rows < 0:
+        raise ConfigError(f"probe: expected max_rows >= 0 (0 or None = all rows), found {max_rows}")
     if not max_rows or max_rows >= n:
         return np.arange(n)
     return np.sort(np.random.default_rng(seed).choice(n, size=max_rows, replace=False))

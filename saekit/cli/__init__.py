@@ -12,13 +12,21 @@ import logging
 import sys
 
 from saekit.cli import analysis, browse, mdl, run, train
-from saekit.errors import SaekitError
+from saekit.errors import SaekitError, UsageError
 
 MODULES = (run, train, browse, analysis, mdl)
 
 
+class Parser(argparse.ArgumentParser):
+    """argparse with the same last stderr line as every other mistake: `PROG: UsageError: ...`, exit 2."""
+
+    def error(self, message: str):
+        self.print_usage(sys.stderr)
+        self.exit(2, f"{self.prog}: {UsageError.__name__}: {message} (see `{self.prog} --help`)\n")
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="saekit", description="Sparse autoencoders: cache, train, evaluate, browse.")
+    p = Parser(prog="saekit", description="Sparse autoencoders: cache, train, evaluate, browse.")
     p.add_argument("-v", "--verbose", action="store_true")
     sub = p.add_subparsers(dest="command", required=True)
     for module in MODULES:
@@ -26,14 +34,31 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+def parse(argv: list[str] | None) -> argparse.Namespace:
+    """Arguments a sub-command does not know are reported by that sub-command (`saekit quickstart: ...`)."""
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    if extra:
+        sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction))
+        sub.choices[args.command].error(f"unrecognized arguments: {' '.join(extra)}")
+    return args
+
+
+def one_line(error: Exception) -> str:
+    """The message on one line (a dependency's multi-line text included), so it is stderr's last line."""
+    return " ".join(line.strip() for line in str(error).splitlines() if line.strip())
+
+
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    """Run one sub-command. A SaekitError is the user's mistake: one stderr line, exit 2. Anything
+    else is a bug in saekit and propagates with its traceback (exit 1)."""
+    args = parse(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
                         format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.fn(args)
     except SaekitError as e:
-        print(f"saekit {args.command}: {type(e).__name__}: {e}", file=sys.stderr)
+        print(f"saekit {args.command}: {type(e).__name__}: {one_line(e)}", file=sys.stderr)
         return 2
 
 

@@ -46,7 +46,7 @@ def add_probe_arguments(parser) -> None:
 
 def _folders(args) -> list[RunFolder]:
     """The run folder scoped to --sae, or one folder per SAE of the run."""
-    folder = RunFolder(Path(args.run))
+    folder = RunFolder(Path(args.run)).require_run()
     return [folder.for_sae(args.sae)] if getattr(args, "sae", None) else folder.per_sae()
 
 

@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from saekit.errors import MissingArtifactError
 from saekit.layout import RunFolder
 
 APP = Path(__file__).resolve().parents[2] / "dashboards" / "app.py"
@@ -61,14 +62,20 @@ def browse_command(runs: list[str], port: int | None = None) -> list[str]:
     return cmd + ["--", *[str(Path(r).resolve()) for r in runs]]
 
 
+def require_bundles(run: str) -> None:
+    """Each SAE of the run has its bundle; else a named error that names `saekit analyze RUN`."""
+    for folder in RunFolder(Path(run)).require_run().per_sae():
+        if not folder.bundle.is_dir():
+            raise MissingArtifactError(f"{run}: expected a feature-browser bundle at {folder.bundle}, found none",
+                                       fix=f"saekit analyze {run}")
+
+
 def cmd_browse(args: argparse.Namespace) -> int:
     if not APP.exists():
-        print(f"error: the app is not next to this saekit install (expected {APP}); run from a source checkout",
-              file=sys.stderr)
-        return 2
-    missing = [r for r in args.runs if not all(f.bundle.is_dir() for f in RunFolder(Path(r)).per_sae())]
-    for r in missing:
-        print(f"warning: {r} has no bundle yet; build it with `saekit analyze {r}`", file=sys.stderr)
+        raise MissingArtifactError(f"expected the feature-browser app at {APP}, found none (saekit browse runs "
+                                   "from a source checkout)")
+    for run in args.runs:
+        require_bundles(run)
     cmd = browse_command(args.runs, args.port)
     if args.print_command:
         print(" ".join(cmd))

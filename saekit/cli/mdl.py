@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saekit.errors import ConfigError
+from saekit.config import read_yaml_mapping
 from saekit.run.mdl_select import MDLSelectConfig, format_table, run_mdl_select
 
 
@@ -15,11 +15,7 @@ def add_mdl_select_arguments(parser) -> None:
 
 
 def cmd_mdl_select(args) -> int:
-    import yaml
-
-    data = yaml.safe_load(Path(args.config).read_text()) or {}
-    if not isinstance(data, dict):
-        raise ConfigError(f"{args.config}: expected a mapping at the top level")
+    data = read_yaml_mapping(args.config, "an mdl-select config (see configs/mdl_select_synthetic.yaml)")
     if args.output_dir is not None:
         data["output_dir"] = args.output_dir
     if args.fvu_budget is not None:

@@ -11,7 +11,7 @@ import json
 import os
 from pathlib import Path
 
-from saekit.errors import SaekitError
+from saekit.errors import MissingArtifactError, StoreMissingError
 from saekit.layout import RunFolder
 
 QUICKSTART_CONFIGS = ("configs/quickstart.yaml", "configs/quickstart_embeddings.yaml")
@@ -34,7 +34,12 @@ def cmd_eval(args) -> int:
     from saekit.eval.report import format_report
     from saekit.run.stages import eval_target
 
-    report, out = eval_target(args.target, store=args.store, max_rows=args.max_rows, out=args.out)
+    try:
+        report, out = eval_target(args.target, store=args.store, max_rows=args.max_rows, out=args.out)
+    except StoreMissingError as e:  # a run config or folder whose store was never cached
+        if args.store is not None:
+            raise
+        raise e.with_fix(f"saekit cache {args.target}") from e
     print(format_report(report))
     print(f"report: {out / 'report.json'}")
     return 0
@@ -50,7 +55,9 @@ def cmd_compare(args) -> int:
         if not path.exists():
             path = Path(run) / "report.json"
         if not path.exists():
-            raise SaekitError(f"{run}: no eval/report.json (run `saekit eval {run}` first)")
+            found = "no such folder" if not Path(run).exists() else "none"
+            raise MissingArtifactError(f"{run}: expected an eval report {RunFolder(Path(run)).eval / 'report.json'} "
+                                       f"(or report.json), found {found}", fix=f"saekit eval {run}")
         reports[Path(run).name] = read_json(path)
     print(compare_table(reports))
     if args.out:

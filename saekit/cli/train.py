@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 
+from saekit.errors import StoreMissingError
 from saekit.run.config import MultiConfig, load_run_config
 from saekit.run.multi import train_multi
 from saekit.run.outliers import read_training_rows
@@ -30,20 +31,26 @@ def cmd_train(args) -> int:
     init_process_group(getattr(args, "backend", "auto"))
     try:
         cfg = load_run_config(args.config)
-        if isinstance(cfg, MultiConfig):
-            results = train_multi(cfg, resume=resume)
-            summary = [{"name": n, "final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens}
-                       for n, r in results.items()]
-        else:
-            r = train_run(cfg, resume=resume)
-            summary = [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens,
-                        "training_rows": read_training_rows(cfg.folder.train_data())}]
+        try:
+            summary = _train(cfg, resume)
+        except StoreMissingError as e:  # name the command with this config: `saekit cache CONFIG`
+            raise e.with_fix(f"saekit cache {args.config}") from e
         if current_sync().is_main:
             for line in summary:
                 print(json.dumps(line))
         return 0
     finally:
         shutdown()
+
+
+def _train(cfg, resume) -> list[dict]:
+    if isinstance(cfg, MultiConfig):
+        results = train_multi(cfg, resume=resume)
+        return [{"name": n, "final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens}
+                for n, r in results.items()]
+    r = train_run(cfg, resume=resume)
+    return [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens,
+             "training_rows": read_training_rows(cfg.folder.train_data())}]
 
 
 def cmd_cache_distributed(args) -> int:

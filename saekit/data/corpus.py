@@ -97,10 +97,30 @@ def _rows_from_dataset(ds, cfg: CorpusConfig, where: str) -> list[dict]:
             for i, r in enumerate(ds)]
 
 
+FILE_SUFFIXES = (".txt", ".jsonl", ".json", ".csv", ".parquet")
+
+
+def looks_like_path(name: str) -> bool:
+    """A name a user meant as a file: a corpus file suffix, a leading ./ ../ / or ~, or more than one
+    folder level. Hub dataset names are `name` or `owner/name`, never any of these."""
+    return (name.lower().endswith(FILE_SUFFIXES) or name.startswith((".", "/", "~")) or name.count("/") > 1
+            or "\\" in name)
+
+
 def _hub(cfg: CorpusConfig) -> list[dict]:
+    """A hub dataset. A path-looking name that is no file is a typo, not a dataset: say so before
+    `datasets` answers with its own FileNotFoundError; a hub failure (offline, unknown name) is named too."""
+    if looks_like_path(cfg.name):
+        raise ConfigError(f"corpus.name '{cfg.name}': expected 'default', an existing file or a hub dataset name; "
+                          f"found no such file (relative to {Path.cwd()}), and not a hub dataset name either")
     import datasets
 
-    ds = datasets.load_dataset(cfg.name, split=cfg.split)
+    try:
+        ds = datasets.load_dataset(cfg.name, split=cfg.split)
+    except (OSError, ValueError) as e:  # DatasetNotFoundError and ConnectionError are OSErrors
+        raise ConfigError(f"corpus.name '{cfg.name}': expected 'default', an existing file or a hub dataset; found "
+                          f"no such file, and the hub dataset could not be loaded (offline or unknown name: "
+                          f"{type(e).__name__}: {e})") from e
     return _rows_from_dataset(ds, cfg, cfg.name)
 
 

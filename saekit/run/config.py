@@ -13,10 +13,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import yaml
 
 from saekit.analysis.features import AnalyzeConfig
-from saekit.config import Config, param
+from saekit.config import Config, param, read_yaml_mapping
 from saekit.data.corpus import CorpusConfig
 from saekit.errors import ConfigError
 from saekit.layout import STORE, RunFolder
@@ -180,11 +179,6 @@ def load_run_config(path: str | Path, strict: bool = True) -> AnyRunConfig:
         path = RunFolder(path).config
     if not path.exists():
         raise ConfigError(f"{path}: expected a run config YAML file (or a run folder holding config.yaml), found none")
-    try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML ({e})") from e
-    if not isinstance(data, dict):
-        raise ConfigError(f"{path}: expected a mapping at the top level, found {type(data).__name__}")
+    data = read_yaml_mapping(path, "a run config")
     kind = MultiConfig if "saes" in data else RunConfig
     return kind.from_dict(data, strict=strict)

@@ -23,7 +23,7 @@ import yaml
 from saekit.analysis.features import AnalyzeConfig
 from saekit.artifacts import atomic_write_bytes
 from saekit.data.corpus import load_documents
-from saekit.errors import ConfigError, SaekitError
+from saekit.errors import ConfigError
 from saekit.layout import EVAL, RunFolder
 from saekit.run.config import ActivationRunConfig, RunConfig, load_run_config
 from saekit.run.outliers import chunked, eval_rows, read_training_rows, training_rows, write_training_rows
@@ -54,7 +54,7 @@ def as_folder(run: str | Path | RunFolder) -> RunFolder:
 
 def open_sae_and_store(folder: RunFolder, device: str = "cpu") -> tuple[SparseAutoencoder, ActivationStore]:
     """The SAE of a (single or SAE-scoped) run folder and the store of its hook."""
-    folder = folder.require_one_sae()
+    folder = folder.require_run().require_one_sae()
     sae = load_sae(folder.train(), device=device)
     return sae, store_for_hook(folder.store, sae.cfg.hook_name or None)
 
@@ -230,6 +230,8 @@ def eval_target(target: str | Path, store: str | Path | None = None, max_rows: i
     folder with a store. Returns (report, folder the report was written to)."""
     from saekit.eval.report import evaluate_sae, write_report
 
+    if max_rows < 0:
+        raise ConfigError(f"max_rows (--max-rows): expected >= 0 (0 = all rows), found {max_rows}")
     target = Path(target)
     if target.suffix in (".yaml", ".yml") or (RunFolder(target).config.exists() and store is None):
         cfg = load_run_config(target)
@@ -238,7 +240,9 @@ def eval_target(target: str | Path, store: str | Path | None = None, max_rows: i
                               f"`saekit eval {cfg.folder.train('NAME')} --store {cfg.store_dir}`")
         return eval_stage(cfg), cfg.folder.eval
     if store is None:
-        raise SaekitError(f"{target}: not a run folder; pass --store STORE to evaluate a bare SAE folder")
+        raise ConfigError(f"{target}: expected a run folder (with {RunFolder(target).config.name}) or a run config "
+                          f"YAML, found {'no such file or folder' if not target.exists() else 'neither'}; "
+                          "to evaluate a bare SAE folder pass --store STORE")
     sae, acts = load_sae(target), ActivationStore(store)
     split = eval_rows(acts, torch.arange(min(len(acts), max_rows or len(acts))))
     chunks = [acts[c] for c in chunked(split.ordinary, 4096)]
@@ -283,7 +287,7 @@ def analyze_run(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, o
     """A bundle per SAE of the run (one for a single run); `out` only for a single SAE."""
     from saekit.browser.build import build_bundle
 
-    folder = as_folder(run)
+    folder = as_folder(run).require_run()
     cfg = cfg or analyze_config_for(folder)
     targets = [folder] if folder.sae else folder.per_sae()
     if out is not None and len(targets) > 1:

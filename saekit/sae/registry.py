@@ -13,7 +13,8 @@ from typing import Any
 import torch
 
 from saekit.artifacts import MANIFEST, atomic_dir, load_tensors, read_json, save_tensors, write_manifest, atomic_write_json
-from saekit.errors import ConfigError, CorruptArtifactError, DtypeMismatchError, ShapeMismatchError, nearest
+from saekit.errors import (ConfigError, CorruptArtifactError, DtypeMismatchError, MissingArtifactError,
+                           ShapeMismatchError, nearest)
 from saekit.sae.base import SAEConfig, SparseAutoencoder
 
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
@@ -64,6 +65,8 @@ def get_class(name: str) -> type[SparseAutoencoder]:
 
 def make_config(data: dict[str, Any], strict: bool = True) -> SAEConfig:
     """Build the architecture's own config class from a dict with an `architecture` key."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"SAE config: expected a mapping with an 'architecture' key, found {type(data).__name__}")
     data = dict(data)
     name = data.pop("architecture", None)
     if name is None:
@@ -114,7 +117,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
         return formats.load_foreign(path, device=device, strict=strict)
     cfg_path = path / CFG_FILE
     if not cfg_path.exists():
-        raise CorruptArtifactError(f"{path}: no {CFG_FILE} (expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE})")
+        _raise_no_sae(path)
     manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
     files = manifest.get("files", {})
     if CFG_FILE in files:
@@ -128,6 +131,17 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     check_state(sae, tensors, source=str(path / WEIGHTS_FILE))
     sae.load_state_dict(tensors, strict=True)
     return sae.to(device)
+
+
+def _raise_no_sae(path: Path) -> None:
+    """No cfg.json: nothing there (a typo, a run never trained: no files, at most sub-folders) is
+    MissingArtifactError; files that are not an SAE (weights without their cfg.json) are damaged."""
+    expected = f"expected an SAE folder ({CFG_FILE} + {WEIGHTS_FILE})"
+    files = sorted(p.name for p in path.iterdir() if p.is_file()) if path.is_dir() else []
+    if files:
+        raise CorruptArtifactError(f"{path}: {expected}, found {files}")
+    found = "no such folder" if not path.exists() else "a file" if not path.is_dir() else "a folder without them"
+    raise MissingArtifactError(f"{path}: {expected}, found {found}", fix="saekit train CONFIG")
 
 
 def check_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], source: str) -> None:

