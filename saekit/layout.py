@@ -8,7 +8,8 @@ were single). `RunFolder` answers once, and imports nothing above the base.
 
     <root>/config.yaml                 the resolved run config
     <root>/store/                      the activation cache (or the config's `store.path`)
-    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/
+    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/, summary.json,
+                                       val_curve.png (training vs validation FVU)
     <root>/train/<name>/               a multi-SAE run: one such folder per SAE
     <root>/eval/[<name>/]              report.json, report.txt, figures
     <root>/probe/[<name>/]             probe reports
@@ -37,6 +38,9 @@ STEER = "steer"
 EXPLANATIONS = "explanations"
 BUNDLE = "bundle"
 CHECKPOINTS = "checkpoints"
+METRICS = "metrics.jsonl"
+TRAIN_SUMMARY = "summary.json"
+VAL_CURVE = "val_curve.png"
 
 
 @dataclass(frozen=True)
@@ -75,6 +79,18 @@ class RunFolder:
 
     def final_sae(self, name: str | None = None) -> Path:
         return self.train(name) / FINAL_SAE
+
+    def metrics(self, name: str | None = None) -> Path:
+        """The trainer's metrics.jsonl (training and validation rows)."""
+        return self.train(name) / METRICS
+
+    def train_summary(self, name: str | None = None) -> Path:
+        """What the finished training did: steps, rows, epochs, the selected checkpoint, validation."""
+        return self.train(name) / TRAIN_SUMMARY
+
+    def val_curve(self, name: str | None = None) -> Path:
+        """The plot of training vs validation FVU over the steps."""
+        return self.train(name) / VAL_CURVE
 
     # -- the SAEs of the run ----------------------------------------------------------------
     def sae_names(self) -> list[str]:
