@@ -83,6 +83,9 @@ def _print_run(cfg, result) -> None:
     print(f"\n== {cfg.name}: results in {cfg.run_dir}")
     print(format_report(result["report"]))
     print(f"SAE: {result['final_sae']}   (python: saekit.load_sae('{result['final_sae']}'))")
+    warning = (result["report"].get("generalisation") or {}).get("warning")
+    if warning:
+        print(f"WARNING ({cfg.name}): {warning}")
     probe = cfg.folder.probe / "report.json"
     if probe.exists():
         from saekit.analysis.probing import format_probe_table

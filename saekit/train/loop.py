@@ -83,7 +83,7 @@ class TrainRun:
 
 @dataclass
 class TrainResult:
-    sae: SparseAutoencoder  # the exported SAE, in place: works on raw activations like final_sae/
+    sae: SparseAutoencoder  # the exported SAE, in place and in eval mode: works on raw activations like final_sae/
     state: ckpt_io.TrainState
     run_dir: Path
     final_sae: Path  # run_dir/final_sae, the folded inference copy
@@ -298,11 +298,12 @@ class Trainer:
                 "val_rows": int(self.validation.x_ND.shape[0]) if self.validation is not None else 0}
 
     def fold(self) -> None:
-        """Fold the training input normalisation into the SAE in place (once), so the object the
-        caller holds works on raw activations like the saved copy; a resume restores the training
-        form from the checkpoint."""
+        """Fold the training input normalisation into the SAE in place (once) and put it in eval
+        mode, so the object the caller holds works on raw activations exactly like the saved copy;
+        a resume restores the training form from the checkpoint."""
         if not self.folded:
             fold_in_place(self.sae)
+            self.sae.eval()  # like load_sae's copy: inference behaviour, no training statistics updated
             self.folded = True
 
     def close(self) -> None:
