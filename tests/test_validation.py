@@ -9,8 +9,6 @@ the generalisation warning fires; the same SAE on 4,096 rows generalises and sta
 from __future__ import annotations
 
 import json
-import math
-import sys
 from pathlib import Path
 
 import pytest
@@ -183,7 +181,7 @@ def test_select_best_exports_the_best_validation_checkpoint(memorised, tmp_path)
 
 
 def test_early_stopping_and_its_resume_pick_the_same_checkpoint(tmp_path):
-    over = dict(early_stop_patience=3, checkpoint_every=10, keep_checkpoints=50)
+    over = dict(early_stop_patience=3, checkpoint_every=20)
     sae, batches, cfg = memorise_setup(**over)
     ref = train(sae, batches, cfg, tmp_path / "ref", val_batches=VAL_ND)
     best, stop = ref.state.best_step, ref.state.step
@@ -256,18 +254,44 @@ def test_interrupted_sae_is_folded_and_resuming_the_same_object_unfolds_it(tmp_p
     assert torch.equal(sae(raw_ND).recon, ref_sae(raw_ND).recon)
 
 
-# -- the browser's evaluation page -------------------------------------------------------------------
-def test_evaluation_page_reads_the_training_curve(memorised):
+# -- the run layer: the run's held-out documents by default, the report's side-by-side ----------------
+def test_run_layer_validates_on_the_eval_split_and_reports_the_gap(tmp_path, one_thread, monkeypatch):
+    from support.runs import synthetic_docs, tiny_lm
+
+    from saekit.run.config import RunConfig
+    from saekit.run.stages import cache_stage, eval_stage, run_store, train_stage, validation_rows
+
+    corpus = tmp_path / "docs.jsonl"
+    corpus.write_text("".join(json.dumps({"text": d["text"]}) + "\n" for d in synthetic_docs(60, seed=2, min_words=6)))
+    cfg = RunConfig.from_dict({
+        "name": "v", "output_dir": str(tmp_path / "run"), "corpus": {"name": str(corpus), "min_chars": 1},
+        "source": {"kind": "hf", "model": str(tiny_lm(tmp_path / "tiny_lm")), "hooks": ["transformer.h.1"],
+                   "max_length": 16, "batch_size": 16},
+        "sae": {"architecture": "topk", "d_sae": 24, "k": 3},
+        "train": {"total_steps": 12, "batch_size": 32, "log_every": 5, "eval_every": 4, "checkpoint_every": 0,
+                  "progress_bar": False, "normalize_activations": "expected_average_only_in"},
+        "eval": {"holdout": 0.2, "description_length": False, "splice_docs": 0}})
+    cache_stage(cfg)
+    train_stage(cfg)
+    folder = cfg.folder
+    rows = val_rows(folder.train())
+    assert [r["step"] for r in rows] == [4, 8, 12] and all(r["val_rows"] > 1 for r in rows)
+    assert folder.val_curve().exists() and read_json(folder.train_summary())["epochs"] > 0
+
+    store = run_store(cfg)
+    train_ids, held_ids = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    sample = validation_rows(store, held_ids, 10_000)
+    assert torch.equal(sample, store[held_ids]) and rows[0]["val_rows"] == len(held_ids)  # the eval stage's rows
+
+    report = eval_stage(cfg)
+    gen = report["generalisation"]
+    assert gen["heldout"]["fvu"] == report["reconstruction"]["fvu"]
+    assert gen["train"]["rows"] == len(train_ids) and gen["training"]["epochs"] == pytest.approx(rows[-1]["epochs"])
+    assert rows[-1]["val_fvu"] == pytest.approx(report["reconstruction"]["fvu"], rel=1e-4)  # validation == eval
+    assert "Training vs held-out reconstruction" in (folder.eval / "report.txt").read_text()
+
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parents[1] / "dashboards"))
     pytest.importorskip("streamlit")
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "dashboards"))
     from views.reports import training_curve
 
-    from saekit.layout import RunFolder
-
-    run_dir, _ = memorised
-    folder = RunFolder(run_dir.parent / "r")
-    folder.train().mkdir(parents=True, exist_ok=True)
-    folder.metrics().write_bytes((run_dir / METRICS).read_bytes())
-    df = training_curve(folder)
-    assert list(df.columns) == ["step", "fvu", "train_fvu", "val_fvu"]
-    assert df["val_fvu"].notna().sum() == 15 and not math.isnan(df["val_fvu"].iloc[-1])
+    assert training_curve(folder)["val_fvu"].notna().sum() == 3
