@@ -60,8 +60,17 @@ def final_tensors(path: Path) -> dict:
     return {**dict(sae.named_parameters()), **dict(sae.named_buffers())}
 
 
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny training loops: one thread avoids oversubscription on a shared machine."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture(scope="module")
-def memorised(tmp_path_factory):
+def memorised(_one_thread, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("memorise")
     sae, batches, cfg = memorise_setup()
     return run_dir, train(sae, batches, cfg, run_dir, val_batches=VAL_ND)

@@ -178,18 +178,17 @@ class ProgressBar(Callback):
 
 
 class ValidationCurve(Callback):
-    """Redraws the training-vs-validation FVU plot from metrics.jsonl at each checkpoint and at the end."""
+    """Draws the training-vs-validation FVU plot from metrics.jsonl when training ends or stops.
+    Why not at every checkpoint: a matplotlib figure costs about a second; the live numbers are in
+    metrics.jsonl (and the browser's evaluation page draws them from there)."""
 
     def __init__(self, metrics_path: str | Path, out_path: str | Path):
         self.metrics_path, self.out_path = Path(metrics_path), Path(out_path)
 
-    def on_checkpoint(self, run: "TrainRun", path: Path) -> None:
-        self._draw()
-
-    def on_train_end(self, run: "TrainRun") -> None:
-        self._draw()
-
-    def _draw(self) -> None:
+    def close(self, run: "TrainRun") -> None:
         from saekit.train.validation import plot_validation_curve
 
-        plot_validation_curve(self.metrics_path, self.out_path)
+        try:
+            plot_validation_curve(self.metrics_path, self.out_path)
+        except (OSError, ValueError) as e:  # a plot must never turn a finished run into a failure
+            log.warning("%s not drawn: %s", self.out_path, e)
