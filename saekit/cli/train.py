@@ -35,7 +35,9 @@ def cmd_train(args) -> int:
                        for n, r in results.items()]
         else:
             r = train_run(cfg, resume=resume)
-            summary = [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens}]
+            summary = [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens,
+                        "epochs": r.epochs, "exported_step": r.exported_step,
+                        "val_fvu": (r.validation or {}).get("val_fvu")}]
         if current_sync().is_main:
             for line in summary:
                 print(json.dumps(line))
