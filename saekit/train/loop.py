@@ -214,7 +214,7 @@ class Trainer:
         run, cfg = self.run, self.cfg
         info = _train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync)
         info.epochs = run.epochs
-        if info.out is not None and info.x_BD is not None:
+        if self.validation is not None and info.out is not None and info.x_BD is not None:
             self.window.add(info.x_BD, info.out.recon)
         if self.validation is not None and cfg.eval_every and (
                 info.step % cfg.eval_every == 0 or info.step == cfg.total_steps):
