@@ -35,7 +35,13 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import atomic_write_json
-from saekit.errors import ConfigError, MissingCheckpointError, NonFiniteError, ShapeMismatchError
+from saekit.errors import (
+    ConfigError,
+    MissingCheckpointError,
+    NonFiniteError,
+    ResumeMismatchError,
+    ShapeMismatchError,
+)
 from saekit.layout import FINAL_SAE, METRICS, TRAIN_SUMMARY, VAL_CURVE
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import save_sae
@@ -196,8 +202,6 @@ class Trainer:
         ckpt_io.check_compatible(ckpt, self.sae, cfg.to_dict(), self.batches.fingerprint, keys, defaults)
         saved = ckpt.trainer.get("val_fingerprint")
         if cfg.selects_best and saved != self.validation.fingerprint:
-            from saekit.errors import ResumeMismatchError
-
             raise ResumeMismatchError(f"cannot resume from {ckpt.path}: the run selects its best checkpoint on "
                                       f"validation FVU, but the validation sample differs (checkpoint {saved!r}, "
                                       f"current {self.validation.fingerprint!r})")
