@@ -154,7 +154,7 @@ def generalisation_gap(train_fvu: float, heldout_fvu: float, ratio: float = GAP_
     rel = heldout_fvu / train_fvu if train_fvu > 0 else math.inf
     overfit = math.isfinite(gap) and heldout_fvu > ratio * train_fvu and gap > absolute
     warning = (f"held-out FVU {heldout_fvu:.4g} is {rel:.2f}x the training FVU {train_fvu:.4g} (gap "
-               f"+{gap:.4g}; warn above {ratio}x and +{absolute}): the SAE memorises its training rows; "
+               f"+{gap:.4g}; warn above {ratio}x and +{absolute}): the SAE fits its training rows far better than unseen ones; "
                f"likely remedy: {REMEDY}") if overfit else None
     return {"train_fvu": train_fvu, "heldout_fvu": heldout_fvu, "gap": gap, "ratio": rel,
             "threshold_ratio": ratio, "threshold_abs": absolute, "warning": warning}
