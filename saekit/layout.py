@@ -8,8 +8,9 @@ were single). `RunFolder` answers once, and imports nothing above the base.
 
     <root>/config.yaml                 the resolved run config
     <root>/store/                      the activation cache (or the config's `store.path`)
-    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/, data.json
-                                       (the rows trained on: outliers excluded, the rule)
+    <root>/train/                      a single run: checkpoints, metrics.jsonl, final_sae/, summary.json,
+                                       val_curve.png (training vs validation FVU), data.json (the rows
+                                       trained on: outliers excluded, the rule)
     <root>/train/<name>/               a multi-SAE run: one such folder per SAE
     <root>/eval/[<name>/]              report.json, report.txt, figures
     <root>/probe/[<name>/]             probe reports
@@ -39,6 +40,9 @@ EXPLANATIONS = "explanations"
 BUNDLE = "bundle"
 CHECKPOINTS = "checkpoints"
 TRAIN_DATA = "data.json"
+METRICS = "metrics.jsonl"
+TRAIN_SUMMARY = "summary.json"
+VAL_CURVE = "val_curve.png"
 
 
 @dataclass(frozen=True)
@@ -81,6 +85,18 @@ class RunFolder:
     def train_data(self, name: str | None = None) -> Path:
         """What the SAE was trained on (rows used, massive-activation outliers excluded, the rule)."""
         return self.train(name) / TRAIN_DATA
+
+    def metrics(self, name: str | None = None) -> Path:
+        """The trainer's metrics.jsonl (training and validation rows)."""
+        return self.train(name) / METRICS
+
+    def train_summary(self, name: str | None = None) -> Path:
+        """What the finished training did: steps, rows, epochs, the selected checkpoint, validation."""
+        return self.train(name) / TRAIN_SUMMARY
+
+    def val_curve(self, name: str | None = None) -> Path:
+        """The plot of training vs validation FVU over the steps."""
+        return self.train(name) / VAL_CURVE
 
     # -- the SAEs of the run ----------------------------------------------------------------
     def sae_names(self) -> list[str]:

@@ -13,6 +13,7 @@ from saekit.sae.mdl import MDLConfig, MDLSAE, entropy_bits, soft_description_len
 from saekit.sae.registry import load_sae
 from saekit.store.batches import TensorBatches
 from saekit.train import TrainConfig, train
+from saekit.train.checkpoint import load_checkpoint_sae
 
 
 def test_entropy_and_soft_dl_known_answers():
@@ -80,8 +81,10 @@ def test_exported_sae_folds_the_input_scale(tmp_path, one_thread):
     scale = res.state.input_scale
     assert scale is not None and not math.isclose(scale, 1.0)
     loaded = load_sae(res.final_sae).eval()
-    model = res.sae.eval()
+    model = load_checkpoint_sae(res.run_dir, fold=False).eval()  # the training form, on normalised rows
     with torch.no_grad():
         want = model(x[:256] * scale).recon / scale
         got = loaded(x[:256]).recon
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)  # docs/RELIABILITY.md 5
+    with torch.no_grad():  # the object train() returns is the exported one (issue 24)
+        torch.testing.assert_close(res.sae(x[:256]).recon, got, rtol=0, atol=0)

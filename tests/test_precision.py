@@ -24,9 +24,9 @@ def _run(tmp_path, precision: str, **extra):
 
 
 def _fvu(sae, x) -> float:
+    """FVU on raw rows: after train() the SAE has its input normalisation folded in."""
     sae.eval()
     with torch.no_grad():
-        x = x * sae.input_scale
         return fvu(x, sae(x).recon)
 
 

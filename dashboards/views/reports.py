@@ -74,17 +74,51 @@ def _scalars(obj, prefix: str = "") -> list[tuple[str, object]]:
     return out
 
 
+def training_curve(run: RunFolder) -> pd.DataFrame:
+    """Training and validation FVU by step from the trainer's metrics.jsonl (empty when there is none):
+    `fvu` is the logged batch's, `train_fvu` the training batches' since the previous evaluation,
+    `val_fvu` the fixed held-out sample's."""
+    path = run.metrics()
+    rows = []
+    if path.exists():
+        for line in path.read_text().splitlines():
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(rec, dict) and "step" in rec:
+                rows.append({k: rec.get(k) for k in ("step", "fvu", "train_fvu", "val_fvu")})
+    df = pd.DataFrame(rows, columns=["step", "fvu", "train_fvu", "val_fvu"])
+    return df.groupby("step", as_index=False).last() if not df.empty else df
+
+
+def render_training_curve(run: RunFolder) -> None:
+    """The validation curve beside the training one: held-out FVU rising while training FVU falls is
+    memorisation (more documents, fewer epochs or a smaller width)."""
+    df = training_curve(run)
+    if df.empty or df["val_fvu"].isna().all():
+        return
+    st.markdown("**Training vs validation FVU** (validation: a fixed sample of held-out documents)")
+    st.line_chart(df.set_index("step")[["fvu", "train_fvu", "val_fvu"]])
+
+
 def render_eval(run: RunFolder) -> None:
     st.subheader("Evaluation")
     path = eval_report(run)
     rep = _read(path) if path else None
     if not isinstance(rep, dict):
         st.info(f"No evaluation report in {run.eval}.")
+        render_training_curve(run)
         return
+    gen = rep.get("generalisation")
+    if isinstance(gen, dict) and gen.get("warning"):
+        st.warning(gen["warning"])
+    render_training_curve(run)
     rows = [(k, v) for k, v in _scalars(rep) if not isinstance(v, str) or len(v) < 80]
     st.dataframe(pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str}), hide_index=True)
     txt = path.with_name("report.txt")
     if txt.exists():
         st.code(txt.read_text())
-    for png in sorted(path.parent.glob("*.png")):
-        st.image(str(png), caption=png.stem)
+    for png in [*sorted(path.parent.glob("*.png")), run.val_curve()]:
+        if png.exists():
+            st.image(str(png), caption=png.stem)

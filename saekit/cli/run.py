@@ -92,6 +92,9 @@ def _print_run(cfg, result) -> None:
         print(f"training rows: {_describe_training_rows(result['training_rows'])}")
     print(format_report(result["report"]))
     print(f"SAE: {result['final_sae']}   (python: saekit.load_sae('{result['final_sae']}'))")
+    warning = (result["report"].get("generalisation") or {}).get("warning")
+    if warning:
+        print(f"WARNING ({cfg.name}): {warning}")
     probe = cfg.folder.probe / "report.json"
     if probe.exists():
         from saekit.analysis.probing import format_probe_table

@@ -50,7 +50,8 @@ def _train(cfg, resume) -> list[dict]:
                 for n, r in results.items()]
     r = train_run(cfg, resume=resume)
     return [{"final_sae": str(r.final_sae), "steps": r.state.step, "tokens": r.state.tokens,
-             "training_rows": read_training_rows(cfg.folder.train_data())}]
+             "training_rows": read_training_rows(cfg.folder.train_data()),
+             "epochs": r.epochs, "exported_step": r.exported_step, "val_fvu": (r.validation or {}).get("val_fvu")}]
 
 
 def cmd_cache_distributed(args) -> int:

@@ -3,6 +3,7 @@
     report = evaluate_sae(sae, batches, description_length=True, true_dictionary_GD=D)
     report = evaluate_sae(sae, batches, EvalOptions(retrieval_rows=2000))   # or an options record
     write_report(report, "runs/x/eval")      # report.json, report.txt, l0_histogram.png, feature_density.png
+    attach_generalisation(report, evaluate_sae(sae, training_rows))   # training vs held-out, and the gap
     table = compare_table({"a": rep_a, "b": rep_b})   # a side-by-side text table
 
 `batches` yields activation tensors `[..., d_in]` (or `(acts, ...)` tuples, as an
@@ -44,6 +45,7 @@ from saekit.eval.ground_truth import ground_truth_metrics
 from saekit.eval.reconstruction import DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator, RunningMoments
 from saekit.eval.retrieval import retrieval_metrics
 from saekit.sae.base import SparseAutoencoder, inference_mode
+from saekit.train.validation import GAP_ABS, GAP_RATIO, generalisation_gap
 
 REPORT_FORMAT_VERSION = 1
 REPORT_KIND = "saekit.eval_report"
@@ -278,6 +280,24 @@ def row_set_mismatch(reports: dict[str, dict]) -> str | None:
             + ". Re-evaluate the older runs (`saekit eval RUN`) to compare on ordinary rows.")
 
 
+def attach_generalisation(report: dict, train_report: dict, ratio: float = GAP_RATIO, absolute: float = GAP_ABS,
+                          training: dict | None = None) -> dict:
+    """Put training-row and held-out reconstruction side by side under `report["generalisation"]`:
+    FVU, explained variance, cosine and L0 of each, the gap, and a warning naming the likely remedy
+    when held-out FVU exceeds `ratio` x and `absolute` + the training FVU. `training` is the
+    trainer's summary.json (epochs, exported step, last validation), recorded when given."""
+    side = lambda r: {"rows": r["n_rows"], "fvu": r["reconstruction"]["fvu"],  # noqa: E731
+                      "explained_variance": r["reconstruction"]["explained_variance"],
+                      "cosine_mean": r["reconstruction"]["cosine_mean"], "l0_mean": r["sparsity"]["l0_mean"]}
+    gen = generalisation_gap(train_report["reconstruction"]["fvu"], report["reconstruction"]["fvu"], ratio, absolute)
+    gen.update({"train": side(train_report), "heldout": side(report)})
+    if training:
+        gen["training"] = {k: training.get(k) for k in ("epochs", "rows_per_epoch", "steps", "exported_step",
+                                                         "stopped_early", "best_val_fvu")}
+    report["generalisation"] = gen
+    return gen
+
+
 def attach_downstream(report: dict, name: str, results: dict) -> dict:
     """Put model-dependent results (e.g. splice-in LM loss) under `report["downstream"][name]`."""
     report.setdefault("downstream", {})[name] = results
@@ -339,6 +359,9 @@ def format_report(report: dict) -> str:
         out += _table([[str(e["bits"]), _fmt(e["dl_bits_per_row"]), _fmt(e["dl_flat_bits_per_row"]),
                         _fmt(e.get("fvu")), _fmt(e.get("fvu_increase"))] for e in dl["sweep"]],
                       ["bits", "DL (entropy)", "DL (flat b)", "FVU", "FVU increase"])
+    gen = report.get("generalisation")
+    if gen:
+        out += "\n\n" + format_generalisation(gen)
     if report.get("downstream"):
         out += "\n\nDownstream\n" + "\n".join(f"  {k}: {dumps_json(v, indent=None)}" for k, v in report["downstream"].items())
     return out
@@ -366,6 +389,22 @@ def _row_set_note(report: dict) -> str:
     if out.get("all_rows"):
         note += f" (FVU of all rows together: {_fmt(out['all_rows']['fvu'])})"
     return note + "."
+
+
+def format_generalisation(gen: dict) -> str:
+    """Training rows vs held-out rows, side by side, the gap, and the warning when there is one."""
+    tr, ho = gen["train"], gen["heldout"]
+    rows = [[name, _fmt(tr[key]), _fmt(ho[key])] for name, key in
+            (("rows", "rows"), ("FVU", "fvu"), ("explained variance", "explained_variance"),
+             ("cosine(x, x_hat)", "cosine_mean"), ("L0 mean", "l0_mean"))]
+    out = "Training vs held-out reconstruction\n" + _table(rows, ["metric", "training rows", "held-out rows"])
+    out += f"\ngap (held-out - training FVU): {_fmt(gen['gap'])} ({_fmt(gen['ratio'], 3)}x)"
+    t = gen.get("training") or {}
+    if t.get("epochs") is not None:
+        out += f"; trained for {_fmt(t['epochs'], 3)} epochs over {_fmt(t.get('rows_per_epoch'))} rows"
+    if gen.get("warning"):
+        out += f"\nWARNING: {gen['warning']}"
+    return out
 
 
 def compare_table(reports: dict[str, dict]) -> str:

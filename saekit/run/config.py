@@ -61,6 +61,10 @@ class EvalConfig(Config):
     splice_batch: int = param(8, "documents per splice-in forward pass", ge=1)
     retrieval_rows: int = param(2000, "held-out rows for recall@k (embedding runs)", ge=0)
     retrieval_k: int = param(10, "k of recall@k", ge=1)
+    train_rows: int = param(4096, "training rows (evenly spaced, fixed) evaluated beside the held-out ones, for the "
+                                   "generalisation gap (0 = skip)", ge=0)
+    gap_ratio: float = param(1.5, "warn when held-out FVU exceeds this multiple of the training FVU ...", gt=1)
+    gap_abs: float = param(0.05, "... and exceeds the training FVU by more than this", ge=0)
 
 
 @dataclass

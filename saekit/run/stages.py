@@ -21,7 +21,7 @@ import torch.distributed as dist
 import yaml
 
 from saekit.analysis.features import AnalyzeConfig
-from saekit.artifacts import atomic_write_bytes
+from saekit.artifacts import atomic_write_bytes, read_json
 from saekit.data.corpus import load_documents
 from saekit.errors import ConfigError
 from saekit.layout import EVAL, RunFolder
@@ -35,6 +35,7 @@ from saekit.store.reader import ActivationStore
 from saekit.store.writer import cache_activations, merge_manifests, prepare_store
 from saekit.train.distributed import current_sync
 from saekit.train.loop import TrainResult, train
+from saekit.train.validation import evenly_spaced
 
 log = logging.getLogger(__name__)
 
@@ -142,14 +143,27 @@ def train_run(cfg: RunConfig, resume: bool | str = "auto", rank: int | None = No
         sae = sae.to(torch.device("cuda", torch.cuda.current_device()))
     # whole documents are held out for evaluation (cfg.eval.holdout); training never sees them, nor
     # (train.exclude_outliers) the store's massive-activation outliers: the loss and the input
-    # normalisation estimate are then the ordinary rows'
-    train_rows, _ = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    # normalisation estimate are then the ordinary rows'. Validation reads the held-out ordinary
+    # rows, the rows the eval report's headline covers.
+    train_rows, held_rows = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
     used = training_rows(store, train_rows, cfg.exclude_outliers)
     log.info("%s: %s", cfg.name, used.describe())
     if rank == 0:
         write_training_rows(cfg.folder.train_data(), used)
     batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=used.rows, rank=rank, world_size=world_size)
-    return train(sae, batches, tcfg, cfg.folder.train(), callbacks=callbacks, resume=resume)
+    val_rows = validation_rows(store, eval_rows(store, held_rows).ordinary, tcfg.val_rows if tcfg.eval_every else 0)
+    return train(sae, batches, tcfg, cfg.folder.train(), callbacks=callbacks, resume=resume, val_batches=val_rows)
+
+
+def validation_rows(store: ActivationStore, held_rows: torch.Tensor, max_rows: int) -> torch.Tensor | None:
+    """The trainer's fixed validation sample: up to `max_rows` held-out rows, evenly spaced over the
+    held-out documents of the same split the eval stage reads, so validation and evaluation agree.
+    None when nothing is held out (cfg.eval.holdout = 0) or validation is off."""
+    if max_rows <= 0 or len(held_rows) < 2:
+        if max_rows > 0:
+            log.warning("no held-out rows (eval.holdout=0?): training runs without validation")
+        return None
+    return store[evenly_spaced(held_rows, max_rows)]
 
 
 def _single_hook(cfg: RunConfig) -> str | None:
@@ -174,7 +188,7 @@ def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None) -> dict:
 
     store = run_store(cfg)
     sae = sae or load_sae(cfg.folder.train())
-    _, held = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
+    train_rows, held = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
     held = held[: cfg.eval.max_rows] if cfg.eval.max_rows else held
     split = eval_rows(store, held)  # the headline is the ordinary rows'; outliers are reported apart
     chunks = heldout_batches(split.ordinary, cfg.eval.batch_rows)
@@ -183,6 +197,7 @@ def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None) -> dict:
                           retrieval_k=cfg.eval.retrieval_k, progress=True)
     attach_outliers(report, sae, store, split, cfg.eval.batch_rows)
     report["run"] = {"name": cfg.name, "store": str(store.path), "heldout_rows": int(len(held))}
+    generalisation_stage(cfg, store, sae, train_rows, report)
     if store.kind != "embedding" and cfg.eval.splice_docs:
         attach_downstream(report, "splice_in", splice_stage(cfg, store, sae, held))
     write_report(report, cfg.folder.eval)
@@ -202,6 +217,24 @@ def attach_outliers(report: dict, sae: SparseAutoencoder, store: ActivationStore
     report["outliers"] = outlier_section(sae, [store[c] for c in chunked(split.outliers, batch_rows)], split.rule,
                                          headline=report, ordinary_moments=moments)
     return report
+
+
+def generalisation_stage(cfg: RunConfig, store: ActivationStore, sae: SparseAutoencoder, train_rows: torch.Tensor,
+                         report: dict) -> dict | None:
+    """Evaluate a fixed sample of training rows beside the held-out ones and attach the gap (with
+    the training's own record: epochs, the exported step) to the report; warn when it is large."""
+    from saekit.eval.report import attach_generalisation, evaluate_sae
+
+    if not cfg.eval.train_rows or len(train_rows) < 2 or report["n_rows"] < 2:
+        return None
+    rows = evenly_spaced(eval_rows(store, train_rows).ordinary, cfg.eval.train_rows)  # as the headline: ordinary rows
+    train_report = evaluate_sae(sae, heldout_batches(store[rows], cfg.eval.batch_rows))
+    summary = cfg.folder.train_summary()
+    training = read_json(summary) if summary.exists() else None
+    gen = attach_generalisation(report, train_report, cfg.eval.gap_ratio, cfg.eval.gap_abs, training)
+    if gen["warning"]:
+        log.warning("%s: %s", cfg.name, gen["warning"])
+    return gen
 
 
 def splice_stage(cfg: RunConfig, store: ActivationStore, sae: SparseAutoencoder, held_rows: torch.Tensor) -> dict:

@@ -39,6 +39,8 @@ class StepInfo:
     grad_norm: float | None
     skipped: bool = False
     reason: str = ""
+    epochs: float | None = None  # passes over the training data after this step (None: size unknown)
+    val: dict | None = None  # validation measurement of this step (val_fvu, val_l0, ...), on evaluation steps
 
 
 class Callback:
@@ -65,8 +67,10 @@ def fvu(x_BD: Tensor, recon_BD: Tensor) -> float:
 class MetricsLogger(Callback):
     """Appends one strict-JSON line every `every` steps to `path` (normally run_dir/metrics.jsonl).
 
-    Fields: step, tokens, loss and its parts, fvu, l0, dead_fraction, tokens_per_s, lr, grad_norm,
-    nonfinite_skipped. The dead fraction is the SAE's own (`sae.dead_fraction()`) when it has one,
+    Fields: step, tokens, epochs, loss and its parts, fvu, l0, dead_fraction, tokens_per_s, lr, grad_norm,
+    nonfinite_skipped; on evaluation steps (which always get a line) also val_fvu, val_l0,
+    val_dead_fraction, val_rows and train_fvu (the training batches' FVU since the previous
+    evaluation), and best_step when the run selects its best checkpoint. The dead fraction is the SAE's own (`sae.dead_fraction()`) when it has one,
     else the fraction of latents that did not fire during the last `dead_window_tokens` rows seen
     since this process started. On resume, lines past the resumed step are dropped first.
     """
@@ -86,7 +90,7 @@ class MetricsLogger(Callback):
     def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
         if info.out is not None and run.sae.dead_fraction() is None:
             self._track_firing(info.out, run.sae.cfg.d_sae)
-        if info.step % self.every == 0 or info.step == run.cfg.total_steps:
+        if info.step % self.every == 0 or info.step == run.cfg.total_steps or info.val is not None:
             self._write(run, info)
 
     @torch.no_grad()
@@ -110,6 +114,8 @@ class MetricsLogger(Callback):
     def _write(self, run: "TrainRun", info: StepInfo) -> None:
         now = time.perf_counter()
         rec: dict[str, Any] = {"step": info.step, "tokens": run.state.tokens}
+        if info.epochs is not None:
+            rec["epochs"] = info.epochs
         if info.loss is not None and info.out is not None and info.x_BD is not None:
             rec["loss"] = float(info.loss.total.detach())
             rec.update({k: float(v) for k, v in info.loss.parts.items() if k not in rec})
@@ -122,6 +128,8 @@ class MetricsLogger(Callback):
         rec["nonfinite_skipped"] = run.state.nonfinite_skipped
         if info.skipped:
             rec["skipped"] = info.reason
+        if info.val is not None:
+            rec.update({k: v for k, v in info.val.items() if k not in rec})
         self._t, self._tokens = now, run.state.tokens
         self._f.write(dumps_json(rec, indent=None) + "\n")
         self._f.flush()
@@ -141,11 +149,13 @@ def _step_of(line: str) -> int | None:
 
 
 class ProgressBar(Callback):
-    """A tqdm bar over the training steps, showing the latest loss and L0."""
+    """A tqdm bar over the training steps, showing the latest loss, learning rate and, once measured,
+    the latest validation FVU and the epochs so far."""
 
     def __init__(self, enabled: bool = True, every: int = 10):
         self.enabled, self.every = enabled, every
         self._bar = None
+        self._val: dict[str, str] = {}
 
     def on_train_start(self, run: "TrainRun") -> None:
         self._bar = tqdm(total=run.cfg.total_steps, initial=run.start_step, desc="train", unit="step",
@@ -153,10 +163,32 @@ class ProgressBar(Callback):
 
     def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
         self._bar.update(1)
-        if info.step % self.every == 0 and info.loss is not None:
-            self._bar.set_postfix(loss=f"{float(info.loss.total.detach()):.4g}", lr=f"{info.lr:.2e}", refresh=False)
+        if info.val is not None:
+            self._val = {"val_fvu": f"{info.val['val_fvu']:.4g}"}
+            if info.epochs is not None:
+                self._val["epochs"] = f"{info.epochs:.1f}"
+        if (info.step % self.every == 0 or info.val is not None) and info.loss is not None:
+            self._bar.set_postfix(loss=f"{float(info.loss.total.detach()):.4g}", lr=f"{info.lr:.2e}", **self._val,
+                                  refresh=False)
 
     def close(self, run: "TrainRun") -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
+
+
+class ValidationCurve(Callback):
+    """Draws the training-vs-validation FVU plot from metrics.jsonl when training ends or stops.
+    Why not at every checkpoint: a matplotlib figure costs about a second; the live numbers are in
+    metrics.jsonl (and the browser's evaluation page draws them from there)."""
+
+    def __init__(self, metrics_path: str | Path, out_path: str | Path):
+        self.metrics_path, self.out_path = Path(metrics_path), Path(out_path)
+
+    def close(self, run: "TrainRun") -> None:
+        from saekit.train.validation import plot_validation_curve
+
+        try:
+            plot_validation_curve(self.metrics_path, self.out_path)
+        except (OSError, ValueError) as e:  # a plot must never turn a finished run into a failure
+            log.warning("%s not drawn: %s", self.out_path, e)

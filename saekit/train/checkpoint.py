@@ -11,6 +11,8 @@ Layout of `run_dir/checkpoints/`:
       rng.safetensors           `torch_cpu` (uint8), `cuda/<i>`, `numpy_mt19937` generator states
       trainer.json              TrainState, scheduler state, data position, data fingerprint, resolved
                                 train config, python/numpy RNG scalars, format version
+      best_sae.safetensors      only when the run selects its best checkpoint on validation FVU: the
+                                training-form SAE tensors of the best evaluation so far (TrainState.best_step)
       saekit_manifest.json      sha256 of every file above, written last inside the folder
     latest                      name of the newest complete checkpoint, written after the folder rename
 
@@ -56,6 +58,7 @@ LATEST = "latest"
 SAE_CFG, SAE_STATE = "sae_cfg.json", "sae_state.safetensors"
 OPT_TENSORS, OPT_JSON = "optimizer.safetensors", "optimizer.json"
 RNG_TENSORS, TRAINER_JSON = "rng.safetensors", "trainer.json"
+BEST_TENSORS = "best_sae.safetensors"
 FILES = [SAE_CFG, SAE_STATE, OPT_TENSORS, OPT_JSON, RNG_TENSORS, TRAINER_JSON]
 # SAE config fields that are metadata: they may differ between a checkpoint and the resuming run.
 _SAE_METADATA = {"device", "model_name", "hook_name", "hook_layer", "context_size", "dataset_path", "seed",
@@ -72,6 +75,10 @@ class TrainState:
     consecutive_nonfinite: int = 0
     input_scale: float | None = None  # normalisation scale (None: no normalisation)
     lr: float = 0.0  # learning rate of the last step
+    best_step: int | None = None  # step of the lowest validation FVU so far (runs that select their best)
+    best_val_fvu: float | None = None
+    evals_since_best: int = 0  # evaluations without a new best (early stopping)
+    stopped_early: bool = False  # the run ended before total_steps on early stopping
 
 
 @dataclass
@@ -85,6 +92,7 @@ class Checkpoint:
     optimizer_meta: dict
     rng_tensors: dict[str, Tensor]
     trainer: dict
+    best_tensors: dict[str, Tensor] | None = None  # the best-validation SAE (runs that select their best)
     state: TrainState = field(init=False)
 
     def __post_init__(self) -> None:
@@ -162,8 +170,12 @@ def _optimizer_state(sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> tupl
 
 
 def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
-                    batches: Any, train_config: dict, keep: int = 3) -> Path:
+                    batches: Any, train_config: dict, keep: int = 3, best: dict[str, Tensor] | None = None,
+                    extra: dict | None = None) -> Path:
     """Write `run_dir/checkpoints/step-NNNNNNNN/` atomically, then advance `latest`, then prune.
+
+    `best` (the best-validation SAE tensors of a run that selects its best) is written beside the
+    current weights, so a resumed run exports the same one; `extra` goes into trainer.json.
 
     An OSError (disk full) propagates; the half-built folder is removed and `latest` still names the
     previous complete checkpoint.
@@ -183,7 +195,9 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencod
         "train_config": train_config,
         "buffers": [n for n, _ in sae.named_buffers()],
         "rng": rng_meta,
+        **(extra or {}),
     }
+    files = FILES + ([BEST_TENSORS] if best is not None else [])
     with atomic_dir(final) as tmp:
         atomic_write_json(tmp / SAE_CFG, sae.config_dict())
         save_tensors(tmp / SAE_STATE, sae_tensors)
@@ -191,7 +205,9 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencod
         atomic_write_json(tmp / OPT_JSON, opt_meta)
         save_tensors(tmp / RNG_TENSORS, rng_tensors)
         atomic_write_json(tmp / TRAINER_JSON, trainer)
-        write_manifest(tmp, FILES, {"kind": "saekit-train-checkpoint", "step": state.step})
+        if best is not None:
+            save_tensors(tmp / BEST_TENSORS, best)
+        write_manifest(tmp, files, {"kind": "saekit-train-checkpoint", "step": state.step})
     atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
     _prune(root, keep, final)
     clean_stale_tmp(root)
@@ -226,12 +242,15 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
                       sae_tensors=load_tensors(path / SAE_STATE, files[SAE_STATE]),
                       optimizer_tensors=load_tensors(path / OPT_TENSORS, files[OPT_TENSORS]),
                       optimizer_meta=read_json(path / OPT_JSON),
-                      rng_tensors=load_tensors(path / RNG_TENSORS, files[RNG_TENSORS]), trainer=trainer)
+                      rng_tensors=load_tensors(path / RNG_TENSORS, files[RNG_TENSORS]), trainer=trainer,
+                      best_tensors=load_tensors(path / BEST_TENSORS, files[BEST_TENSORS]) if BEST_TENSORS in files
+                      else None)
 
 
 def check_compatible(ckpt: Checkpoint, sae: SparseAutoencoder, train_config: dict, fingerprint: str,
-                     resume_keys: tuple[str, ...]) -> None:
-    """Raise ResumeMismatchError listing every difference that would make the resumed run a different run."""
+                     resume_keys: tuple[str, ...], defaults: dict | None = None) -> None:
+    """Raise ResumeMismatchError listing every difference that would make the resumed run a different run.
+    `defaults` stands in for train-config keys a checkpoint does not hold (written before they existed)."""
     problems = []
     saved_sae, cur_sae = ckpt.sae_config, sae.config_dict()
     base_fields = set(SAEConfig.__dataclass_fields__)
@@ -239,7 +258,7 @@ def check_compatible(ckpt: Checkpoint, sae: SparseAutoencoder, train_config: dic
     for k in sorted(keys - _SAE_METADATA):
         if saved_sae.get(k) != cur_sae.get(k):
             problems.append(f"sae.{k}: checkpoint {saved_sae.get(k)!r}, current {cur_sae.get(k)!r}")
-    saved_train = ckpt.trainer["train_config"]
+    saved_train = {**(defaults or {}), **ckpt.trainer["train_config"]}
     for k in resume_keys:
         if saved_train.get(k) != train_config.get(k):
             problems.append(f"train.{k}: checkpoint {saved_train.get(k)!r}, current {train_config.get(k)!r}")

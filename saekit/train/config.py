@@ -17,6 +17,10 @@ from saekit.errors import ConfigError
 # Fields that must agree between a checkpoint and the run resuming it (bit-exact resume).
 RESUME_KEYS = ("total_steps", "batch_size", "lr", "beta1", "beta2", "eps", "warmup_steps", "decay",
                "decay_fraction", "grad_clip", "normalize_activations", "norm_batches", "init_batches", "seed")
+# Fields that must also agree when the run selects its best checkpoint on validation FVU (the
+# evaluation steps and the sample decide which checkpoint wins); a checkpoint written before a field
+# existed holds the field's default.
+SELECTION_KEYS = ("eval_every", "val_rows", "select_best", "early_stop_patience")
 
 
 def default_lr(d_sae: int) -> float:
@@ -61,14 +65,32 @@ class TrainConfig(Config):
     precision: str = param("fp32", "SAE forward precision: fp32, bf16 (autocast; parameters and Adam state stay "
                                    "fp32), or auto (bf16 on GPUs and on CPUs with bf16 instructions)",
                            choices=["fp32", "bf16", "auto"])
+    eval_every: int = param(500, "measure validation FVU, L0 and dead fraction on the held-out sample every this many "
+                                 "steps and at the last step (0: never; needs val_batches)", ge=0)
+    val_rows: int = param(4096, "rows of the fixed validation sample (evenly spaced over the held-out rows)", ge=2)
+    select_best: bool = param(False, "export the checkpoint with the lowest validation FVU as final_sae instead of "
+                                     "the last one (off by default: the last step is what a resumed run reproduces "
+                                     "without validation)")
+    early_stop_patience: int = param(0, "stop after this many evaluations without a new best validation FVU, and "
+                                        "export the best (implies select_best; 0: never stop early)", ge=0)
+    max_epochs_warning: float = param(20, "warn when the run will pass over its training rows more than this many "
+                                          "times (0: never warn)", ge=0)
 
     def validate(self) -> None:
         if (self.total_steps is None) == (self.total_tokens is None):
             raise ConfigError("TrainConfig: give exactly one of total_steps and total_tokens "
                               f"(found total_steps={self.total_steps}, total_tokens={self.total_tokens})")
+        if self.selects_best and self.eval_every == 0:
+            raise ConfigError("TrainConfig: select_best / early_stop_patience choose among validation evaluations; "
+                              "expected eval_every >= 1, found eval_every=0")
 
     def __post_init__(self) -> None:
         self.validate()
+
+    @property
+    def selects_best(self) -> bool:
+        """Whether the exported SAE is the best-validation checkpoint (select_best or early stopping)."""
+        return self.select_best or self.early_stop_patience > 0
 
     @property
     def steps(self) -> int:

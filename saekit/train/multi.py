@@ -224,6 +224,7 @@ class Job:
     batches: Any
     cfg: Any  # TrainConfig
     run_dir: Path
+    val_batches: Any = None  # held-out rows for validation during training (see saekit.train.validation)
 
 
 def train_many(jobs: list[Job], resume: bool | str = False, callbacks: dict[str, list] | None = None) -> dict:
@@ -231,7 +232,8 @@ def train_many(jobs: list[Job], resume: bool | str = False, callbacks: dict[str,
 
     A stop signal checkpoints every SAE, then raises TrainingInterrupted."""
     callbacks = callbacks or {}
-    trainers = {j.name: Trainer(j.sae, j.batches, j.cfg, j.run_dir, callbacks.get(j.name), resume) for j in jobs}
+    trainers = {j.name: Trainer(j.sae, j.batches, j.cfg, j.run_dir, callbacks.get(j.name), resume,
+                                val_batches=j.val_batches) for j in jobs}
     first = next(iter(trainers.values()))
     with first.environment() as stop:
         try:
