@@ -120,6 +120,7 @@ FEATURE_COLUMNS = tuple(FeatureRow.__annotations__)
 class SAEFacts(TypedDict):
     architecture: str
     k: Optional[int]
+    origin: str  # "saekit", or the format the SAE was read from (saelens, sparsify, dictionary_learning, gemmascope)
 
 
 class BundleManifest(TypedDict):
@@ -147,6 +148,7 @@ class BundleManifest(TypedDict):
     build_seconds: float
     store_format_version: int
     eval_report: bool
+    preflight: Optional[dict[str, Any]]  # the SAE-vs-store check the run layer made before building (None: none)
 
 
 class BundleError(CorruptArtifactError):
