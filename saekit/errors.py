@@ -84,3 +84,7 @@ class HookMismatchError(PreflightError):
 class InputMismatchError(PreflightError):
     """The SAE reconstructs the store's rows worse than their mean (FVU > 1): it probably expects other
     inputs (another hook or model, or an input normalisation the store does not apply)."""
+
+
+class DInMismatchError(PreflightError, ShapeMismatchError):
+    """The SAE's d_in and the store's (or the model's hook's) width differ; never overridable."""

@@ -6,7 +6,7 @@ scaled to a fixed norm. Peers' users were hurt by exactly this, silently. So whe
 store or a model (eval, probe, steer, analyze), four facts are checked, each failure a named error that
 names both sides:
 
-    d_in        SAE cfg.d_in == store d_in                  always (ShapeMismatchError)
+    d_in        SAE cfg.d_in == store d_in                  always (DInMismatchError, a ShapeMismatchError)
     model       SAE model_name ~ store's source model       ModelMismatchError; `force` accepts an alias
     hook        SAE hook_name ~ store hook                  HookMismatchError (same (layer, site) in another
                                                             naming convention agrees: see sources.hooks)
@@ -26,7 +26,7 @@ from pathlib import Path
 
 import torch
 
-from saekit.errors import (HookMismatchError, InputMismatchError, ModelMismatchError, ShapeMismatchError)
+from saekit.errors import DInMismatchError, HookMismatchError, InputMismatchError, ModelMismatchError
 from saekit.eval.reconstruction import fvu
 from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.sources.hooks import hook_site
@@ -93,7 +93,7 @@ def preflight(sae: SparseAutoencoder, store: ActivationStore, force: bool = Fals
 
 def check_d_in(sae: SparseAutoencoder, store: ActivationStore) -> None:
     if sae.cfg.d_in != store.d_in:
-        raise ShapeMismatchError(f"preflight: the {describe(sae)} expects d_in={sae.cfg.d_in} (its cfg.d_in), the "
+        raise DInMismatchError(f"preflight: the {describe(sae)} expects d_in={sae.cfg.d_in} (its cfg.d_in), the "
                                  f"store {store.path} holds d_in={store.d_in} (hook '{store.hook}', model "
                                  f"'{store.manifest.source.get('model')}'); an SAE only reads activations of its width")
 
