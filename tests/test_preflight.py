@@ -18,7 +18,7 @@ from saekit.errors import (DInMismatchError, HookMismatchError, InputMismatchErr
 from saekit.eval.preflight import preflight, same_model
 from saekit.sources.hooks import hook_site
 from saekit.store.locate import store_for_hook
-from support.interop import DL_BATCHTOPK, GEMMASCOPE, SAELENS_JUMPRELU, fitted_store
+from support.interop import DL_BATCHTOPK, GEMMASCOPE, SAELENS_JUMPRELU, fitted_store, fitted_vectors
 
 
 @pytest.fixture(scope="module")
@@ -30,11 +30,11 @@ def saes():
 def stores(tmp_path_factory, saes):
     """The matching store, and one store per thing that can be wrong."""
     root = tmp_path_factory.mktemp("preflight")
-    fit = list(saes.values())
+    fit = fitted_vectors(list(saes.values()))
     paths = {"ok": fitted_store(root / "ok", fit),
              "model": fitted_store(root / "model", fit, model="other-model"),
              "hook": fitted_store(root / "hook", fit, hook="transformer.h.0"),
-             "d_in": fitted_store(root / "d_in", [], d_in=8),
+             "d_in": fitted_store(root / "d_in", fitted_vectors([], d_in=8)),
              "scale": fitted_store(root / "scale", fit, scale=0.05)}
     return {k: store_for_hook(p, None) for k, p in paths.items()}
 

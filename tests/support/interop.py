@@ -30,13 +30,14 @@ HOOK = "transformer.h.1"
 D_IN = 16
 
 
-def fitted_vectors(saes: list, n: int, d_in: int, seed: int = 0, steps: int = 400) -> torch.Tensor:
+def fitted_vectors(saes: list, n: int = len(WORDS) + 2, d_in: int = D_IN, seed: int = 0, steps: int = 100
+                   ) -> torch.Tensor:
     """`n` vectors `[n, d_in]` every SAE of `saes` reconstructs well; random ones when `saes` is empty."""
     g = torch.Generator().manual_seed(seed)
     x_ND = (torch.randn(n, d_in, generator=g) * 2).requires_grad_()
     if not saes:
         return x_ND.detach()
-    opt = torch.optim.Adam([x_ND], lr=0.05)
+    opt = torch.optim.Adam([x_ND], lr=0.1)
     for _ in range(steps):
         loss = sum(_fvu(sae, x_ND) for sae in saes)
         opt.zero_grad()
@@ -64,13 +65,13 @@ class ScaledSource(TokenNoiseSource):
                                   doc_id=b.doc_id, pos=b.pos)
 
 
-def fitted_store(root: str | Path, saes: list, model: str = MODEL, hook: str = HOOK, d_in: int = D_IN,
+def fitted_store(root: str | Path, vectors_VD: torch.Tensor, model: str = MODEL, hook: str = HOOK,
                  scale: float = 1.0, n_docs: int = 80, seed: int = 0) -> Path:
-    """`<root>/store`: a store (written by `cache_activations`) over `synthetic_docs` whose rows `saes`
-    reconstruct well, of a tiny GPT-2 saved as `<root>/<model>`; returns the store folder."""
+    """`<root>/store`: a store (written by `cache_activations`) over `synthetic_docs` whose token vectors are
+    `vectors_VD` (from `fitted_vectors`), of a tiny GPT-2 saved as `<root>/<model>`; returns the store folder."""
     root = Path(root)
+    d_in = vectors_VD.shape[1]
     model_dir = tiny_lm(root / model, d_model=d_in)
-    vectors_VD = fitted_vectors(saes, len(WORDS) + 2, d_in, seed)
     source = ScaledSource(llm_spec(str(model_dir), hook, d_in), vectors_VD, scale, seed)
     store = RunFolder(root).store
     cache_activations(source, synthetic_docs(n_docs, seed), store, StoreConfig(docs_per_shard=64))
