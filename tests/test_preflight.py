@@ -8,6 +8,11 @@ The SAEs are the peer-made fixtures (tests/fixtures/interop); the stores are wri
 from __future__ import annotations
 
 import json
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -19,6 +24,9 @@ from saekit.eval.preflight import preflight, same_model
 from saekit.sources.hooks import hook_site
 from saekit.store.locate import store_for_hook
 from support.interop import DL_BATCHTOPK, GEMMASCOPE, SAELENS_JUMPRELU, fitted_store, fitted_vectors
+from support.runs import synthetic_llm_run
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -138,3 +146,36 @@ def test_cli_eval_refuses_mis_normalised_and_wrong_hook(stores, tmp_path, capsys
     for store, error in (("scale", "InputMismatchError"), ("hook", "HookMismatchError"), ("d_in", "DInMismatchError")):
         assert main(["eval", str(DL_BATCHTOPK), "--store", str(stores[store].path), "--out", str(tmp_path)]) == 2
         assert error in capsys.readouterr().err
+
+
+def _readme_block() -> str:
+    """The python block of the README's "Use an SAE you already have" section."""
+    section = (ROOT / "README.md").read_text().split("## Use an SAE you already have", 1)[1]
+    return re.search(r"^```python\n(.*?)^```", section, re.S | re.M).group(1)
+
+
+def _run_block(block: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
+           "OMP_NUM_THREADS": "1"}
+    return subprocess.run([sys.executable, "-c", block], capture_output=True, text=True, cwd=cwd, env=env)
+
+
+def test_readme_block_runs_on_a_peer_sae(stores, tmp_path):
+    """The README's three lines with the paths supplied: a SAELens JumpReLU folder and a store of its hook."""
+    block = _readme_block()
+    mine = block.replace("runs/quickstart-smollm2/train", str(SAELENS_JUMPRELU)).replace(
+        "runs/quickstart-smollm2/store", str(stores["ok"].path))
+    assert mine != block
+    proc = _run_block(mine, tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preflight: FVU 0." in proc.stdout and "same activation (layer 1 resid_post)" in proc.stdout
+    wrong = mine.replace(str(stores["ok"].path), str(stores["hook"].path))
+    proc = _run_block(wrong, tmp_path)
+    assert proc.returncode != 0 and "HookMismatchError" in proc.stderr
+
+
+def test_readme_block_runs_as_printed(tmp_path, one_thread):
+    synthetic_llm_run(tmp_path / "runs" / "quickstart-smollm2", n_rows=3000, d_sae=64, k=4, d_in=32)
+    proc = _run_block(_readme_block(), tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "preflight: FVU" in proc.stdout
