@@ -73,7 +73,7 @@ def configured_force(folder: RunFolder) -> bool:
     """`sae.force` of the run's resolved config (a run of an imported SAE whose model name is an alias)."""
     if not folder.config.exists():
         return False
-    cfg = load_run_config(folder.config)
+    cfg = load_run_config(folder.config, strict=False)  # only `sae.force` is read here
     return isinstance(cfg, RunConfig) and cfg.imports_sae and bool(cfg.sae.get("force", False))
 
 
