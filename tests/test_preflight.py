@@ -23,8 +23,9 @@ from saekit.errors import (DInMismatchError, HookMismatchError, InputMismatchErr
 from saekit.eval.preflight import preflight, same_model
 from saekit.sources.hooks import hook_site
 from saekit.store.locate import store_for_hook
-from support.interop import DL_BATCHTOPK, GEMMASCOPE, SAELENS_JUMPRELU, fitted_store, fitted_vectors
-from support.runs import synthetic_llm_run
+from saekit.store.writer import StoreConfig, cache_activations
+from support.interop import DL_BATCHTOPK, GEMMASCOPE, SAELENS_JUMPRELU, ScaledSource, fitted_store, fitted_vectors
+from support.runs import llm_spec, synthetic_docs, synthetic_llm_run
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,6 +58,18 @@ def test_hook_site_reads_every_convention():
     assert hook_site("blocks.2.hook_mlp_out") == (2, "mlp_out")
     assert hook_site("blocks.2.hook_resid_pre") == (2, "resid_pre") != hook_site("blocks.2.hook_resid_post")
     assert hook_site("embeddings") is None and hook_site("model.norm") is None
+
+
+def test_a_cache_root_of_several_hooks_opens_the_sae_hooks_store(saes, tmp_path):
+    """An SAE from another tool names its hook in that tool's convention; the root's store of the same
+    (layer, site) is the one it reads."""
+    spec = llm_spec("toy-model", "transformer.h.0", 16) | {"hooks": ["transformer.h.0", "transformer.h.1"],
+                                                           "d_in": {"transformer.h.0": 16, "transformer.h.1": 16}}
+    source = ScaledSource(spec, fitted_vectors(list(saes.values())))
+    cache_activations(source, synthetic_docs(20), tmp_path, StoreConfig(docs_per_shard=64))
+    assert store_for_hook(tmp_path, "blocks.1.hook_resid_post").hook == "transformer.h.1"
+    assert store_for_hook(tmp_path, "resid_post_layer_0").hook == "transformer.h.0"
+    assert preflight(saes["batchtopk"], store_for_hook(tmp_path, saes["batchtopk"].cfg.hook_name)).fvu < 1
 
 
 def test_model_aliases_by_last_path_component():
