@@ -80,9 +80,10 @@ class RunConfig(ActivationRunConfig):
     """One run: which text, which model and hooks, where to store, what SAE to train and how."""
 
     sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields, or "
-                                    "`from: PATH` (an SAE you already have, relative to the working directory: saekit, SAELens, sparsify, "
-                                    "dictionary_learning or Gemma Scope files; no training) with optional "
-                                    "`force: true` (accept a model-name alias) and `strict: false`")
+                                    "`from: PATH` (an SAE you already have: saekit, SAELens, sparsify, "
+                                    "dictionary_learning or Gemma Scope files; relative to the working "
+                                    "directory; no training) with optional `force: true` (accept a "
+                                    "model-name alias) and `strict: false`")
     train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig)")
     eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
     analyze: dict[str, Any] = param({}, "feature-browser bundle settings (saekit.analysis.features.AnalyzeConfig)")
