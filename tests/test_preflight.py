@@ -20,7 +20,7 @@ import saekit
 from saekit.cli import main
 from saekit.errors import (DInMismatchError, HookMismatchError, InputMismatchError, ModelMismatchError,
                            PreflightError, ShapeMismatchError)
-from saekit.eval.preflight import preflight, same_model
+from saekit.eval.preflight import check_model_hook, preflight, same_model
 from saekit.sources.hooks import hook_site
 from saekit.store.locate import store_for_hook
 from saekit.store.writer import StoreConfig, cache_activations
@@ -106,6 +106,14 @@ def test_wrong_hook_is_refused_naming_both(saes, stores, name):
         preflight(saes[name], stores["hook"])
     with pytest.raises(HookMismatchError):  # force is for a model alias, not for another activation
         preflight(saes[name], stores["hook"], force=True)
+
+
+def test_a_steering_hook_must_be_the_checked_activation(saes, stores):
+    record = preflight(saes["jumprelu"], stores["ok"])
+    check_model_hook(record, "transformer.h.1")  # the store's name for the SAE's blocks.1.hook_resid_post
+    check_model_hook(record, "blocks.1.hook_resid_post")
+    with pytest.raises(HookMismatchError, match=r"'blocks\.1\.hook_resid_post'.*'transformer\.h\.0'"):
+        check_model_hook(record, "transformer.h.0")
 
 
 def test_wrong_d_in_is_refused_even_with_force(saes, stores):

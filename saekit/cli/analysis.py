@@ -16,6 +16,7 @@ from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, wr
 from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError
+from saekit.eval.preflight import check_model_hook
 from saekit.layout import RunFolder
 from saekit.run.stages import checked_sae_and_store
 from saekit.store.locate import store_for_hook
@@ -154,6 +155,8 @@ def cmd_steer(args) -> int:
     folder = RunFolder(Path(args.run))
     folder = (folder.for_sae(args.sae) if getattr(args, "sae", None) else folder).require_one_sae()
     sae, store, checked = checked_sae_and_store(folder, force=args.force)
+    if args.hook:
+        check_model_hook(checked, args.hook)
     print(checked.summary())
     sae = sae.eval()
     edits = edits_from_args(args)

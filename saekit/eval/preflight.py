@@ -139,6 +139,18 @@ def check_hook(record: Preflight, sae_layer: int = -1) -> None:
                             f"SAE's hook point, or open the store of that hook")
 
 
+def check_model_hook(record: Preflight, hook: str) -> None:
+    """A hook the SAE is about to be applied at in a model (steering's `--hook`) against the hook it was
+    checked for: its own hook name, or the store's when it names none (where the first FVU was measured)."""
+    checked = record.sae_hook or record.store_hook
+    site = hook_site(checked) if checked else None
+    if not checked or hook == checked or (site is not None and site == hook_site(hook)):
+        return
+    raise HookMismatchError(f"preflight: the {record.sae} was checked for hook '{checked}' ({_site_text(site)}), "
+                            f"it would be applied in the model at '{hook}' ({_site_text(hook_site(hook))}); "
+                            f"leave the hook out to use the SAE's own")
+
+
 def _layer_only(record: Preflight, sae_layer: int, store_site: tuple[int, str] | None) -> str:
     """No hook name on one side: compare the SAE's layer when both sides know one, else warn."""
     if sae_layer >= 0 and store_site is not None and sae_layer != store_site[0]:
