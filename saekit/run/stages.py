@@ -4,7 +4,9 @@ Why here, at the top of the library: a stage turns a run config into calls of th
 (data, sources, store, sae, train, eval, analysis, browser) and writes into the run folder, so it is
 the one place allowed to know all of them. Where each part of a run lives is `saekit.layout.RunFolder`'s
 answer; nothing here joins path strings. The trainer (`saekit.train`) never sees a run config: the
-stages build the SAE from the store's facts and hand it batches.
+stages build the SAE from the store's facts and hand it batches. A run of an SAE you already have
+(`sae: {from: PATH}`) imports it in place of training. Every stage that puts an SAE to a store opens them
+through `checked_sae_and_store`, so the preflight (d_in, hook, model, first FVU) runs before any work.
 
 A run folder, once more (see `saekit.layout`): config.yaml, store/ (or the config's `store.path`),
 train/ (train/<name>/ for each SAE of a multi-SAE run), eval/, probe/, steer/, bundle/ (per SAE).
