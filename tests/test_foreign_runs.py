@@ -129,3 +129,21 @@ def test_wrong_model_refused_before_import_then_forced(runs, tmp_path):
     assert "toy-model-renamed" in result["report"]["preflight"]["forced"][0]
     assert json.loads((cfg.folder.probe / "report.json").read_text())["preflight"]["forced"]
     assert json.loads((cfg.folder.bundle / "saekit_manifest.json").read_text())["preflight"]["forced"]
+
+
+def test_a_from_run_without_a_store_caches_it_then_refuses_other_inputs(tmp_path, capsys):
+    """No store yet: `saekit run` caches one with the config's model (a random tiny GPT-2 named like the
+    fixture's model, at the fixture's hook), then the preflight finds the SAE reconstructs those activations
+    far worse than their mean and refuses before anything is written into train/."""
+    from support.runs import tiny_lm
+
+    model = tiny_lm(tmp_path / "toy-model", d_model=16)
+    data = {"name": "uncached", "output_dir": str(tmp_path / "run"), "corpus": {"max_docs": 30},
+            "source": {"kind": "hf", "model": str(model), "hooks": [HOOK], "max_length": 32},
+            "sae": {"from": str(DL_BATCHTOPK)}, "eval": {"splice_docs": 0}}
+    (tmp_path / "c.yaml").write_text(yaml.safe_dump(data))
+    assert main(["run", str(tmp_path / "c.yaml")]) == 2
+    assert "InputMismatchError" in capsys.readouterr().err
+    folder = RunFolder(tmp_path / "run")
+    assert saekit.ActivationStore(folder.store).complete
+    assert folder.config.exists() and not folder.train().exists()
