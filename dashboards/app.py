@@ -70,8 +70,10 @@ def main() -> None:
 def _bundle_view(view: str, run: Path, label: str) -> None:
     bundle = load_bundle(run)
     m = bundle.manifest
+    sae = m.get("sae", {})
+    origin = f" (from {sae['origin']} files)" if sae.get("origin", "saekit") != "saekit" else ""
     st.sidebar.caption(f"{'LLM' if bundle.is_llm else 'embedding'} run · {m.get('model')} · hook `{m.get('hook')}` · "
-                       f"{m.get('sae', {}).get('architecture')} d_sae={bundle.d_sae}")
+                       f"{sae.get('architecture')} d_sae={bundle.d_sae}{origin}")
     module = BUNDLE_VIEWS[view]
     module.render(bundle, label if module in (feature_list, feature_page) else run)
 

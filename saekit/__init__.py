@@ -25,6 +25,7 @@ _LAZY = {
     "cache": ("saekit.store.writer", "cache_activations"),
     "ActivationStore": ("saekit.store.reader", "ActivationStore"),
     "evaluate": ("saekit.eval.report", "evaluate_sae"),
+    "preflight": ("saekit.eval.preflight", "preflight"),
     "load_run_config": ("saekit.run.config", "load_run_config"),
     "run_all": ("saekit.run.stages", "run_all"),
     "RunFolder": ("saekit.layout", "RunFolder"),

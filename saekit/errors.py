@@ -97,3 +97,25 @@ def _common_prefix(a: str, b: str) -> str:
     while i < min(len(a), len(b)) and a[i] == b[i]:
         i += 1
     return a[:i]
+
+
+class PreflightError(SaekitError, ValueError):
+    """An SAE met activations it was not made for: its d_in, hook or model disagrees with the store's or
+    the model's, or it reconstructs the store's first rows worse than their mean does (FVU > 1)."""
+
+
+class ModelMismatchError(PreflightError):
+    """The SAE's model name and the store's (or the loaded model's) name different models."""
+
+
+class HookMismatchError(PreflightError):
+    """The SAE's hook point and the store's hook point are different activations."""
+
+
+class InputMismatchError(PreflightError):
+    """The SAE reconstructs the store's rows worse than their mean (FVU > 1): it probably expects other
+    inputs (another hook or model, or an input normalisation the store does not apply)."""
+
+
+class DInMismatchError(PreflightError, ShapeMismatchError):
+    """The SAE's d_in and the store's (or the model's hook's) width differ; never overridable."""

@@ -259,3 +259,20 @@ def test_hook_z_reshape_is_metadata(tmp_path):
     _assert_matches(sae, _reference("saelens_standard"))
     save_sae(sae, tmp_path / "out", format="saelens")
     assert json.loads((tmp_path / "out" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
+
+
+def test_saekit_format_keeps_the_foreign_metadata(tmp_path):
+    """Converting another tool's SAE to saekit's format keeps its metadata record (metadata.json, in the
+    manifest); an altered record is detected."""
+    sae = saekit.load_sae(FIXTURES / "saelens" / "jumprelu")
+    saekit.save_sae(sae, tmp_path / "out")
+    back = saekit.load_sae(tmp_path / "out")
+    assert detect(tmp_path / "out") == "saekit" and back.metadata == sae.metadata
+    assert back.metadata.extra["metadata"]["model_from_pretrained_kwargs"] == {"center_writing_weights": False}
+    record = json.loads((tmp_path / "out" / "metadata.json").read_text())
+    (tmp_path / "out" / "metadata.json").write_text(json.dumps(record | {"format": "sparsify"}))
+    with pytest.raises(CorruptArtifactError, match="metadata.json"):
+        saekit.load_sae(tmp_path / "out")
+    plain = create({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 2})
+    saekit.save_sae(plain, tmp_path / "plain")
+    assert not (tmp_path / "plain" / "metadata.json").exists()

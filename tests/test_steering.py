@@ -278,13 +278,17 @@ def test_steer_cli_on_an_llm_run_folder(smollm, tweets, tmp_path, capsys):
     from saekit.sae.registry import save_sae
     from saekit.sources.base import SourceConfig
     from saekit.sources.hf import HFSource
+    from saekit.store.reader import ActivationStore
     from saekit.store.writer import cache_activations
 
     model, tok = smollm
     run = tmp_path / "run"
     cache_activations(HFSource(SourceConfig(kind="hf", hooks=[LAYER], batch_size=8, max_length=24), model, tok),
                       tweets[:8], run / "store")
-    save_sae(_topk(d_in=576, d_sae=64), run / "train" / "final_sae")
+    sae = _topk(d_in=576, d_sae=64)
+    with torch.no_grad():  # centred on the rows: the preflight refuses an SAE worse than their mean (FVU > 1)
+        sae.b_dec.copy_(ActivationStore(run / "store")[:].mean(0))
+    save_sae(sae, run / "train" / "final_sae")
     p = argparse.ArgumentParser()
     add_steer_arguments(p)
     args = p.parse_args([str(run), "--prompt", "I am going to", "--feature", "3", "--alpha", "80", "--clamp", "5=2.5",

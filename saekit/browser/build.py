@@ -295,11 +295,12 @@ def open_run(run: str | Path | RunFolder):
 
 
 def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, *, model=None, tokenizer=None,
-                 out: str | Path | None = None) -> Path:
+                 out: str | Path | None = None, preflight: dict | None = None) -> Path:
     """Analyse the run's store with its SAE and write its bundle folder (or `out`); returns the folder.
 
     `run` is a run folder (or a `RunFolder` scoped to one SAE of a multi-SAE run); `cfg` defaults to
-    `AnalyzeConfig()` (the run layer passes the run config's `analyze:` section)."""
+    `AnalyzeConfig()` (the run layer passes the run config's `analyze:` section, and the record of its
+    SAE-vs-store preflight, kept in the manifest)."""
     t0 = time.perf_counter()
     cfg = cfg or AnalyzeConfig()
     folder, sae, store = open_run(run)
@@ -326,13 +327,14 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
             "bundle_format": BUNDLE_FORMAT, "kind": store.kind, "run": folder.label, "hook": store.hook,
             "model": spec.get("model"), "source": spec, "d_in": store.d_in, "d_sae": sae.cfg.d_sae,
             "n_rows": len(store), "n_docs": store.manifest.n_docs, "index_parts": parts,
-            "sae": {"architecture": sae.architecture, "k": getattr(sae.cfg, "k", None)},
+            "sae": {"architecture": sae.architecture, "k": getattr(sae.cfg, "k", None),
+                    "origin": getattr(getattr(sae, "metadata", None), "format", "saekit")},
             "analyze": cfg.to_dict(), "cooccurrence_exact": not istats.pairs_truncated,
             "has_logit_lens": bool(is_llm and W_U is not None and cfg.logit_lens),
             "has_token_text": bool(is_llm and tokenizer is not None), "dead": facts["dead"],
             "build_seconds": round(time.perf_counter() - t0, 3), "store_format_version": FORMAT_VERSION,
             "eval_report": (folder.eval / "report.json").exists(),
-            "outliers": outlier_facts(store, folder, facts["mostly_outliers"])})
+            "outliers": outlier_facts(store, folder, facts["mostly_outliers"]), "preflight": preflight})
     log.info("bundle for %s: %d features (%d dead) over %d rows in %.1f s", folder.label, sae.cfg.d_sae,
              facts["dead"], len(store), time.perf_counter() - t0)
     return out

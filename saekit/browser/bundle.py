@@ -124,6 +124,7 @@ FEATURE_COLUMNS = tuple(FeatureRow.__annotations__)
 class SAEFacts(TypedDict):
     architecture: str
     k: Optional[int]
+    origin: str  # "saekit", or the format the SAE was read from (saelens, sparsify, dictionary_learning, gemmascope)
 
 
 class BundleManifest(TypedDict):
@@ -152,6 +153,7 @@ class BundleManifest(TypedDict):
     store_format_version: int
     eval_report: bool
     outliers: dict[str, Any]  # rule, store_outliers, median_norm, threshold_norm, excluded_in_training, ...
+    preflight: Optional[dict[str, Any]]  # the SAE-vs-store check the run layer made before building (None: none)
 
 
 class BundleError(CorruptArtifactError):

@@ -1,8 +1,8 @@
 """CLI logic of `saekit probe RUN` and `saekit steer RUN` (printing happens here).
 
 Kept apart from probing.py and steering.py so the library modules hold only the APIs. Which SAE and
-store a run folder holds is the run layer's answer (`RunFolder`, `open_sae_and_store`): a run whose
-config sets `store.path` is read there, and a multi-SAE run is probed once per SAE.
+store a run folder holds is the run layer's answer (`RunFolder`, `checked_sae_and_store`, which also runs
+the preflight): a run whose config sets `store.path` is read there, and a multi-SAE run is probed once per SAE.
 """
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, wr
 from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError
+from saekit.eval.preflight import check_model_hook
 from saekit.layout import RunFolder
-from saekit.run.stages import open_sae_and_store
+from saekit.run.stages import checked_sae_and_store
 from saekit.store.locate import store_for_hook
 
 # -- CLI logic `saekit probe` -------------------------------------------------------------
@@ -42,6 +43,8 @@ def add_probe_arguments(parser) -> None:
     parser.add_argument("--max-rows", type=int, default=None, help="probe at most this many rows (seeded sample)")
     parser.add_argument("--no-sae", action="store_true", help="raw neurons only")
     parser.add_argument("--out", default=None, help="output folder (default: the run's probe folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the SAE's model name differs from the store's (an alias); recorded")
 
 
 def _folders(args) -> list[RunFolder]:
@@ -60,10 +63,14 @@ def cmd_probe(args) -> int:
 
 
 def _probe_one(args, folder: RunFolder) -> None:
-    sae, store = (None, store_for_hook(folder.store, None)) if args.no_sae else open_sae_and_store(folder)
+    sae, store, checked = (None, store_for_hook(folder.store, None), None) if args.no_sae \
+        else checked_sae_and_store(folder, force=args.force)
     report = probe_sweep(store, args.label, sae=sae, ks=_int_list(args.ks),
                          methods=[m for m in args.methods.split(",") if m], test_frac=args.test_frac,
                          seed=args.seed, max_rows=args.max_rows, positive=args.positive)
+    if checked is not None:
+        report["preflight"] = checked.to_dict()
+        print(checked.summary())
     paths = write_probe_report(report, args.out or folder.probe)
     print(f"== {folder.label}: probe '{report['label']}' = {report['positive']} vs rest: {report['n_train_docs']} train / "
           f"{report['n_test_docs']} test documents, {report['n_rows']} rows")
@@ -93,6 +100,8 @@ def add_steer_arguments(parser) -> None:
     parser.add_argument("--greedy", action="store_true", help="greedy decoding instead of sampling")
     parser.add_argument("--temperature", type=float, default=0.8)
     parser.add_argument("--top-n", type=int, default=10, help="results shown for embedding-search steering")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the SAE's model name differs from the store's (an alias); recorded")
 
 
 def edits_from_args(args) -> list[FeatureEdit]:
@@ -145,7 +154,10 @@ def cmd_steer(args) -> int:
 
     folder = RunFolder(Path(args.run))
     folder = (folder.for_sae(args.sae) if getattr(args, "sae", None) else folder).require_one_sae()
-    sae, store = open_sae_and_store(folder)
+    sae, store, checked = checked_sae_and_store(folder, force=args.force)
+    if args.hook:
+        check_model_hook(checked, args.hook)
+    print(checked.summary())
     sae = sae.eval()
     edits = edits_from_args(args)
     model, tok = load_for_spec(store.manifest["source"])
@@ -155,6 +167,7 @@ def cmd_steer(args) -> int:
         out = generate_steered(model, tok, args.prompt, args.hook or store.hook, sae=sae, edits=edits,
                                max_new_tokens=args.max_new_tokens, seed=args.seed, do_sample=not args.greedy,
                                temperature=args.temperature)
+    out["preflight"] = checked.to_dict()
     _print_side_by_side(out)
     path = folder.steer / f"steer-{time.strftime('%Y%m%d-%H%M%S')}-seed{args.seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -26,11 +26,14 @@ def add_analyze_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--no-logit-lens", action="store_true", help="skip the logit lens (no model load)")
     parser.add_argument("--device", default=None, help="device for encoding (cpu, cuda)")
     parser.add_argument("--out", default=None, help="bundle folder (default: the run's bundle folder)")
+    parser.add_argument("--force", action="store_true",
+                        help="run even when the SAE's model name differs from the store's (an alias); recorded")
 
 
 def cmd_analyze(args: argparse.Namespace) -> int:
     from saekit.analysis.features import AnalyzeConfig
     from saekit.browser.build import read_bundle_manifest
+    from saekit.eval.preflight import format_preflight
     from saekit.run.stages import analyze_config_for, analyze_run
 
     folder = RunFolder(Path(args.run))
@@ -39,8 +42,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     overrides = {"chunk_rows": args.chunk_rows, "top_examples": args.top_examples, "device": args.device,
                  "logit_lens": False if args.no_logit_lens else None}
     fields.update({k: v for k, v in overrides.items() if v is not None})
-    for out in analyze_run(folder, AnalyzeConfig.from_dict(fields, where="analyze"), out=args.out):
+    for out in analyze_run(folder, AnalyzeConfig.from_dict(fields, where="analyze"), out=args.out, force=args.force):
         m = read_bundle_manifest(out)
+        print(format_preflight(m["preflight"]))
         print(f"bundle {out}: {m['d_sae']} features ({m['dead']} dead) over {m['n_rows']:,} rows "
               f"in {m['build_seconds']:.1f} s")
     print(f"open it with: saekit browse {args.run}")

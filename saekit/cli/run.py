@@ -31,15 +31,18 @@ def cmd_cache(args) -> int:
 
 
 def cmd_eval(args) -> int:
+    from saekit.eval.preflight import format_preflight
     from saekit.eval.report import format_report
     from saekit.run.stages import eval_target
 
     try:
-        report, out = eval_target(args.target, store=args.store, max_rows=args.max_rows, out=args.out)
+        report, out = eval_target(args.target, store=args.store, max_rows=args.max_rows, out=args.out,
+                                  force=args.force)
     except StoreMissingError as e:  # a run config or folder whose store was never cached
         if args.store is not None:
             raise
         raise e.with_fix(f"saekit cache {args.target}") from e
+    print(format_preflight(report["preflight"]))
     print(format_report(report))
     print(f"report: {out / 'report.json'}")
     return 0
@@ -85,11 +88,13 @@ def _run_one(config: str):
 
 
 def _print_run(cfg, result) -> None:
+    from saekit.eval.preflight import format_preflight
     from saekit.eval.report import format_report
 
     print(f"\n== {cfg.name}: results in {cfg.run_dir}")
     if result.get("training_rows"):
         print(f"training rows: {_describe_training_rows(result['training_rows'])}")
+    print(format_preflight(result["report"]["preflight"]))
     print(format_report(result["report"]))
     print(f"SAE: {result['final_sae']}   (python: saekit.load_sae('{result['final_sae']}'))")
     warning = (result["report"].get("generalisation") or {}).get("warning")
@@ -131,6 +136,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--store", default=None)
     p.add_argument("--out", default=None)
     p.add_argument("--max-rows", type=int, default=0)
+    p.add_argument("--force", action="store_true",
+                   help="run even when the SAE's model name differs from the store's (an alias); recorded")
     p.set_defaults(fn=cmd_eval)
     p = sub.add_parser("compare", help="side-by-side table of several evaluated runs")
     p.add_argument("runs", nargs="+")

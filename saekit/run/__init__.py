@@ -7,7 +7,8 @@ several lower layers and write into a run folder. Gathered here, no lower layer 
 `saekit.layout.RunFolder` in the base layer.
 
 * `saekit.run.config` — `RunConfig`, `MultiConfig`, `load_run_config(path)` for either kind
-* `saekit.run.stages` — the stages, single-SAE training, distributed caching, `eval_target`, `analyze_run`
+* `saekit.run.stages` — the stages, single-SAE training, distributed caching, `eval_target`, `analyze_run`,
+  `import_sae_stage` (a config's `sae: {from: PATH}`) and `checked_sae_and_store` (the preflight)
 * `saekit.run.multi` — several SAEs from one model pass
 * `saekit.run.mdl_select` — minimum-description-length selection over a grid of SAEs
 """

@@ -86,7 +86,11 @@ RUN_TRAIN_KEYS = {"exclude_outliers": True}
 class RunConfig(ActivationRunConfig):
     """One run: which text, which model and hooks, where to store, what SAE to train and how."""
 
-    sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields")
+    sae: dict[str, Any] = param({}, "the SAE: `architecture` plus that architecture's config fields, or "
+                                    "`from: PATH` (an SAE you already have: saekit, SAELens, sparsify, "
+                                    "dictionary_learning or Gemma Scope files; relative to the working "
+                                    "directory; no training) with optional `force: true` (accept a "
+                                    "model-name alias) and `strict: false`")
     train: dict[str, Any] = param({}, "trainer settings (see saekit.train.TrainConfig), plus the run's own "
                                       "`exclude_outliers` (default true: train without the store's "
                                       "massive-activation outlier rows)")
@@ -100,8 +104,16 @@ class RunConfig(ActivationRunConfig):
             _ = self.exclude_outliers
         if self.analyze:
             self.analyze_config()
-        if self.sae and "architecture" not in self.sae:
-            raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl)")
+        if self.imports_sae:
+            check_sae_from(self.sae)
+        elif self.sae and "architecture" not in self.sae:
+            raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl), or `from: PATH` "
+                              "to use an SAE you already have")
+
+    @property
+    def imports_sae(self) -> bool:
+        """True when the run uses an existing SAE (`sae: {from: PATH}`) instead of training one."""
+        return "from" in self.sae
 
     def train_config(self) -> TrainConfig:
         """The trainer's settings: the `train:` section without the run's own keys (RUN_TRAIN_KEYS)."""
@@ -127,6 +139,23 @@ class RunConfig(ActivationRunConfig):
 
     def analyze_config(self) -> AnalyzeConfig:
         return AnalyzeConfig.from_dict(self.analyze, where="analyze")
+
+
+SAE_FROM_KEYS = {"from": str, "force": bool, "strict": bool}
+"""The keys of `sae: {from: PATH}`: the SAE's own files define its architecture, so no other key is read."""
+
+
+def check_sae_from(sae: dict[str, Any]) -> None:
+    """`sae: {from: PATH, force: bool, strict: bool}`; architecture fields are the SAE files' business."""
+    extra = sorted(set(sae) - set(SAE_FROM_KEYS))
+    if extra:
+        raise ConfigError(f"sae: with `from` the SAE's own files define it; expected only keys "
+                          f"{sorted(SAE_FROM_KEYS)}, found {extra}")
+    for key, kind in SAE_FROM_KEYS.items():
+        if key in sae and not isinstance(sae[key], kind):
+            raise ConfigError(f"sae.{key}: expected {kind.__name__}, found {sae[key]!r}")
+    if not sae["from"]:
+        raise ConfigError("sae.from: expected the path of an SAE folder or file, found an empty string")
 
 
 @dataclass

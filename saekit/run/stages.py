@@ -4,7 +4,9 @@ Why here, at the top of the library: a stage turns a run config into calls of th
 (data, sources, store, sae, train, eval, analysis, browser) and writes into the run folder, so it is
 the one place allowed to know all of them. Where each part of a run lives is `saekit.layout.RunFolder`'s
 answer; nothing here joins path strings. The trainer (`saekit.train`) never sees a run config: the
-stages build the SAE from the store's facts and hand it batches.
+stages build the SAE from the store's facts and hand it batches. A run of an SAE you already have
+(`sae: {from: PATH}`) imports it in place of training. Every stage that puts an SAE to a store opens them
+through `checked_sae_and_store`, so the preflight (d_in, hook, model, first FVU) runs before any work.
 
 A run folder, once more (see `saekit.layout`): config.yaml, store/ (or the config's `store.path`),
 train/ (train/<name>/ for each SAE of a multi-SAE run), eval/, probe/, steer/, bundle/ (per SAE).
@@ -23,12 +25,13 @@ import yaml
 from saekit.analysis.features import AnalyzeConfig
 from saekit.artifacts import atomic_write_bytes, read_json
 from saekit.data.corpus import load_documents
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, SaekitError
+from saekit.eval.preflight import Preflight, preflight
 from saekit.layout import EVAL, RunFolder
 from saekit.run.config import ActivationRunConfig, RunConfig, load_run_config
 from saekit.run.outliers import chunked, eval_rows, read_training_rows, training_rows, write_training_rows
 from saekit.sae.base import SparseAutoencoder
-from saekit.sae.registry import create, load_sae
+from saekit.sae.registry import create, load_sae, save_sae
 from saekit.sources.factory import make_source
 from saekit.store.locate import store_for_hook
 from saekit.store.reader import ActivationStore
@@ -53,11 +56,30 @@ def as_folder(run: str | Path | RunFolder) -> RunFolder:
     return run if isinstance(run, RunFolder) else RunFolder(Path(run))
 
 
-def open_sae_and_store(folder: RunFolder, device: str = "cpu") -> tuple[SparseAutoencoder, ActivationStore]:
-    """The SAE of a (single or SAE-scoped) run folder and the store of its hook."""
+def open_sae_and_store(folder: RunFolder, device: str = "cpu", force: bool = False
+                       ) -> tuple[SparseAutoencoder, ActivationStore]:
+    """The SAE of a (single or SAE-scoped) run folder and the store of its hook, checked by the preflight."""
+    sae, store, _ = checked_sae_and_store(folder, device=device, force=force)
+    return sae, store
+
+
+def checked_sae_and_store(folder: RunFolder, sae: SparseAutoencoder | None = None, device: str = "cpu",
+                          force: bool = False) -> tuple[SparseAutoencoder, ActivationStore, Preflight]:
+    """The run's SAE (or `sae`), the store of its hook, and the preflight record of the two (d_in, model,
+    hook, first FVU: a named error when they disagree). `force` (or the run config's `sae.force`) accepts
+    a model-name alias."""
     folder = folder.require_run().require_one_sae()
-    sae = load_sae(folder.train(), device=device)
-    return sae, store_for_hook(folder.store, sae.cfg.hook_name or None)
+    sae = sae if sae is not None else load_sae(folder.train(), device=device)
+    store = store_for_hook(folder.store, sae.cfg.hook_name or None)
+    return sae, store, preflight(sae, store, force=force or configured_force(folder))
+
+
+def configured_force(folder: RunFolder) -> bool:
+    """`sae.force` of the run's resolved config (a run of an imported SAE whose model name is an alias)."""
+    if not folder.config.exists():
+        return False
+    cfg = load_run_config(folder.config, strict=False)  # only `sae.force` is read here
+    return isinstance(cfg, RunConfig) and cfg.imports_sae and bool(cfg.sae.get("force", False))
 
 
 # -- cache ---------------------------------------------------------------------------------------
@@ -123,6 +145,8 @@ def create_sae_for(fields: dict[str, Any], d_in: int, hook: str, source_spec: di
 
 def train_stage(cfg: RunConfig) -> TrainResult:
     """Train the run's SAE on the training documents of its store (resuming a partial run)."""
+    if cfg.imports_sae:
+        return train_run(cfg)  # raises: nothing to train
     if not cfg.sae or not cfg.train:
         raise ConfigError("run config: the train stage needs `sae` and `train` sections")
     torch.manual_seed(cfg.seed)
@@ -133,6 +157,9 @@ def train_run(cfg: RunConfig, resume: bool | str = "auto", rank: int | None = No
               callbacks: list | None = None) -> TrainResult:
     """Train the SAE of a RunConfig on its store into the run's train folder (this rank's share
     when a process group is initialised). Returns the TrainResult."""
+    if cfg.imports_sae:
+        raise ConfigError(f"run config {cfg.name}: `sae: {{from: {cfg.sae['from']}}}` uses an existing SAE; there is "
+                          f"nothing to train (run `saekit run CONFIG`, or eval/probe/analyze the run folder)")
     sync = current_sync()
     rank = sync.rank if rank is None else rank
     world_size = sync.world_size if world_size is None else world_size
@@ -176,18 +203,33 @@ def _single_hook(cfg: RunConfig) -> str | None:
     return None
 
 
+# -- an SAE you already have ---------------------------------------------------------------------
+def import_sae_stage(cfg: RunConfig) -> Path:
+    """Put the config's existing SAE (`sae: {from: PATH}`: saekit, SAELens, sparsify, dictionary_learning or
+    Gemma Scope files) into the run's final SAE place, in saekit format with its foreign metadata kept
+    (metadata.json), so every later stage and the browser read it like an SAE the run trained."""
+    if not cfg.imports_sae:
+        raise ConfigError(f"run config {cfg.name}: expected `sae: {{from: PATH}}` to import an SAE, found none")
+    source = Path(cfg.sae["from"]).resolve()
+    sae = load_sae(source, strict=bool(cfg.sae.get("strict", True)))
+    store = store_for_hook(cfg.store_dir, sae.cfg.hook_name or None)
+    preflight(sae, store, force=bool(cfg.sae.get("force", False)))  # refuse before anything is written
+    return save_sae(sae, cfg.folder.final_sae())
+
+
 # -- evaluate ------------------------------------------------------------------------------------
 def heldout_batches(rows: torch.Tensor, batch_rows: int, max_rows: int = 0) -> list[torch.Tensor]:
     rows = rows[:max_rows] if max_rows else rows
     return [rows[i: i + batch_rows] for i in range(0, len(rows), batch_rows)]
 
 
-def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None) -> dict:
-    """Evaluate the trained SAE on held-out documents; write RUN/eval/report.json, table and figures."""
+def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None, force: bool = False) -> dict:
+    """Evaluate the trained SAE on held-out documents; write RUN/eval/report.json, table and figures.
+    The preflight (d_in, model, hook, first FVU) runs first and its record goes into the report."""
     from saekit.eval.report import attach_downstream, evaluate_sae, format_report, write_report
 
-    store = run_store(cfg)
-    sae = sae or load_sae(cfg.folder.train())
+    run_store(cfg)  # a store never cached: StoreMissingError naming `saekit cache`, before the SAE is looked for
+    sae, store, checked = checked_sae_and_store(cfg.folder, sae=sae, force=force)
     train_rows, held = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
     held = held[: cfg.eval.max_rows] if cfg.eval.max_rows else held
     split = eval_rows(store, held)  # the headline is the ordinary rows'; outliers are reported apart
@@ -198,6 +240,7 @@ def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None) -> dict:
     attach_outliers(report, sae, store, split, cfg.eval.batch_rows)
     report["run"] = {"name": cfg.name, "store": str(store.path), "heldout_rows": int(len(held))}
     generalisation_stage(cfg, store, sae, train_rows, report)
+    report["preflight"] = checked.to_dict()
     if store.kind != "embedding" and cfg.eval.splice_docs:
         attach_downstream(report, "splice_in", splice_stage(cfg, store, sae, held))
     write_report(report, cfg.folder.eval)
@@ -258,9 +301,10 @@ def splice_stage(cfg: RunConfig, store: ActivationStore, sae: SparseAutoencoder,
 
 
 def eval_target(target: str | Path, store: str | Path | None = None, max_rows: int = 0,
-                out: str | Path | None = None) -> tuple[dict, Path]:
+                out: str | Path | None = None, force: bool = False) -> tuple[dict, Path]:
     """Evaluate what `saekit eval TARGET` names: a run config YAML, a run folder, or a bare SAE
-    folder with a store. Returns (report, folder the report was written to)."""
+    folder (saekit or another tool's files) with a store. Returns (report, folder the report was
+    written to). The preflight checks the SAE against the store first; `force` accepts a model alias."""
     from saekit.eval.report import evaluate_sae, write_report
 
     if max_rows < 0:
@@ -271,30 +315,35 @@ def eval_target(target: str | Path, store: str | Path | None = None, max_rows: i
         if not isinstance(cfg, RunConfig):
             raise ConfigError(f"{target}: a multi-SAE run; evaluate one of its SAEs with "
                               f"`saekit eval {cfg.folder.train('NAME')} --store {cfg.store_dir}`")
-        return eval_stage(cfg), cfg.folder.eval
+        return eval_stage(cfg, force=force), cfg.folder.eval
     if store is None:
         raise ConfigError(f"{target}: expected a run folder (with {RunFolder(target).config.name}) or a run config "
                           f"YAML, found {'no such file or folder' if not target.exists() else 'neither'}; "
                           "to evaluate a bare SAE folder pass --store STORE")
-    sae, acts = load_sae(target), ActivationStore(store)
+    sae = load_sae(target)
+    acts = store_for_hook(store, sae.cfg.hook_name or None)
+    checked = preflight(sae, acts, force=force)
     split = eval_rows(acts, torch.arange(min(len(acts), max_rows or len(acts))))
     chunks = [acts[c] for c in chunked(split.ordinary, 4096)]
     report = evaluate_sae(sae, chunks, description_length=True,
                           retrieval_rows=2000 if acts.kind == "embedding" else 0)
     attach_outliers(report, sae, acts, split, 4096)
-    out = Path(out or target / EVAL)  # beside a bare SAE folder
+    report["preflight"] = checked.to_dict()
+    out = Path(out or (target if target.is_dir() else target.parent) / EVAL)  # beside a bare SAE folder
     write_report(report, out)
     return report, out
 
 
 # -- probe, analyze ------------------------------------------------------------------------------
-def probe_stage(cfg: RunConfig) -> dict:
+def probe_stage(cfg: RunConfig, force: bool = False) -> dict:
     """k-sparse probes of a corpus label on the SAE's latents vs raw neurons; RUN/probe/<label>.json + plot."""
     from saekit.analysis.probing import format_probe_table, probe_sweep, write_probe_report
 
     p = cfg.probe
-    report = probe_sweep(run_store(cfg), p.label, sae=load_sae(cfg.folder.train()), ks=p.ks, test_frac=p.test_frac,
+    sae, store, checked = checked_sae_and_store(cfg.folder, force=force)
+    report = probe_sweep(store, p.label, sae=sae, ks=p.ks, test_frac=p.test_frac,
                          seed=cfg.seed, max_rows=p.max_rows, positive=p.positive)
+    report["preflight"] = checked.to_dict()
     write_probe_report(report, cfg.folder.probe)
     log.info("\n%s", format_probe_table(report))
     return report
@@ -308,16 +357,15 @@ def analyze_config_for(run: str | Path | RunFolder) -> AnalyzeConfig:
     return load_run_config(folder.config).analyze_config()
 
 
-def analyze_stage(cfg: RunConfig) -> Path:
-    """Build the read-only feature-browser bundle of the run (RUN/bundle)."""
-    from saekit.browser.build import build_bundle
-
-    return build_bundle(cfg.folder, cfg.analyze_config())
+def analyze_stage(cfg: RunConfig, force: bool = False) -> Path:
+    """Build the read-only feature-browser bundle of the run (RUN/bundle), after the preflight."""
+    return analyze_run(cfg.folder, cfg.analyze_config(), force=force)[0]
 
 
 def analyze_run(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, out: str | Path | None = None,
-                **bundle_kwargs) -> list[Path]:
-    """A bundle per SAE of the run (one for a single run); `out` only for a single SAE."""
+                force: bool = False, **bundle_kwargs) -> list[Path]:
+    """A bundle per SAE of the run (one for a single run); `out` only for a single SAE. Each SAE passes
+    the preflight against its store first; the record goes into the bundle's manifest."""
     from saekit.browser.build import build_bundle
 
     folder = as_folder(run).require_run()
@@ -325,16 +373,40 @@ def analyze_run(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, o
     targets = [folder] if folder.sae else folder.per_sae()
     if out is not None and len(targets) > 1:
         raise ConfigError(f"{folder.root} holds {len(targets)} SAEs; --out names one bundle, choose one SAE")
-    return [build_bundle(t, cfg, out=out, **bundle_kwargs) for t in targets]
+    checks = [checked_sae_and_store(t, force=force)[2] for t in targets]
+    return [build_bundle(t, cfg, out=out, preflight=c.to_dict(), **bundle_kwargs) for t, c in zip(targets, checks)]
 
 
 def run_all(cfg: RunConfig) -> dict:
-    """The main job for one config: cache → train → evaluate → (probe) → browser bundle."""
-    cache_stage(cfg)
-    result = train_stage(cfg)
+    """The main job for one config: cache → train (or import `sae.from`) → evaluate → (probe) → browser bundle."""
+    if cfg.imports_sae:
+        final_sae = run_imported(cfg)
+    else:
+        cache_stage(cfg)
+        final_sae = train_stage(cfg).final_sae
     report = eval_stage(cfg, None)
     if cfg.probe.label:
         probe_stage(cfg)
     bundle = analyze_stage(cfg)
-    return {"run_dir": str(cfg.run_dir), "final_sae": str(result.final_sae), "report": report, "bundle": str(bundle),
+    return {"run_dir": str(cfg.run_dir), "final_sae": str(final_sae), "report": report, "bundle": str(bundle),
             "training_rows": read_training_rows(cfg.folder.train_data())}
+
+
+def run_imported(cfg: RunConfig) -> Path:
+    """A run of an existing SAE: cache only when the store is missing or incomplete (the store the config
+    names may have been filled before, by any run of the same model), then import the SAE."""
+    save_resolved(cfg)
+    if not _store_complete(cfg):
+        cache_stage(cfg)
+    return import_sae_stage(cfg)
+
+
+def _store_complete(cfg: RunConfig) -> bool:
+    try:
+        return store_for_hook(cfg.store_dir, _first_hook(cfg)).complete
+    except SaekitError:  # no store (or no manifest) yet: cache it
+        return False
+
+
+def _first_hook(cfg: RunConfig) -> str | None:
+    return cfg.source.hooks[0] if cfg.source.kind != "embedding" and cfg.source.hooks else None

@@ -12,7 +12,8 @@ from typing import Any
 
 import torch
 
-from saekit.artifacts import MANIFEST, atomic_dir, load_tensors, read_json, save_tensors, write_manifest, atomic_write_json
+from saekit.artifacts import (MANIFEST, atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors,
+                              to_strict_json, write_manifest)
 from saekit.errors import (ConfigError, CorruptArtifactError, DtypeMismatchError, MissingArtifactError,
                            ShapeMismatchError, nearest)
 from saekit.sae.base import SAEConfig, SparseAutoencoder
@@ -20,6 +21,9 @@ from saekit.sae.base import SAEConfig, SparseAutoencoder
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
+METADATA_FILE = "metadata.json"
+"""Where a saekit folder keeps the metadata record of an SAE first read from another tool's files (its
+format, where it came from, the keys saekit did not need), so converting to saekit loses none of it."""
 
 
 def register(cls: type[SparseAutoencoder]) -> type[SparseAutoencoder]:
@@ -99,10 +103,13 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format
         return formats.save_sae(sae, path, format=format)
     path = Path(path)
     model = sae.folded_copy() if (fold and sae.supports_folding) else sae
+    meta = getattr(sae, "metadata", None)
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / CFG_FILE, model.config_dict())
         save_tensors(tmp / WEIGHTS_FILE, dict(model.state_dict()))
-        write_manifest(tmp, [CFG_FILE, WEIGHTS_FILE])
+        if meta is not None:
+            atomic_write_json(tmp / METADATA_FILE, to_strict_json(meta.to_dict()))
+        write_manifest(tmp, [CFG_FILE, WEIGHTS_FILE] + ([METADATA_FILE] if meta is not None else []))
     return path
 
 
@@ -130,6 +137,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     tensors = load_tensors(path / WEIGHTS_FILE, files.get(WEIGHTS_FILE))
     check_state(sae, tensors, source=str(path / WEIGHTS_FILE))
     sae.load_state_dict(tensors, strict=True)
+    _attach_metadata(sae, path, files)
     return sae.to(device)
 
 
@@ -142,6 +150,19 @@ def _raise_no_sae(path: Path) -> None:
         raise CorruptArtifactError(f"{path}: {expected}, found {files}")
     found = "no such folder" if not path.exists() else "a file" if not path.is_dir() else "a folder without them"
     raise MissingArtifactError(f"{path}: {expected}, found {found}", fix="saekit train CONFIG")
+
+
+def _attach_metadata(sae: SparseAutoencoder, path: Path, files: dict[str, str]) -> None:
+    """`sae.metadata` from the folder's metadata.json (an SAE converted from another tool's files)."""
+    file = path / METADATA_FILE
+    if not file.is_file():
+        return
+    from saekit.artifacts import sha256_file
+    from saekit.sae.formats.common import SAEMetadata
+
+    if METADATA_FILE in files and sha256_file(file) != files[METADATA_FILE]:
+        raise CorruptArtifactError(f"{file}: sha256 mismatch with {MANIFEST}; the file was altered")
+    sae.metadata = SAEMetadata.from_dict(read_json(file), where=str(file))
 
 
 def check_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -16,6 +16,7 @@ when the forward raises — serves caching, splice-in evaluation and steering al
 from __future__ import annotations
 
 import contextlib
+import re
 from typing import Callable, Iterator
 
 import torch
@@ -110,3 +111,30 @@ def capture(model: nn.Module, names: list[str], forward: Callable[[], object], s
     with hook_points(model, fns, stop_after_last=stop):
         run_until_stop(forward)
     return got
+
+
+# -- one activation, several names ---------------------------------------------------------------
+# Why: an SAE made by another tool names its hook in that tool's convention (TransformerLens
+# `blocks.1.hook_resid_post`, dictionary_learning `resid_post_layer_1`, an HF module path
+# `model.layers.1`, sparsify `layers.1`); a store names it in the convention of the source that cached
+# it. `hook_site` maps each to (layer, site) so the preflight can tell "the same activation, named
+# twice" from "another activation".
+SITES = ("resid_pre", "resid_mid", "resid_post", "mlp_out", "attn_out")
+_LENS = re.compile(r"^blocks\.(\d+)\.hook_(resid_pre|resid_mid|resid_post|mlp_out|attn_out)$")
+_DICTIONARY_LEARNING = re.compile(r"^(resid_pre|resid_mid|resid_post|mlp_out|attn_out)_layer_(\d+)$")
+_MODULE = re.compile(r"(?:^|\.)(?:h|layers|layer|blocks)\.(\d+)(?:\.(mlp|attn|self_attn|attention))?$")
+_MODULE_SITE = {None: "resid_post", "mlp": "mlp_out", "attn": "attn_out", "self_attn": "attn_out",
+                "attention": "attn_out"}
+
+
+def hook_site(name: str) -> tuple[int, str] | None:
+    """`(layer, site)` of a hook name in TransformerLens, dictionary_learning or HF-module-path style
+    (a decoder layer's output is the residual stream after it: `model.layers.1` -> (1, 'resid_post'));
+    None when the name follows none of them."""
+    if m := _LENS.match(name):
+        return int(m.group(1)), m.group(2)
+    if m := _DICTIONARY_LEARNING.match(name):
+        return int(m.group(2)), m.group(1)
+    if m := _MODULE.search(name):
+        return int(m.group(1)), _MODULE_SITE[m.group(2)]
+    return None

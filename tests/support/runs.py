@@ -107,6 +107,7 @@ def make_one_shot(sae, acts_ND: torch.Tensor, feature: int) -> int:
         top2 = proj.topk(2).values
         sae.W_enc[:, feature] = u * 1e3
         sae.b_enc[feature] = -1e3 * float(top2.mean())
+        sae.W_dec[feature] = u * 1e-3  # decodes its (1e3-scaled) value back to the projection's size
         return int(proj.argmax())
 
 
@@ -124,6 +125,8 @@ def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4
     cache_activations(source, synthetic_docs(n_docs, seed), RunFolder(run_dir).store, StoreConfig(docs_per_shard=64))
     store = ActivationStore(RunFolder(run_dir).store)
     sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
+    with torch.no_grad():  # centred on the data, so the preflight's first FVU is < 1 as for a trained SAE
+        sae.b_dec.copy_(store[:].mean(0))
     make_one_shot(sae, store[:], one_shot)
     save_sae(sae, RunFolder(run_dir).final_sae())
     return run_dir
@@ -142,6 +145,8 @@ def tiny_embedding_run(run_dir: str | Path, docs: list[dict], model=None, d_sae:
                       RunFolder(run_dir).store, StoreConfig(docs_per_shard=64))
     store = ActivationStore(RunFolder(run_dir).store)
     sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
+    with torch.no_grad():  # centred on the data, so the preflight's first FVU is < 1 as for a trained SAE
+        sae.b_dec.copy_(store[:].mean(0))
     make_one_shot(sae, store[:], one_shot)
     save_sae(sae, RunFolder(run_dir).final_sae())
     return run_dir

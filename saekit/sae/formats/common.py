@@ -17,7 +17,7 @@ from typing import Any
 
 import torch
 
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, CorruptArtifactError
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import check_state, get_class
 
@@ -34,6 +34,15 @@ class SAEMetadata:
 
     def to_dict(self) -> dict[str, Any]:
         return {"format": self.format, "source": self.source, "extra": dict(self.extra)}
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], where: str = "metadata") -> "SAEMetadata":
+        """The record as `to_dict` wrote it (a saekit folder's metadata.json); other keys are an error."""
+        if not isinstance(data, dict) or set(data) != {"format", "source", "extra"}:
+            found = sorted(data) if isinstance(data, dict) else type(data).__name__
+            raise CorruptArtifactError(f"{where}: expected an SAE metadata record with keys ['extra', 'format', "
+                                       f"'source'], found {found}")
+        return cls(str(data["format"]), str(data["source"]), dict(data["extra"] or {}))
 
 
 def refuse(fmt: str, key: str, found: Any, expected: str, source: str | Path) -> ConfigError:
