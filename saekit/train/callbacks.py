@@ -11,17 +11,18 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 import torch
 from torch import Tensor
 from tqdm.auto import tqdm
 
 from saekit.artifacts import atomic_write_bytes, dumps_json
-from saekit.sae.base import ForwardOutput, LossOutput
-
-if TYPE_CHECKING:
-    from saekit.train.loop import TrainRun
+from saekit.sae.base import ForwardOutput, LossOutput, SparseAutoencoder
+from saekit.store.batches import BatchSource
+from saekit.train.checkpoint import TrainState
+from saekit.train.config import TrainConfig
+from saekit.train.validation import ValidationSet
 
 log = logging.getLogger(__name__)
 
@@ -43,18 +44,39 @@ class StepInfo:
     val: dict | None = None  # validation measurement of this step (val_fvu, val_l0, ...), on evaluation steps
 
 
+@dataclass
+class TrainRun:
+    """What callbacks see: the live objects of the run."""
+
+    sae: SparseAutoencoder
+    optimizer: torch.optim.Optimizer
+    batches: BatchSource
+    cfg: TrainConfig  # resolved: total_steps and lr filled in
+    run_dir: Path
+    state: TrainState
+    start_step: int
+    validation: ValidationSet | None = None  # the fixed held-out sample, when the run has one
+    rows_per_epoch: int | None = None  # rows of one pass over the training data, when the source tells
+
+    @property
+    def epochs(self) -> float | None:
+        """Passes over the training data so far (None when the batch source does not say its size)."""
+        return self.state.tokens / self.rows_per_epoch if self.rows_per_epoch else None
+
+
+
 class Callback:
     """No-op hooks; override what you need."""
 
-    def on_train_start(self, run: "TrainRun") -> None: ...
+    def on_train_start(self, run: TrainRun) -> None: ...
 
-    def on_step_end(self, run: "TrainRun", info: StepInfo) -> None: ...
+    def on_step_end(self, run: TrainRun, info: StepInfo) -> None: ...
 
-    def on_checkpoint(self, run: "TrainRun", path: Path) -> None: ...
+    def on_checkpoint(self, run: TrainRun, path: Path) -> None: ...
 
-    def on_train_end(self, run: "TrainRun") -> None: ...
+    def on_train_end(self, run: TrainRun) -> None: ...
 
-    def close(self, run: "TrainRun") -> None: ...
+    def close(self, run: TrainRun) -> None: ...
 
 
 def fvu(x_BD: Tensor, recon_BD: Tensor) -> float:
@@ -80,14 +102,14 @@ class MetricsLogger(Callback):
         self._since_fired: Tensor | None = None
         self._f = None
 
-    def on_train_start(self, run: "TrainRun") -> None:
+    def on_train_start(self, run: TrainRun) -> None:
         if self.path.exists():  # drop lines past the resumed step (and a line a kill cut short)
             atomic_write_bytes(self.path, "".join(ln + "\n" for ln in self.path.read_text().splitlines()
                                                   if _step_of(ln) is not None and _step_of(ln) <= run.start_step).encode())
         self._f = open(self.path, "a")
         self._t, self._tokens = time.perf_counter(), run.state.tokens
 
-    def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
+    def on_step_end(self, run: TrainRun, info: StepInfo) -> None:
         if info.out is not None and run.sae.dead_fraction() is None:
             self._track_firing(info.out, run.sae.cfg.d_sae)
         if info.step % self.every == 0 or info.step == run.cfg.total_steps or info.val is not None:
@@ -102,7 +124,7 @@ class MetricsLogger(Callback):
         fired = code.indices[code.values != 0].unique().cpu()
         self._since_fired[fired] = 0
 
-    def _dead_fraction(self, run: "TrainRun") -> float | None:
+    def _dead_fraction(self, run: TrainRun) -> float | None:
         own = run.sae.dead_fraction()
         if own is not None:
             return float(own)
@@ -111,7 +133,7 @@ class MetricsLogger(Callback):
         return float((self._since_fired >= self.window).float().mean())
 
     @torch.no_grad()
-    def _write(self, run: "TrainRun", info: StepInfo) -> None:
+    def _write(self, run: TrainRun, info: StepInfo) -> None:
         now = time.perf_counter()
         rec: dict[str, Any] = {"step": info.step, "tokens": run.state.tokens}
         if info.epochs is not None:
@@ -135,7 +157,7 @@ class MetricsLogger(Callback):
         self._f.flush()
         log.debug("step %d: %s", info.step, rec)
 
-    def close(self, run: "TrainRun") -> None:
+    def close(self, run: TrainRun) -> None:
         if self._f is not None:
             self._f.close()
             self._f = None
@@ -157,11 +179,11 @@ class ProgressBar(Callback):
         self._bar = None
         self._val: dict[str, str] = {}
 
-    def on_train_start(self, run: "TrainRun") -> None:
+    def on_train_start(self, run: TrainRun) -> None:
         self._bar = tqdm(total=run.cfg.total_steps, initial=run.start_step, desc="train", unit="step",
                          disable=not self.enabled, dynamic_ncols=True)
 
-    def on_step_end(self, run: "TrainRun", info: StepInfo) -> None:
+    def on_step_end(self, run: TrainRun, info: StepInfo) -> None:
         self._bar.update(1)
         if info.val is not None:
             self._val = {"val_fvu": f"{info.val['val_fvu']:.4g}"}
@@ -171,7 +193,7 @@ class ProgressBar(Callback):
             self._bar.set_postfix(loss=f"{float(info.loss.total.detach()):.4g}", lr=f"{info.lr:.2e}", **self._val,
                                   refresh=False)
 
-    def close(self, run: "TrainRun") -> None:
+    def close(self, run: TrainRun) -> None:
         if self._bar is not None:
             self._bar.close()
             self._bar = None
@@ -185,7 +207,7 @@ class ValidationCurve(Callback):
     def __init__(self, metrics_path: str | Path, out_path: str | Path):
         self.metrics_path, self.out_path = Path(metrics_path), Path(out_path)
 
-    def close(self, run: "TrainRun") -> None:
+    def close(self, run: TrainRun) -> None:
         from saekit.train.validation import plot_validation_curve
 
         try:

@@ -47,7 +47,7 @@ from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import save_sae
 from saekit.store.batches import BatchSource
 from saekit.train import checkpoint as ckpt_io
-from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, StepInfo, ValidationCurve
+from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, StepInfo, TrainRun, ValidationCurve
 from saekit.train.config import RESUME_KEYS, SELECTION_KEYS, TrainConfig
 from saekit.train.precision import autocast_for
 from saekit.train.schedules import lr_at
@@ -65,26 +65,6 @@ class TrainingInterrupted(SystemExit):
     def __init__(self, signum: int, checkpoint: Path):
         super().__init__(128 + signum)
         self.signum, self.checkpoint = signum, checkpoint
-
-
-@dataclass
-class TrainRun:
-    """What callbacks see: the live objects of the run."""
-
-    sae: SparseAutoencoder
-    optimizer: torch.optim.Optimizer
-    batches: BatchSource
-    cfg: TrainConfig  # resolved: total_steps and lr filled in
-    run_dir: Path
-    state: ckpt_io.TrainState
-    start_step: int
-    validation: ValidationSet | None = None  # the fixed held-out sample, when the run has one
-    rows_per_epoch: int | None = None  # rows of one pass over the training data, when the source tells
-
-    @property
-    def epochs(self) -> float | None:
-        """Passes over the training data so far (None when the batch source does not say its size)."""
-        return self.state.tokens / self.rows_per_epoch if self.rows_per_epoch else None
 
 
 @dataclass
