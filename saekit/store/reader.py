@@ -145,6 +145,13 @@ class ActivationStore:
         parts = [torch.from_numpy(np.array(self._shard(i)[name])) for i in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
 
+    def describe_rows(self, rows) -> str:
+        """'store row R: doc D, position P' for each global row, so bad values can be traced to their text."""
+        rows = np.asarray(rows.numpy() if isinstance(rows, Tensor) else rows, dtype=np.int64)
+        doc_N, pos_N = self.gather("doc_id", rows), self.gather("pos", rows)
+        return "; ".join(f"store row {int(r)}: doc {int(d)}, position {int(p)}"
+                         for r, d, p in zip(rows, doc_N, pos_N))
+
     def iter_chunks(self, chunk_rows: int = 65536, start: int = 0, stop: int | None = None):
         """Sequential `(row_start, acts [n, d_in])` chunks, for streaming evaluation and analysis."""
         stop = len(self) if stop is None else stop
@@ -242,4 +249,8 @@ class RowSubset:
 
     def __getitem__(self, idx) -> Tensor:
         return self.store[self.rows[idx]]
+
+    def describe_rows(self, rows) -> str:
+        """The store's description of the subset's rows (global store rows, doc and position)."""
+        return self.store.describe_rows(self.rows[torch.as_tensor(rows, dtype=torch.int64)])
 
