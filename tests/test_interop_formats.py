@@ -197,7 +197,9 @@ def test_saekit_folders_are_still_saekit(tmp_path):
     assert detect(tmp_path / "sae") == "saekit"
     (tmp_path / "sae" / MANIFEST).unlink()
     assert detect(tmp_path / "sae") == "saekit"  # every cfg key is a saekit field
-    assert type(saekit.load_sae(tmp_path / "sae")) is type(sae)
+    with pytest.raises(CorruptArtifactError, match=f"no {MANIFEST}.*verify=False"):
+        saekit.load_sae(tmp_path / "sae")  # a saekit folder without its checksums is refused, not read as SAELens
+    assert type(saekit.load_sae(tmp_path / "sae", verify=False)) is type(sae)
 
 
 def test_writers_refuse_what_the_format_cannot_hold(tmp_path):

@@ -175,6 +175,32 @@ def test_damaged_weights_raise_naming_the_file(arch, damage, tmp_path):
         load_sae(tmp_path / "sae")
 
 
+@pytest.mark.parametrize("arch", ARCHS)
+def test_missing_manifest_refuses_altered_tensors(arch, tmp_path):
+    """Integrity is not optional: with saekit_manifest.json deleted, a flipped tensor byte must not load
+    (promise 11); the error names the missing manifest and how to re-save, and verify=False is the escape."""
+    from saekit.artifacts import MANIFEST
+
+    save_sae(build(arch), tmp_path / "sae")
+    path = tmp_path / "sae" / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (tmp_path / "sae" / MANIFEST).unlink()
+    with pytest.raises(CorruptArtifactError, match=rf"no {MANIFEST}.*re-save.*verify=False"):
+        load_sae(tmp_path / "sae")
+    assert type(load_sae(tmp_path / "sae", verify=False)) is get_class(arch)
+
+
+def test_manifest_without_the_weights_entry_is_refused(tmp_path):
+    from saekit.artifacts import MANIFEST, write_manifest
+
+    save_sae(build("topk"), tmp_path / "sae")
+    write_manifest(tmp_path / "sae", [CFG_FILE])  # lists cfg.json only
+    with pytest.raises(CorruptArtifactError, match=rf"{MANIFEST}.*missing \['{WEIGHTS_FILE}'\]"):
+        load_sae(tmp_path / "sae")
+
+
 # -- the same codes in every context users run (issue 21) -----------------------------------------
 # Inputs are planted sparse combinations of the SAE's own decoder rows with coefficients in [2, 3]
 # (plus b_dec when the SAE has one), at a width where cross-talk between random rows is ~0.2: the

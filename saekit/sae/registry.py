@@ -103,8 +103,13 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format
     return path
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool = True) -> SparseAutoencoder:
-    """Load an SAE folder; checksums, shapes and dtypes are checked against cfg.json."""
+def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool = True,
+             verify: bool = True) -> SparseAutoencoder:
+    """Load an SAE folder; checksums, shapes and dtypes are checked against cfg.json.
+
+    A saekit folder must carry its sha256 manifest: without it, altered tensors would load silently
+    (docs/RELIABILITY.md 11). `verify=False` is the named escape hatch for a folder you trust (then
+    re-save it). Other tools' folders have no manifest and are read by `saekit.sae.formats`."""
     path = Path(path)
     if (path / "final_sae").is_dir() and not (path / CFG_FILE).exists():
         path = path / "final_sae"  # a training run folder
@@ -115,8 +120,7 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     cfg_path = path / CFG_FILE
     if not cfg_path.exists():
         raise CorruptArtifactError(f"{path}: no {CFG_FILE} (expected an SAE folder with {CFG_FILE} and {WEIGHTS_FILE})")
-    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
-    files = manifest.get("files", {})
+    files = _manifest_files(path) if verify else {}
     if CFG_FILE in files:
         from saekit.artifacts import sha256_file
 
@@ -128,6 +132,23 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     check_state(sae, tensors, source=str(path / WEIGHTS_FILE))
     sae.load_state_dict(tensors, strict=True)
     return sae.to(device)
+
+
+def _manifest_files(path: Path) -> dict[str, str]:
+    """The sha256 of cfg.json and the weights from a saekit folder's manifest; a missing manifest or
+    entry is refused, since the tensors could then not be verified."""
+    mpath = path / MANIFEST
+    resave = (f"if you trust these files, re-save them with checksums: "
+              f"saekit.save_sae(saekit.load_sae('{path}', verify=False), '{path}')")
+    if not mpath.is_file():
+        raise CorruptArtifactError(f"{path}: no {MANIFEST}; a saekit SAE folder (its {CFG_FILE} names saekit "
+                                   f"architecture fields) needs it to verify {CFG_FILE} and {WEIGHTS_FILE}; {resave}")
+    files = read_json(mpath).get("files", {})
+    missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise CorruptArtifactError(f"{mpath}: expected sha256 entries for {[CFG_FILE, WEIGHTS_FILE]}, "
+                                   f"missing {missing}; {resave}")
+    return files
 
 
 def check_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], source: str) -> None:
