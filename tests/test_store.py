@@ -159,3 +159,33 @@ def test_gather_returns_columns_in_the_order_asked(tmp_path, emb_source, tweets)
     assert torch.equal(store.gather("acts", rows), store[:][rows])
     with pytest.raises(KeyError, match="expected one of"):
         store.gather("labels", rows)
+
+
+def _docs_store(tmp_path):
+    from support.planted import planted_store
+
+    return ActivationStore(planted_store(tmp_path / "cache", n_docs=30, every=0, docs_per_shard=10), hook="h")
+
+
+def test_docs_jsonl_is_checksummed_and_a_changed_byte_is_named(tmp_path):
+    store = _docs_store(tmp_path)
+    f = store.path / "docs.jsonl"
+    assert store.manifest.docs_sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(store.docs) == 30
+    data = f.read_bytes()
+    i = data.index(b'"text": "') + 9
+    f.write_bytes(data[:i] + (b"X" if data[i:i + 1] != b"X" else b"Y") + data[i + 1:])  # still valid JSON
+    with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: sha256 mismatch"):
+        ActivationStore(store.path).docs
+
+
+def test_a_damaged_docs_line_names_file_and_line(tmp_path):
+    store = _docs_store(tmp_path)
+    f = store.path / "docs.jsonl"
+    lines = f.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + b"\n"  # line 3 cut short
+    f.write_bytes(b"".join(lines))
+    with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: line 3 "):
+        ActivationStore(store.path, verify=False).docs  # unverified: the parse itself names the line
+    with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: sha256 mismatch"):
+        ActivationStore(store.path).docs

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit.artifacts import read_json, sha256_file
+from saekit.artifacts import read_json, sha256_bytes, sha256_file
 from saekit.errors import CorruptArtifactError, SaekitError
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
@@ -209,13 +209,17 @@ class ActivationStore:
 
     @cached_property
     def docs(self) -> dict[int, dict]:
-        """doc_id -> {'text', 'labels'} for every document of the corpus slice."""
-        out = {}
-        with open(self.path / DOCS, encoding="utf-8") as f:
-            for line in f:
-                d = json.loads(line)
-                out[int(d["doc_id"])] = d
-        return out
+        """doc_id -> {'text', 'labels'} for every document of the corpus slice, checked against the
+        manifest's sha256 of docs.jsonl (stores cached before it was recorded have none)."""
+        f = self.path / DOCS
+        if not f.is_file():
+            raise CorruptArtifactError(f"{f}: missing; the store lists its documents there")
+        data = f.read_bytes()
+        want = self.manifest.docs_sha256
+        if self.verify and want is not None and sha256_bytes(data) != want:
+            raise CorruptArtifactError(f"{f}: sha256 mismatch with {MANIFEST} (expected {want[:12]}…, found "
+                                       f"{sha256_bytes(data)[:12]}…); the file was truncated or altered")
+        return _parse_docs(f, data)
 
     # -- splits and batches ----------------------------------------------------------------
     def split_by_document(self, holdout: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -232,6 +236,19 @@ class ActivationStore:
         """Endless shuffled batches (a trainer BatchSource) over all rows or a subset."""
         view = self if rows is None else RowSubset(self, rows)
         return TensorBatches(view, batch_size, seed=seed, rank=rank, world_size=world_size)
+
+
+def _parse_docs(f: Path, data: bytes) -> dict[int, dict]:
+    """docs.jsonl's records by doc_id; a damaged line is named (file and line), never a raw decode error."""
+    out = {}
+    for n, line in enumerate(data.splitlines(), start=1):
+        try:
+            d = json.loads(line)
+            out[int(d["doc_id"])] = d
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptArtifactError(f"{f}: line {n} is not a document record "
+                                       f"(expected JSON with a doc_id): {e}") from e
+    return out
 
 
 class RowSubset:

@@ -28,7 +28,14 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saekit.artifacts import atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
+from saekit.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_tmp,
+    read_json,
+    save_tensors,
+    sha256_bytes,
+)
 from saekit.config import Config, param
 from saekit.data.corpus import fingerprint
 from saekit.errors import StoreExistsError
@@ -100,12 +107,13 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
             manifests[h] = StoreManifest.load(mpath)
             _keep_rule(manifests[h], cfg)
         else:
-            lines = "".join(json.dumps(d, default=str) + "\n" for d in docs)
-            atomic_write_bytes(folder / DOCS, lines.encode())
+            lines = "".join(json.dumps(d, default=str) + "\n" for d in docs).encode()
+            atomic_write_bytes(folder / DOCS, lines)
             manifests[h] = StoreManifest(kind=spec["kind"], hook=h, d_in=spec["d_in"][h], dtype=cfg.dtype, source=spec,
                                          corpus_fingerprint=identity["corpus_fingerprint"], n_docs=len(docs),
                                          docs_per_shard=cfg.docs_per_shard,
-                                         outlier_rule=OutlierRule(cfg.outlier_multiple).to_json())
+                                         outlier_rule=OutlierRule(cfg.outlier_multiple).to_json(),
+                                         docs_sha256=sha256_bytes(lines))
     return manifests
 
 
