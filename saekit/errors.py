@@ -50,6 +50,14 @@ class ModelNotAvailableError(SaekitError):
     """A model could not be found locally and the hub is not reachable."""
 
 
+class IncompleteStoreError(SaekitError):
+    """An activation store's caching job has not finished (interrupted); training on it would use partial data."""
+
+
+class EmptyDataError(SaekitError, ValueError):
+    """A corpus, store or row selection holds nothing to work on (0 documents or 0 rows)."""
+
+
 def nearest(name: str, candidates, n: int = 3) -> list[str]:
     """The candidates closest to `name`, for 'did you mean' messages."""
     import difflib

@@ -38,7 +38,7 @@ from saekit.artifacts import (
 )
 from saekit.config import Config, param
 from saekit.data.corpus import fingerprint
-from saekit.errors import StoreExistsError
+from saekit.errors import EmptyDataError, StoreExistsError
 from saekit.sources.base import ActivationBatch, ActivationSource
 from saekit.store.manifest import (
     CACHE_INDEX,
@@ -81,6 +81,9 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
 
     `clean=False` leaves `.tmp` files alone: with several ranks writing into one folder, another
     rank's in-flight shard looks exactly like a killed write's leftover."""
+    if not docs:
+        raise EmptyDataError(f"{root}: the corpus yielded 0 documents; expected at least one to cache "
+                             f"(check the corpus section: name, split, filters, max_docs)")
     identity = _identity(spec, fingerprint(docs), len(docs), cfg)
     index_path = root / CACHE_INDEX
     if index_path.exists():

