@@ -43,9 +43,11 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[T], data: dict | None, strict: bool = True, where: str = "") -> T:
-        data = dict(data or {})
-        if not isinstance(data, dict):
-            raise ConfigError(f"{where or cls.__name__}: expected a mapping, found {type(data).__name__}")
+        data = {} if data is None else data
+        if not isinstance(data, dict):  # checked before dict(): a YAML list or scalar is named, not a raw error
+            raise ConfigError(f"{where or cls.__name__}: expected a mapping of keys to values, "
+                              f"found {type(data).__name__} {str(data)[:80]!r}")
+        data = dict(data)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         hints = typing.get_type_hints(cls)
         for key in list(data):

@@ -261,3 +261,31 @@ def test_hook_z_reshape_is_metadata(tmp_path):
     _assert_matches(sae, _reference("saelens_standard"))
     save_sae(sae, tmp_path / "out", format="saelens")
     assert json.loads((tmp_path / "out" / "cfg.json").read_text())["reshape_activations"] == "hook_z"
+
+
+def test_a_saelens_reader_of_our_cfg_computes_what_the_trainer_trained(tmp_path):
+    """Input normalisation is the trainer's alone: it is folded into the saved weights and cfg.json says
+    'none' (SAELens semantics), so SAELens's reading of our folder gives the trained model's outputs on
+    raw activations; an SAE config asking for normalisation is refused, pointing at train.*."""
+    import json
+
+    from train_helpers import make_data, make_setup
+
+    from saekit.errors import ConfigError
+    from saekit.sae.formats import saelens
+    from saekit.train import train
+
+    sae, batches, cfg = make_setup(arch="topk", total_steps=6, checkpoint_every=0,
+                                   normalize_activations="expected_average_only_in")
+    train(sae, batches, cfg, tmp_path / "run")
+    scale = float(sae.input_scale)
+    assert abs(scale - 1.0) > 0.1  # the trainer really rescaled
+    folder = tmp_path / "run" / "final_sae"
+    assert json.loads((folder / "cfg.json").read_text())["normalize_activations"] == "none"
+    x = make_data(64)
+    with torch.no_grad():
+        want = sae.eval()(x * scale).recon / scale
+        got = saelens.read(folder, "cpu", False).eval()(x).recon  # training-only keys kept as metadata
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="train.normalize_activations"):
+        create({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 2, "normalize_activations": "constant_norm_rescale"})

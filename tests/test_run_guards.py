@@ -7,6 +7,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import yaml
 from support.planted import PlantedSource
 from support.runs import WORDS, llm_spec, synthetic_docs
 
@@ -58,3 +59,34 @@ def test_zero_rows_left_after_holding_out_is_refused(tmp_path):
     _cache(tmp_path, synthetic_docs(1))  # one document: holding it out leaves nothing
     with pytest.raises(EmptyDataError, match="0 rows left to train on"):
         train_run(_config(tmp_path, eval={"holdout": 0.5}))
+
+
+# -- the run config's `sae:` section and top level ------------------------------------------------
+def test_a_typo_in_the_sae_section_fails_when_the_config_loads(tmp_path):
+    from saekit.errors import ConfigError
+    from saekit.run.config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"source": {"kind": "hf", "model": "m", "hooks": ["h"]},
+                                    "sae": {"architecture": "topk", "d_sae": 32, "kk": 4}, "train": TRAIN}))
+    with pytest.raises(ConfigError, match=r"sae: .*unknown key 'kk' \(did you mean 'k'\?\)"):
+        load_run_config(path)
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump({"source": {"kind": "hf", "model": "m", "hooks": ["h"]},
+                                     "saes": [{"name": "a", "sae": {"architecture": "topk", "d_sae": -3}}]}))
+    with pytest.raises(ConfigError, match=r"saes\[a\]\.sae: .*d_sae"):
+        load_run_config(multi)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "42\n", "just words\n"])
+def test_a_top_level_list_or_scalar_is_a_named_config_error(tmp_path, text):
+    from saekit.errors import ConfigError
+    from saekit.run.config import load_run_config
+    from saekit.train.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_run_config(path)

@@ -20,9 +20,13 @@ from saekit.config import Config, param
 from saekit.data.corpus import CorpusConfig
 from saekit.errors import ConfigError
 from saekit.layout import STORE, RunFolder
+from saekit.sae.registry import make_config
 from saekit.sources.base import SourceConfig
 from saekit.store.writer import StoreConfig
 from saekit.train.config import TrainConfig
+
+
+PLACEHOLDER_D_IN = 1  # stands in for the store's d_in when the `sae:` section is checked at load time
 
 
 @dataclass
@@ -99,6 +103,8 @@ class RunConfig(ActivationRunConfig):
             self.analyze_config()
         if self.sae and "architecture" not in self.sae:
             raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl)")
+        if self.sae:
+            check_sae_section(self.sae)
 
     def train_config(self) -> TrainConfig:
         """The trainer's settings: the `train:` section without the run's own keys (RUN_TRAIN_KEYS)."""
@@ -134,6 +140,21 @@ class SAESpec(Config):
     sae: dict[str, Any] = param(doc="`architecture` plus its config fields (d_in is taken from the hook)")
     hook: str = param("", "hook the SAE reads; empty = the source's only hook")
     train: dict[str, Any] = param({}, "overrides of the shared train settings for this SAE")
+
+
+    def validate(self) -> None:
+        check_sae_section(self.sae, where=f"saes[{self.name}].sae")
+
+
+def check_sae_section(fields: dict[str, Any], where: str = "sae") -> None:
+    """Build the architecture's config now, with a placeholder d_in (the store's is known only after
+    caching), so a typo or a bad value in `sae:` fails when the config loads, not after hours of caching."""
+    if "architecture" not in fields:
+        raise ConfigError(f"{where}: missing required key 'architecture' (e.g. topk, mp, mdl)")
+    try:
+        make_config({"d_in": PLACEHOLDER_D_IN, **fields})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
 
 
 @dataclass

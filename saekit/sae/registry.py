@@ -14,7 +14,7 @@ import torch
 
 from saekit.artifacts import MANIFEST, atomic_dir, load_tensors, read_json, save_tensors, write_manifest, atomic_write_json
 from saekit.errors import ConfigError, CorruptArtifactError, DtypeMismatchError, ShapeMismatchError, nearest
-from saekit.sae.base import SAEConfig, SparseAutoencoder
+from saekit.sae.base import NORMALIZE_KEY, SAEConfig, SparseAutoencoder
 
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 CFG_FILE = "cfg.json"
@@ -68,6 +68,11 @@ def make_config(data: dict[str, Any], strict: bool = True) -> SAEConfig:
     name = data.pop("architecture", None)
     if name is None:
         raise ConfigError("SAE config: missing required key 'architecture'")
+    norm = data.pop(NORMALIZE_KEY, "none")
+    if norm != "none":
+        raise ConfigError(f"sae[{name}].{NORMALIZE_KEY}: expected 'none' (or no key), found '{norm}'. Input "
+                          f"normalisation is the trainer's: set train.{NORMALIZE_KEY}; the trainer folds its scale "
+                          f"into the saved weights, so a saekit SAE always takes raw activations")
     return get_class(name).config_class.from_dict(data, strict=strict, where=f"sae[{name}]")
 
 
@@ -95,6 +100,10 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format
 
         return formats.save_sae(sae, path, format=format)
     path = Path(path)
+    scale = getattr(sae, "input_scale", None)
+    if not fold and scale is not None and float(scale) != 1.0:
+        raise ConfigError(f"save_sae(fold=False): the SAE has a training input scale {float(scale):.6g}; cfg.json "
+                          f"cannot record it (saved SAEs take raw activations): save with fold=True")
     model = sae.folded_copy() if (fold and sae.supports_folding) else sae
     with atomic_dir(path) as tmp:
         atomic_write_json(tmp / CFG_FILE, model.config_dict())
@@ -127,6 +136,8 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
         if sha256_file(cfg_path) != files[CFG_FILE]:
             raise CorruptArtifactError(f"{cfg_path}: sha256 mismatch with {MANIFEST}; the file was altered")
     cfg_dict = read_json(cfg_path)
+    if cfg_dict.get(NORMALIZE_KEY) == "expected_average_only_in":
+        cfg_dict[NORMALIZE_KEY] = "none"  # older saekit folders: the scale was folded, inputs are raw (as in SAELens)
     sae = create(cfg_dict) if strict else get_class(cfg_dict["architecture"])(make_config(cfg_dict, strict=False))
     tensors = load_tensors(path / WEIGHTS_FILE, files.get(WEIGHTS_FILE))
     check_state(sae, tensors, source=str(path / WEIGHTS_FILE))
