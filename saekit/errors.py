@@ -50,6 +50,10 @@ class ModelNotAvailableError(SaekitError):
     """A model could not be found locally and the hub is not reachable."""
 
 
+class UnsafeNameError(ConfigError):
+    """A run or SAE name that cannot be a folder name inside its run (empty, absolute, `..`, a path separator)."""
+
+
 class IncompleteStoreError(SaekitError):
     """An activation store's caching job has not finished (interrupted); training on it would use partial data."""
 

@@ -26,7 +26,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, UnsafeNameError
 
 CONFIG = "config.yaml"
 STORE = "store"
@@ -39,6 +39,19 @@ EXPLANATIONS = "explanations"
 BUNDLE = "bundle"
 CHECKPOINTS = "checkpoints"
 TRAIN_DATA = "data.json"
+
+
+def safe_name(name: object, what: str) -> str:
+    """A run or SAE name that becomes one folder name: refused (UnsafeNameError) when it is empty,
+    '.' or '..', absolute, or holds a path separator, since it would then leave or replace the folder
+    it is meant to live in."""
+    if not isinstance(name, str) or not name.strip():
+        raise UnsafeNameError(f"{what}: expected a non-empty name (it becomes a folder name), found {name!r}")
+    bad = [c for c in ("/", "\\", "\0") if c in name]
+    if name in (".", "..") or bad or name != name.strip():
+        raise UnsafeNameError(f"{what}: expected a plain folder name (letters, digits, '-', '_', '.'; no path "
+                              f"separators, not '.' or '..', no surrounding spaces), found {name!r}")
+    return name
 
 
 @dataclass(frozen=True)
@@ -54,6 +67,8 @@ class RunFolder:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        if self.sae is not None:
+            safe_name(self.sae, "SAE name")
         if self.store_path is not None:
             object.__setattr__(self, "store_path", Path(self.store_path))
 
@@ -73,7 +88,7 @@ class RunFolder:
     def train(self, name: str | None = None) -> Path:
         """`<root>/train` of a single run, `<root>/train/<name>` of one SAE of a multi-SAE run."""
         name = name or self.sae
-        return self.root / TRAIN / name if name else self.root / TRAIN
+        return self.root / TRAIN / safe_name(name, "SAE name") if name else self.root / TRAIN
 
     def final_sae(self, name: str | None = None) -> Path:
         return self.train(name) / FINAL_SAE

@@ -90,3 +90,62 @@ def test_a_top_level_list_or_scalar_is_a_named_config_error(tmp_path, text):
         TrainConfig.from_yaml(path)
     with pytest.raises(ConfigError, match="expected a mapping"):
         load_run_config(path)
+
+
+# -- names that become folders, and file names read from artifacts --------------------------------
+BAD_NAMES = ["../escape", "/abs/path", "a/b", "a\\b", "", "..", ".", " x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_run_and_sae_names_cannot_leave_the_run_folder(tmp_path, name):
+    from saekit.errors import UnsafeNameError
+    from saekit.layout import RunFolder
+    from saekit.run.config import MultiConfig
+
+    with pytest.raises(UnsafeNameError, match="name"):
+        RunConfig.from_dict({"name": name})
+    with pytest.raises(UnsafeNameError, match="name"):
+        MultiConfig.from_dict({"saes": [{"name": name, "sae": {"architecture": "topk", "d_sae": 8, "k": 2}}]})
+    with pytest.raises(UnsafeNameError):
+        RunFolder(tmp_path).train(name or "..")
+    with pytest.raises(UnsafeNameError):
+        RunFolder(tmp_path, sae=name)
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_a_shard_file_name_escaping_the_store_is_refused(tmp_path):
+    import json
+
+    from saekit.errors import CorruptArtifactError
+    from saekit.store.reader import ActivationStore
+
+    _cache(tmp_path, synthetic_docs(12))
+    store = ActivationStore(tmp_path / "cache", hook="h")
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((store.path / "shard-00000.safetensors").read_bytes())
+    m = json.loads((store.path / "manifest.json").read_text())
+    m["shards"][0]["file"] = "../../outside.safetensors"
+    (store.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorruptArtifactError, match="leaves its folder"):
+        ActivationStore(store.path, verify=False)[0:2]
+
+
+def test_manifest_and_latest_pointer_names_escaping_their_folder_are_refused(tmp_path):
+    import json
+
+    from saekit.artifacts import MANIFEST, verify_manifest
+    from saekit.errors import CorruptArtifactError
+    from saekit.train.checkpoint import latest_checkpoint
+
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    (tmp_path / "secret.txt").write_text("x")
+    (folder / MANIFEST).write_text(json.dumps({"format_version": 1, "files": {"../secret.txt": "0" * 64}}))
+    with pytest.raises(CorruptArtifactError, match="leaves its folder"):
+        verify_manifest(folder)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (tmp_path / "run" / "step-00000001").mkdir(parents=True)
+    ckpts.mkdir()
+    (ckpts / "latest").write_text("../step-00000001\n")
+    with pytest.raises(CorruptArtifactError, match="latest"):
+        latest_checkpoint(tmp_path / "run")

@@ -25,7 +25,7 @@ from typing import Any, Optional, TypedDict
 
 import numpy as np
 
-from saekit.artifacts import FORMAT_VERSION, MANIFEST, read_json, sha256_file
+from saekit.artifacts import FORMAT_VERSION, MANIFEST, inside, read_json, sha256_file
 from saekit.errors import CorruptArtifactError
 from saekit.layout import BUNDLE
 from saekit.safetensors_mmap import memmap_safetensors as _memmap
@@ -264,7 +264,7 @@ class LatentIndex:
 
     def _part(self, i: int) -> dict:
         if i not in self._maps:
-            self._maps[i] = memmap_safetensors(self.folder / self.parts[i]["file"])
+            self._maps[i] = memmap_safetensors(inside(self.folder, self.parts[i]["file"], "the bundle's index_parts"))
         return self._maps[i]
 
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

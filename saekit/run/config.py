@@ -19,7 +19,7 @@ from saekit.analysis.features import AnalyzeConfig
 from saekit.config import Config, param
 from saekit.data.corpus import CorpusConfig
 from saekit.errors import ConfigError
-from saekit.layout import STORE, RunFolder
+from saekit.layout import STORE, RunFolder, safe_name
 from saekit.sae.registry import make_config
 from saekit.sources.base import SourceConfig
 from saekit.store.writer import StoreConfig
@@ -40,9 +40,12 @@ class ActivationRunConfig(Config):
     source: SourceConfig = param(default_factory=SourceConfig, doc="the model and its hook points")
     store: StoreConfig = param(default_factory=StoreConfig, doc="the activation cache")
 
+    def validate(self) -> None:
+        safe_name(self.name, "run config: name")
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
+        return Path(self.output_dir) if self.output_dir else Path("runs") / safe_name(self.name, "run config: name")
 
     @property
     def folder(self) -> RunFolder:
@@ -96,6 +99,7 @@ class RunConfig(ActivationRunConfig):
     probe: ProbeConfig = param(default_factory=ProbeConfig, doc="sparse probing after training")
 
     def validate(self) -> None:
+        super().validate()
         if self.train:
             self.train_config()
             _ = self.exclude_outliers
@@ -143,6 +147,7 @@ class SAESpec(Config):
 
 
     def validate(self) -> None:
+        safe_name(self.name, "saes[].name")
         check_sae_section(self.sae, where=f"saes[{self.name}].sae")
 
 
@@ -178,6 +183,7 @@ class MultiConfig(ActivationRunConfig):
     saes: list[SAESpec] = param([], "the SAEs")
 
     def validate(self) -> None:
+        super().validate()
         if not self.saes:
             raise ConfigError("multi config: expected at least one entry in `saes`, found none")
         names = [s.name for s in self.saes]

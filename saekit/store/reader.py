@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit.artifacts import read_json, sha256_bytes, sha256_file
+from saekit.artifacts import inside, read_json, sha256_bytes, sha256_file
 from saekit.errors import CorruptArtifactError, SaekitError
 from saekit.safetensors_mmap import memmap_safetensors
 from saekit.store.batches import TensorBatches, epoch_permutation
@@ -101,7 +101,7 @@ class ActivationStore:
     def _shard(self, i: int) -> dict:
         if i not in self._maps:
             entry = self.shards[i]
-            f = self.path / entry["file"]
+            f = inside(self.path, entry["file"], str(self.path / MANIFEST))
             if not f.exists():
                 raise CorruptArtifactError(f"{f}: listed in {MANIFEST} but missing")
             if self.verify and sha256_file(f) != entry["sha256"]:
