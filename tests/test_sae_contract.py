@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -151,13 +152,45 @@ def _rewrite_weights(folder, change):
 def test_shape_and_dtype_mismatch_name_the_tensor(arch, tmp_path):
     sae = build(arch)
     save_sae(sae, tmp_path / "a")
+    want = tuple(sae.state_dict()[_rewrite_weights(tmp_path / "a", lambda t: t)].shape)
+    found = (want[0] - 1, *want[1:])
     name = _rewrite_weights(tmp_path / "a", lambda t: t[:-1].clone())
-    with pytest.raises(ShapeMismatchError, match=name):
+    with pytest.raises(ShapeMismatchError, match=re.escape(f"'{name}' expected shape {want} from cfg.json, "
+                                                             f"found {found}")):
         load_sae(tmp_path / "a")
     save_sae(sae, tmp_path / "b")
     name = _rewrite_weights(tmp_path / "b", lambda t: t.double())
     with pytest.raises(DtypeMismatchError, match=f"{name}.*float32.*float64"):
         load_sae(tmp_path / "b")
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_missing_or_extra_tensors_are_named(change, tmp_path):
+    """The missing/extra branch of check_state: a tensor the architecture needs, or one it does not know."""
+    save_sae(build("topk"), tmp_path / "sae")
+    tensors = load_file(tmp_path / "sae" / WEIGHTS_FILE)
+    if change == "missing":
+        del tensors["b_enc"]
+    else:
+        tensors["stowaway"] = torch.zeros(3)
+    save_file(tensors, tmp_path / "sae" / WEIGHTS_FILE)
+    write_manifest(tmp_path / "sae", [CFG_FILE, WEIGHTS_FILE])
+    expect = r"missing \['b_enc'\], unexpected \[\]" if change == "missing" else r"missing \[\], unexpected \['stowaway'\]"
+    with pytest.raises(ShapeMismatchError, match=expect):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cfg_json_is_named(damage, tmp_path):
+    """Promise 11 for cfg.json: a changed or cut byte is caught by the manifest, before the config is used."""
+    save_sae(build("topk"), tmp_path / "sae")
+    path = tmp_path / "sae" / CFG_FILE
+    data = path.read_bytes()
+    data = data.replace(b'"d_sae": 32', b'"d_sae": 33') if damage == "flip" else data[:-1]
+    assert data != path.read_bytes()
+    path.write_bytes(data)
+    with pytest.raises(CorruptArtifactError, match=rf"{CFG_FILE}: sha256 mismatch"):
+        load_sae(tmp_path / "sae")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
