@@ -189,3 +189,34 @@ def test_a_damaged_docs_line_names_file_and_line(tmp_path):
         ActivationStore(store.path, verify=False).docs  # unverified: the parse itself names the line
     with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: sha256 mismatch"):
         ActivationStore(store.path).docs
+
+
+def test_manifest_records_model_revision_tokenizer_hook_dtype_d_in_and_token_count(tmp_path):
+    """Promise 27's manifest half: a store says what it was cached from, and its row count is the
+    number of real (non-special) tokens of its documents, counted here with the tokenizer alone."""
+    from support.runs import synthetic_docs, tiny_lm
+
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
+    from saekit.sources.models import tokenizer_hash
+
+    folder = tiny_lm(tmp_path / "lm", d_model=24)
+    source = make_source(SourceConfig(kind="hf", model=str(folder), hooks=["transformer.h.0"], batch_size=8,
+                                      dtype="float32", max_length=32))
+    docs = synthetic_docs(20, seed=3)
+    store = ActivationStore(cache_activations(source, docs, tmp_path / "cache", StoreConfig(docs_per_shard=8))
+                            ["transformer.h.0"])
+    src = store.manifest.source
+    assert src["model"] and src["revision"]
+    assert src["tokenizer_hash"] == tokenizer_hash(source.tok) and len(src["tokenizer_hash"]) >= 16
+    assert src["hooks"] == ["transformer.h.0"] and store.hook == "transformer.h.0"
+    assert src["dtype"] == "float32" and store.manifest.dtype == "float32"
+    assert src["d_in"] == {"transformer.h.0": 24} and store.d_in == 24
+    special = set(source.tok.all_special_ids)
+    n_tokens = sum(sum(t not in special for t in source.tok(d["text"])["input_ids"][:32]) for d in docs)
+    assert store.manifest.rows == len(store) == n_tokens > 0
+    assert store.manifest.n_docs == 20 and store.complete
+    again = ActivationStore(cache_activations(make_source(SourceConfig(
+        kind="hf", model=str(folder), hooks=["transformer.h.0"], batch_size=8, dtype="float32", max_length=32)),
+        docs, tmp_path / "again", StoreConfig(docs_per_shard=8))["transformer.h.0"])
+    assert [s["sha256"] for s in again.shards] == [s["sha256"] for s in store.shards]  # same inputs, same bytes
