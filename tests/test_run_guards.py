@@ -149,3 +149,38 @@ def test_manifest_and_latest_pointer_names_escaping_their_folder_are_refused(tmp
     (ckpts / "latest").write_text("../step-00000001\n")
     with pytest.raises(CorruptArtifactError, match="latest"):
         latest_checkpoint(tmp_path / "run")
+
+
+# -- promise 29: hooks are gone after an exception inside a hooked forward ------------------------
+def _raising_layer(model, index: int):
+    """Make transformer block `index` raise when it runs (no hook of the test's own)."""
+    block = model.transformer.h[index]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("inside the hooked forward")
+
+    block.forward = boom
+
+
+def test_cache_and_splice_leave_zero_hooks_after_an_exception_in_the_forward(tmp_path):
+    from support.hooks import count_hooks
+    from support.runs import tiny_lm
+
+    from saekit.eval.splice import splice_lm_loss
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
+
+    source = make_source(SourceConfig(kind="hf", model=str(tiny_lm(tmp_path / "lm")), hooks=["transformer.h.0"],
+                                      batch_size=4, max_length=16))
+    model = source.model
+    assert count_hooks(model) == 0
+    _raising_layer(model, 0)  # the hooked layer itself raises: the hook is already installed
+    with pytest.raises(RuntimeError, match="inside the hooked forward"):
+        cache_activations(source, synthetic_docs(6), tmp_path / "cache", StoreConfig(docs_per_shard=3))
+    assert count_hooks(model) == 0
+    del model.transformer.h[0].forward  # back to the class's forward
+    _raising_layer(model, 1)  # a layer after the splice point raises while the splice hook is active
+    with pytest.raises(RuntimeError, match="inside the hooked forward"):
+        splice_lm_loss(model, source.tok, "transformer.h.0", texts=["the cat runs", "a dog sleeps"],
+                       reconstruct=lambda a: a.clone(), max_length=16)
+    assert count_hooks(model) == 0
