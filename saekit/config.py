@@ -77,7 +77,9 @@ class Config:
     def validate(self) -> None:
         """Cross-field checks; subclasses override and raise ConfigError."""
 
-    def to_dict(self, redact: bool = False) -> dict:
+    def to_dict(self, redact: bool = True) -> dict:
+        """Plain data; secrets (REDACT_KEYS) are redacted unless redact is turned off, so every writer that
+        records a config (run folders, checkpoints, bundles) leaves tokens out by default (promise 13)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)
