@@ -347,3 +347,23 @@ def test_same_codes_on_cuda(arch, grad_mode):
     got = (_no_grad if grad_mode == "no_grad" else _inference)(cuda.encode, x.cuda())
     assert got.values.is_cuda
     assert_same_code(got, ref, 1e-4)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("scale", [0.37, 4.2])
+def test_folding_the_input_scale_keeps_raw_reconstructions(arch, scale):
+    """Promise 5 over the registry: the folded copy on raw x gives the training model's reconstruction of
+    x * s, divided by s, within 1e-5 (b_dec included: build() moves every bias away from 0); an
+    architecture that cannot fold raises NotImplementedError."""
+    sae = build(arch).eval()
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(7)) * 2.0
+    sae.set_input_scale(scale)
+    if not sae.supports_folding:
+        with pytest.raises(NotImplementedError):
+            sae.folded_copy()
+        return
+    folded = sae.folded_copy().eval()
+    with torch.no_grad():
+        want = (sae(x * scale).recon / scale).double()
+        got = folded(x).recon.double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))
