@@ -184,7 +184,7 @@ class Bundle:
     def verify(self) -> None:
         """Check every file against the manifest's sha256; raise naming the first damaged one."""
         for name, digest in self.manifest.get("files", {}).items():
-            f = self.path / name
+            f = inside(self.path, name, str(self.path / MANIFEST))
             if not f.exists():
                 raise BundleError(f"{f}: listed in the bundle manifest but missing; rebuild with `saekit analyze`")
             if sha256_file(f) != digest:
