@@ -184,3 +184,39 @@ def test_cache_and_splice_leave_zero_hooks_after_an_exception_in_the_forward(tmp
         splice_lm_loss(model, source.tok, "transformer.h.0", texts=["the cat runs", "a dog sleeps"],
                        reconstruct=lambda a: a.clone(), max_length=16)
     assert count_hooks(model) == 0
+
+
+# -- promise 30: repeated extractions hold on to nothing ------------------------------------------
+def test_fifty_extractions_leave_no_tensors_or_python_memory_behind(tmp_path):
+    import gc
+    import tracemalloc
+    import weakref
+
+    from support.hooks import count_hooks
+    from support.runs import tiny_lm
+
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
+
+    source = make_source(SourceConfig(kind="hf", model=str(tiny_lm(tmp_path / "lm")), hooks=["transformer.h.0"],
+                                      batch_size=4, max_length=16))
+    docs = synthetic_docs(8)
+    refs = []
+
+    def extract() -> None:
+        for batch in source.iter_batches(docs):
+            refs.append(weakref.ref(batch.acts["transformer.h.0"]))
+
+    for _ in range(10):  # warm caches (tokenizer, allocator) before measuring
+        extract()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(50):
+        extract()
+    gc.collect()
+    growth = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert all(r() is None for r in refs), "an extraction's activations are still referenced"
+    assert growth < 512 * 1024, f"python memory grew by {growth} bytes over 50 extractions"
+    assert count_hooks(source.model) == 0
