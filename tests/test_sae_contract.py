@@ -349,7 +349,7 @@ def test_same_codes_on_cuda(arch, grad_mode):
     assert_same_code(got, ref, 1e-4)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not a.startswith("test_")])  # saekit's own architectures
 @pytest.mark.parametrize("scale", [0.37, 4.2])
 def test_folding_the_input_scale_keeps_raw_reconstructions(arch, scale):
     """Promise 5 over the registry: the folded copy on raw x gives the training model's reconstruction of
