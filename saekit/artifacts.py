@@ -166,6 +166,19 @@ def write_manifest(folder: str | Path, files: list[str], extra: dict | None = No
     atomic_write_json(folder / MANIFEST, entry)
 
 
+def inside(folder: str | Path, name: object, listed_in: str) -> Path:
+    """`folder / name` for a file name read from an artifact (`listed_in` says where), refusing one
+    that would leave the folder (absolute, `..`, empty): a damaged or crafted manifest must not make
+    saekit read or map files elsewhere. Lexical, so a folder reached through a symlink still works."""
+    if not isinstance(name, str) or not name.strip() or "\0" in name:
+        raise CorruptArtifactError(f"{listed_in}: expected a file name inside {folder}, found {name!r}")
+    norm = os.path.normpath(name)
+    if os.path.isabs(name) or norm == ".." or norm.startswith(".." + os.sep) or norm == ".":
+        raise CorruptArtifactError(f"{listed_in}: the file name {name!r} leaves its folder {folder}; "
+                                   f"expected a name inside it (the artifact is damaged or crafted)")
+    return Path(folder) / norm
+
+
 def verify_manifest(folder: str | Path) -> dict:
     """Check every file listed in the folder's manifest; raise naming the first damaged one."""
     folder = Path(folder)
@@ -175,7 +188,7 @@ def verify_manifest(folder: str | Path) -> dict:
         return {}
     manifest = read_json(mpath)
     for name, digest in manifest.get("files", {}).items():
-        f = folder / name
+        f = inside(folder, name, str(mpath))
         if not f.exists():
             raise CorruptArtifactError(f"{f}: listed in {MANIFEST} but missing")
         if sha256_file(f) != digest:

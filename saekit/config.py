@@ -43,9 +43,11 @@ class Config:
 
     @classmethod
     def from_dict(cls: type[T], data: dict | None, strict: bool = True, where: str = "") -> T:
-        if not isinstance(data or {}, dict):
-            raise ConfigError(f"{where or cls.__name__}: expected a mapping, found {type(data).__name__} {data!r}")
-        data = dict(data or {})
+        data = {} if data is None else data
+        if not isinstance(data, dict):  # checked before dict(): a YAML list or scalar is named, not a raw error
+            raise ConfigError(f"{where or cls.__name__}: expected a mapping of keys to values, "
+                              f"found {type(data).__name__} {str(data)[:80]!r}")
+        data = dict(data)
         fields = {f.name: f for f in dataclasses.fields(cls) if f.init}
         hints = typing.get_type_hints(cls)
         for key in list(data):
@@ -75,7 +77,9 @@ class Config:
     def validate(self) -> None:
         """Cross-field checks; subclasses override and raise ConfigError."""
 
-    def to_dict(self, redact: bool = False) -> dict:
+    def to_dict(self, redact: bool = True) -> dict:
+        """Plain data; secrets (REDACT_KEYS) are redacted unless redact is turned off, so every writer that
+        records a config (run folders, checkpoints, bundles) leaves tokens out by default (promise 13)."""
         out = {}
         for f in dataclasses.fields(self):
             v = getattr(self, f.name)

@@ -81,6 +81,18 @@ class UsageError(ConfigError):
     """The command line does not parse (unknown option, missing argument, a value of the wrong type)."""
 
 
+class UnsafeNameError(ConfigError):
+    """A run or SAE name that cannot be a folder name inside its run (empty, absolute, `..`, a path separator)."""
+
+
+class IncompleteStoreError(SaekitError):
+    """An activation store's caching job has not finished (interrupted); training on it would use partial data."""
+
+
+class EmptyDataError(SaekitError, ValueError):
+    """A corpus, store or row selection holds nothing to work on (0 documents or 0 rows)."""
+
+
 def nearest(name: str, candidates, n: int = 3) -> list[str]:
     """The candidates closest to `name`, for 'did you mean' messages."""
     import difflib

@@ -27,7 +27,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, UnsafeNameError
 
 CONFIG = "config.yaml"
 STORE = "store"
@@ -45,6 +45,19 @@ TRAIN_SUMMARY = "summary.json"
 VAL_CURVE = "val_curve.png"
 
 
+def safe_name(name: object, what: str) -> str:
+    """A run or SAE name that becomes one folder name: refused (UnsafeNameError) when it is empty,
+    '.' or '..', absolute, or holds a path separator, since it would then leave or replace the folder
+    it is meant to live in."""
+    if not isinstance(name, str) or not name.strip():
+        raise UnsafeNameError(f"{what}: expected a non-empty name (it becomes a folder name), found {name!r}")
+    bad = [c for c in ("/", "\\", "\0") if c in name]
+    if name in (".", "..") or bad or name != name.strip():
+        raise UnsafeNameError(f"{what}: expected a plain folder name (letters, digits, '-', '_', '.'; no path "
+                              f"separators, not '.' or '..', no surrounding spaces), found {name!r}")
+    return name
+
+
 @dataclass(frozen=True)
 class RunFolder:
     """A run folder, optionally scoped to one SAE of a multi-SAE run.
@@ -58,6 +71,8 @@ class RunFolder:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "root", Path(self.root))
+        if self.sae is not None:
+            safe_name(self.sae, "SAE name")
         if self.store_path is not None:
             object.__setattr__(self, "store_path", Path(self.store_path))
 
@@ -77,7 +92,7 @@ class RunFolder:
     def train(self, name: str | None = None) -> Path:
         """`<root>/train` of a single run, `<root>/train/<name>` of one SAE of a multi-SAE run."""
         name = name or self.sae
-        return self.root / TRAIN / name if name else self.root / TRAIN
+        return self.root / TRAIN / safe_name(name, "SAE name") if name else self.root / TRAIN
 
     def final_sae(self, name: str | None = None) -> Path:
         return self.train(name) / FINAL_SAE

@@ -196,6 +196,24 @@ def test_missing_and_damaged_bundles_raise_named_errors(llm_run, tmp_path):
         Bundle(out)
 
 
+def test_every_damaged_bundle_file_is_named(llm_run, tmp_path):
+    """Promise 11 for the whole bundle: one changed byte in any file the manifest lists makes opening it
+    raise BundleError naming that file."""
+    import shutil
+
+    out = build_bundle(llm_run, AnalyzeConfig(top_examples=2, logit_lens=False), out=tmp_path / "b")
+    names = sorted(json.loads((out / "saekit_manifest.json").read_text())["files"])
+    assert len(names) >= 3, names
+    for name in names:
+        copy = tmp_path / f"copy-{len(list(tmp_path.iterdir()))}"
+        shutil.copytree(out, copy)
+        raw = bytearray((copy / name).read_bytes())
+        raw[len(raw) // 2] ^= 0x01
+        (copy / name).write_bytes(bytes(raw))
+        with pytest.raises(BundleError, match=rf"{name}: sha256 mismatch"):
+            Bundle(copy)
+
+
 # -- embedding runs ---------------------------------------------------------------------------------
 @pytest.mark.slow
 def test_embedding_bundle_top_documents_and_labels(tmp_path, minilm, tweets):

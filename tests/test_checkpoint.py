@@ -154,3 +154,24 @@ def test_checkpoint_files_are_json_and_safetensors(short_run):
     meta = json.loads((ckpt.path / "optimizer.json").read_text())
     assert meta["type"] == "Adam" and meta["param_groups"][0]["betas"] == [0.9, 0.999]
     assert ckpt.trainer["scheduler"]["step"] == 5 and ckpt.trainer["data_position"]["offset"] > 0
+
+
+@pytest.mark.parametrize("name", ["sae_cfg.json", "sae_state.safetensors", "optimizer.safetensors", "optimizer.json",
+                                  "rng.safetensors", "trainer.json"])
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_every_damaged_checkpoint_file_is_named(short_run, tmp_path, name, damage):
+    """Promise 11 for checkpoints: one changed or cut byte in any file makes reading that checkpoint raise
+    CorruptArtifactError naming the file (never partial state)."""
+    from saekit.errors import CorruptArtifactError
+
+    run = tmp_path / "copy"
+    shutil.copytree(short_run, run)
+    path = run / "checkpoints" / "step-00000010" / name
+    data = bytearray(path.read_bytes())
+    if damage == "flip":
+        data[len(data) // 2] ^= 0x01
+    else:
+        data = data[:-1]
+    path.write_bytes(bytes(data))
+    with pytest.raises(CorruptArtifactError, match=rf"{name}: sha256 mismatch"):
+        read_checkpoint(run / "checkpoints" / "step-00000010")

@@ -197,7 +197,9 @@ def test_saekit_folders_are_still_saekit(tmp_path):
     assert detect(tmp_path / "sae") == "saekit"
     (tmp_path / "sae" / MANIFEST).unlink()
     assert detect(tmp_path / "sae") == "saekit"  # every cfg key is a saekit field
-    assert type(saekit.load_sae(tmp_path / "sae")) is type(sae)
+    with pytest.raises(CorruptArtifactError, match=f"no {MANIFEST}.*verify=False"):
+        saekit.load_sae(tmp_path / "sae")  # a saekit folder without its checksums is refused, not read as SAELens
+    assert type(saekit.load_sae(tmp_path / "sae", verify=False)) is type(sae)
 
 
 def test_writers_refuse_what_the_format_cannot_hold(tmp_path):
@@ -276,3 +278,30 @@ def test_saekit_format_keeps_the_foreign_metadata(tmp_path):
     plain = create({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 2})
     saekit.save_sae(plain, tmp_path / "plain")
     assert not (tmp_path / "plain" / "metadata.json").exists()
+
+
+def test_a_saelens_reader_of_our_cfg_computes_what_the_trainer_trained(tmp_path):
+    """Input normalisation is the trainer's alone: it is folded into the saved weights and cfg.json says
+    'none' (SAELens semantics), so SAELens's reading of our folder gives the trained model's outputs on
+    raw activations; an SAE config asking for normalisation is refused, pointing at train.*."""
+    import json
+
+    from train_helpers import make_data, make_setup
+
+    from saekit.errors import ConfigError
+    from saekit.sae.formats import saelens
+    from saekit.train import train
+
+    sae, batches, cfg = make_setup(arch="topk", total_steps=6, checkpoint_every=0,
+                                   normalize_activations="expected_average_only_in")
+    result = train(sae, batches, cfg, tmp_path / "run")
+    assert abs(float(result.state.input_scale) - 1.0) > 0.1  # the trainer really rescaled
+    folder = tmp_path / "run" / "final_sae"
+    assert json.loads((folder / "cfg.json").read_text())["normalize_activations"] == "none"
+    x = make_data(64)
+    with torch.no_grad():
+        want = sae.eval()(x).recon  # train() leaves the passed SAE folded: it takes raw inputs (issue 24)
+        got = saelens.read(folder, "cpu", False).eval()(x).recon  # training-only keys kept as metadata
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ConfigError, match="train.normalize_activations"):
+        create({"architecture": "topk", "d_in": 8, "d_sae": 16, "k": 2, "normalize_activations": "constant_norm_rescale"})

@@ -81,8 +81,8 @@ def test_run_folder_of_a_multi_run_is_scoped_per_sae(tmp_path):
 
 
 def test_load_run_config_returns_the_kind_the_file_describes(tmp_path):
-    single = _write(tmp_path / "s.yaml", {"name": "s", "sae": {"architecture": "topk"}})
-    multi = _write(tmp_path / "m.yaml", {"name": "m", "saes": [{"name": "a", "sae": {"architecture": "topk"}}]})
+    single = _write(tmp_path / "s.yaml", {"name": "s", "sae": {"architecture": "topk", "d_sae": 8, "k": 2}})
+    multi = _write(tmp_path / "m.yaml", {"name": "m", "saes": [{"name": "a", "sae": {"architecture": "topk", "d_sae": 8, "k": 2}}]})
     assert type(load_run_config(single)) is RunConfig and type(load_run_config(multi)) is MultiConfig
     with pytest.raises(ConfigError, match="unknown key 'saez'"):
         load_run_config(_write(tmp_path / "bad.yaml", {"saez": []}))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import pytest
 import torch
@@ -151,13 +152,45 @@ def _rewrite_weights(folder, change):
 def test_shape_and_dtype_mismatch_name_the_tensor(arch, tmp_path):
     sae = build(arch)
     save_sae(sae, tmp_path / "a")
+    want = tuple(sae.state_dict()[_rewrite_weights(tmp_path / "a", lambda t: t)].shape)
+    found = (want[0] - 1, *want[1:])
     name = _rewrite_weights(tmp_path / "a", lambda t: t[:-1].clone())
-    with pytest.raises(ShapeMismatchError, match=name):
+    with pytest.raises(ShapeMismatchError, match=re.escape(f"'{name}' expected shape {want} from cfg.json, "
+                                                             f"found {found}")):
         load_sae(tmp_path / "a")
     save_sae(sae, tmp_path / "b")
     name = _rewrite_weights(tmp_path / "b", lambda t: t.double())
     with pytest.raises(DtypeMismatchError, match=f"{name}.*float32.*float64"):
         load_sae(tmp_path / "b")
+
+
+@pytest.mark.parametrize("change", ["missing", "extra"])
+def test_missing_or_extra_tensors_are_named(change, tmp_path):
+    """The missing/extra branch of check_state: a tensor the architecture needs, or one it does not know."""
+    save_sae(build("topk"), tmp_path / "sae")
+    tensors = load_file(tmp_path / "sae" / WEIGHTS_FILE)
+    if change == "missing":
+        del tensors["b_enc"]
+    else:
+        tensors["stowaway"] = torch.zeros(3)
+    save_file(tensors, tmp_path / "sae" / WEIGHTS_FILE)
+    write_manifest(tmp_path / "sae", [CFG_FILE, WEIGHTS_FILE])
+    expect = r"missing \['b_enc'\], unexpected \[\]" if change == "missing" else r"missing \[\], unexpected \['stowaway'\]"
+    with pytest.raises(ShapeMismatchError, match=expect):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate"])
+def test_damaged_cfg_json_is_named(damage, tmp_path):
+    """Promise 11 for cfg.json: a changed or cut byte is caught by the manifest, before the config is used."""
+    save_sae(build("topk"), tmp_path / "sae")
+    path = tmp_path / "sae" / CFG_FILE
+    data = path.read_bytes()
+    data = data.replace(b'"d_sae": 32', b'"d_sae": 33') if damage == "flip" else data[:-1]
+    assert data != path.read_bytes()
+    path.write_bytes(data)
+    with pytest.raises(CorruptArtifactError, match=rf"{CFG_FILE}: sha256 mismatch"):
+        load_sae(tmp_path / "sae")
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -172,6 +205,32 @@ def test_damaged_weights_raise_naming_the_file(arch, damage, tmp_path):
         data = data[:-1]
     path.write_bytes(bytes(data))
     with pytest.raises(CorruptArtifactError, match=WEIGHTS_FILE):
+        load_sae(tmp_path / "sae")
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_missing_manifest_refuses_altered_tensors(arch, tmp_path):
+    """Integrity is not optional: with saekit_manifest.json deleted, a flipped tensor byte must not load
+    (promise 11); the error names the missing manifest and how to re-save, and verify=False is the escape."""
+    from saekit.artifacts import MANIFEST
+
+    save_sae(build(arch), tmp_path / "sae")
+    path = tmp_path / "sae" / WEIGHTS_FILE
+    data = bytearray(path.read_bytes())
+    data[-3] ^= 0xFF
+    path.write_bytes(bytes(data))
+    (tmp_path / "sae" / MANIFEST).unlink()
+    with pytest.raises(CorruptArtifactError, match=rf"no {MANIFEST}.*re-save.*verify=False"):
+        load_sae(tmp_path / "sae")
+    assert type(load_sae(tmp_path / "sae", verify=False)) is get_class(arch)
+
+
+def test_manifest_without_the_weights_entry_is_refused(tmp_path):
+    from saekit.artifacts import MANIFEST, write_manifest
+
+    save_sae(build("topk"), tmp_path / "sae")
+    write_manifest(tmp_path / "sae", [CFG_FILE])  # lists cfg.json only
+    with pytest.raises(CorruptArtifactError, match=rf"{MANIFEST}.*missing \['{WEIGHTS_FILE}'\]"):
         load_sae(tmp_path / "sae")
 
 
@@ -288,3 +347,23 @@ def test_same_codes_on_cuda(arch, grad_mode):
     got = (_no_grad if grad_mode == "no_grad" else _inference)(cuda.encode, x.cuda())
     assert got.values.is_cuda
     assert_same_code(got, ref, 1e-4)
+
+
+@pytest.mark.parametrize("arch", [a for a in ARCHS if not a.startswith("test_")])  # saekit's own architectures
+@pytest.mark.parametrize("scale", [0.37, 4.2])
+def test_folding_the_input_scale_keeps_raw_reconstructions(arch, scale):
+    """Promise 5 over the registry: the folded copy on raw x gives the training model's reconstruction of
+    x * s, divided by s, within 1e-5 (b_dec included: build() moves every bias away from 0); an
+    architecture that cannot fold raises NotImplementedError."""
+    sae = build(arch).eval()
+    x = torch.randn(64, D_IN, generator=torch.Generator().manual_seed(7)) * 2.0
+    sae.set_input_scale(scale)
+    if not sae.supports_folding:
+        with pytest.raises(NotImplementedError):
+            sae.folded_copy()
+        return
+    folded = sae.folded_copy().eval()
+    with torch.no_grad():
+        want = (sae(x * scale).recon / scale).double()
+        got = folded(x).recon.double()
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5 * float(want.abs().max()))

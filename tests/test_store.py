@@ -159,3 +159,64 @@ def test_gather_returns_columns_in_the_order_asked(tmp_path, emb_source, tweets)
     assert torch.equal(store.gather("acts", rows), store[:][rows])
     with pytest.raises(KeyError, match="expected one of"):
         store.gather("labels", rows)
+
+
+def _docs_store(tmp_path):
+    from support.planted import planted_store
+
+    return ActivationStore(planted_store(tmp_path / "cache", n_docs=30, every=0, docs_per_shard=10), hook="h")
+
+
+def test_docs_jsonl_is_checksummed_and_a_changed_byte_is_named(tmp_path):
+    store = _docs_store(tmp_path)
+    f = store.path / "docs.jsonl"
+    assert store.manifest.docs_sha256 == hashlib.sha256(f.read_bytes()).hexdigest()
+    assert len(store.docs) == 30
+    data = f.read_bytes()
+    i = data.index(b'"text": "') + 9
+    f.write_bytes(data[:i] + (b"X" if data[i:i + 1] != b"X" else b"Y") + data[i + 1:])  # still valid JSON
+    with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: sha256 mismatch"):
+        ActivationStore(store.path).docs
+
+
+def test_a_damaged_docs_line_names_file_and_line(tmp_path):
+    store = _docs_store(tmp_path)
+    f = store.path / "docs.jsonl"
+    lines = f.read_bytes().splitlines(keepends=True)
+    lines[2] = lines[2][:10] + b"\n"  # line 3 cut short
+    f.write_bytes(b"".join(lines))
+    with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: line 3 "):
+        ActivationStore(store.path, verify=False).docs  # unverified: the parse itself names the line
+    with pytest.raises(CorruptArtifactError, match=r"docs\.jsonl: sha256 mismatch"):
+        ActivationStore(store.path).docs
+
+
+def test_manifest_records_model_revision_tokenizer_hook_dtype_d_in_and_token_count(tmp_path):
+    """Promise 27's manifest half: a store says what it was cached from, and its row count is the
+    number of real (non-special) tokens of its documents, counted here with the tokenizer alone."""
+    from support.runs import synthetic_docs, tiny_lm
+
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
+    from saekit.sources.models import tokenizer_hash
+
+    folder = tiny_lm(tmp_path / "lm", d_model=24)
+    source = make_source(SourceConfig(kind="hf", model=str(folder), hooks=["transformer.h.0"], batch_size=8,
+                                      dtype="float32", max_length=32))
+    docs = synthetic_docs(20, seed=3)
+    store = ActivationStore(cache_activations(source, docs, tmp_path / "cache", StoreConfig(docs_per_shard=8))
+                            ["transformer.h.0"])
+    src = store.manifest.source
+    assert src["model"] and src["revision"]
+    assert src["tokenizer_hash"] == tokenizer_hash(source.tok) and len(src["tokenizer_hash"]) >= 16
+    assert src["hooks"] == ["transformer.h.0"] and store.hook == "transformer.h.0"
+    assert src["dtype"] == "float32" and store.manifest.dtype == "float32"
+    assert src["d_in"] == {"transformer.h.0": 24} and store.d_in == 24
+    special = set(source.tok.all_special_ids)
+    n_tokens = sum(sum(t not in special for t in source.tok(d["text"])["input_ids"][:32]) for d in docs)
+    assert store.manifest.rows == len(store) == n_tokens > 0
+    assert store.manifest.n_docs == 20 and store.complete
+    again = ActivationStore(cache_activations(make_source(SourceConfig(
+        kind="hf", model=str(folder), hooks=["transformer.h.0"], batch_size=8, dtype="float32", max_length=32)),
+        docs, tmp_path / "again", StoreConfig(docs_per_shard=8))["transformer.h.0"])
+    assert [s["sha256"] for s in again.shards] == [s["sha256"] for s in store.shards]  # same inputs, same bytes

@@ -316,3 +316,33 @@ def test_auto_resume_of_a_finished_run_runs_nothing(reference_run):
     sae, batches, cfg = make_setup()
     result = train(sae, batches, cfg, run_dir, resume="auto")
     assert result.start_step == 40 and result.steps_run == 0
+
+
+def test_nan_in_a_store_names_document_and_position(tmp_path):
+    """Promise 22: the error traces a bad row to its document and token position, through the store's
+    batch source (a row subset of it, as the train stage uses), not only to the in-batch row."""
+    from support.planted import PlantedSource
+    from support.runs import WORDS, llm_spec, synthetic_docs
+
+    from saekit.store.reader import ActivationStore
+    from saekit.store.writer import StoreConfig, cache_activations
+
+    source = PlantedSource(llm_spec("m", "h", 16), len(WORDS) + 2, every=1000, scale=float("nan"))  # doc 0, pos 1
+    cache_activations(source, synthetic_docs(30, min_words=4, max_words=8), tmp_path / "store",
+                      StoreConfig(docs_per_shard=10))
+    store = ActivationStore(tmp_path / "store")
+    bad_row = int(((store.meta("doc_id") == 0) & (store.meta("pos") == 1)).nonzero())
+    sae, _, cfg = make_setup(data=make_data(64)[:, :16], total_steps=400, batch_size=16,
+                             normalize_activations="none")
+    batches = store.batches(16, seed=0, rows=torch.arange(len(store)))
+    with pytest.raises(NonFiniteError, match=rf"store row {bad_row}: doc 0, position 1"):
+        train(sae, batches, cfg, tmp_path / "run")
+
+
+def test_nan_in_a_tensor_names_the_data_row(tmp_path):
+    """In-memory data has no documents: the error names the row of the data tensor."""
+    x = make_data()
+    x[(2 + 3 - 1) * BATCH + 7] = float("nan")  # unshuffled: step 3, in-batch row 7
+    sae, batches, cfg = make_setup(data=x, shuffle=False)
+    with pytest.raises(NonFiniteError, match=rf"rows \[7\] \(data rows {(2 + 3 - 1) * BATCH + 7}\)"):
+        train(sae, batches, cfg, tmp_path)

@@ -25,7 +25,7 @@ from typing import Any, Optional, TypedDict
 
 import numpy as np
 
-from saekit.artifacts import FORMAT_VERSION, MANIFEST, read_json, sha256_file
+from saekit.artifacts import FORMAT_VERSION, MANIFEST, inside, read_json, sha256_file
 from saekit.errors import CorruptArtifactError
 from saekit.layout import BUNDLE
 from saekit.safetensors_mmap import memmap_safetensors as _memmap
@@ -186,7 +186,7 @@ class Bundle:
     def verify(self) -> None:
         """Check every file against the manifest's sha256; raise naming the first damaged one."""
         for name, digest in self.manifest.get("files", {}).items():
-            f = self.path / name
+            f = inside(self.path, name, str(self.path / MANIFEST))
             if not f.exists():
                 raise BundleError(f"{f}: listed in the bundle manifest but missing; rebuild with `saekit analyze`")
             if sha256_file(f) != digest:
@@ -266,7 +266,7 @@ class LatentIndex:
 
     def _part(self, i: int) -> dict:
         if i not in self._maps:
-            self._maps[i] = memmap_safetensors(self.folder / self.parts[i]["file"])
+            self._maps[i] = memmap_safetensors(inside(self.folder, self.parts[i]["file"], "the bundle's index_parts"))
         return self._maps[i]
 
     def rows(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:

@@ -18,10 +18,14 @@ from saekit.analysis.features import AnalyzeConfig
 from saekit.config import Config, param, read_yaml_mapping
 from saekit.data.corpus import CorpusConfig
 from saekit.errors import ConfigError
-from saekit.layout import STORE, RunFolder
+from saekit.layout import STORE, RunFolder, safe_name
+from saekit.sae.registry import make_config
 from saekit.sources.base import SourceConfig
 from saekit.store.writer import StoreConfig
 from saekit.train.config import TrainConfig
+
+
+PLACEHOLDER_D_IN = 1  # stands in for the store's d_in when the `sae:` section is checked at load time
 
 
 @dataclass
@@ -35,9 +39,12 @@ class ActivationRunConfig(Config):
     source: SourceConfig = param(default_factory=SourceConfig, doc="the model and its hook points")
     store: StoreConfig = param(default_factory=StoreConfig, doc="the activation cache")
 
+    def validate(self) -> None:
+        safe_name(self.name, "run config: name")
+
     @property
     def run_dir(self) -> Path:
-        return Path(self.output_dir or f"runs/{self.name}")
+        return Path(self.output_dir) if self.output_dir else Path("runs") / safe_name(self.name, "run config: name")
 
     @property
     def folder(self) -> RunFolder:
@@ -99,6 +106,7 @@ class RunConfig(ActivationRunConfig):
     probe: ProbeConfig = param(default_factory=ProbeConfig, doc="sparse probing after training")
 
     def validate(self) -> None:
+        super().validate()
         if self.train:
             self.train_config()
             _ = self.exclude_outliers
@@ -109,6 +117,8 @@ class RunConfig(ActivationRunConfig):
         elif self.sae and "architecture" not in self.sae:
             raise ConfigError("sae: missing required key 'architecture' (e.g. topk, mp, mdl), or `from: PATH` "
                               "to use an SAE you already have")
+        elif self.sae:
+            check_sae_section(self.sae)
 
     @property
     def imports_sae(self) -> bool:
@@ -168,6 +178,22 @@ class SAESpec(Config):
     train: dict[str, Any] = param({}, "overrides of the shared train settings for this SAE")
 
 
+    def validate(self) -> None:
+        safe_name(self.name, "saes[].name")
+        check_sae_section(self.sae, where=f"saes[{self.name}].sae")
+
+
+def check_sae_section(fields: dict[str, Any], where: str = "sae") -> None:
+    """Build the architecture's config now, with a placeholder d_in (the store's is known only after
+    caching), so a typo or a bad value in `sae:` fails when the config loads, not after hours of caching."""
+    if "architecture" not in fields:
+        raise ConfigError(f"{where}: missing required key 'architecture' (e.g. topk, mp, mdl)")
+    try:
+        make_config({"d_in": PLACEHOLDER_D_IN, **fields})
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from e
+
+
 @dataclass
 class BufferConfig(Config):
     """The streaming shuffle buffer (one per hook)."""
@@ -189,6 +215,7 @@ class MultiConfig(ActivationRunConfig):
     saes: list[SAESpec] = param([], "the SAEs")
 
     def validate(self) -> None:
+        super().validate()
         if not self.saes:
             raise ConfigError("multi config: expected at least one entry in `saes`, found none")
         names = [s.name for s in self.saes]

@@ -25,7 +25,7 @@ import yaml
 from saekit.analysis.features import AnalyzeConfig
 from saekit.artifacts import atomic_write_bytes, read_json
 from saekit.data.corpus import load_documents
-from saekit.errors import ConfigError, SaekitError
+from saekit.errors import ConfigError, EmptyDataError, IncompleteStoreError, SaekitError
 from saekit.eval.preflight import Preflight, preflight
 from saekit.layout import EVAL, RunFolder
 from saekit.run.config import ActivationRunConfig, RunConfig, load_run_config
@@ -70,7 +70,7 @@ def checked_sae_and_store(folder: RunFolder, sae: SparseAutoencoder | None = Non
     a model-name alias."""
     folder = folder.require_run().require_one_sae()
     sae = sae if sae is not None else load_sae(folder.train(), device=device)
-    store = store_for_hook(folder.store, sae.cfg.hook_name or None)
+    store = require_rows(store_for_hook(folder.store, sae.cfg.hook_name or None))
     return sae, store, preflight(sae, store, force=force or configured_force(folder))
 
 
@@ -129,7 +129,28 @@ def store_summary(store: ActivationStore) -> dict:
 
 def run_store(cfg: RunConfig, hook: str | None = None) -> ActivationStore:
     hook = hook or (cfg.source.hooks[0] if cfg.source.kind != "embedding" else None)
-    return ActivationStore(cfg.store_dir, hook=hook)
+    return require_rows(ActivationStore(cfg.store_dir, hook=hook))
+
+
+def require_rows(store: ActivationStore) -> ActivationStore:
+    """Refuse a store with 0 rows (an empty corpus, or documents that were all special tokens): every
+    stage would otherwise 'succeed' on nothing (an SAE initialised from no data, NaN statistics)."""
+    if len(store) == 0:
+        raise EmptyDataError(f"{store.path}: the activation store has 0 rows ({store.manifest.n_docs} documents "
+                             f"cached); expected at least one row: check the corpus section of the run config")
+    return store
+
+
+def require_complete(store: ActivationStore) -> ActivationStore:
+    """Refuse a store whose caching job was interrupted, naming what exists and how to resume."""
+    m = store.manifest
+    if not store.complete:
+        have = [e["index"] for e in m.shards]
+        raise IncompleteStoreError(
+            f"{store.path}: the activation store is incomplete: {len(have)} of {m.n_shards} shards cached "
+            f"(shards {have}); expected a complete store before training. Run `saekit cache CONFIG` with the same "
+            f"config to resume caching where it stopped")
+    return store
 
 
 # -- train ---------------------------------------------------------------------------------------
@@ -163,7 +184,7 @@ def train_run(cfg: RunConfig, resume: bool | str = "auto", rank: int | None = No
     sync = current_sync()
     rank = sync.rank if rank is None else rank
     world_size = sync.world_size if world_size is None else world_size
-    store = ActivationStore(cfg.store_dir, hook=_single_hook(cfg))
+    store = require_rows(require_complete(ActivationStore(cfg.store_dir, hook=_single_hook(cfg))))
     tcfg = cfg.train_config()
     sae = create_sae_for(cfg.sae, store.d_in, store.hook, store.manifest["source"], cfg.seed, cfg.corpus.name)
     if torch.device(cfg.sae.get("device", "cpu")).type == "cuda" and dist.is_initialized():
@@ -175,6 +196,10 @@ def train_run(cfg: RunConfig, resume: bool | str = "auto", rank: int | None = No
     train_rows, held_rows = store.split_by_document(cfg.eval.holdout, seed=cfg.seed)
     used = training_rows(store, train_rows, cfg.exclude_outliers)
     log.info("%s: %s", cfg.name, used.describe())
+    if len(used.rows) == 0:
+        raise EmptyDataError(f"{store.path}: 0 rows left to train on after holding out documents "
+                             f"(eval.holdout={cfg.eval.holdout}) and outliers ({used.describe()}); "
+                             f"expected at least one training row")
     if rank == 0:
         write_training_rows(cfg.folder.train_data(), used)
     batches = store.batches(tcfg.batch_size, seed=cfg.seed, rows=used.rows, rank=rank, world_size=world_size)

@@ -39,6 +39,9 @@ StatReduction = Literal["fired_any", "min"]
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+NORMALIZE_KEY = "normalize_activations"  # SAELens's cfg.json key; always "none" in what saekit writes
+
+
 @dataclass
 class SAEConfig(Config):
     """Fields every architecture shares; names follow SAELens's cfg.json where they exist."""
@@ -52,8 +55,6 @@ class SAEConfig(Config):
     hook_layer: int = param(-1, "layer index of the hook (metadata; -1 unknown)")
     context_size: int = param(0, "tokens per context when caching (metadata)")
     dataset_path: str = param("", "corpus the SAE was trained on (metadata)")
-    normalize_activations: str = param("none", "input normalisation used during training; folded on export",
-                                       choices=["none", "expected_average_only_in", "constant_norm_rescale"])
     seed: int = param(0, "initialisation seed")
 
     @property
@@ -247,9 +248,15 @@ class SparseAutoencoder(nn.Module):
         return x.reshape(-1, self.cfg.d_in), lead
 
     def config_dict(self) -> dict:
-        """The cfg.json content: the config plus `architecture` (SAELens-style keys)."""
+        """The cfg.json content: the config plus `architecture` and SAELens's `normalize_activations`.
+
+        Input normalisation is the trainer's alone (`train.normalize_activations`): it scales the
+        inputs while training and the saved copy has the scale folded into its weights, so a saved
+        saekit SAE always takes raw activations. cfg.json says so in SAELens's terms ('none'), so
+        tools that read SAELens folders do not rescale inputs a second time."""
         d = self.cfg.to_dict(redact=True)
         d["architecture"] = self.architecture
+        d[NORMALIZE_KEY] = "none"
         return d
 
 

@@ -16,7 +16,7 @@ from saekit.artifacts import (MANIFEST, atomic_dir, atomic_write_json, load_tens
                               to_strict_json, write_manifest)
 from saekit.errors import (ConfigError, CorruptArtifactError, DtypeMismatchError, MissingArtifactError,
                            ShapeMismatchError, nearest)
-from saekit.sae.base import SAEConfig, SparseAutoencoder
+from saekit.sae.base import NORMALIZE_KEY, SAEConfig, SparseAutoencoder
 
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 CFG_FILE = "cfg.json"
@@ -75,6 +75,11 @@ def make_config(data: dict[str, Any], strict: bool = True) -> SAEConfig:
     name = data.pop("architecture", None)
     if name is None:
         raise ConfigError("SAE config: missing required key 'architecture'")
+    norm = data.pop(NORMALIZE_KEY, "none")
+    if norm != "none":
+        raise ConfigError(f"sae[{name}].{NORMALIZE_KEY}: expected 'none' (or no key), found '{norm}'. Input "
+                          f"normalisation is the trainer's: set train.{NORMALIZE_KEY}; the trainer folds its scale "
+                          f"into the saved weights, so a saekit SAE always takes raw activations")
     return get_class(name).config_class.from_dict(data, strict=strict, where=f"sae[{name}]")
 
 
@@ -102,6 +107,10 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format
 
         return formats.save_sae(sae, path, format=format)
     path = Path(path)
+    scale = getattr(sae, "input_scale", None)
+    if not fold and scale is not None and float(scale) != 1.0:
+        raise ConfigError(f"save_sae(fold=False): the SAE has a training input scale {float(scale):.6g}; cfg.json "
+                          f"cannot record it (saved SAEs take raw activations): save with fold=True")
     model = sae.folded_copy() if (fold and sae.supports_folding) else sae
     meta = getattr(sae, "metadata", None)
     with atomic_dir(path) as tmp:
@@ -113,8 +122,13 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format
     return path
 
 
-def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool = True) -> SparseAutoencoder:
-    """Load an SAE folder; checksums, shapes and dtypes are checked against cfg.json."""
+def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool = True,
+             verify: bool = True) -> SparseAutoencoder:
+    """Load an SAE folder; checksums, shapes and dtypes are checked against cfg.json.
+
+    A saekit folder must carry its sha256 manifest: without it, altered tensors would load silently
+    (docs/RELIABILITY.md 11). `verify=False` is the named escape hatch for a folder you trust (then
+    re-save it). Other tools' folders have no manifest and are read by `saekit.sae.formats`."""
     path = Path(path)
     if (path / "final_sae").is_dir() and not (path / CFG_FILE).exists():
         path = path / "final_sae"  # a training run folder
@@ -125,14 +139,15 @@ def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool 
     cfg_path = path / CFG_FILE
     if not cfg_path.exists():
         _raise_no_sae(path)
-    manifest = read_json(path / MANIFEST) if (path / MANIFEST).exists() else {}
-    files = manifest.get("files", {})
+    files = _manifest_files(path) if verify else {}
     if CFG_FILE in files:
         from saekit.artifacts import sha256_file
 
         if sha256_file(cfg_path) != files[CFG_FILE]:
             raise CorruptArtifactError(f"{cfg_path}: sha256 mismatch with {MANIFEST}; the file was altered")
     cfg_dict = read_json(cfg_path)
+    if cfg_dict.get(NORMALIZE_KEY) == "expected_average_only_in":
+        cfg_dict[NORMALIZE_KEY] = "none"  # older saekit folders: the scale was folded, inputs are raw (as in SAELens)
     sae = create(cfg_dict) if strict else get_class(cfg_dict["architecture"])(make_config(cfg_dict, strict=False))
     tensors = load_tensors(path / WEIGHTS_FILE, files.get(WEIGHTS_FILE))
     check_state(sae, tensors, source=str(path / WEIGHTS_FILE))
@@ -163,6 +178,23 @@ def _attach_metadata(sae: SparseAutoencoder, path: Path, files: dict[str, str]) 
     if METADATA_FILE in files and sha256_file(file) != files[METADATA_FILE]:
         raise CorruptArtifactError(f"{file}: sha256 mismatch with {MANIFEST}; the file was altered")
     sae.metadata = SAEMetadata.from_dict(read_json(file), where=str(file))
+
+
+def _manifest_files(path: Path) -> dict[str, str]:
+    """The sha256 of cfg.json and the weights from a saekit folder's manifest; a missing manifest or
+    entry is refused, since the tensors could then not be verified."""
+    mpath = path / MANIFEST
+    resave = (f"if you trust these files, re-save them with checksums: "
+              f"saekit.save_sae(saekit.load_sae('{path}', verify=False), '{path}')")
+    if not mpath.is_file():
+        raise CorruptArtifactError(f"{path}: no {MANIFEST}; a saekit SAE folder (its {CFG_FILE} names saekit "
+                                   f"architecture fields) needs it to verify {CFG_FILE} and {WEIGHTS_FILE}; {resave}")
+    files = read_json(mpath).get("files", {})
+    missing = [f for f in (CFG_FILE, WEIGHTS_FILE) if f not in files]
+    if missing:
+        raise CorruptArtifactError(f"{mpath}: expected sha256 entries for {[CFG_FILE, WEIGHTS_FILE]}, "
+                                   f"missing {missing}; {resave}")
+    return files
 
 
 def check_state(sae: SparseAutoencoder, tensors: dict[str, torch.Tensor], source: str) -> None:

@@ -57,6 +57,7 @@ class TensorBatches:
         self.rank, self.world_size = rank, world_size
         self.epoch, self.offset = 0, 0
         self._perm = self._make_perm()
+        self._last_rows = torch.zeros(0, dtype=torch.int64)  # data rows of the latest batch (describe_rows)
         head = x_ND[: min(len(x_ND), 4096)].contiguous().float().numpy().tobytes()
         self.fingerprint = hashlib.sha256(head + str(tuple(x_ND.shape)).encode()).hexdigest()[:16]
 
@@ -75,7 +76,20 @@ class TensorBatches:
 
     def next_batch(self) -> Tensor:
         idx = self.next_global_indices()[self.rank:: self.world_size]
+        self._last_rows = idx
         return self.x_ND[idx].float()
+
+    def describe_rows(self, rows: list[int]) -> str:
+        """Where rows of the latest batch come from, so a NaN can be found in the data (promise 22):
+        the document and position when the data is a store (or a view of one), else the data row."""
+        valid = [r for r in rows if 0 <= r < len(self._last_rows)]
+        if not valid:
+            return ""
+        data_rows = self._last_rows[valid]
+        trace = getattr(self.x_ND, "describe_rows", None)
+        if callable(trace):
+            return trace(data_rows)
+        return "data rows " + ", ".join(str(int(r)) for r in data_rows)
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "offset": self.offset, "seed": self.seed, "fingerprint": self.fingerprint}

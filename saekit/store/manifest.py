@@ -83,6 +83,7 @@ class StoreManifest:
     # massive-activation outliers (saekit.store.outliers); absent in stores cached before they existed
     outlier_rule: dict | None = None  # OutlierRule.to_json(): the rule every shard's `outlier` column follows
     norm_stats: dict | None = None  # norm_statistics(): written when the store is complete
+    docs_sha256: str | None = None  # sha256 of docs.jsonl; absent in stores cached before it was recorded
 
     @property
     def n_shards(self) -> int:

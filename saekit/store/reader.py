@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit.artifacts import read_json, sha256_file
+from saekit.artifacts import inside, read_json, sha256_bytes, sha256_file
 from saekit.errors import (ConfigError, CorruptArtifactError, HookNotFoundError, StoreMissingError,
                            UnknownNameError)
 from saekit.safetensors_mmap import memmap_safetensors
@@ -119,7 +119,7 @@ class ActivationStore:
     def _shard(self, i: int) -> dict:
         if i not in self._maps:
             entry = self.shards[i]
-            f = self.path / entry["file"]
+            f = inside(self.path, entry["file"], str(self.path / MANIFEST))
             if not f.exists():
                 raise CorruptArtifactError(f"{f}: listed in {MANIFEST} but missing")
             if self.verify and sha256_file(f) != entry["sha256"]:
@@ -162,6 +162,13 @@ class ActivationStore:
         _check_column(name, COLUMNS[1:] + NORM_COLUMNS)
         parts = [torch.from_numpy(np.array(self._shard(i)[name])) for i in range(len(self.shards))]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.int64)
+
+    def describe_rows(self, rows) -> str:
+        """'store row R: doc D, position P' for each global row, so bad values can be traced to their text."""
+        rows = np.asarray(rows.numpy() if isinstance(rows, Tensor) else rows, dtype=np.int64)
+        doc_N, pos_N = self.gather("doc_id", rows), self.gather("pos", rows)
+        return "; ".join(f"store row {int(r)}: doc {int(d)}, position {int(p)}"
+                         for r, d, p in zip(rows, doc_N, pos_N))
 
     def iter_chunks(self, chunk_rows: int = 65536, start: int = 0, stop: int | None = None):
         """Sequential `(row_start, acts [n, d_in])` chunks, for streaming evaluation and analysis."""
@@ -220,13 +227,17 @@ class ActivationStore:
 
     @cached_property
     def docs(self) -> dict[int, dict]:
-        """doc_id -> {'text', 'labels'} for every document of the corpus slice."""
-        out = {}
-        with open(self.path / DOCS, encoding="utf-8") as f:
-            for line in f:
-                d = json.loads(line)
-                out[int(d["doc_id"])] = d
-        return out
+        """doc_id -> {'text', 'labels'} for every document of the corpus slice, checked against the
+        manifest's sha256 of docs.jsonl (stores cached before it was recorded have none)."""
+        f = self.path / DOCS
+        if not f.is_file():
+            raise CorruptArtifactError(f"{f}: missing; the store lists its documents there")
+        data = f.read_bytes()
+        want = self.manifest.docs_sha256
+        if self.verify and want is not None and sha256_bytes(data) != want:
+            raise CorruptArtifactError(f"{f}: sha256 mismatch with {MANIFEST} (expected {want[:12]}…, found "
+                                       f"{sha256_bytes(data)[:12]}…); the file was truncated or altered")
+        return _parse_docs(f, data)
 
     # -- splits and batches ----------------------------------------------------------------
     def split_by_document(self, holdout: float = 0.1, seed: int = 0) -> tuple[Tensor, Tensor]:
@@ -245,6 +256,19 @@ class ActivationStore:
         return TensorBatches(view, batch_size, seed=seed, rank=rank, world_size=world_size)
 
 
+def _parse_docs(f: Path, data: bytes) -> dict[int, dict]:
+    """docs.jsonl's records by doc_id; a damaged line is named (file and line), never a raw decode error."""
+    out = {}
+    for n, line in enumerate(data.splitlines(), start=1):
+        try:
+            d = json.loads(line)
+            out[int(d["doc_id"])] = d
+        except (ValueError, KeyError, TypeError) as e:
+            raise CorruptArtifactError(f"{f}: line {n} is not a document record "
+                                       f"(expected JSON with a doc_id): {e}") from e
+    return out
+
+
 class RowSubset:
     """A view of some rows of a store that indexes like a tensor."""
 
@@ -260,4 +284,8 @@ class RowSubset:
 
     def __getitem__(self, idx) -> Tensor:
         return self.store[self.rows[idx]]
+
+    def describe_rows(self, rows) -> str:
+        """The store's description of the subset's rows (global store rows, doc and position)."""
+        return self.store.describe_rows(self.rows[torch.as_tensor(rows, dtype=torch.int64)])
 

@@ -28,10 +28,17 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from saekit.artifacts import atomic_write_bytes, atomic_write_json, clean_stale_tmp, read_json, save_tensors
+from saekit.artifacts import (
+    atomic_write_bytes,
+    atomic_write_json,
+    clean_stale_tmp,
+    read_json,
+    save_tensors,
+    sha256_bytes,
+)
 from saekit.config import Config, param
 from saekit.data.corpus import fingerprint
-from saekit.errors import StoreExistsError
+from saekit.errors import EmptyDataError, StoreExistsError
 from saekit.sources.base import ActivationBatch, ActivationSource
 from saekit.store.manifest import (
     CACHE_INDEX,
@@ -74,6 +81,9 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
 
     `clean=False` leaves `.tmp` files alone: with several ranks writing into one folder, another
     rank's in-flight shard looks exactly like a killed write's leftover."""
+    if not docs:
+        raise EmptyDataError(f"{root}: the corpus yielded 0 documents; expected at least one to cache "
+                             f"(check the corpus section: name, split, filters, max_docs)")
     identity = _identity(spec, fingerprint(docs), len(docs), cfg)
     index_path = root / CACHE_INDEX
     if index_path.exists():
@@ -100,12 +110,13 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
             manifests[h] = StoreManifest.load(mpath)
             _keep_rule(manifests[h], cfg)
         else:
-            lines = "".join(json.dumps(d, default=str) + "\n" for d in docs)
-            atomic_write_bytes(folder / DOCS, lines.encode())
+            lines = "".join(json.dumps(d, default=str) + "\n" for d in docs).encode()
+            atomic_write_bytes(folder / DOCS, lines)
             manifests[h] = StoreManifest(kind=spec["kind"], hook=h, d_in=spec["d_in"][h], dtype=cfg.dtype, source=spec,
                                          corpus_fingerprint=identity["corpus_fingerprint"], n_docs=len(docs),
                                          docs_per_shard=cfg.docs_per_shard,
-                                         outlier_rule=OutlierRule(cfg.outlier_multiple).to_json())
+                                         outlier_rule=OutlierRule(cfg.outlier_multiple).to_json(),
+                                         docs_sha256=sha256_bytes(lines))
     return manifests
 
 

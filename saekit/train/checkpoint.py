@@ -25,6 +25,7 @@ the folded inference copy that works on raw activations.
 from __future__ import annotations
 
 import logging
+import os
 import random
 import shutil
 from dataclasses import asdict, dataclass, field
@@ -41,6 +42,7 @@ from saekit.artifacts import (
     atomic_write_bytes,
     atomic_write_json,
     clean_stale_tmp,
+    inside,
     load_tensors,
     read_json,
     save_tensors,
@@ -122,7 +124,11 @@ def latest_checkpoint(run_dir: str | Path) -> Path | None:
     root = Path(run_dir) / CHECKPOINTS
     pointer = root / LATEST
     if pointer.exists():
-        cand = root / pointer.read_text().strip()
+        name = pointer.read_text().strip()
+        if not name.startswith("step-") or os.sep in name:  # the pointer names a sibling folder, nothing else
+            raise CorruptArtifactError(f"{pointer}: expected the name of a step-NNNNNNNN folder beside it, "
+                                       f"found {name!r}")
+        cand = inside(root, name, str(pointer))
         try:
             if (cand / MANIFEST).exists():
                 verify_manifest(cand)

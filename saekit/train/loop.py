@@ -358,7 +358,7 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
         bad = _bad_rows(x)
         if bad and cfg.nonfinite == "raise":
             raise NonFiniteError(f"non-finite activations in warm-up batch {i} (read before step 1), rows {bad}"
-                                 + _describe(batches, bad))
+                                 + (_describe(batches, bad) if sync.world_size == 1 else ""))  # gathered rows
         first.append(x[torch.isfinite(x).all(-1)].double())
     scale = 1.0
     if cfg.normalize_activations != "none":

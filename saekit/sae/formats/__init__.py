@@ -24,7 +24,7 @@ import torch
 
 from saekit.artifacts import MANIFEST, read_json
 from saekit.errors import ConfigError, CorruptArtifactError
-from saekit.sae.base import SparseAutoencoder
+from saekit.sae.base import NORMALIZE_KEY, SparseAutoencoder
 from saekit.sae.formats import dictionary_learning, gemmascope, saelens, sparsify
 from saekit.sae.formats.common import SAEMetadata
 from saekit.sae.registry import architectures, get_class
@@ -74,7 +74,7 @@ def _is_saekit(path: Path) -> bool:
     if name not in architectures():
         return False
     fields = {f.name for f in dataclasses.fields(get_class(name).config_class)}
-    return set(cfg) - {"architecture"} <= fields
+    return set(cfg) - {"architecture", NORMALIZE_KEY} <= fields
 
 
 def load_foreign(path: str | Path, device: str | torch.device = "cpu", strict: bool = True) -> SparseAutoencoder:

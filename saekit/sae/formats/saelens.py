@@ -97,7 +97,6 @@ def _check_computation_keys(cfg: dict, source: str) -> None:
 def _saekit_config(cfg: dict, arch: str, tensors: dict) -> dict[str, Any]:
     meta = dict(cfg) | dict(cfg.get("metadata") or {})
     kw: dict[str, Any] = {"d_in": cfg["d_in"], "d_sae": cfg["d_sae"], "dtype": dtype_name(tensors["W_dec"]),
-                          "normalize_activations": cfg.get("normalize_activations", "none"),
                           "apply_b_dec_to_input": bool(cfg.get("apply_b_dec_to_input", True))}
     for key in SAEKIT_META:
         if meta.get(key) is not None:

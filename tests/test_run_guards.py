@@ -1,0 +1,222 @@
+"""Guards of the run layer against bad data, names and configs (issue 14): an interrupted cache is not
+trained on, an empty corpus is refused by every stage, names cannot leave the run folder, and the
+`sae:` section fails at load time."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import yaml
+from support.planted import PlantedSource
+from support.runs import WORDS, llm_spec, synthetic_docs
+
+from saekit.errors import EmptyDataError, IncompleteStoreError
+from saekit.run.config import RunConfig
+from saekit.run.stages import eval_stage, train_run
+from saekit.store.writer import StoreConfig, cache_activations
+
+TRAIN = {"total_steps": 4, "batch_size": 16, "log_every": 2, "checkpoint_every": 0, "progress_bar": False}
+
+
+def _config(tmp_path: Path, **extra) -> RunConfig:
+    data = {"name": "guard", "output_dir": str(tmp_path / "run"), "source": {"kind": "hf", "model": "m", "hooks": ["h"]},
+            "store": {"path": str(tmp_path / "cache"), "docs_per_shard": 10},
+            "sae": {"architecture": "topk", "d_sae": 32, "k": 4}, "train": TRAIN, **extra}
+    return RunConfig.from_dict(data)
+
+
+def _cache(tmp_path: Path, docs: list[dict], stop_after_shards: int | None = None) -> None:
+    source = PlantedSource(llm_spec("m", "h", 16), len(WORDS) + 2, every=0)
+    cache_activations(source, docs, tmp_path / "cache", StoreConfig(docs_per_shard=10),
+                      stop_after_shards=stop_after_shards)
+
+
+def test_training_refuses_an_interrupted_store_and_says_how_to_resume(tmp_path):
+    _cache(tmp_path, synthetic_docs(30), stop_after_shards=1)
+    with pytest.raises(IncompleteStoreError, match=r"incomplete: 1 of 3 shards cached \(shards \[0\]\).*saekit cache"):
+        train_run(_config(tmp_path))
+    assert not (tmp_path / "run" / "train" / "final_sae").exists()
+    _cache(tmp_path, synthetic_docs(30))  # resumed: now it trains
+    assert train_run(_config(tmp_path)) is not None
+
+
+def test_caching_an_empty_corpus_is_refused(tmp_path):
+    with pytest.raises(EmptyDataError, match="0 documents"):
+        _cache(tmp_path, [])
+
+
+def test_a_store_with_zero_rows_is_refused_by_train_and_eval(tmp_path):
+    docs = [{"doc_id": i, "text": "", "labels": {}} for i in range(12)]  # no tokens: 0 rows
+    _cache(tmp_path, docs)
+    with pytest.raises(EmptyDataError, match="0 rows"):
+        train_run(_config(tmp_path))
+    with pytest.raises(EmptyDataError, match="0 rows"):
+        eval_stage(_config(tmp_path))
+
+
+def test_zero_rows_left_after_holding_out_is_refused(tmp_path):
+    _cache(tmp_path, synthetic_docs(1))  # one document: holding it out leaves nothing
+    with pytest.raises(EmptyDataError, match="0 rows left to train on"):
+        train_run(_config(tmp_path, eval={"holdout": 0.5}))
+
+
+# -- the run config's `sae:` section and top level ------------------------------------------------
+def test_a_typo_in_the_sae_section_fails_when_the_config_loads(tmp_path):
+    from saekit.errors import ConfigError
+    from saekit.run.config import load_run_config
+
+    path = tmp_path / "run.yaml"
+    path.write_text(yaml.safe_dump({"source": {"kind": "hf", "model": "m", "hooks": ["h"]},
+                                    "sae": {"architecture": "topk", "d_sae": 32, "kk": 4}, "train": TRAIN}))
+    with pytest.raises(ConfigError, match=r"sae: .*unknown key 'kk' \(did you mean 'k'\?\)"):
+        load_run_config(path)
+    multi = tmp_path / "multi.yaml"
+    multi.write_text(yaml.safe_dump({"source": {"kind": "hf", "model": "m", "hooks": ["h"]},
+                                     "saes": [{"name": "a", "sae": {"architecture": "topk", "d_sae": -3}}]}))
+    with pytest.raises(ConfigError, match=r"saes\[a\]\.sae: .*d_sae"):
+        load_run_config(multi)
+
+
+@pytest.mark.parametrize("text", ["- a\n- b\n", "42\n", "just words\n"])
+def test_a_top_level_list_or_scalar_is_a_named_config_error(tmp_path, text):
+    from saekit.errors import ConfigError
+    from saekit.run.config import load_run_config
+    from saekit.train.config import TrainConfig
+
+    path = tmp_path / "c.yaml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        TrainConfig.from_yaml(path)
+    with pytest.raises(ConfigError, match="expected a mapping"):
+        load_run_config(path)
+
+
+# -- names that become folders, and file names read from artifacts --------------------------------
+BAD_NAMES = ["../escape", "/abs/path", "a/b", "a\\b", "", "..", ".", " x"]
+
+
+@pytest.mark.parametrize("name", BAD_NAMES)
+def test_run_and_sae_names_cannot_leave_the_run_folder(tmp_path, name):
+    from saekit.errors import UnsafeNameError
+    from saekit.layout import RunFolder
+    from saekit.run.config import MultiConfig
+
+    with pytest.raises(UnsafeNameError, match="name"):
+        RunConfig.from_dict({"name": name})
+    with pytest.raises(UnsafeNameError, match="name"):
+        MultiConfig.from_dict({"saes": [{"name": name, "sae": {"architecture": "topk", "d_sae": 8, "k": 2}}]})
+    with pytest.raises(UnsafeNameError):
+        RunFolder(tmp_path).train(name or "..")
+    with pytest.raises(UnsafeNameError):
+        RunFolder(tmp_path, sae=name)
+    assert not (tmp_path.parent / "escape").exists()
+
+
+def test_a_shard_file_name_escaping_the_store_is_refused(tmp_path):
+    import json
+
+    from saekit.errors import CorruptArtifactError
+    from saekit.store.reader import ActivationStore
+
+    _cache(tmp_path, synthetic_docs(12))
+    store = ActivationStore(tmp_path / "cache", hook="h")
+    outside = tmp_path / "outside.safetensors"
+    outside.write_bytes((store.path / "shard-00000.safetensors").read_bytes())
+    m = json.loads((store.path / "manifest.json").read_text())
+    m["shards"][0]["file"] = "../../outside.safetensors"
+    (store.path / "manifest.json").write_text(json.dumps(m))
+    with pytest.raises(CorruptArtifactError, match="leaves its folder"):
+        ActivationStore(store.path, verify=False)[0:2]
+
+
+def test_manifest_and_latest_pointer_names_escaping_their_folder_are_refused(tmp_path):
+    import json
+
+    from saekit.artifacts import MANIFEST, verify_manifest
+    from saekit.errors import CorruptArtifactError
+    from saekit.train.checkpoint import latest_checkpoint
+
+    folder = tmp_path / "sae"
+    folder.mkdir()
+    (tmp_path / "secret.txt").write_text("x")
+    (folder / MANIFEST).write_text(json.dumps({"format_version": 1, "files": {"../secret.txt": "0" * 64}}))
+    with pytest.raises(CorruptArtifactError, match="leaves its folder"):
+        verify_manifest(folder)
+    ckpts = tmp_path / "run" / "checkpoints"
+    (tmp_path / "run" / "step-00000001").mkdir(parents=True)
+    ckpts.mkdir()
+    (ckpts / "latest").write_text("../step-00000001\n")
+    with pytest.raises(CorruptArtifactError, match="latest"):
+        latest_checkpoint(tmp_path / "run")
+
+
+# -- promise 29: hooks are gone after an exception inside a hooked forward ------------------------
+def _raising_layer(model, index: int):
+    """Make transformer block `index` raise when it runs (no hook of the test's own)."""
+    block = model.transformer.h[index]
+
+    def boom(*args, **kwargs):
+        raise RuntimeError("inside the hooked forward")
+
+    block.forward = boom
+
+
+def test_cache_and_splice_leave_zero_hooks_after_an_exception_in_the_forward(tmp_path):
+    from support.hooks import count_hooks
+    from support.runs import tiny_lm
+
+    from saekit.eval.splice import splice_lm_loss
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
+
+    source = make_source(SourceConfig(kind="hf", model=str(tiny_lm(tmp_path / "lm")), hooks=["transformer.h.0"],
+                                      batch_size=4, max_length=16))
+    model = source.model
+    assert count_hooks(model) == 0
+    _raising_layer(model, 0)  # the hooked layer itself raises: the hook is already installed
+    with pytest.raises(RuntimeError, match="inside the hooked forward"):
+        cache_activations(source, synthetic_docs(6), tmp_path / "cache", StoreConfig(docs_per_shard=3))
+    assert count_hooks(model) == 0
+    del model.transformer.h[0].forward  # back to the class's forward
+    _raising_layer(model, 1)  # a layer after the splice point raises while the splice hook is active
+    with pytest.raises(RuntimeError, match="inside the hooked forward"):
+        splice_lm_loss(model, source.tok, "transformer.h.0", texts=["the cat runs", "a dog sleeps"],
+                       reconstruct=lambda a: a.clone(), max_length=16)
+    assert count_hooks(model) == 0
+
+
+# -- promise 30: repeated extractions hold on to nothing ------------------------------------------
+def test_fifty_extractions_leave_no_tensors_or_python_memory_behind(tmp_path):
+    import gc
+    import tracemalloc
+    import weakref
+
+    from support.hooks import count_hooks
+    from support.runs import tiny_lm
+
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.factory import make_source
+
+    source = make_source(SourceConfig(kind="hf", model=str(tiny_lm(tmp_path / "lm")), hooks=["transformer.h.0"],
+                                      batch_size=4, max_length=16))
+    docs = synthetic_docs(8)
+    refs = []
+
+    def extract() -> None:
+        for batch in source.iter_batches(docs):
+            refs.append(weakref.ref(batch.acts["transformer.h.0"]))
+
+    for _ in range(10):  # warm caches (tokenizer, allocator) before measuring
+        extract()
+    gc.collect()
+    tracemalloc.start()
+    before = tracemalloc.take_snapshot()
+    for _ in range(50):
+        extract()
+    gc.collect()
+    growth = sum(s.size_diff for s in tracemalloc.take_snapshot().compare_to(before, "filename"))
+    tracemalloc.stop()
+    assert all(r() is None for r in refs), "an extraction's activations are still referenced"
+    assert growth < 512 * 1024, f"python memory grew by {growth} bytes over 50 extractions"
+    assert count_hooks(source.model) == 0
