@@ -58,7 +58,10 @@ class EvalConfig(Config):
     max_rows: int = param(0, "evaluate on at most this many held-out rows (0 = all)", ge=0)
     batch_rows: int = param(4096, "rows per evaluation batch", ge=1)
     description_length: bool = param(True, "compute the MDL description-length sweep")
-    splice_docs: int = param(48, "held-out documents for the splice-in LM loss (LLM runs; 0 = skip)", ge=0)
+    splice_docs: int = param(2000, "at most this many held-out documents for the splice-in LM loss (LLM runs; "
+                             "0 = skip)", ge=0)
+    splice_tokens: int = param(20000, "held-out tokens for the splice-in LM loss: documents are added until their "
+                               "tokens reach this (a narrower loss-recovered interval)", ge=1)
     splice_batch: int = param(8, "documents per splice-in forward pass", ge=1)
     retrieval_rows: int = param(2000, "held-out rows for recall@k (embedding runs)", ge=0)
     retrieval_k: int = param(10, "k of recall@k", ge=1)
