@@ -161,3 +161,26 @@ class GroupedSums:
     @property
     def n_units(self) -> int:
         return len(self.unit_of)
+
+
+def mean_interval(values_U: Tensor, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                  units_U: Tensor | None = None) -> list[float] | None:
+    """ci95 of the mean of per-item `values_U` (e.g. 0/1 correctness of a probe's test examples),
+    resampling the units in `units_U` (each item its own unit when None)."""
+    v = torch.as_tensor(values_U, dtype=torch.float64).reshape(-1)
+    if v.numel() < 2:
+        return None
+    units = torch.arange(v.numel()) if units_U is None else \
+        torch.unique(torch.as_tensor(units_U).reshape(-1), return_inverse=True)[1]
+    g = int(units.max()) + 1
+    if g < 2:
+        return None
+    sum_G = torch.zeros(g, dtype=torch.float64).index_add_(0, units, v)
+    n_G = torch.zeros(g, dtype=torch.float64).index_add_(0, units, torch.ones_like(v))
+    return Bootstrap(g, resamples, seed).ratio_ci(sum_G, n_G)
+
+
+def interval_fn(resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Callable:
+    """`mean_interval` with fixed resamples and seed, for layers below eval that take an interval
+    function as an argument (probing is one: it may not import eval)."""
+    return lambda values_U, units_U=None: mean_interval(values_U, resamples, seed, units_U)
