@@ -76,6 +76,12 @@ class ProbeConfig(Config):
     ks: list[int] = param([1, 2, 5, 10, 20], "numbers of features to probe with")
     max_rows: int = param(20000, "rows used (whole documents, sampled deterministically)", ge=100)
     test_frac: float = param(0.3, "fraction of documents in the probe's test split", gt=0, lt=1)
+    pooling: str = param("mean", "LLM stores: one example per document by pooling its tokens' SAE codes and neurons "
+                         "(mean, as SAEBench; max; last token) or 'token' (every token against its document's label)",
+                         choices=["mean", "max", "last", "token"])
+    one_vs_rest: bool = param(True, "also probe every class against the rest (best latent per class, macro summary)")
+    resamples: int = param(1000, "bootstrap resamples (over test documents) for the accuracy intervals; 0 = none",
+                           ge=0)
 
 
 # keys of a run's `train:` section that the run layer consumes (with their defaults); the rest is TrainConfig's

@@ -269,9 +269,13 @@ def probe_stage(cfg: RunConfig) -> dict:
     """k-sparse probes of a corpus label on the SAE's latents vs raw neurons; RUN/probe/<label>.json + plot."""
     from saekit.analysis.probing import format_probe_table, probe_sweep, write_probe_report
 
+    from saekit.eval.bootstrap import interval_fn
+
     p = cfg.probe
     report = probe_sweep(run_store(cfg), p.label, sae=load_sae(cfg.folder.train()), ks=p.ks, test_frac=p.test_frac,
-                         seed=cfg.seed, max_rows=p.max_rows, positive=p.positive)
+                         seed=cfg.seed, max_rows=p.max_rows, positive=p.positive, pooling=p.pooling,
+                         classes="all" if p.one_vs_rest else None,
+                         interval=interval_fn(p.resamples, cfg.seed) if p.resamples else None)
     write_probe_report(report, cfg.folder.probe)
     log.info("\n%s", format_probe_table(report))
     return report
