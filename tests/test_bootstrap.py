@@ -114,7 +114,7 @@ def _docs_data(n_docs: int = 150, rows: int = 16):
 def _trained(seed: int, k: int, tmp_path, data: torch.Tensor):
     sae = create({"architecture": "topk", "d_in": 16, "d_sae": 64, "k": k, "seed": seed})
     torch.manual_seed(seed)
-    cfg = TrainConfig(total_steps=1000, batch_size=128, lr=3e-3, log_every=1000, checkpoint_every=10_000,
+    cfg = TrainConfig(total_steps=400, batch_size=128, lr=3e-3, log_every=1000, checkpoint_every=10_000,
                       progress_bar=False)
     train(sae, TensorBatches(data, 128, seed=seed), cfg, tmp_path / f"s{seed}k{k}")
     return sae
