@@ -39,6 +39,8 @@ EXPLANATIONS = "explanations"
 BUNDLE = "bundle"
 CHECKPOINTS = "checkpoints"
 TRAIN_DATA = "data.json"
+SEEDS = "seeds"  # seeds/seed-<s>/: a whole run folder per extra seed of `--seeds N` (sharing the store)
+SEED_SPREAD = "spread.json"
 
 
 @dataclass(frozen=True)
@@ -138,6 +140,15 @@ class RunFolder:
     @property
     def bundle(self) -> Path:
         return self._per_sae(BUNDLE)
+
+    def seed_run(self, seed: int) -> Path:
+        """The run folder of one extra seed of a seed sweep (`saekit run --seeds N`)."""
+        return self.root / SEEDS / f"seed-{int(seed)}"
+
+    @property
+    def seed_spread(self) -> Path:
+        """The seed sweep's spread report (per headline figure: per-seed values, mean, std, range)."""
+        return self.root / SEEDS / SEED_SPREAD
 
     @property
     def label(self) -> str:

@@ -6,6 +6,7 @@ import math
 import pytest
 import torch
 
+from saekit.artifacts import read_json
 from saekit.data.synthetic import planted_features
 from saekit.errors import ConfigError
 from saekit.eval.bootstrap import (
@@ -17,11 +18,15 @@ from saekit.eval.bootstrap import (
     mean_interval,
     resample_weights,
 )
-from saekit.eval.report import compare_reports, compare_table, evaluate_sae, format_report
+from saekit.eval.report import compare_reports, compare_table, evaluate_sae, format_report, format_seed_spread
 from saekit.eval.retrieval import retrieval_metrics
+from saekit.run.config import RunConfig
+from saekit.run.seeds import run_seeds
+from saekit.run.stages import train_stage
 from saekit.sae.registry import create
 from saekit.store.batches import TensorBatches
 from saekit.train import TrainConfig, train
+from support.planted import planted_store
 
 
 def test_resample_weights_are_seeded_multinomial_counts():
@@ -150,3 +155,22 @@ def test_rows_without_doc_ids_fall_back_to_blocks():
     rep = evaluate_sae(sae, [torch.randn(640, 8)])
     assert rep["bootstrap"]["unit"].startswith("block of") and rep["bootstrap"]["n_units"] == 10
     assert not math.isnan(rep["reconstruction"]["ci95"]["fvu"][0])
+
+
+def test_seed_sweep_trains_each_seed_apart_and_reports_the_spread(tmp_path):
+    """`--seeds 3` on a run of seed 3: seeds 4 and 5 train in RUN/seeds/seed-<s> on the main run's store."""
+    store = planted_store(tmp_path / "store", every=0)
+    cfg = RunConfig.from_dict({
+        "name": "t", "output_dir": str(tmp_path / "run"), "seed": 3, "store": {"path": str(store)},
+        "source": {"kind": "hf", "model": "m", "hooks": ["h"]}, "sae": {"architecture": "topk", "d_sae": 24, "k": 3},
+        "train": {"total_steps": 12, "batch_size": 32, "progress_bar": False, "checkpoint_every": 0, "lr": 1e-3},
+        "eval": {"holdout": 0.2, "splice_docs": 0, "description_length": False}})
+    train_stage(cfg)
+    spread = run_seeds(cfg, 3)
+    assert spread["seeds"] == ["seed-3", "seed-4", "seed-5"]
+    assert cfg.folder.seed_run(5).joinpath("eval", "report.json").exists()
+    assert not cfg.folder.seed_run(4).joinpath("store").exists()  # the main run's store is shared
+    fvu = spread["figures"]["FVU"]
+    assert len(fvu["values"]) == 3 and fvu["min"] <= fvu["mean"] <= fvu["max"] and fvu["std"] > 0
+    assert read_json(cfg.folder.seed_spread) == spread
+    assert "Spread over 3 seeds" in format_seed_spread(spread)

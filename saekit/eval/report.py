@@ -541,6 +541,30 @@ def format_differences(diffs: list[dict]) -> str:
     return "Differences (95% bootstrap intervals overlap = not distinguishable)\n" + "\n".join(lines) if lines else ""
 
 
+def seed_spread(reports: dict[str, dict]) -> dict:
+    """Spread over retrainings that differ only by seed: per headline figure the per-seed values, mean,
+    sample std and range, next to the mean bootstrap half-width (data noise) for scale."""
+    out: dict[str, Any] = {"seeds": list(reports), "figures": {}}
+    for label, path, key in COMPARED:
+        got = [_figure_and_ci(r, path, key) for r in reports.values()]
+        vals = [v for v, _ in got if v is not None and math.isfinite(v)]
+        if not vals:
+            continue
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        halves = [(ci[1] - ci[0]) / 2 for _, ci in got if ci]
+        out["figures"][label] = {"values": vals, "mean": mean, "std": std, "min": min(vals), "max": max(vals),
+                                 "ci95_half_width_mean": sum(halves) / len(halves) if halves else None}
+    return out
+
+
+def format_seed_spread(spread: dict) -> str:
+    rows = [[label, _fmt(f["mean"]), _fmt(f["std"]), f"{_fmt(f['min'])} .. {_fmt(f['max'])}",
+             _fmt(f["ci95_half_width_mean"], 2)] for label, f in spread["figures"].items()]
+    return (f"Spread over {len(spread['seeds'])} seeds ({', '.join(spread['seeds'])})\n"
+            + _table(rows, ["figure", "mean", "std", "range", "+-ci95 (data)"]))
+
+
 # ---------------------------------------------------------------------------------------------
 # figures (matplotlib Agg, no pyplot global state)
 # ---------------------------------------------------------------------------------------------
