@@ -45,8 +45,8 @@ def nearest_neighbours(emb_ND: Tensor, k: int, max_elements: int = DEFAULT_MAX_E
 def recall_per_query(orig_ND: Tensor, recon_ND: Tensor, k: int = 10,
                      max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
     """|NN_k(original) ∩ NN_k(reconstruction)| / k for each query row, `[N]` float64."""
-    if orig_ND.shape != recon_ND.shape or orig_ND.ndim != 2:
-        raise ShapeMismatchError(f"recall_at_k: expected two [N, d] tensors of one shape, "
+    if orig_ND.shape[0] != recon_ND.shape[0] or orig_ND.ndim != 2 or recon_ND.ndim != 2:
+        raise ShapeMismatchError(f"recall_at_k: expected two [N, *] tensors with one row count, "
                                  f"found {tuple(orig_ND.shape)} and {tuple(recon_ND.shape)}")
     nn_a = nearest_neighbours(orig_ND, k, max_elements)
     nn_b = nearest_neighbours(recon_ND, k, max_elements)
@@ -88,3 +88,23 @@ def retrieval_metrics(orig_ND: Tensor, recon_ND: Tensor, k: int = 10,
         boot = Bootstrap(g, resamples, seed)
         out["ci95"] = {"recall_at_k": boot.ratio_ci(hits_G, n_G)}
     return out
+
+
+def ndcg_per_query(orig_ND: Tensor, recon_ND: Tensor, k: int = 10,
+                   max_elements: int = DEFAULT_MAX_ELEMENTS) -> Tensor:
+    """nDCG@k of the reconstruction's ranking, `[N]`: a neighbour found at rank i (0-based) earns
+    1/log2(i+2) when it is among the original embedding's k nearest; divided by the ideal sum. Unlike
+    recall@k it rewards finding the true neighbours early."""
+    if orig_ND.shape[0] != recon_ND.shape[0] or orig_ND.ndim != 2 or recon_ND.ndim != 2:
+        raise ShapeMismatchError(f"ndcg_at_k: expected two [N, *] tensors with one row count, "
+                                 f"found {tuple(orig_ND.shape)} and {tuple(recon_ND.shape)}")
+    nn_a = nearest_neighbours(orig_ND, k, max_elements)
+    nn_b = nearest_neighbours(recon_ND, k, max_elements)
+    disc_K = 1.0 / torch.log2(torch.arange(k, dtype=torch.float64) + 2)
+    rel_NK = (nn_b[:, :, None] == nn_a[:, None, :]).any(-1).double()
+    return (rel_NK * disc_K).sum(-1) / disc_K.sum()
+
+
+def ndcg_at_k(orig_ND: Tensor, recon_ND: Tensor, k: int = 10) -> float:
+    """Mean over documents of `ndcg_per_query` (1.0 when the ranking's first k are the true k, in any order)."""
+    return float(ndcg_per_query(orig_ND, recon_ND, k).mean())
