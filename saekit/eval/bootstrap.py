@@ -143,7 +143,15 @@ class GroupedSums:
     def add(self, name: str, unit_N: Tensor, values: Tensor) -> None:
         """Add per-row `values` (`[n]` or `[n, D]`) into their units' sums (reduced at once: memory is
         one row of sums per document, never one per row)."""
-        v = values.detach().double().cpu()
+        v = values.detach().cpu()
+        unit_N = unit_N.to(v.device)
+        # sum the rows of each unit in the batch first (few units, many rows; a segment sum over rows
+        # sorted by unit is far faster than index_add on CPU), then widen to float64
+        if len(unit_N) and bool((unit_N[1:] < unit_N[:-1]).any()):
+            order = torch.argsort(unit_N, stable=True)
+            unit_N, v = unit_N[order], v[order]
+        unit_N, lengths = torch.unique_consecutive(unit_N, return_counts=True)
+        v = torch.segment_reduce(v.float(), "sum", lengths=lengths, axis=0).double()
         acc = self.acc.get(name)
         g = len(self.unit_of)
         if acc is None or acc.shape[0] < g:

@@ -193,7 +193,7 @@ def reconstruction_pass(sae: SparseAutoencoder, batches: Iterable | Callable[[],
         x_ND = x_ND.to(dev)
         out = sae(x_ND)
         acc.update(x_ND, out.recon, out.code)
-        unit_N = add_unit_sums(first, x_ND, out, doc_N) if opts.bootstrap_resamples else None
+        unit_N = add_unit_sums(first, x_ND, out, doc_N, acc.last_rows) if opts.bootstrap_resamples else None
         if first.ranges is not None:
             first.ranges.update(out.code)
         take = min(opts.retrieval_rows - kept, x_ND.shape[0])
@@ -207,21 +207,26 @@ def reconstruction_pass(sae: SparseAutoencoder, batches: Iterable | Callable[[],
     return first
 
 
-def add_unit_sums(first: FirstPass, x_ND: Tensor, out: Any, doc_N: Tensor | None = None) -> Tensor:
-    """Per-document sufficient statistics of one batch (see `saekit.eval.bootstrap`); returns the rows' units."""
+def add_unit_sums(first: FirstPass, x_ND: Tensor, out: Any, doc_N: Tensor | None = None,
+                  rows: dict[str, Tensor] | None = None) -> Tensor:
+    """Per-document sufficient statistics of one batch (see `saekit.eval.bootstrap`); returns the rows' units.
+    `rows` are the accumulator's per-row sse, cosine and L0 of this batch (`last_rows`), reused when given."""
     g = first.grouped
     unit_N = g.units_for(doc_N, x_ND.shape[0])
-    x = x_ND.detach().double()
+    x = x_ND.detach().float()
     if first.shift_D is None:
         first.shift_D = x.mean(0)
+    if rows is None:
+        r = out.recon.detach().float()
+        rows = {"sse": (x - r).pow(2).sum(-1), "cos": torch.nn.functional.cosine_similarity(x, r, dim=-1, eps=1e-12),
+                "l0": out.code.detach().l0().reshape(-1)}
+    # the shift (the first batch's mean) keeps the centred sums small: no cancellation in the total variance
     xc = x - first.shift_D
-    r = out.recon.detach().double()
-    g.add("n", unit_N, torch.ones(x.shape[0], dtype=torch.float64))
-    g.add("sse", unit_N, (x - r).pow(2).sum(-1))
+    g.add("n", unit_N, torch.ones(x.shape[0]))
     g.add("sum_x", unit_N, xc)
     g.add("sumsq", unit_N, xc.pow(2).sum(-1))
-    g.add("cos", unit_N, torch.nn.functional.cosine_similarity(x, r, dim=-1, eps=1e-12))
-    g.add("l0", unit_N, out.code.detach().l0().reshape(-1).double())
+    for name in ("sse", "cos", "l0"):
+        g.add(name, unit_N, rows[name].reshape(-1).float())
     return unit_N
 
 
@@ -320,7 +325,7 @@ def outlier_section(sae: SparseAutoencoder, batches: Iterable | Callable[[], Ite
             x_ND = x_ND.to(dev)
             out = sae(x_ND)
             acc.update(x_ND, out.recon, out.code)
-            add_unit_sums(first, x_ND, out, doc_N)
+            add_unit_sums(first, x_ND, out, doc_N, acc.last_rows)
     rec = acc.result()
     n = rec["n_rows"]
     section = {"rule": rule, "count": n, **{k: (rec[k] if n else None) for k in RECON_KEYS},
