@@ -286,3 +286,17 @@ def test_max_pooling_of_sparse_codes_matches_dense():
     np.testing.assert_allclose(pool_features(X, unit, pos, "last"), X[[2, 4, 8, 11]])
     np.testing.assert_allclose(pool_features(sp.csr_matrix(X), unit, pos, "mean").toarray(),
                                np.stack([X[unit == u].mean(0) for u in range(4)]))
+
+
+def test_bundle_probe_section_lists_the_best_latent_per_class():
+    from saekit.artifacts import to_strict_json
+    from saekit.browser.bundle import probe_summary
+
+    store, sae = _one_token_store()
+    rep = probe_sweep(store, "colour", sae=sae, ks=(1,), methods=("mean_diff",), classes="all")
+    section = probe_summary(to_strict_json(rep))
+    assert section["pooling"] == "mean" and section["unit"] == "document"
+    assert {c: e["best"]["sae"]["feature"] for c, e in section["classes"].items()} == LATENTS
+    assert all(len(e["best"]["sae"]["top_examples"]) == 3 for e in section["classes"].values())
+    binary = probe_summary(probe_sweep(store, "colour", sae=sae, ks=(1,), methods=("mean_diff",), positive="blue"))
+    assert list(binary["classes"]) == ["blue"] and binary["classes"]["blue"]["best"]["sae"]["feature"] == 23
