@@ -44,6 +44,9 @@ METRICS = "metrics.jsonl"
 TRAIN_SUMMARY = "summary.json"
 VAL_CURVE = "val_curve.png"
 
+SEEDS = "seeds"  # seeds/seed-<s>/: a whole run folder per extra seed of `--seeds N` (sharing the store)
+SEED_SPREAD = "spread.json"
+
 
 def safe_name(name: object, what: str) -> str:
     """A run or SAE name that becomes one folder name: refused (UnsafeNameError) when it is empty,
@@ -169,6 +172,15 @@ class RunFolder:
     @property
     def bundle(self) -> Path:
         return self._per_sae(BUNDLE)
+
+    def seed_run(self, seed: int) -> Path:
+        """The run folder of one extra seed of a seed sweep (`saekit run --seeds N`)."""
+        return self.root / SEEDS / f"seed-{int(seed)}"
+
+    @property
+    def seed_spread(self) -> Path:
+        """The seed sweep's spread report (per headline figure: per-seed values, mean, std, range)."""
+        return self.root / SEEDS / SEED_SPREAD
 
     @property
     def label(self) -> str:

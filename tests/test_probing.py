@@ -191,3 +191,112 @@ def test_probe_and_steer_cli_on_a_run_folder(embedding_run, capsys):
     out = json.loads(saved[0].read_text())
     assert out["mode"] == "search" and len(out["before"]) == 5 and out["feature_contributions"]["3"] == pytest.approx(2.0, abs=1e-5)
     assert "query:" in capsys.readouterr().out
+
+
+# -- pooled probing (issue 16): the document is the unit ----------------------------------------------------------
+
+LATENTS = {"red": 17, "blue": 23, "green": 40}
+
+
+def _one_token_store(seed: int = 0, n_docs: int = 240, classes=("red", "blue", "green")):
+    """Documents of 4 tokens whose class writes its own direction into the document's *last* token only
+    (strength 12), with an SAE whose latent LATENTS[class] reads that direction: a token-level probe sees
+    the label on one row in four, a pooled probe on every example."""
+    g = torch.Generator().manual_seed(seed)
+    dirs = torch.linalg.qr(torch.randn(D, D, generator=g))[0][:, :len(classes)].T  # orthonormal directions
+    cls = [classes[i % len(classes)] for i in range(n_docs)]
+    doc_ids = torch.arange(n_docs).repeat_interleave(ROWS_PER_DOC) * 5 + 2
+    pos = torch.arange(ROWS_PER_DOC).repeat(n_docs)
+    acts = torch.randn(len(doc_ids), D, generator=g)
+    last = torch.arange(n_docs) * ROWS_PER_DOC + ROWS_PER_DOC - 1
+    for i, c in enumerate(cls):
+        if c in LATENTS:  # the class "none" writes nothing
+            acts[last[i]] += 12.0 * dirs[classes.index(c)]
+    docs = {int(d): {"text": f"doc {int(d)} {c}", "labels": {"colour": c, "is_red": c == "red"}}
+            for d, c in zip(doc_ids[::ROWS_PER_DOC], cls)}
+    sae = create({"architecture": "topk", "d_in": D, "d_sae": 64, "k": 8, "seed": 3})
+    with torch.no_grad():
+        for c, latent in LATENTS.items():
+            if c in classes:  # latents of the other classes stay random
+                sae.W_dec[latent] = dirs[classes.index(c)]
+                sae.W_enc[:, latent] = dirs[classes.index(c)] * 3
+                sae.b_enc[latent] = 0.0
+    return ArrayStore(acts, doc_ids, docs, pos_N=pos, token_id_N=pos + 100, kind="hf"), sae
+
+
+@pytest.mark.parametrize("pooling", ["mean", "max", "last"])
+def test_planted_latent_is_found_at_k1_under_each_pooling(pooling):
+    from saekit.eval.bootstrap import interval_fn
+
+    store, sae = _one_token_store(classes=("red", "none"))
+    rep = probe_sweep(store, "is_red", sae=sae, ks=(1, 2), methods=("mean_diff",), pooling=pooling,
+                      interval=interval_fn(500, 0))
+    k1 = rep["results"]["sae"]["mean_diff"]["1"]
+    assert k1["features"] == [LATENTS["red"]] and k1["accuracy"] >= 0.95
+    lo, hi = k1["ci95"]["accuracy"]
+    assert lo <= k1["accuracy"] <= hi and hi - lo > 0 or k1["accuracy"] == 1.0
+    assert rep["pooling"] == pooling and rep["unit"] == "document"
+    assert rep["n_examples"] == 240 and rep["n_train_rows"] + rep["n_test_rows"] == 240 * ROWS_PER_DOC
+    assert rep["winners"]["sae"]["mean_diff"]["top_examples"][0]["label"] is True
+    assert "pos" not in rep["winners"]["sae"]["mean_diff"]["top_examples"][0]  # a document, not a token
+
+
+def test_token_level_probing_of_a_document_label_is_weaker_than_pooled():
+    store, sae = _one_token_store(classes=("red", "none"))
+    token = probe_sweep(store, "is_red", sae=sae, ks=(1,), methods=("mean_diff",), pooling="token")
+    pooled = probe_sweep(store, "is_red", sae=sae, ks=(1,), methods=("mean_diff",))
+    assert token["unit"] == "token" and pooled["pooling"] == "mean"
+    assert token["results"]["sae"]["mean_diff"]["1"]["accuracy"] < 0.85
+    assert pooled["results"]["sae"]["mean_diff"]["1"]["accuracy"] >= 0.95
+
+
+def test_one_vs_rest_finds_each_class_latent_and_summarises_macro():
+    store, sae = _one_token_store()
+    rep = probe_sweep(store, "colour", sae=sae, ks=(1, 2), methods=("mean_diff",), classes="all")
+    for c, latent in LATENTS.items():
+        best = rep["per_class"][c]["best"]["sae"]
+        assert best["feature"] == latent and best["accuracy"] >= 0.95, c
+    assert rep["macro"]["classes_probed"] == 3
+    assert rep["macro"]["accuracy"]["sae"]["mean_diff"]["1"] >= 0.95
+    assert "one vs rest" in format_probe_table(rep)
+
+
+def test_pooling_is_checked():
+    store, _ = _one_token_store(classes=("red", "none"))
+    with pytest.raises(ConfigError):
+        probe_sweep(store, "is_red", pooling="median")
+    with pytest.raises(ConfigError):
+        probe_sweep(store, lambda d, p, t, doc: p == 3, pooling="mean")
+
+
+def test_max_pooling_of_sparse_codes_matches_dense():
+    import scipy.sparse as sp
+
+    from saekit.analysis.probing import pool_features
+
+    rng = np.random.default_rng(0)
+    X = rng.normal(size=(12, 5)) * (rng.random((12, 5)) < 0.4)
+    unit = np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 3, 3, 3])
+    pos = np.arange(12)
+    dense = pool_features(X, unit, pos, "max")
+    sparse = pool_features(sp.csr_matrix(X), unit, pos, "max").toarray()
+    expect = np.stack([X[unit == u].max(0) for u in range(4)])
+    np.testing.assert_allclose(dense, expect, rtol=1e-6)
+    np.testing.assert_allclose(sparse, expect, rtol=1e-6)
+    np.testing.assert_allclose(pool_features(X, unit, pos, "last"), X[[2, 4, 8, 11]])
+    np.testing.assert_allclose(pool_features(sp.csr_matrix(X), unit, pos, "mean").toarray(),
+                               np.stack([X[unit == u].mean(0) for u in range(4)]))
+
+
+def test_bundle_probe_section_lists_the_best_latent_per_class():
+    from saekit.artifacts import to_strict_json
+    from saekit.browser.bundle import probe_summary
+
+    store, sae = _one_token_store()
+    rep = probe_sweep(store, "colour", sae=sae, ks=(1,), methods=("mean_diff",), classes="all")
+    section = probe_summary(to_strict_json(rep))
+    assert section["pooling"] == "mean" and section["unit"] == "document"
+    assert {c: e["best"]["sae"]["feature"] for c, e in section["classes"].items()} == LATENTS
+    assert all(len(e["best"]["sae"]["top_examples"]) == 3 for e in section["classes"].values())
+    binary = probe_summary(probe_sweep(store, "colour", sae=sae, ks=(1,), methods=("mean_diff",), positive="blue"))
+    assert list(binary["classes"]) == ["blue"] and binary["classes"]["blue"]["best"]["sae"]["feature"] == 23

@@ -10,6 +10,7 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
+from saekit.browser.bundle import PROBE_FILE
 from saekit.layout import RunFolder
 
 
@@ -41,14 +42,46 @@ def _accuracy_table(rep: dict) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def class_table(section: dict) -> pd.DataFrame:
+    """One row per class: its best single SAE latent and neuron, their accuracy and 95 % interval."""
+    rows = []
+    for c, e in (section.get("classes") or {}).items():
+        row = {"class": c, "examples": e.get("count"), "majority": e.get("majority_baseline")}
+        for fs, b in (e.get("best") or {}).items():
+            ci = b.get("ci95") or [None, None]
+            row.update({f"{fs} best": b.get("feature"), f"{fs} accuracy": b.get("accuracy"),
+                        f"{fs} ci95": f"[{ci[0]:.3f}, {ci[1]:.3f}]" if ci[0] is not None else "-"})
+        rows.append(row)
+    return pd.DataFrame(rows)
+
+
+def render_probe_section(run: RunFolder) -> None:
+    """The bundle's `probe` section: per class the best latents, their accuracy and a few top examples."""
+    path = run.bundle / PROBE_FILE
+    section = _read(path) if path.exists() else None
+    if not isinstance(section, dict):
+        return
+    st.markdown(f"**Best single latent per class** · label `{section.get('label')}` · unit {section.get('unit')} "
+                f"(pooling `{section.get('pooling')}`)")
+    st.dataframe(class_table(section), hide_index=True)
+    for c, e in (section.get("classes") or {}).items():
+        best = (e.get("best") or {}).get("sae")
+        if best and best.get("top_examples"):
+            with st.expander(f"{c}: latent {best['feature']}'s top examples"):
+                for ex in best["top_examples"]:
+                    st.markdown(f"- ({ex.get('label')}, {ex.get('activation', 0):.3g}) {ex.get('text', '')}")
+
+
 def render_probing(run: RunFolder) -> None:
     st.subheader("Sparse probing")
+    render_probe_section(run)
     for path in probe_files(run):
         rep = _read(path)
         if not isinstance(rep, dict):
             continue
         st.markdown(f"**{path.name}** · label `{rep.get('label')}` = `{rep.get('positive')}` vs rest · "
-                    f"{rep.get('n_train_docs', '?')} train / {rep.get('n_test_docs', '?')} test documents")
+                    f"{rep.get('n_train_docs', '?')} train / {rep.get('n_test_docs', '?')} test documents · "
+                    f"unit: {rep.get('unit', 'token')} (pooling `{rep.get('pooling', 'token')}`)")
         table = _accuracy_table(rep)
         if not table.empty and table.shape[1] > 1:
             st.line_chart(table.set_index("k"))

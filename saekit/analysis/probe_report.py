@@ -19,15 +19,52 @@ def probe_table(report: dict) -> list[dict]:
     return rows
 
 
+def format_ci(ci: list[float] | None) -> str:
+    return "" if not ci else f" [{ci[0]:.3f}, {ci[1]:.3f}]"
+
+
 def format_probe_table(report: dict) -> str:
-    """A fixed-width text table of accuracy vs k (plus the dense probes and the majority baseline)."""
+    """A fixed-width text table of accuracy vs k (with 95 % intervals when the report has them), the dense
+    probes, the majority baseline, the probe's unit and, for one-vs-rest reports, the best latent per class."""
     table = probe_table(report)
     cols = [c for c in table[0] if c != "k"]
-    lines = ["k    " + "  ".join(f"{c:>22}" for c in cols)]
-    lines += [f"{r['k']:<5}" + "  ".join(f"{r[c]:>22.3f}" for c in cols) for r in table]
-    dense = ", ".join(f"{fs} {d['accuracy']:.3f} ({d['n_features']} dims)" for fs, d in report["dense"].items())
+    cis = {(r["k"], c): _ci_of(report, c, r["k"]) for r in table for c in cols}
+    w = 36 if any(cis.values()) else 22
+    lines = [f"unit: {report.get('unit', 'token')} (pooling {report.get('pooling', 'token')}), "
+             f"{report.get('n_examples', report.get('n_rows'))} examples"]
+    lines += ["k    " + "  ".join(f"{c:>{w}}" for c in cols)]
+    lines += [f"{r['k']:<5}" + "  ".join(f"{(f'{r[c]:.3f}' + format_ci(cis[(r['k'], c)])):>{w}}" for c in cols)
+              for r in table]
+    dense = ", ".join(f"{fs} {d['accuracy']:.3f}{format_ci((d.get('ci95') or {}).get('accuracy'))} "
+                      f"({d['n_features']} dims)" for fs, d in report["dense"].items())
     lines.append(f"dense: {dense}; majority baseline {report['majority_baseline']:.3f}")
+    lines += _class_lines(report)
     return "\n".join(lines)
+
+
+def _ci_of(report: dict, col: str, k: int) -> list[float] | None:
+    fs, method = col.split("/", 1)
+    return (report["results"][fs][method][str(k)].get("ci95") or {}).get("accuracy")
+
+
+def _class_lines(report: dict) -> list[str]:
+    per_class = report.get("per_class")
+    if not per_class:
+        return []
+    lines = ["one vs rest: best single feature per class (k=1)"]
+    for c, e in per_class.items():
+        if "best" not in e:
+            lines.append(f"  {c}: skipped ({e.get('skipped')})")
+            continue
+        best = ", ".join(f"{fs} #{b['feature']} {b['accuracy']:.3f}{format_ci((b.get('ci95') or {}).get('accuracy'))}"
+                         for fs, b in e["best"].items())
+        lines.append(f"  {c} ({e['count']} examples, majority {e['majority_baseline']:.3f}): {best}")
+    macro = report.get("macro") or {}
+    for fs, by_method in (macro.get("accuracy") or {}).items():
+        for method, per_k in by_method.items():
+            lines.append(f"  macro {fs}/{method}: " + ", ".join(f"k={k} {v:.3f}" for k, v in per_k.items())
+                         + f" (majority {macro.get('majority_baseline') or float('nan'):.3f})")
+    return lines
 
 
 def _plot(report: dict, path: Path) -> None:

@@ -259,11 +259,79 @@ def rank_features(X, y: np.ndarray, method: str, max_k: int) -> np.ndarray:
     return _top(selection_scores(X, y, method), max_k)
 
 
+# -- pooling: one example per document ---------------------------------------------------------------------------
+
+POOLINGS = ("mean", "max", "last", "token")
+
+
+def document_units(doc_ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(unique doc ids `[G]`, the unit index of each row `[N]`)."""
+    return np.unique(doc_ids_N, return_inverse=True)
+
+
+def pool_features(X, unit_N: np.ndarray, pos_N: np.ndarray, pooling: str):
+    """One row per document: the mean, max or last-token row of its rows (`[G, F]`; sparse stays sparse).
+
+    Why: a document label is a property of the document, not of each token; probing tokens against
+    their document's label asks most rows for a signal they do not carry (SAEBench pools too)."""
+    g = int(unit_N.max()) + 1 if len(unit_N) else 0
+    n = len(unit_N)
+    if pooling == "mean":
+        counts = np.bincount(unit_N, minlength=g).astype(np.float64)
+        P = sp.csr_matrix((1.0 / counts[unit_N], (unit_N, np.arange(n))), shape=(g, n))
+        out = P @ X
+        return out.tocsr() if sp.issparse(out) else np.asarray(out, dtype=np.float32)
+    if pooling == "last":
+        order = np.lexsort((pos_N, unit_N))  # by unit, then position: the last of each unit is its last token
+        last = order[np.r_[np.flatnonzero(np.diff(unit_N[order])), n - 1]]
+        return X[last]
+    if pooling == "max":
+        return _max_pool_sparse(X, unit_N, g) if sp.issparse(X) else _max_pool_dense(X, unit_N, g)
+    raise ConfigError(f"probe: unknown pooling '{pooling}'; expected one of {POOLINGS}")
+
+
+def _max_pool_dense(X_NF: np.ndarray, unit_N: np.ndarray, g: int) -> np.ndarray:
+    t = torch.from_numpy(np.ascontiguousarray(X_NF, dtype=np.float32))
+    out = torch.full((g, t.shape[1]), -float("inf"))
+    idx = torch.from_numpy(unit_N).long()[:, None].expand_as(t)
+    return out.scatter_reduce(0, idx, t, reduce="amax").numpy()
+
+
+def _max_pool_sparse(X, unit_N: np.ndarray, g: int) -> sp.csr_matrix:
+    """Max over each document's rows of a sparse matrix; the implicit zeros take part."""
+    coo = X.tocoo()
+    f = X.shape[1]
+    keys = unit_N[coo.row].astype(np.int64) * f + coo.col
+    uniq, inv = np.unique(keys, return_inverse=True)
+    vals = np.full(len(uniq), -np.inf)
+    np.maximum.at(vals, inv, coo.data)
+    firing = np.bincount(inv, minlength=len(uniq))
+    rows_per_unit = np.bincount(unit_N, minlength=g)
+    u, c = uniq // f, uniq % f
+    vals = np.where(firing < rows_per_unit[u], np.maximum(vals, 0.0), vals)
+    return sp.csr_matrix((vals, (u, c)), shape=(g, f))
+
+
+def sample_documents(doc_ids_N: np.ndarray, max_rows: int | None, seed: int) -> np.ndarray:
+    """Rows of whole documents (seeded order) until `max_rows` rows are reached; all rows when None."""
+    if max_rows is not None and max_rows < 0:
+        raise ConfigError(f"probe: expected max_rows >= 0 (0 or None = all rows), found {max_rows}")
+    n = len(doc_ids_N)
+    if not max_rows or max_rows >= n:
+        return np.arange(n)
+    uniq, inv, counts = np.unique(doc_ids_N, return_inverse=True, return_counts=True)
+    perm = np.random.default_rng(seed).permutation(len(uniq))
+    take = perm[: int(np.searchsorted(np.cumsum(counts[perm]), max_rows)) + 1]
+    return np.flatnonzero(np.isin(inv, take))
+
+
 # -- probes ----------------------------------------------------------------------------------------------------
 
 
-def fit_probe(X_train, y_train: np.ndarray, X_test, y_test: np.ndarray, C: float = 1.0) -> dict:
-    """Logistic probe on standardised features (train statistics): test accuracy and F1 of the positive class."""
+def fit_probe(X_train, y_train: np.ndarray, X_test, y_test: np.ndarray, C: float = 1.0,
+              interval: Callable | None = None, test_units: np.ndarray | None = None) -> dict:
+    """Logistic probe on standardised features (train statistics): test accuracy and F1 of the positive
+    class, and (given an `interval(correct, units)` function) a ci95 of the accuracy over test documents."""
     from sklearn.linear_model import LogisticRegression
     from sklearn.metrics import accuracy_score, f1_score
     from sklearn.preprocessing import StandardScaler
@@ -272,7 +340,11 @@ def fit_probe(X_train, y_train: np.ndarray, X_test, y_test: np.ndarray, C: float
     scaler = StandardScaler(with_mean=not sparse).fit(X_train)
     clf = LogisticRegression(C=C, max_iter=2000).fit(scaler.transform(X_train), y_train)
     pred = clf.predict(scaler.transform(X_test))
-    return {"accuracy": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, zero_division=0))}
+    out = {"accuracy": float(accuracy_score(y_test, pred)), "f1": float(f1_score(y_test, pred, zero_division=0))}
+    if interval is not None:
+        correct = torch.from_numpy((pred == y_test).astype(np.float64))
+        out["ci95"] = {"accuracy": interval(correct, None if test_units is None else torch.from_numpy(test_units))}
+    return out
 
 
 def _columns(X, feats: np.ndarray):
@@ -280,13 +352,15 @@ def _columns(X, feats: np.ndarray):
     return sub.toarray() if sp.issparse(sub) else sub
 
 
-def _sweep_one(X, y: np.ndarray, train: np.ndarray, test: np.ndarray, method: str, ks: list[int]) -> dict:
+def _sweep_one(X, y: np.ndarray, train: np.ndarray, test: np.ndarray, method: str, ks: list[int],
+               interval: Callable | None = None, units: np.ndarray | None = None) -> dict:
     order = rank_features(X[train], y[train], method, max(ks))
     diff = class_mean_diff(X[train], y[train])
     out = {}
     for k in ks:
         feats = order[:k]
-        res = fit_probe(_columns(X[train], feats), y[train], _columns(X[test], feats), y[test])
+        res = fit_probe(_columns(X[train], feats), y[train], _columns(X[test], feats), y[test], interval=interval,
+                        test_units=None if units is None else units[test])
         out[str(k)] = {**res, "features": [int(f) for f in feats],
                        "signs": ["+" if diff[f] >= 0 else "-" for f in feats]}
     return out
@@ -296,7 +370,7 @@ def _sweep_one(X, y: np.ndarray, train: np.ndarray, test: np.ndarray, method: st
 
 
 def top_examples(store, rows: np.ndarray, column: np.ndarray, labels: list, n: int = N_EXAMPLES,
-                 tokenizer=None) -> list[dict]:
+                 tokenizer=None, token_level: bool = True) -> list[dict]:
     """The `n` rows where a feature is largest, with their document text (and token, for token stores)."""
     best = np.argsort(-column, kind="stable")[:n]
     doc_ids = store.meta("doc_id")[torch.from_numpy(rows[best])].tolist()
@@ -306,7 +380,7 @@ def top_examples(store, rows: np.ndarray, column: np.ndarray, labels: list, n: i
     for i, d, p, t in zip(best, doc_ids, pos, tok):
         ex = {"row": int(rows[i]), "doc_id": int(d), "activation": float(column[i]), "label": labels[i],
               "text": (store.docs.get(int(d), {}).get("text") or "")[:SNIPPET_CHARS]}
-        if p >= 0:
+        if p >= 0 and token_level:
             ex.update(pos=int(p), token_id=int(t))
             if tokenizer is not None:
                 ex["token"] = tokenizer.decode([int(t)])
@@ -314,12 +388,13 @@ def top_examples(store, rows: np.ndarray, column: np.ndarray, labels: list, n: i
     return out
 
 
-def _winner(store, X, rows, labels, res: dict, tokenizer) -> dict:
+def _winner(store, X, rows, labels, res: dict, tokenizer, token_level: bool = True) -> dict:
     first = res[min(res, key=int)]
     f = first["features"][0]
     col = np.asarray(X[:, f].toarray()).ravel() if sp.issparse(X) else X[:, f]
     return {"feature": f, "sign": first["signs"][0], "accuracy": first["accuracy"], "f1": first["f1"],
-            "top_examples": top_examples(store, rows, col, labels, tokenizer=tokenizer)}
+            "ci95": first.get("ci95"),
+            "top_examples": top_examples(store, rows, col, labels, tokenizer=tokenizer, token_level=token_level)}
 
 
 # -- the sweep ----------------------------------------------------------------------------------------------------
@@ -341,53 +416,131 @@ def _check_ks(ks: Sequence[int], n_features: dict[str, int]) -> list[int]:
     return kept
 
 
-def probe_sweep(store, labels: str | Callable, *, sae: SparseAutoencoder | None = None,
-                ks: Sequence[int] = (1, 2, 5, 10, 20), methods: Sequence[str] = METHODS, test_frac: float = 0.3,
-                seed: int = 0, max_rows: int | None = None, positive=None, tokenizer=None) -> dict:
-    """k-sparse probes of a label on SAE latents (when `sae` is given) and on raw neurons, side by side.
+def resolve_pooling(store, labels: str | Callable, pooling: str | None) -> str:
+    """The probe's unit: "none" for embedding stores (a row is a document), "token" for token-level
+    label functions, otherwise the given pooling ("mean" by default, as SAEBench)."""
+    if getattr(store, "kind", "") == "embedding":
+        return "none"
+    if pooling is None:
+        return "token" if callable(labels) else "mean"
+    if pooling not in POOLINGS:
+        raise ConfigError(f"probe: unknown pooling '{pooling}'; expected one of {POOLINGS}")
+    if pooling != "token" and callable(labels):
+        raise ConfigError(f"probe: pooling '{pooling}' needs a document label name; a label function labels tokens, "
+                          "use pooling='token'")
+    return pooling
 
-    `labels` is a document label name (e.g. "sentiment") or `fn(doc_id, pos, token_id, doc) -> label`
-    (None drops the row). Returns a JSON-ready report: per feature set, method and k the chosen
-    features and test accuracy/F1; dense probes on all dimensions; the majority baseline; the k=1
-    winners with their top examples; and the train/test document ids.
-    """
-    for m in methods:
-        if m not in METHODS:
-            raise ConfigError(f"probe: unknown selection method '{m}'; expected some of {METHODS}")
-    store = _MetaCache(store)
-    rows = sample_rows(len(store), max_rows, seed)
+
+def _examples(store, labels, pooling: str, max_rows: int | None, seed: int, sae) -> dict:
+    """Rows, their labels and feature sets, pooled to one example per document unless pooling is "token"/"none"."""
+    whole_docs = pooling not in ("token",)
+    rows = sample_documents(store.meta("doc_id").numpy(), max_rows, seed) if whole_docs \
+        else sample_rows(len(store), max_rows, seed)
     values = row_labels(store, rows, labels)
     keep = np.array([v is not None for v in values], dtype=bool)
     rows, values = rows[keep], [v for v in values if v is not None]
-    y, positive, counts = binarize(values, positive)
-    doc_ids = store.meta("doc_id")[torch.from_numpy(rows)].numpy()
-    train_docs, test_docs = split_documents(doc_ids, test_frac, seed)
-    train, test = np.isin(doc_ids, train_docs), np.isin(doc_ids, test_docs)
-    for name, part in (("train", train), ("test", test)):
-        if len(set(y[part].tolist())) < 2:
-            raise SaekitError(f"probe: the {name} split has only one class (positive rows: {int(y[part].sum())} "
-                              f"of {int(part.sum())}); use more documents or another test_frac/seed")
     acts_ND = _load(store, rows)
     feature_sets = {"neurons": acts_ND.numpy()}
     if sae is not None:
         if sae.cfg.d_in != store.d_in:
             raise ShapeMismatchError(f"probe: SAE expects d_in={sae.cfg.d_in}, the store has d_in={store.d_in}")
         feature_sets = {"sae": sae_codes(sae, acts_ND), **feature_sets}
+    doc_ids = store.meta("doc_id")[torch.from_numpy(rows)].numpy()
+    if pooling in ("token", "none"):
+        return {"rows": rows, "values": values, "feature_sets": feature_sets, "doc_ids": doc_ids, "n_rows": len(rows),
+                "unit_rows": np.ones(len(rows), dtype=np.int64)}
+    uniq, unit_N = document_units(doc_ids)
+    pos = store.meta("pos")[torch.from_numpy(rows)].numpy()
+    first = np.unique(unit_N, return_index=True)[1]
+    return {"rows": rows[first], "values": [values[i] for i in first], "doc_ids": uniq, "n_rows": len(rows),
+            "unit_rows": np.bincount(unit_N, minlength=len(uniq)),
+            "feature_sets": {k: pool_features(X, unit_N, pos, pooling) for k, X in feature_sets.items()}}
+
+
+def _check_split(y: np.ndarray, train: np.ndarray, test: np.ndarray, what: str = "") -> None:
+    for name, part in (("train", train), ("test", test)):
+        if len(set(y[part].tolist())) < 2:
+            raise SaekitError(f"probe{what}: the {name} split has only one class (positive examples: "
+                              f"{int(y[part].sum())} of {int(part.sum())}); use more documents or another "
+                              "test_frac/seed")
+
+
+def probe_sweep(store, labels: str | Callable, *, sae: SparseAutoencoder | None = None,
+                ks: Sequence[int] = (1, 2, 5, 10, 20), methods: Sequence[str] = METHODS, test_frac: float = 0.3,
+                seed: int = 0, max_rows: int | None = None, positive=None, tokenizer=None,
+                pooling: str | None = None, classes: Sequence | str | None = None,
+                class_methods: Sequence[str] = ("mean_diff",), interval: Callable | None = None) -> dict:
+    """k-sparse probes of a label on SAE latents (when `sae` is given) and on raw neurons, side by side.
+
+    `labels` is a document label name (e.g. "sentiment") or `fn(doc_id, pos, token_id, doc) -> label`
+    (None drops the row). For a token store and a document label the probe's unit is the document:
+    its rows' SAE codes and neurons are pooled (`pooling` "mean" by default, "max" or "last"; "token"
+    probes every row against its document's label). `classes` ("all" or a list) adds one-vs-rest
+    probes per class (`class_methods`) with a macro summary. `interval(correct, units)` (e.g.
+    `saekit.eval.bootstrap.interval_fn()`) adds a ci95 to every accuracy. Returns a JSON-ready report:
+    per feature set, method and k the chosen features and test accuracy/F1; dense probes on all
+    dimensions; the majority baseline; the k=1 winners with their top examples; the train/test doc ids.
+    """
+    for m in (*methods, *class_methods):
+        if m not in METHODS:
+            raise ConfigError(f"probe: unknown selection method '{m}'; expected some of {METHODS}")
+    store = _MetaCache(store)
+    pooling = resolve_pooling(store, labels, pooling)
+    ex = _examples(store, labels, pooling, max_rows, seed, sae)
+    rows, values, doc_ids, feature_sets = ex["rows"], ex["values"], ex["doc_ids"], ex["feature_sets"]
+    y, positive, counts = binarize(values, positive)
+    train_docs, test_docs = split_documents(doc_ids, test_frac, seed)
+    train, test = np.isin(doc_ids, train_docs), np.isin(doc_ids, test_docs)
+    _check_split(y, train, test)
     ks = _check_ks(ks, {k: X.shape[1] for k, X in feature_sets.items()})
+    token_level = pooling == "token"
     results, winners, dense = {}, {}, {}
     for fs, X in feature_sets.items():
         results[fs], winners[fs] = {}, {}
         for method in methods:
             log.info("probe: %s / %s", fs, method)
-            results[fs][method] = _sweep_one(X, y, train, test, method, ks)
-            winners[fs][method] = _winner(store, X, rows, values, results[fs][method], tokenizer)
-        dense[fs] = {**fit_probe(X[train], y[train], X[test], y[test]), "n_features": int(X.shape[1])}
+            results[fs][method] = _sweep_one(X, y, train, test, method, ks, interval, doc_ids)
+            winners[fs][method] = _winner(store, X, rows, values, results[fs][method], tokenizer, token_level)
+        dense[fs] = {**fit_probe(X[train], y[train], X[test], y[test], interval=interval, test_units=doc_ids[test]),
+                     "n_features": int(X.shape[1])}
     majority = max(float(y[test].mean()), 1 - float(y[test].mean()))
-    return {"label": labels if isinstance(labels, str) else getattr(labels, "__name__", "function"),
-            "positive": positive, "classes": counts, "kind": getattr(store, "kind", "unknown"),
-            "hook": getattr(store, "hook", ""), "seed": seed, "test_frac": test_frac, "ks": ks,
-            "methods": list(methods), "n_rows": int(len(rows)), "n_train_rows": int(train.sum()),
-            "n_test_rows": int(test.sum()), "n_train_docs": int(len(train_docs)), "n_test_docs": int(len(test_docs)),
-            "majority_baseline": majority, "results": results, "dense": dense, "winners": winners,
-            "sae": None if sae is None else {"architecture": sae.architecture, "d_sae": int(sae.cfg.d_sae)},
-            "train_doc_ids": [int(d) for d in train_docs], "test_doc_ids": [int(d) for d in test_docs]}
+    report = {"label": labels if isinstance(labels, str) else getattr(labels, "__name__", "function"),
+              "positive": positive, "classes": counts, "kind": getattr(store, "kind", "unknown"),
+              "hook": getattr(store, "hook", ""), "seed": seed, "test_frac": test_frac, "ks": ks,
+              "pooling": pooling, "unit": "token" if token_level else "document",
+              "methods": list(methods), "n_rows": int(ex["n_rows"]), "n_examples": int(len(y)),
+              "n_train_rows": int(ex["unit_rows"][train].sum()), "n_test_rows": int(ex["unit_rows"][test].sum()), "n_train_docs": int(len(train_docs)),
+              "n_test_docs": int(len(test_docs)), "majority_baseline": majority, "results": results, "dense": dense,
+              "winners": winners,
+              "sae": None if sae is None else {"architecture": sae.architecture, "d_sae": int(sae.cfg.d_sae)},
+              "train_doc_ids": [int(d) for d in train_docs], "test_doc_ids": [int(d) for d in test_docs]}
+    if classes is not None:
+        report["per_class"], report["macro"] = one_vs_rest(store, ex, classes, class_methods, ks, train, test,
+                                                           interval, tokenizer, token_level)
+    return report
+
+
+def one_vs_rest(store, ex: dict, classes: Sequence | str, methods: Sequence[str], ks: list[int], train: np.ndarray,
+                test: np.ndarray, interval: Callable | None, tokenizer, token_level: bool) -> tuple[dict, dict]:
+    """Per class (one vs the rest): per feature set the k sweep, the best single latent with its top
+    examples; and the macro summary (mean accuracy over the classes probed, per feature set, method, k)."""
+    values, doc_ids = ex["values"], ex["doc_ids"]
+    names = sorted(set(values), key=str) if classes == "all" else list(classes)
+    per_class: dict[str, dict] = {}
+    for c in names:
+        y = np.array([v == c for v in values])
+        if len(set(y[train].tolist())) < 2 or len(set(y[test].tolist())) < 2:
+            per_class[str(c)] = {"skipped": "a split holds only one class", "count": int(y.sum())}
+            continue
+        entry = {"count": int(y.sum()), "majority_baseline": max(float(y[test].mean()), 1 - float(y[test].mean())),
+                 "results": {}, "best": {}}
+        for fs, X in ex["feature_sets"].items():
+            entry["results"][fs] = {m: _sweep_one(X, y, train, test, m, ks, interval, doc_ids) for m in methods}
+            entry["best"][fs] = _winner(store, X, ex["rows"], values, entry["results"][fs][methods[0]], tokenizer,
+                                        token_level)
+        per_class[str(c)] = entry
+    probed = [e for e in per_class.values() if "results" in e]
+    macro = {fs: {m: {str(k): float(np.mean([e["results"][fs][m][str(k)]["accuracy"] for e in probed]))
+                      for k in ks} for m in methods} for fs in ex["feature_sets"]} if probed else {}
+    return per_class, {"classes_probed": len(probed), "accuracy": macro,
+                       "majority_baseline": float(np.mean([e["majority_baseline"] for e in probed])) if probed else None}

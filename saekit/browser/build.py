@@ -43,12 +43,13 @@ from saekit.analysis.features import (
     logit_lens,
     top_cooccurring,
 )
-from saekit.artifacts import FORMAT_VERSION, MANIFEST, atomic_dir, read_json, write_manifest
+from saekit.artifacts import FORMAT_VERSION, MANIFEST, atomic_dir, atomic_write_json, read_json, write_manifest
 from saekit.browser.bundle import (
     BUNDLE_FORMAT,
     FEATURES_TABLE,
     INDEX_DIR,
     OFFSETS,
+    PROBE_FILE,
     RECORDS,
     BundleManifest,
     Example,
@@ -58,6 +59,7 @@ from saekit.browser.bundle import (
     Interval,
     LatentIndex,
     LogitLens,
+    probe_summary,
 )
 from saekit.errors import ModelNotAvailableError, ShapeMismatchError
 from saekit.layout import RunFolder
@@ -322,6 +324,7 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
         tables = feature_tables(stats, istats, W_dec, (tokenizer, W_U, norm), cfg)
         facts = assemble(stats, istats, ex, docs, tables, token_text, cfg, len(store), tmp,
                          store.outlier_mask().numpy())
+        has_probe = write_probe_section(folder, tmp)
         files = [p.relative_to(tmp).as_posix() for p in sorted(tmp.rglob("*")) if p.is_file()]
         write_manifest(tmp, files, {
             "bundle_format": BUNDLE_FORMAT, "kind": store.kind, "run": folder.label, "hook": store.hook,
@@ -333,11 +336,20 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
             "has_logit_lens": bool(is_llm and W_U is not None and cfg.logit_lens),
             "has_token_text": bool(is_llm and tokenizer is not None), "dead": facts["dead"],
             "build_seconds": round(time.perf_counter() - t0, 3), "store_format_version": FORMAT_VERSION,
-            "eval_report": (folder.eval / "report.json").exists(),
+            "eval_report": (folder.eval / "report.json").exists(), "probe": has_probe,
             "outliers": outlier_facts(store, folder, facts["mostly_outliers"]), "preflight": preflight})
     log.info("bundle for %s: %d features (%d dead) over %d rows in %.1f s", folder.label, sae.cfg.d_sae,
              facts["dead"], len(store), time.perf_counter() - t0)
     return out
+
+
+def write_probe_section(folder: RunFolder, out: Path) -> bool:
+    """Summarise the run's probe report (RUN/probe/report.json) into the bundle's probe.json; False when none."""
+    src = folder.probe / "report.json"
+    if not src.exists():
+        return False
+    atomic_write_json(out / PROBE_FILE, probe_summary(read_json(src)))
+    return True
 
 
 def read_bundle_manifest(path: str | Path) -> BundleManifest:

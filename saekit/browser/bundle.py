@@ -35,6 +35,8 @@ FEATURES_TABLE = "features.parquet"
 RECORDS = "features.jsonl"
 OFFSETS = "features.offsets.safetensors"
 INDEX_DIR = "index"
+PROBE_FILE = "probe.json"  # the run's probe report, summarised: per class the best latents and their accuracy
+N_PROBE_EXAMPLES = 3
 BUNDLE_FORMAT = 1
 
 
@@ -152,12 +154,40 @@ class BundleManifest(TypedDict):
     build_seconds: float
     store_format_version: int
     eval_report: bool
+    probe: bool  # the bundle holds PROBE_FILE
     outliers: dict[str, Any]  # rule, store_outliers, median_norm, threshold_norm, excluded_in_training, ...
     preflight: Optional[dict[str, Any]]  # the SAE-vs-store check the run layer made before building (None: none)
 
 
 class BundleError(CorruptArtifactError):
     """A bundle is missing, incomplete, altered or of an unknown format; the message says how to fix it."""
+
+
+def _best(entry: dict) -> dict:
+    """A k=1 winner, trimmed for the browser: feature, sign, accuracy, its interval, a few examples."""
+    return {"feature": entry["feature"], "sign": entry.get("sign"), "accuracy": entry["accuracy"],
+            "ci95": (entry.get("ci95") or {}).get("accuracy"),
+            "top_examples": [{k: ex.get(k) for k in ("doc_id", "activation", "label", "text", "token")}
+                             for ex in entry.get("top_examples", [])[:N_PROBE_EXAMPLES]]}
+
+
+def probe_summary(report: dict) -> dict:
+    """The bundle's `probe` section from a probe report: per class (one vs rest, or the report's positive
+    class alone) the best single latent and neuron with accuracy and interval, plus the unit and pooling."""
+    classes = {}
+    for c, e in (report.get("per_class") or {}).items():
+        if "best" in e:
+            classes[str(c)] = {"count": e["count"], "majority_baseline": e["majority_baseline"],
+                               "best": {fs: _best(b) for fs, b in e["best"].items()}}
+    if not classes:
+        first = (report.get("methods") or ["mean_diff"])[0]
+        classes[str(report["positive"])] = {
+            "count": (report.get("classes") or {}).get(str(report["positive"])),
+            "majority_baseline": report["majority_baseline"],
+            "best": {fs: _best(by_m[first]) for fs, by_m in report.get("winners", {}).items() if first in by_m}}
+    return {"label": report.get("label"), "unit": report.get("unit", "token"), "pooling": report.get("pooling", "token"),
+            "positive": report.get("positive"), "majority_baseline": report.get("majority_baseline"),
+            "n_test_docs": report.get("n_test_docs"), "classes": classes, "macro": report.get("macro")}
 
 
 def bundle_path(run_or_bundle: str | Path) -> Path:
@@ -220,6 +250,12 @@ class Bundle:
     @property
     def n_rows(self) -> int:
         return int(self.manifest["n_rows"])
+
+    @cached_property
+    def probe(self) -> dict | None:
+        """The `probe` section (per class the best latents and their accuracy), None when the run had no probe."""
+        p = self.path / PROBE_FILE
+        return read_json(p) if p.exists() else None
 
     # -- tables ----------------------------------------------------------------------------------
     @cached_property

@@ -12,11 +12,13 @@ from pathlib import Path
 
 import torch
 
+from saekit.analysis.probe_report import format_ci
 from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, write_probe_report
 from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError
 from saekit.eval.preflight import check_model_hook
+from saekit.eval.bootstrap import interval_fn
 from saekit.layout import RunFolder
 from saekit.run.stages import checked_sae_and_store
 from saekit.store.locate import store_for_hook
@@ -41,6 +43,10 @@ def add_probe_arguments(parser) -> None:
     parser.add_argument("--test-frac", type=float, default=0.3, help="fraction of documents held out")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-rows", type=int, default=None, help="probe at most this many rows (seeded sample)")
+    parser.add_argument("--pooling", default=None, choices=["mean", "max", "last", "token"],
+                        help="LLM stores: pool each document's tokens (default mean, as SAEBench) or probe tokens")
+    parser.add_argument("--one-vs-rest", action="store_true", help="also probe every class against the rest")
+    parser.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for accuracy intervals (0: none)")
     parser.add_argument("--no-sae", action="store_true", help="raw neurons only")
     parser.add_argument("--out", default=None, help="output folder (default: the run's probe folder)")
     parser.add_argument("--force", action="store_true",
@@ -67,18 +73,22 @@ def _probe_one(args, folder: RunFolder) -> None:
         else checked_sae_and_store(folder, force=args.force)
     report = probe_sweep(store, args.label, sae=sae, ks=_int_list(args.ks),
                          methods=[m for m in args.methods.split(",") if m], test_frac=args.test_frac,
-                         seed=args.seed, max_rows=args.max_rows, positive=args.positive)
+                         seed=args.seed, max_rows=args.max_rows, positive=args.positive, pooling=args.pooling,
+                         classes="all" if args.one_vs_rest else None,
+                         interval=interval_fn(args.resamples, args.seed) if args.resamples > 0 else None)
     if checked is not None:
         report["preflight"] = checked.to_dict()
         print(checked.summary())
     paths = write_probe_report(report, args.out or folder.probe)
     print(f"== {folder.label}: probe '{report['label']}' = {report['positive']} vs rest: {report['n_train_docs']} train / "
-          f"{report['n_test_docs']} test documents, {report['n_rows']} rows")
+          f"{report['n_test_docs']} test documents, {report['n_rows']} rows, unit {report['unit']} "
+          f"(pooling {report['pooling']})")
     print(format_probe_table(report))
     for fs, by_method in report["winners"].items():
         for method, w in by_method.items():
             ex = w["top_examples"][0]["text"][:80] if w["top_examples"] else ""
-            print(f"k=1 {fs}/{method}: feature {w['feature']} ({w['sign']}) acc {w['accuracy']:.3f} — e.g. {ex!r}")
+            print(f"k=1 {fs}/{method}: feature {w['feature']} ({w['sign']}) acc {w['accuracy']:.3f}"
+                  f"{format_ci((w.get('ci95') or {}).get('accuracy'))} — e.g. {ex!r}")
     print(f"wrote {paths['json']} and {paths['png']}")
 
 

@@ -71,8 +71,19 @@ def cmd_compare(args) -> int:
 
 def cmd_run(args) -> int:
     for config in args.configs:
-        _run_one(config)
+        cfg, result = _run_one(config)
+        if getattr(args, "seeds", 1) > 1:
+            print_seed_spread(cfg, args.seeds, result["report"])
     return 0
+
+
+def print_seed_spread(cfg, n: int, main_report: dict | None = None) -> None:
+    """Retrain with seeds cfg.seed+1 .. cfg.seed+n-1 and print the spread of the headline figures."""
+    from saekit.eval.report import format_seed_spread
+    from saekit.run.seeds import run_seeds
+
+    spread = run_seeds(cfg, n, main_report)
+    print(f"\n{format_seed_spread(spread)}\n(written to {cfg.folder.seed_spread})")
 
 
 def _run_one(config: str):
@@ -83,8 +94,9 @@ def _run_one(config: str):
     cfg = load_run_config(config)
     if not isinstance(cfg, RunConfig):
         raise ConfigError(f"{config}: a multi-SAE config; run `saekit train {config}` then `saekit analyze RUN`")
-    _print_run(cfg, run_all(cfg))
-    return cfg
+    result = run_all(cfg)
+    _print_run(cfg, result)
+    return cfg, result
 
 
 def _print_run(cfg, result) -> None:
@@ -121,7 +133,7 @@ def _describe_training_rows(rows: dict) -> str:
 
 
 def cmd_quickstart(args) -> int:
-    runs = [_run_one(config) for config in QUICKSTART_CONFIGS]
+    runs = [_run_one(config)[0] for config in QUICKSTART_CONFIGS]
     print("\nAll done. Results:\n" + "\n".join(f"  {c.folder.eval / 'report.txt'}" for c in runs))
     print("Open the feature browser with:\n  .venv/bin/saekit browse " + " ".join(str(c.run_dir) for c in runs))
     return 0
@@ -145,6 +157,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.set_defaults(fn=cmd_compare)
     p = sub.add_parser("run", help="the main job for configs: cache → train → evaluate")
     p.add_argument("configs", nargs="+")
+    p.add_argument("--seeds", type=int, default=1,
+                   help="also retrain with N-1 further seeds (RUN/seeds/) and print the spread of the figures")
     p.set_defaults(fn=cmd_run)
     p = sub.add_parser("quickstart", help="the main job on the embedded defaults (LLM + embeddings)")
     p.set_defaults(fn=cmd_quickstart)

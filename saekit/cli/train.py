@@ -13,6 +13,7 @@ from saekit.errors import StoreMissingError
 from saekit.run.config import MultiConfig, load_run_config
 from saekit.run.multi import train_multi
 from saekit.run.outliers import read_training_rows
+from saekit.run.seeds import run_seeds
 from saekit.run.stages import cache_distributed, train_run
 from saekit.train.distributed import current_sync, init_process_group, shutdown
 
@@ -23,6 +24,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> None:
                         help="continue from the latest checkpoint: auto (if any), yes (required), no (fresh run)")
     parser.add_argument("--backend", default="auto", choices=["auto", "gloo", "nccl"],
                         help="torch.distributed backend under torchrun (auto: nccl with CUDA, else gloo)")
+    parser.add_argument("--seeds", type=int, default=1,
+                        help="single runs: also retrain with N-1 further seeds (RUN/seeds/), evaluate each and print "
+                             "the spread of the figures")
 
 
 def cmd_train(args) -> int:
@@ -38,6 +42,9 @@ def cmd_train(args) -> int:
         if current_sync().is_main:
             for line in summary:
                 print(json.dumps(line))
+            if getattr(args, "seeds", 1) > 1 and not isinstance(cfg, MultiConfig):
+                spread = run_seeds(cfg, args.seeds)
+                print(json.dumps({"seed_spread": str(cfg.folder.seed_spread), **spread}))
         return 0
     finally:
         shutdown()

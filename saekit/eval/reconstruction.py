@@ -191,14 +191,17 @@ class ReconstructionAccumulator:
         if code.indices.reshape(-1, code.indices.shape[-1]).shape[0] != x_ND.shape[0]:
             raise ShapeMismatchError(f"reconstruction: code has {code.indices.shape[:-1]} rows, x has {x.shape[:-1]}")
         self.moments.update(x_ND)
-        self.sse += float((x_ND - r_ND).pow(2).sum())
-        self.cos_sum += float(cosine_rows(x_ND, r_ND).sum())
+        sse_N, cos_N = (x_ND - r_ND).pow(2).sum(-1), cosine_rows(x_ND, r_ND)
+        self.sse += float(sse_N.sum())
+        self.cos_sum += float(cos_N.sum())
         sh = shrinkage_rows(x_ND, r_ND)
         self.shrink_sum += float(sh.sum())
         self.shrink_rows += int(sh.numel())
         code = code.detach()
         self.counts_F += firing_counts(code).cpu()
         l0_N = code.l0().reshape(-1).cpu()
+        # the batch's per-row figures, for per-document sums (the bootstrap intervals) without recomputing
+        self.last_rows = {"sse": sse_N, "cos": cos_N, "l0": l0_N}
         h = torch.bincount(l0_N)
         if h.numel() > self.l0_hist.numel():
             self.l0_hist = torch.cat([self.l0_hist, self.l0_hist.new_zeros(h.numel() - self.l0_hist.numel())])

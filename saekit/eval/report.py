@@ -35,6 +35,14 @@ from torch import Tensor
 
 from saekit.artifacts import atomic_write_bytes, atomic_write_json, dumps_json
 from saekit.errors import ConfigError, ShapeMismatchError
+from saekit.eval.bootstrap import (
+    DEFAULT_RESAMPLES,
+    Bootstrap,
+    GroupedSums,
+    compare_figures,
+    fvu_from_sums,
+    percentile_interval,
+)
 from saekit.eval.description_length import (
     DEFAULT_FVU_TOLERANCE,
     DEFAULT_PRECISIONS,
@@ -71,21 +79,40 @@ def _fresh(batches: Iterable | Callable[[], Iterable]) -> Iterator:
     return iter(batches()) if callable(batches) else iter(batches)
 
 
-def _limited(batches: Iterable | Callable[[], Iterable], max_rows: int | None, d_in: int) -> Iterator[Tensor]:
+def _doc_ids(item: Any) -> Tensor | None:
+    """The rows' document ids when the batch carries them ((acts, doc_id, ...) tuples or dicts)."""
+    if isinstance(item, (tuple, list)) and len(item) > 1 and isinstance(item[1], Tensor):
+        return item[1]
+    if isinstance(item, dict) and isinstance(item.get("doc_id"), Tensor):
+        return item["doc_id"]
+    return None
+
+
+def _limited_docs(batches: Iterable | Callable[[], Iterable], max_rows: int | None,
+                  d_in: int) -> Iterator[tuple[Tensor, Tensor | None]]:
+    """(x_ND, doc_N or None) per batch, at most `max_rows` rows in all."""
     seen = 0
     for item in _fresh(batches):
-        x = _acts(item)
+        x, doc = _acts(item), _doc_ids(item)
         if x.shape[-1] != d_in:
             raise ShapeMismatchError(f"evaluate_sae: expected activations [..., d_in={d_in}], found {tuple(x.shape)}")
         x_ND = x.reshape(-1, d_in)
+        if doc is not None and doc.numel() != x_ND.shape[0]:
+            raise ShapeMismatchError(f"evaluate_sae: expected one doc id per row ({x_ND.shape[0]}), found {doc.numel()}")
         if max_rows is not None:
             x_ND = x_ND[: max_rows - seen]
+            doc = None if doc is None else doc.reshape(-1)[: x_ND.shape[0]]
         if x_ND.shape[0] == 0:
             break
         seen += x_ND.shape[0]
-        yield x_ND
+        yield x_ND, doc
         if max_rows is not None and seen >= max_rows:
             break
+
+
+def _limited(batches: Iterable | Callable[[], Iterable], max_rows: int | None, d_in: int) -> Iterator[Tensor]:
+    for x_ND, _ in _limited_docs(batches, max_rows, d_in):
+        yield x_ND
 
 
 def sae_summary(sae: SparseAutoencoder) -> dict:
@@ -109,6 +136,8 @@ class EvalOptions:
     retrieval_k: int = 10
     device: str | torch.device | None = None
     progress: bool = False
+    bootstrap_resamples: int = DEFAULT_RESAMPLES  # 0 = no intervals
+    bootstrap_seed: int = 0
 
 
 @dataclass
@@ -119,6 +148,9 @@ class FirstPass:
     ranges: LatentValueRange | None  # per-latent value ranges, for the description-length grid
     kept_x: list[Tensor] = field(default_factory=list)  # the first retrieval_rows rows and reconstructions
     kept_r: list[Tensor] = field(default_factory=list)
+    kept_doc: list[Tensor] = field(default_factory=list)  # the kept rows' units (for recall@k's interval)
+    grouped: GroupedSums = field(default_factory=GroupedSums)  # per-document sums (the intervals)
+    shift_D: Tensor | None = None  # a fixed shift (the first batch's mean) for the centred sums
 
 
 def evaluate_sae(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable],
@@ -138,6 +170,7 @@ def evaluate_sae(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterab
     with inference_mode(sae):
         first = reconstruction_pass(sae, batches, opts, dev)
         report = _report(sae, first.recon)
+        attach_intervals(report, first, opts, sae.cfg.d_in)
         report["ground_truth"] = ground_truth_pass(sae, opts)
         report["retrieval"] = retrieval_pass(first, opts)
         report["description_length"] = description_length_pass(sae, batches, first, opts, dev)
@@ -158,19 +191,58 @@ def reconstruction_pass(sae: SparseAutoencoder, batches: Iterable | Callable[[],
     acc = ReconstructionAccumulator(cfg.d_in, cfg.d_sae, dense_threshold=opts.dense_threshold)
     first = FirstPass({}, LatentValueRange(cfg.d_sae) if opts.description_length else None)
     kept = 0
-    for x_ND in _progress(_limited(batches, opts.max_rows, cfg.d_in), "eval", opts):
+    for x_ND, doc_N in _progress(_limited_docs(batches, opts.max_rows, cfg.d_in), "eval", opts):
         x_ND = x_ND.to(dev)
         out = sae(x_ND)
         acc.update(x_ND, out.recon, out.code)
+        unit_N = add_unit_sums(first, x_ND, out, doc_N, acc.last_rows) if opts.bootstrap_resamples else None
         if first.ranges is not None:
             first.ranges.update(out.code)
         take = min(opts.retrieval_rows - kept, x_ND.shape[0])
         if take > 0:
             first.kept_x.append(x_ND[:take].float().cpu())
             first.kept_r.append(out.recon[:take].float().cpu())
+            if unit_N is not None:
+                first.kept_doc.append(unit_N[:take])
             kept += take
     first.recon = acc.result()
     return first
+
+
+def add_unit_sums(first: FirstPass, x_ND: Tensor, out: Any, doc_N: Tensor | None = None,
+                  rows: dict[str, Tensor] | None = None) -> Tensor:
+    """Per-document sufficient statistics of one batch (see `saekit.eval.bootstrap`); returns the rows' units.
+    `rows` are the accumulator's per-row sse, cosine and L0 of this batch (`last_rows`), reused when given."""
+    g = first.grouped
+    unit_N = g.units_for(doc_N, x_ND.shape[0])
+    x = x_ND.detach().float()
+    if first.shift_D is None:
+        first.shift_D = x.mean(0)
+    if rows is None:
+        r = out.recon.detach().float()
+        rows = {"sse": (x - r).pow(2).sum(-1), "cos": torch.nn.functional.cosine_similarity(x, r, dim=-1, eps=1e-12),
+                "l0": out.code.detach().l0().reshape(-1)}
+    # the shift (the first batch's mean) keeps the centred sums small: no cancellation in the total variance
+    xc = x - first.shift_D
+    g.add("n", unit_N, torch.ones(x.shape[0]))
+    g.add("sum_x", unit_N, xc)
+    g.add("sumsq", unit_N, xc.pow(2).sum(-1))
+    for name in ("sse", "cos", "l0"):
+        g.add(name, unit_N, rows[name].reshape(-1).float())
+    return unit_N
+
+
+def recon_intervals(grouped: GroupedSums, resamples: int, seed: int, d_in: int) -> tuple[dict, dict] | None:
+    """ci95 of FVU, EV, MSE, cosine and L0 from the per-document sums, and the bootstrap's description."""
+    if grouped.n_units < 2 or resamples <= 0:
+        return None
+    t = grouped.totals()
+    boot = Bootstrap(grouped.n_units, resamples, seed)
+    fvu_R = boot.values(fvu_from_sums, {k: t[k] for k in ("sse", "sum_x", "sumsq", "n")})
+    ci = {"fvu": percentile_interval(fvu_R), "explained_variance": percentile_interval(1.0 - fvu_R),
+          "mse": boot.ci(lambda s: s["sse"] / (s["n"] * d_in), {"sse": t["sse"], "n": t["n"]}),
+          "cosine_mean": boot.ratio_ci(t["cos"], t["n"]), "l0_mean": boot.ratio_ci(t["l0"], t["n"])}
+    return ci, boot.describe(grouped.unit)
 
 
 def _report(sae: SparseAutoencoder, rec: dict) -> dict[str, Any]:
@@ -188,6 +260,18 @@ def _report(sae: SparseAutoencoder, rec: dict) -> dict[str, Any]:
     }
 
 
+def attach_intervals(report: dict, first: FirstPass, opts: EvalOptions, d_in: int) -> None:
+    """`ci95` next to the reconstruction and sparsity figures, and how they were drawn (`bootstrap`)."""
+    got = recon_intervals(first.grouped, opts.bootstrap_resamples, opts.bootstrap_seed, d_in)
+    if got is None:
+        report["bootstrap"] = None
+        return
+    ci, described = got
+    report["reconstruction"]["ci95"] = {k: ci[k] for k in ("fvu", "explained_variance", "mse", "cosine_mean")}
+    report["sparsity"]["ci95"] = {"l0_mean": ci["l0_mean"]}
+    report["bootstrap"] = described
+
+
 def ground_truth_pass(sae: SparseAutoencoder, opts: EvalOptions) -> dict | None:
     """Recovery of the planted atoms `opts.true_dictionary_GD` by the decoder rows (None when not given)."""
     if opts.true_dictionary_GD is None:
@@ -199,7 +283,9 @@ def retrieval_pass(first: FirstPass, opts: EvalOptions) -> dict | None:
     """Retrieval fidelity (recall@k) of the reconstructions on the kept rows (None when off or < 2 rows)."""
     if opts.retrieval_rows <= 0 or sum(x.shape[0] for x in first.kept_x) < 2:
         return None
-    return retrieval_metrics(torch.cat(first.kept_x), torch.cat(first.kept_r), k=opts.retrieval_k)
+    units = torch.cat(first.kept_doc) if first.kept_doc else None
+    return retrieval_metrics(torch.cat(first.kept_x), torch.cat(first.kept_r), k=opts.retrieval_k, units_N=units,
+                             resamples=opts.bootstrap_resamples, seed=opts.bootstrap_seed)
 
 
 def description_length_pass(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], first: FirstPass,
@@ -224,26 +310,34 @@ def description_length_pass(sae: SparseAutoencoder, batches: Iterable | Callable
 
 def outlier_section(sae: SparseAutoencoder, batches: Iterable | Callable[[], Iterable], rule: dict,
                     headline: dict | None = None, ordinary_moments: RunningMoments | None = None,
-                    device: str | torch.device | None = None) -> dict:
+                    device: str | torch.device | None = None, resamples: int = DEFAULT_RESAMPLES,
+                    seed: int = 0) -> dict:
     """Reconstruction on the massive-activation outlier rows alone, reported apart from the headline.
 
-    Their FVU is around their own mean (null with fewer than two rows). Given the headline report of
-    the ordinary rows and those rows' moments, `all_rows` adds the FVU and explained variance of both
-    sets together: what a headline that kept the outliers would have said."""
+    Their FVU is around their own mean (null with fewer than two rows), with a `ci95` bootstrapped over
+    their documents (when the batches carry doc ids; blocks of rows otherwise). Given the headline
+    report of the ordinary rows and those rows' moments, `all_rows` adds the FVU and explained
+    variance of both sets together: what a headline that kept the outliers would have said."""
     cfg = sae.cfg
     dev = torch.device(device) if device is not None else next(iter(sae.parameters()), torch.zeros(())).device
     acc = ReconstructionAccumulator(cfg.d_in, cfg.d_sae)
+    first = FirstPass({}, None)
     with inference_mode(sae):
-        for x_ND in _limited(batches, None, cfg.d_in):
+        for x_ND, doc_N in _limited_docs(batches, None, cfg.d_in):
             x_ND = x_ND.to(dev)
             out = sae(x_ND)
             acc.update(x_ND, out.recon, out.code)
+            add_unit_sums(first, x_ND, out, doc_N, acc.last_rows)
     rec = acc.result()
     n = rec["n_rows"]
     section = {"rule": rule, "count": n, **{k: (rec[k] if n else None) for k in RECON_KEYS},
                "l0_mean": rec["l0_mean"] if n else None}
     if n < 2:
         section["fvu"] = section["explained_variance"] = None
+    got = recon_intervals(first.grouped, resamples, seed, cfg.d_in) if n >= 2 else None
+    section["ci95"] = {k: got[0][k] for k in ("fvu", "explained_variance", "mse", "cosine_mean", "l0_mean")} \
+        if got else None
+    section["bootstrap"] = got[1] if got else None
     if headline is not None and ordinary_moments is not None:
         section["all_rows"] = _all_rows(headline, ordinary_moments, acc)
     return section
@@ -331,27 +425,37 @@ def _table(rows: list[list[str]], header: list[str]) -> str:
 def format_report(report: dict) -> str:
     """A human-readable table of one report."""
     s, rec, sp = report["sae"], report["reconstruction"], report["sparsity"]
+    rci, sci = rec.get("ci95") or {}, sp.get("ci95") or {}
     rows = [
-        ["architecture", _fmt(s.get("architecture"))], ["d_in / d_sae", f"{s.get('d_in')} / {s.get('d_sae')}"],
-        ["rows", _fmt(report["n_rows"])],
-        ["MSE", _fmt(rec["mse"])], ["FVU", _fmt(rec["fvu"])], ["explained variance", _fmt(rec["explained_variance"])],
-        ["cosine(x, x_hat)", _fmt(rec["cosine_mean"])], ["shrinkage |x_hat|/|x|", _fmt(rec["shrinkage_mean"])],
-        ["L0 mean (std)", f"{_fmt(sp['l0_mean'])} ({_fmt(sp['l0_std'])})"],
-        ["dead fraction", _fmt(sp["dead_fraction"])],
-        [f"dense fraction (>{sp['dense_threshold']})", _fmt(sp["dense_fraction"])],
+        ["architecture", _fmt(s.get("architecture")), ""], ["d_in / d_sae", f"{s.get('d_in')} / {s.get('d_sae')}", ""],
+        ["rows", _fmt(report["n_rows"]), ""],
+        ["MSE", _fmt(rec["mse"]), _fmt_ci(rci.get("mse"))], ["FVU", _fmt(rec["fvu"]), _fmt_ci(rci.get("fvu"))],
+        ["explained variance", _fmt(rec["explained_variance"]), _fmt_ci(rci.get("explained_variance"))],
+        ["cosine(x, x_hat)", _fmt(rec["cosine_mean"]), _fmt_ci(rci.get("cosine_mean"))],
+        ["shrinkage |x_hat|/|x|", _fmt(rec["shrinkage_mean"]), ""],
+        ["L0 mean (std)", f"{_fmt(sp['l0_mean'])} ({_fmt(sp['l0_std'])})", _fmt_ci(sci.get("l0_mean"))],
+        ["dead fraction", _fmt(sp["dead_fraction"]), ""],
+        [f"dense fraction (>{sp['dense_threshold']})", _fmt(sp["dense_fraction"]), ""],
     ]
     rows += _outlier_rows(report)
     gt = report.get("ground_truth")
     if gt:
-        rows += [["GT mean max cos", _fmt(gt["mean_max_cosine"])],
-                 [f"GT recovered (>{gt['threshold']})", _fmt(gt["fraction_recovered"])],
-                 ["GT MCC (Hungarian)", _fmt(gt.get("mcc"))]]
+        rows += [["GT mean max cos", _fmt(gt["mean_max_cosine"]), ""],
+                 [f"GT recovered (>{gt['threshold']})", _fmt(gt["fraction_recovered"]), ""],
+                 ["GT MCC (Hungarian)", _fmt(gt.get("mcc")), ""]]
     rt = report.get("retrieval")
     if rt:
-        rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", _fmt(rt["recall_at_k"])],
-                 ["retrieval cosine", _fmt(rt["cosine_mean"])]]
+        rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", _fmt(rt["recall_at_k"]),
+                  _fmt_ci((rt.get("ci95") or {}).get("recall_at_k"))],
+                 ["retrieval cosine", _fmt(rt["cosine_mean"]), ""]]
+    sp_in = (report.get("downstream") or {}).get("splice_in")
+    if sp_in:
+        sci_ = sp_in.get("ci95") or {}
+        rows += [[f"loss recovered ({sp_in.get('n_tokens')} tokens)", _fmt(sp_in.get("loss_recovered")),
+                  _fmt_ci(sci_.get("loss_recovered"))],
+                 ["KL(clean || spliced)", _fmt(sp_in.get("kl_spliced")), _fmt_ci(sci_.get("kl_spliced"))]]
     dl = report.get("description_length")
-    out = _table(rows, ["metric", "value"]) + _row_set_note(report)
+    out = _table(rows, ["metric", "value", "95% CI"]) + _row_set_note(report) + _bootstrap_note(report)
     if dl:
         out += (f"\n\nDescription length (bits per activation vector; activity {_fmt(dl['activity_bits_per_row'])}; "
                 f"selected {_fmt(dl['selected_bits'])} bits -> DL {_fmt(dl['dl_bits_per_row'])} "
@@ -367,15 +471,28 @@ def format_report(report: dict) -> str:
     return out
 
 
+def _fmt_ci(ci: list[float] | None) -> str:
+    return "" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+
+
+def _bootstrap_note(report: dict) -> str:
+    b = report.get("bootstrap")
+    if not b:
+        return ""
+    return (f"\n95% intervals: {b['method']} bootstrap over {b['n_units']} units ({b['unit']}), "
+            f"{b['resamples']} resamples, seed {b['seed']}.")
+
+
 def _outlier_rows(report: dict) -> list[list[str]]:
     """The table's lines on the row set: headline rows, and the outliers' own figures."""
     rs, out = report.get("row_set"), report.get("outliers")
     if not rs or not out:
         return []
-    rows = [["headline rows", f"ordinary ({rs['outlier_rows']} outliers apart)"],
-            ["outlier rows: count / FVU", f"{out['count']} / {_fmt(out.get('fvu'))}"]]
+    rows = [["headline rows", f"ordinary ({rs['outlier_rows']} outliers apart)", ""],
+            ["outlier rows: count / FVU", f"{out['count']} / {_fmt(out.get('fvu'))}",
+             _fmt_ci((out.get("ci95") or {}).get("fvu"))]]
     if out.get("all_rows"):
-        rows.append(["FVU all rows (incl. outliers)", _fmt(out["all_rows"]["fvu"])])
+        rows.append(["FVU all rows (incl. outliers)", _fmt(out["all_rows"]["fvu"]), ""])
     return rows
 
 
@@ -421,7 +538,75 @@ def compare_table(reports: dict[str, dict]) -> str:
     table = _table(rows, ["run", "rows", "L0", "FVU", "EV", "cos", "shrink", "dead", "dense", "DL bits", "DL prec",
                           "MCC", "recall@k"])
     warning = row_set_mismatch(reports)
-    return table + (f"\n\n{warning}" if warning else "")
+    diffs = format_differences(compare_reports(reports))
+    return table + (f"\n\n{diffs}" if diffs else "") + (f"\n\n{warning}" if warning else "")
+
+
+# (label, section path, figure) of the headline figures `compare` tests for a difference
+COMPARED = (("FVU", ("reconstruction",), "fvu"), ("EV", ("reconstruction",), "explained_variance"),
+            ("L0", ("sparsity",), "l0_mean"), ("recall@k", ("retrieval",), "recall_at_k"),
+            ("loss recovered", ("downstream", "splice_in"), "loss_recovered"),
+            ("KL", ("downstream", "splice_in"), "kl_spliced"))
+
+
+def _figure_and_ci(report: dict, path: tuple[str, ...], key: str) -> tuple[float | None, list[float] | None]:
+    sec: Any = report
+    for p in path:
+        sec = (sec or {}).get(p)
+    if not sec:
+        return None, None
+    return sec.get(key), (sec.get("ci95") or {}).get(key)
+
+
+def compare_reports(reports: dict[str, dict]) -> list[dict]:
+    """Each later report against the first, per headline figure: the difference, whether it is
+    distinguishable (the two 95 % intervals do not overlap) and the smallest difference these data detect."""
+    names = list(reports)
+    out = []
+    for other in names[1:]:
+        for label, path, key in COMPARED:
+            a, ci_a = _figure_and_ci(reports[other], path, key)
+            b, ci_b = _figure_and_ci(reports[names[0]], path, key)
+            if a is None or b is None:
+                continue
+            out.append({"a": other, "b": names[0], "figure": label, **compare_figures(a, ci_a, b, ci_b)})
+    return out
+
+
+def format_differences(diffs: list[dict]) -> str:
+    lines = []
+    for d in diffs:
+        if d["distinguishable"] is None:
+            verdict = "no intervals (re-evaluate to get them)"
+        else:
+            verdict = ("distinguishable" if d["distinguishable"] else "not distinguishable") + \
+                f" (smallest detectable difference {_fmt(d['detectable'], 2)})"
+        lines.append(f"{d['figure']}: {d['a']} - {d['b']} = {_fmt(d['difference'], 3)}: {verdict}")
+    return "Differences (95% bootstrap intervals overlap = not distinguishable)\n" + "\n".join(lines) if lines else ""
+
+
+def seed_spread(reports: dict[str, dict]) -> dict:
+    """Spread over retrainings that differ only by seed: per headline figure the per-seed values, mean,
+    sample std and range, next to the mean bootstrap half-width (data noise) for scale."""
+    out: dict[str, Any] = {"seeds": list(reports), "figures": {}}
+    for label, path, key in COMPARED:
+        got = [_figure_and_ci(r, path, key) for r in reports.values()]
+        vals = [v for v, _ in got if v is not None and math.isfinite(v)]
+        if not vals:
+            continue
+        mean = sum(vals) / len(vals)
+        std = math.sqrt(sum((v - mean) ** 2 for v in vals) / (len(vals) - 1)) if len(vals) > 1 else None
+        halves = [(ci[1] - ci[0]) / 2 for _, ci in got if ci]
+        out["figures"][label] = {"values": vals, "mean": mean, "std": std, "min": min(vals), "max": max(vals),
+                                 "ci95_half_width_mean": sum(halves) / len(halves) if halves else None}
+    return out
+
+
+def format_seed_spread(spread: dict) -> str:
+    rows = [[label, _fmt(f["mean"]), _fmt(f["std"]), f"{_fmt(f['min'])} .. {_fmt(f['max'])}",
+             _fmt(f["ci95_half_width_mean"], 2)] for label, f in spread["figures"].items()]
+    return (f"Spread over {len(spread['seeds'])} seeds ({', '.join(spread['seeds'])})\n"
+            + _table(rows, ["figure", "mean", "std", "range", "+-ci95 (data)"]))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from saekit.eval.bootstrap import DEFAULT_RESAMPLES, Bootstrap, loss_recovered_from_sums
 from saekit.sources.base import SourceConfig
 from saekit.sources.hf import tokenize
 from saekit.sources.hooks import hook_point, is_lens_model
@@ -87,12 +88,14 @@ def _passing_through(fn: Replacement, keep_BT: Tensor) -> Replacement:
 def splice_lm_loss(model, tokenizer, hook: str, sae=None, texts: list[str] = (), *,
                    reconstruct: Replacement | None = None, mean_acts_D: Tensor | None = None,
                    max_length: int = 64, batch_size: int = 8, passthrough_norm: float | None = None,
-                   passthrough_ids: set[int] | frozenset = frozenset()) -> dict:
+                   passthrough_ids: set[int] | frozenset = frozenset(), resamples: int = DEFAULT_RESAMPLES,
+                   seed: int = 0) -> dict:
     """CE / KL of the clean, spliced, zero-ablated and (if `mean_acts_D`) mean-ablated model.
 
     Give an SAE (its reconstruction is spliced in) or any `reconstruct(acts) -> acts` function.
     Positions with activation norm > `passthrough_norm` or a token in `passthrough_ids` keep their
-    own activation in every variant (see the module docstring).
+    own activation in every variant (see the module docstring). `ci95` holds intervals of the CEs,
+    KLs and loss recovered, bootstrapped over documents from per-document sums (`resamples` 0: none).
     """
     replace = reconstruct or _sae_replacement(sae)
     variants: dict[str, Replacement] = {"spliced": replace, "zero_ablation": torch.zeros_like}
@@ -102,12 +105,15 @@ def splice_lm_loss(model, tokenizer, hook: str, sae=None, texts: list[str] = (),
     kl = {k: [] for k in variants}
     cfg = SourceConfig(hooks=[hook], max_length=max_length, padding_side="right")
     passed = {"outlier_positions": 0, "special_positions": 0}
+    doc_of: list[Tensor] = []  # the document index of every measured position
     for i in range(0, len(texts), batch_size):
         enc = tokenize(tokenizer, list(texts[i: i + batch_size]), cfg)
         with capture_point(model, hook) as got:
             clean_logits = model_logits(model, enc)
         clean_ce, _, clean_logp = token_losses(clean_logits, enc["input_ids"], enc["attention_mask"])
         ce["clean"].append(clean_ce)
+        doc_BT = torch.arange(i, i + enc["input_ids"].shape[0])[:, None].expand_as(enc["input_ids"])
+        doc_of.append(doc_BT[:, 1:][(enc["attention_mask"][:, 1:] * enc["attention_mask"][:, :-1]).bool().cpu()])
         outlier_BT, special_BT = passthrough_mask(got[0], enc["input_ids"], passthrough_norm, passthrough_ids)
         real_BT = enc["attention_mask"].bool().to(outlier_BT.device)
         passed["outlier_positions"] += int((outlier_BT & real_BT).sum())
@@ -129,8 +135,36 @@ def splice_lm_loss(model, tokenizer, hook: str, sae=None, texts: list[str] = (),
         out.update(ce_mean_ablation=mean["mean_ablation"], kl_mean_ablation=torch.cat(kl["mean_ablation"]).mean().item(),
                    loss_recovered_vs_mean=_recovered(mean, "mean_ablation"))
     out["loss_recovered"] = out.get("loss_recovered_vs_mean", out["loss_recovered_vs_zero"])
+    out["ci95"] = splice_intervals(torch.cat(doc_of), ce, kl, len(texts), resamples, seed) if resamples else None
     out["passthrough"] = {**passed, "norm_threshold": passthrough_norm, "special_ids": sorted(passthrough_ids),
                           "note": "these positions kept their own activation in the spliced and ablated models"}
+    return out
+
+
+def splice_intervals(doc_P: Tensor, ce: dict[str, list[Tensor]], kl: dict[str, list[Tensor]], n_docs: int,
+                     resamples: int, seed: int) -> dict | None:
+    """Bootstrap over documents of the splice-in figures: per-document sums of each variant's CE
+    and KL and of the token count, so every resample is one matrix product."""
+    if n_docs < 2 or doc_P.numel() == 0:
+        return None
+    doc_P = doc_P.cpu().long()
+
+    def per_doc(v_P: Tensor) -> Tensor:
+        return torch.zeros(n_docs, dtype=torch.float64).index_add_(0, doc_P, v_P.detach().double().cpu())
+
+    stats = {name: per_doc(torch.cat(v)) for name, v in ce.items()}
+    stats.update({f"kl_{name}": per_doc(torch.cat(v)) for name, v in kl.items()})
+    stats["n"] = per_doc(torch.ones(doc_P.numel()))
+    keep = stats["n"] > 0
+    stats = {k: v[keep] for k, v in stats.items()}
+    boot = Bootstrap(int(keep.sum()), resamples, seed)
+    out = {f"ce_{k}" if k != "clean" else "ce_clean": boot.ratio_ci(v, stats["n"])
+           for k, v in stats.items() if k != "n" and not k.startswith("kl_")}
+    out.update({k: boot.ratio_ci(v, stats["n"]) for k, v in stats.items() if k.startswith("kl_")})
+    abl = "mean_ablation" if "mean_ablation" in ce else "zero_ablation"
+    for name in {"zero_ablation", abl}:
+        out[f"loss_recovered_vs_{name.split('_')[0]}"] = boot.ci(lambda s, a=name: loss_recovered_from_sums(s, a), stats)
+    out["loss_recovered"] = out[f"loss_recovered_vs_{abl.split('_')[0]}"]
     return out
 
 

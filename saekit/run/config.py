@@ -64,7 +64,10 @@ class EvalConfig(Config):
     max_rows: int = param(0, "evaluate on at most this many held-out rows (0 = all)", ge=0)
     batch_rows: int = param(4096, "rows per evaluation batch", ge=1)
     description_length: bool = param(True, "compute the MDL description-length sweep")
-    splice_docs: int = param(48, "held-out documents for the splice-in LM loss (LLM runs; 0 = skip)", ge=0)
+    splice_docs: int = param(2000, "at most this many held-out documents for the splice-in LM loss (LLM runs; "
+                             "0 = skip)", ge=0)
+    splice_tokens: int = param(20000, "held-out tokens for the splice-in LM loss: documents are added until their "
+                               "tokens reach this (a narrower loss-recovered interval)", ge=1)
     splice_batch: int = param(8, "documents per splice-in forward pass", ge=1)
     retrieval_rows: int = param(2000, "held-out rows for recall@k (embedding runs)", ge=0)
     retrieval_k: int = param(10, "k of recall@k", ge=1)
@@ -83,6 +86,12 @@ class ProbeConfig(Config):
     ks: list[int] = param([1, 2, 5, 10, 20], "numbers of features to probe with")
     max_rows: int = param(20000, "rows used (whole documents, sampled deterministically)", ge=100)
     test_frac: float = param(0.3, "fraction of documents in the probe's test split", gt=0, lt=1)
+    pooling: str = param("mean", "LLM stores: one example per document by pooling its tokens' SAE codes and neurons "
+                         "(mean, as SAEBench; max; last token) or 'token' (every token against its document's label)",
+                         choices=["mean", "max", "last", "token"])
+    one_vs_rest: bool = param(True, "also probe every class against the rest (best latent per class, macro summary)")
+    resamples: int = param(1000, "bootstrap resamples (over test documents) for the accuracy intervals; 0 = none",
+                           ge=0)
 
 
 # keys of a run's `train:` section that the run layer consumes (with their defaults); the rest is TrainConfig's
