@@ -46,7 +46,7 @@ from saekit.layout import FINAL_SAE, METRICS, TRAIN_SUMMARY, VAL_CURVE
 from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import save_sae
 from saekit.store.batches import BatchSource
-from saekit.train import checkpoint as ckpt_io
+import saekit.train.checkpoint as ckpt_io
 from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, StepInfo, TrainRun, ValidationCurve
 from saekit.train.config import RESUME_KEYS, SELECTION_KEYS, TrainConfig
 from saekit.train.precision import autocast_for
