@@ -111,45 +111,44 @@ def make_one_shot(sae, acts_ND: torch.Tensor, feature: int) -> int:
         return int(proj.argmax())
 
 
+def _save_run_sae(run_dir: Path, d_sae: int, k: int, dead: tuple, one_shot: int, seed: int) -> Path:
+    """The run's SAE: random, centred on the store's rows (so the preflight's first FVU is < 1, as for
+    a trained SAE), with `dead` features that never fire and one feature that fires on one row."""
+    from saekit.sae.registry import save_sae
+    from saekit.store.reader import ActivationStore
+
+    store = ActivationStore(RunFolder(run_dir).store)
+    sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
+    with torch.no_grad():
+        sae.b_dec.copy_(store[:].mean(0))
+    make_one_shot(sae, store[:], one_shot)
+    save_sae(sae, RunFolder(run_dir).final_sae())
+    return run_dir
+
+
 def tiny_run(run_dir: str | Path, n_docs: int = 120, d_sae: int = 48, k: int = 4, dead: tuple = (0, 1, 2),
              one_shot: int = 3, model_dir: str | Path | None = None, seed: int = 0) -> Path:
     """An LLM-kind run folder over the tiny GPT-2's residual stream (real forward through the source)."""
-    from saekit.sae.registry import save_sae
     from saekit.sources.base import SourceConfig
     from saekit.sources.factory import make_source
-    from saekit.store.reader import ActivationStore
 
     run_dir = Path(run_dir)
     model_dir = tiny_lm(model_dir or run_dir.parent / "tiny_lm")
     source = make_source(SourceConfig(kind="hf", model=str(model_dir), hooks=["transformer.h.1"], batch_size=32))
     cache_activations(source, synthetic_docs(n_docs, seed), RunFolder(run_dir).store, StoreConfig(docs_per_shard=64))
-    store = ActivationStore(RunFolder(run_dir).store)
-    sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
-    with torch.no_grad():  # centred on the data, so the preflight's first FVU is < 1 as for a trained SAE
-        sae.b_dec.copy_(store[:].mean(0))
-    make_one_shot(sae, store[:], one_shot)
-    save_sae(sae, RunFolder(run_dir).final_sae())
-    return run_dir
+    return _save_run_sae(run_dir, d_sae, k, dead, one_shot, seed)
 
 
 def tiny_embedding_run(run_dir: str | Path, docs: list[dict], model=None, d_sae: int = 64, k: int = 4,
                        dead: tuple = (0, 1), one_shot: int = 2, seed: int = 0) -> Path:
     """An embedding run over `docs` with the default sentence-transformers model (or `model`)."""
-    from saekit.sae.registry import save_sae
     from saekit.sources.base import SourceConfig
     from saekit.sources.embeddings import EmbeddingSource
-    from saekit.store.reader import ActivationStore
 
     run_dir = Path(run_dir)
     cache_activations(EmbeddingSource(SourceConfig(kind="embedding", batch_size=64), model=model), docs,
                       RunFolder(run_dir).store, StoreConfig(docs_per_shard=64))
-    store = ActivationStore(RunFolder(run_dir).store)
-    sae = make_sae(store.d_in, d_sae, k, list(dead), seed)
-    with torch.no_grad():  # centred on the data, so the preflight's first FVU is < 1 as for a trained SAE
-        sae.b_dec.copy_(store[:].mean(0))
-    make_one_shot(sae, store[:], one_shot)
-    save_sae(sae, RunFolder(run_dir).final_sae())
-    return run_dir
+    return _save_run_sae(run_dir, d_sae, k, dead, one_shot, seed)
 
 
 def synthetic_llm_run(run_dir: str | Path, n_rows: int, d_sae: int = 512, k: int = 16, d_in: int = 32,
