@@ -18,7 +18,8 @@ from saekit.eval.bootstrap import (
     mean_interval,
     resample_weights,
 )
-from saekit.eval.report import compare_reports, compare_table, evaluate_sae, format_report, format_seed_spread
+from saekit.eval.report import evaluate_sae
+from saekit.eval.report_text import compare_reports, compare_table, format_report, format_seed_spread
 from saekit.eval.retrieval import retrieval_metrics
 from saekit.run.config import RunConfig
 from saekit.run.seeds import run_seeds

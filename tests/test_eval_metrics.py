@@ -23,15 +23,8 @@ from saekit.eval.reconstruction import (
     latent_density,
     reconstruction_metrics,
 )
-from saekit.eval.report import (
-    attach_downstream,
-    compare_table,
-    evaluate_sae,
-    format_report,
-    plot_fvu_vs_l0,
-    write_comparison,
-    write_report,
-)
+from saekit.eval.report import attach_downstream, evaluate_sae, plot_fvu_vs_l0, write_comparison, write_report
+from saekit.eval.report_text import compare_table, format_report
 from saekit.eval.retrieval import nearest_neighbours, recall_at_k, retrieval_metrics
 from saekit.sae.base import SparseCode
 

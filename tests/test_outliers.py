@@ -15,7 +15,8 @@ from safetensors import safe_open
 from saekit.artifacts import load_tensors, read_json, save_tensors, sha256_file
 from saekit.errors import ConfigError, CorruptArtifactError
 from saekit.eval.reconstruction import ReconstructionAccumulator
-from saekit.eval.report import compare_table, evaluate_sae, format_report
+from saekit.eval.report import evaluate_sae
+from saekit.eval.report_text import compare_table, format_report
 from saekit.layout import RunFolder
 from saekit.run.config import RunConfig
 from saekit.run.stages import create_sae_for, eval_stage, save_resolved, train_run

@@ -17,7 +17,8 @@ from train_helpers import make_data, make_setup
 
 from saekit.artifacts import read_json
 from saekit.errors import ConfigError, ResumeMismatchError
-from saekit.eval.report import attach_generalisation, evaluate_sae, format_report
+from saekit.eval.report import attach_generalisation, evaluate_sae
+from saekit.eval.report_text import format_report
 from saekit.layout import METRICS, TRAIN_SUMMARY, VAL_CURVE
 from saekit.sae.registry import load_sae
 from saekit.store.batches import TensorBatches

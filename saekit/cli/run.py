@@ -32,7 +32,7 @@ def cmd_cache(args) -> int:
 
 def cmd_eval(args) -> int:
     from saekit.eval.preflight import format_preflight
-    from saekit.eval.report import format_report
+    from saekit.eval.report_text import format_report
     from saekit.run.stages import eval_target
 
     try:
@@ -50,7 +50,8 @@ def cmd_eval(args) -> int:
 
 def cmd_compare(args) -> int:
     from saekit.artifacts import read_json
-    from saekit.eval.report import compare_table, write_comparison
+    from saekit.eval.report import write_comparison
+    from saekit.eval.report_text import compare_table
 
     reports = {}
     for run in args.runs:
@@ -79,7 +80,7 @@ def cmd_run(args) -> int:
 
 def print_seed_spread(cfg, n: int, main_report: dict | None = None) -> None:
     """Retrain with seeds cfg.seed+1 .. cfg.seed+n-1 and print the spread of the headline figures."""
-    from saekit.eval.report import format_seed_spread
+    from saekit.eval.report_text import format_seed_spread
     from saekit.run.seeds import run_seeds
 
     spread = run_seeds(cfg, n, main_report)
@@ -101,7 +102,7 @@ def _run_one(config: str):
 
 def _print_run(cfg, result) -> None:
     from saekit.eval.preflight import format_preflight
-    from saekit.eval.report import format_report
+    from saekit.eval.report_text import format_report
 
     print(f"\n== {cfg.name}: results in {cfg.run_dir}")
     if result.get("training_rows"):

@@ -16,7 +16,7 @@ import logging
 
 from saekit.artifacts import atomic_write_json
 from saekit.errors import ConfigError
-from saekit.eval.report import seed_spread
+from saekit.eval.report_text import seed_spread
 from saekit.run.config import RunConfig
 from saekit.run.stages import eval_stage, save_resolved, train_stage
 

@@ -251,7 +251,8 @@ def heldout_batches(rows: torch.Tensor, batch_rows: int, max_rows: int = 0) -> l
 def eval_stage(cfg: RunConfig, sae: SparseAutoencoder | None = None, force: bool = False) -> dict:
     """Evaluate the trained SAE on held-out documents; write RUN/eval/report.json, table and figures.
     The preflight (d_in, model, hook, first FVU) runs first and its record goes into the report."""
-    from saekit.eval.report import attach_downstream, evaluate_sae, format_report, write_report
+    from saekit.eval.report import attach_downstream, evaluate_sae, write_report
+    from saekit.eval.report_text import format_report
 
     run_store(cfg)  # a store never cached: StoreMissingError naming `saekit cache`, before the SAE is looked for
     sae, store, checked = checked_sae_and_store(cfg.folder, sae=sae, force=force)
