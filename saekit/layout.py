@@ -17,6 +17,7 @@ were single). `RunFolder` answers once, and imports nothing above the base.
     <root>/steer/[<name>/]             saved steering results
     <root>/explanations/[<name>/]      feature explanations
     <root>/bundle/[<name>/]            the feature-browser bundle
+    <root>/retrieval|compare|geometry/[<name>/]  sparse-index sweep, feature comparisons, geometry
 
 The bracketed `<name>` level exists for multi-SAE runs only: a `RunFolder` scoped to one SAE
 (`folder.for_sae(name)`) answers every per-SAE question for that SAE.
@@ -38,6 +39,9 @@ PROBE = "probe"
 STEER = "steer"
 EXPLANATIONS = "explanations"
 BUNDLE = "bundle"
+RETRIEVAL = "retrieval"  # sparse-index Pareto sweep (saekit index)
+COMPARE = "compare"      # cross-run feature comparisons, one folder per other run (saekit compare-features)
+GEOMETRY = "geometry"    # layer geometry and dictionary structure (saekit geometry)
 CHECKPOINTS = "checkpoints"
 TRAIN_DATA = "data.json"
 METRICS = "metrics.jsonl"
@@ -172,6 +176,18 @@ class RunFolder:
     @property
     def bundle(self) -> Path:
         return self._per_sae(BUNDLE)
+
+    @property
+    def retrieval(self) -> Path:
+        return self._per_sae(RETRIEVAL)
+
+    @property
+    def compare(self) -> Path:
+        return self._per_sae(COMPARE)
+
+    @property
+    def geometry(self) -> Path:
+        return self._per_sae(GEOMETRY)
 
     def seed_run(self, seed: int) -> Path:
         """The run folder of one extra seed of a seed sweep (`saekit run --seeds N`)."""

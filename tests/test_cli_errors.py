@@ -297,6 +297,12 @@ ROWS: list[Row] = [
     Row("steer", "model not available offline", ("steer", "run_model_gone", "--prompt", "the cat", "--ablate", "1"),
         "ModelNotAvailableError", ("moved_lm", "no such folder")),
     Row("steer", "missing --prompt", ("steer", "run", "--ablate", "1"), "UsageError", ("--prompt",)),
+    # index / retrieve (sparse retrieval, embedding runs)
+    Row("index", "missing path", ("index", "nope"), "ConfigError", ("expected a run folder", "nope")),
+    Row("index", "an LLM run", ("index", "run"), "ConfigError", ("expected an embedding run",)),
+    Row("retrieve", "missing path", ("retrieve", "nope", "--query", "cats"), "ConfigError",
+        ("expected a run folder", "nope")),
+    Row("retrieve", "missing --query", ("retrieve", "run"), "UsageError", ("--query",)),
     # mdl-select
     Row("mdl-select", "missing path", ("mdl-select", "nope.yaml"), "ConfigError", ("nope.yaml", "no such file"),
         subprocess=True),

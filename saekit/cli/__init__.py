@@ -12,9 +12,10 @@ import logging
 import sys
 
 from saekit.cli import analysis, browse, mdl, run, train
+from saekit.cli import retrieval  # noqa: E402  (one line per added module keeps merges apart)
 from saekit.errors import SaekitError, UsageError
 
-MODULES = (run, train, browse, analysis, mdl)
+MODULES = (run, train, browse, analysis, mdl, retrieval)
 
 
 class Parser(argparse.ArgumentParser):
