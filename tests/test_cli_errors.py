@@ -303,6 +303,14 @@ ROWS: list[Row] = [
     Row("retrieve", "missing path", ("retrieve", "nope", "--query", "cats"), "ConfigError",
         ("expected a run folder", "nope")),
     Row("retrieve", "missing --query", ("retrieve", "run"), "UsageError", ("--query",)),
+    # compare-features / geometry
+    Row("compare-features", "missing path", ("compare-features", "nope", "run"), "ConfigError",
+        ("expected a run folder", "nope")),
+    Row("compare-features", "a run without an SAE", ("compare-features", "run", "run_no_sae"), "MissingArtifactError",
+        ("run_no_sae",)),
+    Row("compare-features", "unknown level", ("compare-features", "run", "run", "--level", "byte"), "UsageError",
+        ("--level", "byte")),
+    Row("geometry", "missing path", ("geometry", "nope"), "ConfigError", ("expected a run folder", "nope")),
     # mdl-select
     Row("mdl-select", "missing path", ("mdl-select", "nope.yaml"), "ConfigError", ("nope.yaml", "no such file"),
         subprocess=True),
