@@ -15,9 +15,11 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import streamlit as st  # noqa: E402
 
 from views import feature_list, feature_page, live, reports, steering  # noqa: E402
+from views import geometry, retrieval, twins  # noqa: E402
 from views.common import guarded, load_bundle, run_folders, run_labels  # noqa: E402
 
 BUNDLE_VIEWS = {"Features": feature_list, "Feature": feature_page, "Type your text": live, "Steering": steering}
+FILE_VIEWS = {"Twins": twins, "Geometry": geometry, "Retrieval": retrieval}  # shown when the run has their files
 
 
 def _apply_query_params() -> None:
@@ -40,7 +42,7 @@ def _views(run: Path) -> list[str]:
         names.append("Probing")
     if reports.eval_report(run):
         names.append("Evaluation")
-    return names
+    return names + [name for name, module in FILE_VIEWS.items() if module.available(run)]
 
 
 def main() -> None:
@@ -64,6 +66,8 @@ def main() -> None:
         return guarded(reports.render_probing, run)
     if view == "Evaluation":
         return guarded(reports.render_eval, run)
+    if view in FILE_VIEWS:
+        return guarded(FILE_VIEWS[view].render, run)
     guarded(_bundle_view, view, run, label)
 
 

@@ -74,3 +74,47 @@ def test_index_and_retrieve_on_a_minilm_run(tmp_path, capsys):
     assert main(["retrieve", str(run), "--query", "the happy dog runs", "--top-n", "3"]) == 0
     out = capsys.readouterr().out
     assert "query: 'the happy dog runs'" in out and out.count("doc ") >= 3
+
+
+def _write_pareto(run: Path) -> None:
+    """A real (tiny) sweep's table and plot, as `saekit index` writes them."""
+    from saekit.cli.retrieval import plot_pareto, sweep_table
+    from saekit.artifacts import atomic_write_json
+    from saekit.retrieval import SparseIndex, pareto_sweep
+
+    sae = make_sae(16, 64, 8, [], 0).eval()
+    x_ND = torch.randn(200, 16, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        code = sae.encode(x_ND)
+    index = SparseIndex.from_codes(code.indices, code.values, 64, dense_ND=x_ND)
+    table = sweep_table(pareto_sweep(index, sae, list(range(20)), [2, 8], (0, 50)), 50, 0)
+    out = RunFolder(run).retrieval
+    out.mkdir(parents=True, exist_ok=True)
+    atomic_write_json(out / "pareto.json", {"n_docs": 200, "d_sae": 64, "dense_flops_per_query": 6400.0,
+                                            "points": table})
+    plot_pareto(table, 6400.0, out / "pareto.png")
+
+
+def test_browser_pages_twins_geometry_retrieval(two_layer_run, monkeypatch):
+    import sys
+
+    from streamlit.testing.v1 import AppTest
+
+    assert main(["geometry", str(two_layer_run), "--max-rows", "1500", "--resamples", "0", "--lobes", "2"]) == 0
+    assert main(["compare-features", str(two_layer_run), str(two_layer_run), "--threshold", "0.99"]) == 0
+    _write_pareto(two_layer_run)
+    monkeypatch.setenv("SAEKIT_RUNS", str(two_layer_run))
+    monkeypatch.setattr(sys, "argv", ["app.py"])
+    app = str(Path(__file__).resolve().parents[1] / "dashboards" / "app.py")
+    at = AppTest.from_file(app, default_timeout=120).run()
+    assert {"Twins", "Geometry", "Retrieval"} <= set(at.radio(key="view").options)
+    for view in ("Twins", "Geometry", "Retrieval"):
+        at.radio(key="view").set_value(view).run()
+        assert not at.exception, [e.value for e in at.exception]
+        assert not at.error, [e.value for e in at.error]
+    at.radio(key="view").set_value("Twins").run()
+    live = json.loads(next(RunFolder(two_layer_run).compare.glob("*/compare.json")).read_text())["pairs"][0]["a"]
+    at.number_input(key="twins_feature").set_value(live).run()
+    assert any("has a twin" in m.value and f"#{live}" in m.value for m in at.markdown)
+    at.radio(key="view").set_value("Geometry").run()
+    assert any("power law" in m.value for m in at.markdown) and len(at.dataframe) >= 2
