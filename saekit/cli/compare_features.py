@@ -33,12 +33,15 @@ def plot_comparison(res: Comparison, path: Path) -> None:
     ax1.hist([c for _, _, c in res.pairs], bins=40, range=(-0.2, 1.0), color="tab:blue")
     ax1.axvline(res.threshold, color="k", ls="--", lw=1)
     ax1.set(xlabel="activation correlation of matched pair", ylabel="pairs",
-            title=f"{s['share_matched']:.0%} of live {res.labels[0]} latents ≥ {res.threshold}")
+            title=f"{s['share_matched']:.1%} of live A latents matched at ≥ {res.threshold}")
+    ax1.title.set_fontsize(9)
     names = ["SVCCA", "CKA"]
     ax2.bar([0, 2], [s["svcca"], s["cka"]], label="matched spaces")
     ax2.bar([1, 3], [s["svcca_permuted"], s["cka_permuted"]], label="rows shuffled (baseline)", color="tab:grey")
     ax2.set_xticks([0.5, 2.5], names)
-    ax2.set(ylim=(0, 1.05), title=f"{res.labels[0]} vs {res.labels[1]} ({res.level} level)")
+    ax2.set(ylim=(0, 1.05))
+    ax2.set_title(f"matched spaces, {res.level} level", fontsize=9)
+    fig.suptitle(f"A = {res.labels[0]}   vs   B = {res.labels[1]}", fontsize=10)
     ax2.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=120)

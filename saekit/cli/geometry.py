@@ -133,7 +133,8 @@ def cmd_geometry(args) -> int:
                                 fix=f"saekit cache {args.run}")
     out = Path(args.out) if args.out else RunFolder(folder.root, folder.store_path).geometry
     out.mkdir(parents=True, exist_ok=True)
-    _layers(folder, args, out)
+    if not args.no_layers:
+        _layers(folder, args, out)
     if not args.no_sae:
         _saes(folder, args, Path(args.out) if args.out else None)
     print(f"saved {out}")
@@ -150,6 +151,7 @@ def register(sub) -> None:
     p.add_argument("--lobes", type=int, default=3, help="co-occurrence clusters of latents")
     p.add_argument("--resamples", type=int, default=1000, help="bootstrap resamples for the probe interval (0: none)")
     p.add_argument("--no-sae", action="store_true", help="layers only")
+    p.add_argument("--no-layers", action="store_true", help="the SAEs' dictionaries only")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: the run's geometry/ folder)")
     p.set_defaults(fn=cmd_geometry)
