@@ -155,7 +155,7 @@ def match_latents(C_FG: Tensor, alive_a: Tensor, alive_b: Tensor, method: str = 
 
 
 def _centre(X: Tensor) -> Tensor:
-    X = X.double()
+    X = X.float()
     return X - X.mean(0)
 
 
@@ -163,37 +163,51 @@ def linear_cka(X_MA: Tensor, Y_MB: Tensor) -> float:
     """Linear CKA (Kornblith et al. 2019): ||Xcᵀ Yc||²_F / (||Xcᵀ Xc||_F ||Ycᵀ Yc||_F), 1 for spaces that
     differ by a rotation and isotropic scaling."""
     Xc, Yc = _centre(X_MA), _centre(Y_MB)
-    num = (Xc.T @ Yc).norm() ** 2
-    den = (Xc.T @ Xc).norm() * (Yc.T @ Yc).norm()
-    return float(num / den) if den > 0 else 0.0
+    return _cka_from(Xc, Yc, (Xc.T @ Xc).norm(), (Yc.T @ Yc).norm())
 
 
-def _top_subspace(X: Tensor, keep_var: float, max_dims: int) -> Tensor:
-    U, S, _ = torch.linalg.svd(_centre(X), full_matrices=False)
-    var = S ** 2
-    if var.sum() <= 0:
-        return U[:, :0]
-    n = int((var.cumsum(0) / var.sum() < keep_var).sum()) + 1
-    return U[:, : min(n, max_dims)]
+def _cka_from(Xc: Tensor, Yc: Tensor, nx: Tensor, ny: Tensor) -> float:
+    den = float(nx * ny)
+    return float((Xc.T @ Yc).norm() ** 2) / den if den > 0 else 0.0
+
+
+def top_subspace(X: Tensor, keep_var: float = 0.99, max_dims: int = 256) -> Tensor:
+    """Orthonormal basis `[M, r]` of the centred rows' top singular directions holding `keep_var` of the
+    variance (at most `max_dims`). Through the eigenvectors of the small Gram matrix `Xcᵀ Xc` (one
+    matrix product over the M rows instead of a full SVD), re-orthonormalised by QR."""
+    Xc = _centre(X)
+    vals, vecs = torch.linalg.eigh((Xc.T @ Xc).double())
+    vals, vecs = vals.flip(0).clamp_min(0), vecs.flip(1)
+    if vals.sum() <= 0:
+        return Xc[:, :0]
+    n = int((vals.cumsum(0) / vals.sum() < keep_var).sum()) + 1
+    r = min(n, max_dims, int((vals > vals[0] * 1e-10).sum()))
+    return torch.linalg.qr(Xc @ vecs[:, :r].float()).Q
+
+
+def _cca_mean(Ux: Tensor, Uy: Tensor) -> float:
+    if Ux.shape[1] == 0 or Uy.shape[1] == 0:
+        return 0.0
+    return float(torch.linalg.svdvals(Ux.T @ Uy).clamp(0, 1).mean())
 
 
 def svcca(X_MA: Tensor, Y_MB: Tensor, keep_var: float = 0.99, max_dims: int = 256) -> float:
     """SVCCA (Raghu et al. 2017): each side reduced to the top singular directions holding `keep_var` of
     its variance (at most `max_dims`), then the mean canonical correlation of the two subspaces."""
-    Ux, Uy = _top_subspace(X_MA, keep_var, max_dims), _top_subspace(Y_MB, keep_var, max_dims)
-    if Ux.shape[1] == 0 or Uy.shape[1] == 0:
-        return 0.0
-    rho = torch.linalg.svdvals(Ux.T @ Uy).clamp(0, 1)
-    return float(rho.mean())
+    return _cca_mean(top_subspace(X_MA, keep_var, max_dims), top_subspace(Y_MB, keep_var, max_dims))
 
 
 def similarity_with_baseline(X: Tensor, Y: Tensor, n_perm: int = 3, seed: int = 0, max_dims: int = 256) -> dict:
-    """SVCCA and CKA of (X, Y), and the same with Y's rows shuffled (mean of n_perm shuffles)."""
+    """SVCCA and CKA of (X, Y), and the same with Y's rows shuffled (mean of n_perm shuffles). Each side's
+    subspace and Gram norm is computed once: shuffling rows permutes the rows of Y's basis alike."""
     g = torch.Generator().manual_seed(seed)
     perms = [torch.randperm(Y.shape[0], generator=g) for _ in range(n_perm)]
-    return {"svcca": svcca(X, Y, max_dims=max_dims), "cka": linear_cka(X, Y),
-            "svcca_permuted": float(np.mean([svcca(X, Y[p], max_dims=max_dims) for p in perms])),
-            "cka_permuted": float(np.mean([linear_cka(X, Y[p]) for p in perms]))}
+    Ux, Uy = top_subspace(X, max_dims=max_dims), top_subspace(Y, max_dims=max_dims)
+    Xc, Yc = _centre(X), _centre(Y)
+    nx, ny = (Xc.T @ Xc).norm(), (Yc.T @ Yc).norm()
+    return {"svcca": _cca_mean(Ux, Uy), "cka": _cka_from(Xc, Yc, nx, ny),
+            "svcca_permuted": float(np.mean([_cca_mean(Ux, Uy[p]) for p in perms])),
+            "cka_permuted": float(np.mean([_cka_from(Xc, Yc[p], nx, ny) for p in perms]))}
 
 
 # -- the comparison ------------------------------------------------------------------------------------
@@ -259,7 +273,7 @@ def aligned_codes(a: Side, b: Side, level: str = "auto", exclude_outliers: bool 
 
 
 def compare_features(a: Side, b: Side, *, level: str = "auto", threshold: float = 0.5, method: str = "hungarian",
-                     max_rows: int | None = 50000, n_perm: int = 3, top_pairs: int = 20, n_examples: int = 3,
+                     max_rows: int | None = 20000, n_perm: int = 3, top_pairs: int = 20, n_examples: int = 3,
                      seed: int = 0) -> Comparison:
     """Align the two runs' rows, match latents by activation correlation, compare the matched spaces."""
     level, Za, Zb, where = aligned_codes(a, b, level, max_rows=max_rows, seed=seed)

@@ -91,7 +91,7 @@ def register(sub) -> None:
                    help="align rows on (doc_id, position) or mean-pool per document (auto: token when one tokenizer)")
     p.add_argument("--threshold", type=float, default=0.5, help="correlation a matched pair must reach")
     p.add_argument("--method", default="hungarian", choices=["hungarian", "mnn"])
-    p.add_argument("--max-rows", type=int, default=50000, help="sample at most this many aligned rows (0: all)")
+    p.add_argument("--max-rows", type=int, default=20000, help="sample at most this many aligned rows (0: all)")
     p.add_argument("--permutations", type=int, default=3, help="row shuffles for the baseline")
     p.add_argument("--show", type=int, default=8, help="best pairs printed with their top examples")
     p.add_argument("--seed", type=int, default=0)
