@@ -9,7 +9,7 @@ from pathlib import Path
 
 from saekit.analysis.compare_features import Comparison, Side, compare_features
 from saekit.artifacts import atomic_write_json, to_strict_json
-from saekit.layout import RunFolder
+from saekit.layout import RunFolder, safe_name
 from saekit.run.stages import checked_sae_and_store
 
 COMPARE_JSON, COMPARE_PNG = "compare.json", "compare.png"
@@ -54,8 +54,9 @@ def cmd_compare_features(args) -> int:
     if a.label == b.label:
         a.label, b.label = f"{a.label}(A)", f"{b.label}(B)"
     res = compare_features(a, b, level=args.level, threshold=args.threshold, method=args.method,
-                           max_rows=args.max_rows or None, n_perm=args.permutations, seed=args.seed)
-    out = Path(args.out) if args.out else fa.compare / b.label
+                           max_rows=args.max_rows or None, n_perm=args.permutations, top_pairs=args.example_pairs,
+                           seed=args.seed)
+    out = Path(args.out) if args.out else fa.compare / safe_name(b.label.replace("/", "--"), "compared run")
     out.mkdir(parents=True, exist_ok=True)
     s = res.summary()
     atomic_write_json(out / COMPARE_JSON, to_strict_json({
@@ -93,6 +94,7 @@ def register(sub) -> None:
     p.add_argument("--method", default="hungarian", choices=["hungarian", "mnn"])
     p.add_argument("--max-rows", type=int, default=20000, help="sample at most this many aligned rows (0: all)")
     p.add_argument("--permutations", type=int, default=3, help="row shuffles for the baseline")
+    p.add_argument("--example-pairs", type=int, default=200, help="best pairs whose top examples are saved")
     p.add_argument("--show", type=int, default=8, help="best pairs printed with their top examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: A's compare/<B> folder)")
