@@ -75,6 +75,17 @@ def test_rotated_stores_match_every_latent_and_give_svcca_one(rotated):
     assert res.examples and all(len(v["a"]) == 3 for v in res.examples.values())
 
 
+def test_token_examples_show_the_token_in_its_context(rotated):
+    a, b, _ = rotated
+    words = lambda ids: "".join(" " + WORDS[i - 2] for i in ids)  # noqa: E731  (ids as space-led tokens)
+    res = compare_features(a, b, threshold=0.9, decode=words, top_pairs=5)
+    for ex in res.examples.values():
+        for e in ex["a"] + ex["b"]:
+            focal = e["context"].split("[[")[1].split("]]")[0]
+            assert focal.strip() == e["text"].split()[e["pos"]]  # the row's own token, from its document
+            assert e["context"].replace("[[", "").replace("]]", "").strip() in e["text"]
+
+
 def test_unrelated_sae_matches_poorly(rotated):
     a, b, _ = rotated
     other = create({"architecture": "topk", "d_in": D, "d_sae": F, "k": 8, "seed": 9}).eval()

@@ -35,7 +35,10 @@ def _examples(ex: dict) -> None:
     for col, side in ((left, "a"), (right, "b")):
         for e in ex.get(side, []):
             where = f"doc {e['doc_id']}" + (f", token {e['pos']}" if "pos" in e else "")
-            col.markdown(f"`{e['value']:.2f}` {where}: {e['text']}")
+            context = e.get("context", "").replace("[[", "**⟦").replace("]]", "⟧**")
+            col.markdown(f"`{e['value']:.2f}` {where}: {context or e['text']}")
+            if context:
+                col.caption(e["text"])
 
 
 def render(run: RunFolder) -> None:

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Callable
 
 import numpy as np
 import torch
@@ -274,8 +275,9 @@ def aligned_codes(a: Side, b: Side, level: str = "auto", exclude_outliers: bool 
 
 def compare_features(a: Side, b: Side, *, level: str = "auto", threshold: float = 0.5, method: str = "hungarian",
                      max_rows: int | None = 20000, n_perm: int = 3, top_pairs: int = 20, n_examples: int = 3,
-                     seed: int = 0) -> Comparison:
-    """Align the two runs' rows, match latents by activation correlation, compare the matched spaces."""
+                     decode: Callable[[list[int]], str] | None = None, seed: int = 0) -> Comparison:
+    """Align the two runs' rows, match latents by activation correlation, compare the matched spaces.
+    `decode` (token ids -> text, e.g. the tokenizer's) writes the examples' token contexts as text."""
     level, Za, Zb, where = aligned_codes(a, b, level, max_rows=max_rows, seed=seed)
     alive_a, alive_b = (Za != 0).any(0), (Zb != 0).any(0)
     C = correlation_matrix(Za, Zb)
@@ -289,27 +291,47 @@ def compare_features(a: Side, b: Side, *, level: str = "auto", threshold: float 
     if on != "all pairs":  # pairs chosen by their correlation flatter SVCCA: the unselected figure beside it
         sim.update({f"{k}_all_pairs": v for k, v in similarity_with_baseline(Za[:, ia], Zb[:, ib], 1, seed).items()})
     mmc = float(C[alive_a].max(1).values.mean()) if bool(alive_a.any()) else 0.0
-    ex = pair_examples(pairs[:top_pairs], Za, Zb, where, a, b, n_examples)
+    ex = pair_examples(pairs[:top_pairs], Za, Zb, where, a, b, n_examples, decode)
     return Comparison(level, Za.shape[0], int(alive_a.sum()), int(alive_b.sum()), threshold, method, pairs,
                       sim, on, mmc, ex, (a.label, b.label))
 
 
-def _row_text(side: Side, where: dict, key: str, m: int) -> dict:
+def token_context(store, row: int, decode: Callable[[list[int]], str] | None, before: int = 6,
+                  after: int = 2) -> str:
+    """The tokens around a store row in its document, the row's own token in [[ ]] (ids as <id> without a
+    decode function). A document's rows are contiguous in the store, in position order."""
+    lo, hi = max(0, row - before), min(len(store), row + after + 1)
+    rows = np.arange(lo, hi)
+    doc_W = store.gather("doc_id", rows).numpy()
+    tok_W = store.gather("token_id", rows).numpy()
+    keep = doc_W == doc_W[row - lo]
+    text = lambda ids: decode(ids) if decode else "".join(f"<{i}>" for i in ids)  # noqa: E731
+    left = [int(t) for t, k in zip(tok_W[: row - lo], keep[: row - lo]) if k]
+    right = [int(t) for t, k in zip(tok_W[row - lo + 1:], keep[row - lo + 1:]) if k]
+    return f"{text(left)}[[{text([int(tok_W[row - lo])])}]]{text(right)}"
+
+
+def _row_text(side: Side, where: dict, key: str, m: int, decode=None) -> dict:
     if "doc_ids" in where:
         d = int(where["doc_ids"][m])
         return {"doc_id": d, "text": side.store.docs.get(d, {}).get("text", "")[:160]}
     row = int(where[key][m])
     d = int(side.store.gather("doc_id", np.array([row]))[0])
     p = int(side.store.gather("pos", np.array([row]))[0])
-    return {"doc_id": d, "pos": p, "text": side.store.docs.get(d, {}).get("text", "")[:160]}
+    return {"doc_id": d, "pos": p, "text": side.store.docs.get(d, {}).get("text", "")[:160],
+            "context": token_context(side.store, row, decode)}
 
 
-def pair_examples(pairs: list, Za: Tensor, Zb: Tensor, where: dict, a: Side, b: Side, n: int) -> dict:
-    """For each pair: the aligned rows where A's latent fires most and where B's twin fires most."""
+def pair_examples(pairs: list, Za: Tensor, Zb: Tensor, where: dict, a: Side, b: Side, n: int,
+                  decode: Callable[[list[int]], str] | None = None) -> dict:
+    """For each pair: the aligned rows where A's latent fires most and where B's twin fires most (token
+    level: with the tokens around the row, decoded by `decode` when given)."""
     out = {}
     for fa, fb, _ in pairs:
         top_a = Za[:, fa].topk(min(n, Za.shape[0])).indices.tolist()
         top_b = Zb[:, fb].topk(min(n, Zb.shape[0])).indices.tolist()
-        out[f"{fa}-{fb}"] = {"a": [{**_row_text(a, where, "rows_a", m), "value": float(Za[m, fa])} for m in top_a],
-                             "b": [{**_row_text(b, where, "rows_b", m), "value": float(Zb[m, fb])} for m in top_b]}
+        out[f"{fa}-{fb}"] = {"a": [{**_row_text(a, where, "rows_a", m, decode), "value": float(Za[m, fa])}
+                                   for m in top_a],
+                             "b": [{**_row_text(b, where, "rows_b", m, decode), "value": float(Zb[m, fb])}
+                                   for m in top_b]}
     return out

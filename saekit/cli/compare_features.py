@@ -22,6 +22,20 @@ def _side(path: str, sae_name: str | None) -> tuple[RunFolder, Side]:
     return folder, Side(sae.eval(), store, folder.label)
 
 
+def _decoder(side: Side, level: str):
+    """The tokenizer's decode for token-level examples (ids shown as <id> when the model is not available)."""
+    if side.store.kind == "embedding" or level == "document":
+        return None
+    from saekit.errors import ModelNotAvailableError
+    from saekit.sources.models import load_lm
+
+    try:
+        tok = load_lm(side.store.manifest.source.get("model", "default"))[1]
+    except (ModelNotAvailableError, OSError, ValueError):
+        return None
+    return lambda ids: tok.decode(ids)
+
+
 def plot_comparison(res: Comparison, path: Path) -> None:
     import matplotlib
 
@@ -53,7 +67,8 @@ def cmd_compare_features(args) -> int:
     fb, b = _side(args.b, args.sae_b)
     if a.label == b.label:
         a.label, b.label = f"{a.label}(A)", f"{b.label}(B)"
-    res = compare_features(a, b, level=args.level, threshold=args.threshold, method=args.method,
+    decode = _decoder(a, args.level) if args.tokens else None
+    res = compare_features(a, b, level=args.level, decode=decode, threshold=args.threshold, method=args.method,
                            max_rows=args.max_rows or None, n_perm=args.permutations, top_pairs=args.example_pairs,
                            seed=args.seed)
     out = Path(args.out) if args.out else fa.compare / safe_name(b.label.replace("/", "--"), "compared run")
@@ -77,7 +92,8 @@ def cmd_compare_features(args) -> int:
         corr = res.twins()[int(fa_)][1]
         print(f"  {s['a']}#{fa_} <-> {s['b']}#{fb_}  corr {corr:.3f}")
         for ea, eb in zip(ex["a"], ex["b"]):
-            print(f"      {ea['text'][:48]!r:<52} | {eb['text'][:48]!r}")
+            ta, tb = ea.get("context", ea["text"]), eb.get("context", eb["text"])
+            print(f"      {ta[-48:]!r:<52} | {tb[-48:]!r}")
     print(f"saved {out / COMPARE_JSON} and {out / COMPARE_PNG}")
     return 0
 
@@ -95,6 +111,8 @@ def register(sub) -> None:
     p.add_argument("--max-rows", type=int, default=20000, help="sample at most this many aligned rows (0: all)")
     p.add_argument("--permutations", type=int, default=3, help="row shuffles for the baseline")
     p.add_argument("--example-pairs", type=int, default=200, help="best pairs whose top examples are saved")
+    p.add_argument("--no-tokens", dest="tokens", action="store_false",
+                   help="token-level examples as token ids (do not load the tokenizer)")
     p.add_argument("--show", type=int, default=8, help="best pairs printed with their top examples")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=None, help="output folder (default: A's compare/<B> folder)")
