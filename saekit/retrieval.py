@@ -236,7 +236,9 @@ def dense_top(corpus_unit_ND: Tensor, query_D: Tensor, top_n: int, exclude: int 
 
 @dataclass
 class SweepPoint:
-    """One (k, re-rank) setting: per-query recall and nDCG, FLOPs and seconds per query."""
+    """One (k, re-rank) setting: per-query recall and nDCG, FLOPs and seconds per query. The seconds are
+    the index search alone (query codes computed beforehand) and the dense reference's matrix-vector
+    search; scripts/bench_retrieval.py times the whole path, query encoding included."""
 
     k: int
     rerank: int
