@@ -72,6 +72,7 @@ def train_sae(name: str, sae_cfg: dict, x_train: torch.Tensor, args, out: Path):
     cfg = TrainConfig(total_steps=steps, batch_size=args.batch_size, lr=None, warmup_steps=20, checkpoint_every=0,
                       log_every=max(steps // 10, 1), progress_bar=False, deterministic=False,
                       normalize_activations="expected_average_only_in", max_epochs_warning=1e9, seed=args.seed)
+    log(f"training {name}: {steps} steps")
     run = train(create(sae_cfg), TensorBatches(x_train, args.batch_size, seed=args.seed), cfg, out / name)
     return load_sae(run.final_sae).eval()
 
@@ -81,11 +82,21 @@ def dense_codes(sae, x: torch.Tensor) -> torch.Tensor:
         return torch.cat([sae.encode(x[s: s + 4096]).dense() for s in range(0, len(x), 4096)])
 
 
-def single_best(X_tr: torch.Tensor, X_te: torch.Tensor, y_tr: np.ndarray, y_te: np.ndarray, resamples: int) -> dict:
-    rule, correct = choose_and_score(lambda: dense_chunks(X_tr), torch.from_numpy(y_tr), lambda j: X_te[:, j],
-                                     torch.from_numpy(y_te))
-    return {"column": rule.column, "train_acc": round(rule.train_accuracy, 4),
-            "acc": round(float(correct.double().mean()), 4), "ci95": mean_interval(correct, resamples)}
+def single_best(X_tr: torch.Tensor, X_te: torch.Tensor, y_tr: dict, y_te: dict, resamples: int) -> dict:
+    """Per label: the best single column chosen on training rows, its held-out accuracy and ci95."""
+    names = list(y_tr)
+    Y_tr = torch.from_numpy(np.stack([y_tr[n] for n in names]))
+    Y_te = torch.from_numpy(np.stack([y_te[n] for n in names]))
+    out = {}
+    for name, (rule, correct) in zip(names, choose_and_score(lambda: dense_chunks(X_tr), Y_tr, lambda j: X_te[:, j],
+                                                             Y_te)):
+        out[name] = {"column": rule.column, "train_acc": round(rule.train_accuracy, 4),
+                     "acc": round(float(correct.double().mean()), 4), "ci95": mean_interval(correct, resamples)}
+    return out
+
+
+def log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
 
 
 def fvu_l0(sae, x: torch.Tensor) -> dict:
@@ -111,23 +122,25 @@ def main() -> None:
     y_tr, y_te = labels_of(store, tr_rows), labels_of(store, te_rows)
     report = {"store": str(args.store), "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
               "k": args.k, "batch_topk": args.batch_topk, "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
-    codes = {n: (dense_codes(s, x_tr), dense_codes(s, x_te)) for n, s in saes.items()}
+    log(f"quality {report['quality']}")
+    best = {"raw": single_best(x_tr, x_te, y_tr, y_te, args.resamples)}
+    for n, sae in saes.items():
+        best[n] = single_best(dense_codes(sae, x_tr), dense_codes(sae, x_te), y_tr, y_te, args.resamples)
+        log(f"single-best {n} done")
     labels = {}
     for lab in y_te:
-        row = {"majority": round(float(max(y_te[lab].mean(), 1 - y_te[lab].mean())), 4),
-               "raw": single_best(x_tr, x_te, y_tr[lab], y_te[lab], args.resamples)}
-        for n, (c_tr, c_te) in codes.items():
-            row[n] = single_best(c_tr, c_te, y_tr[lab], y_te[lab], args.resamples)
-            with inference_mode(saes[n]):
-                code = saes[n].encode(x_te)
+        row = {"majority": round(float(max(y_te[lab].mean(), 1 - y_te[lab].mean())), 4)}
+        row |= {n: b[lab] for n, b in best.items()}
+        for n, sae in saes.items():
+            with inference_mode(sae):
+                code = sae.encode(x_te)
             ab = absorption(code.indices, code.values, torch.from_numpy(y_te[lab]), args.d_sae)
-            row[n]["absorption"] = round(ab.absorption_rate, 4)
-            row[n]["absorption_ci95"] = mean_interval(ab.absorbed_N[torch.from_numpy(y_te[lab])].double(),
-                                                      args.resamples)
-            row[n]["best_f1_latent"] = ab.best_latent
+            row[n] = row[n] | {"absorption": round(ab.absorption_rate, 4), "best_f1_latent": ab.best_latent,
+                               "absorption_ci95": mean_interval(ab.absorbed_N[torch.from_numpy(y_te[lab])].double(),
+                                                                args.resamples)}
         labels[lab] = row
     report["labels"] = labels
-    del codes
+    log("labels done")
     n_ret = min(args.retrieval_rows, len(x_te))
     pca = pca_basis(x_tr, max(w for w in widths if w < store.d_in) if any(w < store.d_in for w in widths) else 1)
     tables = {n: adaptive_retrieval(s, x_te[:n_ret], widths, k=10, pca=pca, resamples=args.resamples)

@@ -66,6 +66,10 @@ def test_choose_on_train_score_on_test():
     X_te[:, 4] += 3 * y_te
     rule, correct = choose_and_score(lambda: dense_chunks(X_tr, 4), y_tr, lambda j: X_te[:, j], y_te)
     assert rule.column == 4 and rule.sign == 1 and correct.double().mean() > 0.85
+    both = choose_and_score(lambda: dense_chunks(X_tr, 4), torch.stack([y_tr, 1 - y_tr]), lambda j: X_te[:, j],
+                            torch.stack([y_te, 1 - y_te]))
+    assert [(r.column, r.sign) for r, _ in both] == [(4, 1), (4, -1)]
+    torch.testing.assert_close(both[0][1], correct)
 
 
 def test_adaptive_retrieval_known_answers():
