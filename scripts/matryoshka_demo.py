@@ -12,7 +12,7 @@ held-out documents:
   raw-m and PCA-m), as a table and a plot;
 * FVU and L0 of both SAEs.
 
-    python scripts/matryoshka_demo.py --store RUN/store --out /tmp/matryoshka-demo [--epochs 18]
+    python scripts/matryoshka_demo.py --store RUN/store --out /tmp/matryoshka-demo [--epochs 18] [--flat-sae RUN/train]
 """
 
 from __future__ import annotations
@@ -47,6 +47,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--widths", default="64,256,1024")
     p.add_argument("--batch-topk", action="store_true", help="BatchTopK for both SAEs (default: row-wise top-k)")
     p.add_argument("--epochs", type=float, default=18)
+    p.add_argument("--flat-sae", default=None, help="an already trained flat SAE (e.g. RUN/train) to compare with "
+                                                    "instead of training one; its width and k are used")
     p.add_argument("--batch-size", type=int, default=512)
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
@@ -67,6 +69,9 @@ def labels_of(store, rows: torch.Tensor) -> dict[str, np.ndarray]:
 
 def train_sae(name: str, sae_cfg: dict, x_train: torch.Tensor, args, out: Path):
     steps = int(args.epochs * len(x_train) / args.batch_size)
+    if (out / name / "final_sae").is_dir():  # trained by an earlier call with the same --out: reuse it
+        log(f"reusing {out / name / 'final_sae'}")
+        return load_sae(out / name / "final_sae").eval()
     from saekit.store.batches import TensorBatches
 
     cfg = TrainConfig(total_steps=steps, batch_size=args.batch_size, lr=None, warmup_steps=20, checkpoint_every=0,
@@ -116,11 +121,15 @@ def main() -> None:
     x_tr, x_te = store.gather("acts", tr_rows.numpy()), store.gather("acts", te_rows.numpy())
     widths = [int(w) for w in args.widths.split(",")] + [args.d_sae]
     base = {"d_in": store.d_in, "d_sae": args.d_sae, "k": args.k, "batch_topk": args.batch_topk, "seed": args.seed}
-    saes = {"topk": train_sae("topk", base | {"architecture": "topk"}, x_tr, args, out),
+    flat = load_sae(args.flat_sae).eval() if args.flat_sae else train_sae("topk", base | {"architecture": "topk"},
+                                                                           x_tr, args, out)
+    if (flat.cfg.d_sae, flat.cfg.k) != (args.d_sae, args.k):
+        raise SystemExit(f"--flat-sae has d_sae={flat.cfg.d_sae}, k={flat.cfg.k}; pass --d-sae/--k to match it")
+    saes = {"topk": flat,
             "matryoshka": train_sae("matryoshka", base | {"architecture": "matryoshka", "matryoshka_widths": widths},
                                     x_tr, args, out)}
     y_tr, y_te = labels_of(store, tr_rows), labels_of(store, te_rows)
-    report = {"store": str(args.store), "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
+    report = {"store": str(args.store), "flat_sae": args.flat_sae, "epochs": args.epochs, "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
               "k": args.k, "batch_topk": args.batch_topk, "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
     log(f"quality {report['quality']}")
     best = {"raw": single_best(x_tr, x_te, y_tr, y_te, args.resamples)}
