@@ -96,8 +96,12 @@ def single_best(X_tr: torch.Tensor, X_te: torch.Tensor, y_tr: dict, y_te: dict, 
     for name, (rule, correct) in zip(names, choose_and_score(lambda: dense_chunks(X_tr), Y_tr, lambda j: X_te[:, j],
                                                              Y_te)):
         out[name] = {"column": rule.column, "train_acc": round(rule.train_accuracy, 4),
-                     "acc": round(float(correct.double().mean()), 4), "ci95": mean_interval(correct, resamples)}
+                     "acc": round(float(correct.double().mean()), 4), "ci95": _r(mean_interval(correct, resamples))}
     return out
+
+
+def _r(ci: list[float] | None) -> list[float] | None:
+    return None if ci is None else [round(v, 4) for v in ci]
 
 
 def log(msg: str) -> None:
@@ -145,8 +149,8 @@ def main() -> None:
                 code = sae.encode(x_te)
             ab = absorption(code.indices, code.values, torch.from_numpy(y_te[lab]), args.d_sae)
             row[n] = row[n] | {"absorption": round(ab.absorption_rate, 4), "best_f1_latent": ab.best_latent,
-                               "absorption_ci95": mean_interval(ab.absorbed_N[torch.from_numpy(y_te[lab])].double(),
-                                                                args.resamples)}
+                               "absorption_ci95": _r(mean_interval(ab.absorbed_N[torch.from_numpy(y_te[lab])].double(),
+                                                                   args.resamples))}
         labels[lab] = row
     report["labels"] = labels
     log("labels done")
