@@ -122,6 +122,9 @@ def plot_table(tables: dict[str, list[dict]], path: str | Path, k: int = 10) -> 
             label = view if view in ("raw", "pca") else f"{name} {view}"
             ax.errorbar(ms, mean, yerr=err, marker="o", capsize=2, label=label)
     ax.set_xscale("log")
+    ticks = sorted({r["m"] for rows in tables.values() for r in rows})
+    ax.set_xticks(ticks, [str(m) for m in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("length m (latents or dimensions)")
     ax.set_ylabel(f"recall@{k} vs raw embedding")
     ax.legend(fontsize=7)
