@@ -9,7 +9,6 @@ so a refinement can be read as "fires inside, points the same way".
 
 from __future__ import annotations
 
-import torch
 from torch import Tensor
 
 from saekit.errors import ShapeMismatchError
