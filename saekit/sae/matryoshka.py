@@ -106,7 +106,7 @@ class MatryoshkaSAE(TopKSAE):
             mses = [squared_error_sum(r, x_ND) / max(x_ND.shape[0], 1) for r in recons]
             total = torch.stack(mses).sum()
             parts = {"mse": mses[-1].item()} | {f"mse_w{w}": m.item() for w, m in zip(widths, mses[:-1])}
-            if "auxk_recon" in out.aux:
+            if "auxk_idx" in out.aux:
                 auxk = self._level_auxk(x_ND, recons, out.aux)
                 parts["auxk"] = auxk.item()
                 total = total + self.cfg.aux_coef * auxk
@@ -134,8 +134,7 @@ class MatryoshkaSAE(TopKSAE):
         code, aux_code = self._encode_parts(x_ND, with_aux=train and self.cfg.aux_coef > 0)
         aux = {}
         if aux_code is not None:
-            aux = {"auxk_recon": aux_code.values.new_zeros(()), "auxk_idx": aux_code.indices,
-                   "auxk_vals": aux_code.values}
+            aux = {"auxk_idx": aux_code.indices, "auxk_vals": aux_code.values}
         if train:
             with serial():
                 self._update_stats(code, x_ND.shape[0])
