@@ -62,7 +62,8 @@ def _train_worker(rank: int, world: int, root: str) -> None:
     dist.init_process_group("gloo", init_method=f"file://{root}/pg", rank=rank, world_size=world)
     root = Path(root)
     try:
-        for name, extra in [("full", {}), ("btopk", {"sae_overrides": {**DEAD, "batch_topk": True}})]:
+        for name, extra in [("full", {}), ("btopk", {"sae_overrides": {**DEAD, "batch_topk": True}}),
+                            ("matry", {"arch": "matryoshka"})]:
             sae, _, cfg = make_setup(**{**TOPK, **extra})
             res = train(sae, _batches(make_data(), rank, world), cfg, root / name)
             save_tensors(root / f"{name}-rank{rank}.safetensors", _state(res.sae))
@@ -111,7 +112,7 @@ def _assert_close(a: dict, b: dict, atol: float) -> None:
 
 
 def _one_process(tmp_path: Path, name: str, **extra):
-    sae, batches, cfg = make_setup(**TOPK, **extra)
+    sae, batches, cfg = make_setup(**{**TOPK, **extra})
     return train(sae, batches, cfg, tmp_path / name)
 
 
@@ -126,11 +127,17 @@ def test_two_processes_equal_one_process_with_the_same_global_batch(two_rank, tm
 
 
 def test_ranks_hold_identical_state_including_batchtopk_threshold(two_rank):
-    for name in ("full", "btopk"):
+    for name in ("full", "matry", "btopk"):
         r0, r1 = (load_tensors(two_rank / f"{name}-rank{r}.safetensors") for r in (0, 1))
         assert r0.keys() == r1.keys()
         assert all(torch.equal(r0[k], r1[k]) for k in r0), name
     assert float(r0["threshold"]) > 0
+
+
+def test_matryoshka_two_processes_equal_one_process(two_rank, tmp_path):
+    """The matryoshka SAE's prefix losses and per-level AuxK need nothing new from distributed training."""
+    one = _one_process(tmp_path, "matry", arch="matryoshka")
+    _assert_close(_weights(two_rank / "matry"), _weights(one.run_dir), atol=1e-5)
 
 
 def test_checkpoints_written_once_and_resumed_two_rank_run_equals_uninterrupted(two_rank):

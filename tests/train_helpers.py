@@ -123,15 +123,16 @@ def make_setup(data: Tensor | None = None, sae_overrides: dict | None = None, sh
                sae_class: type[SparseAutoencoder] | None = None, arch: str = "toy", **cfg_overrides):
     """(sae, batches, cfg) for a tiny deterministic run; kwargs override TrainConfig fields.
 
-    arch="topk" uses the real top-k SAE with AuxK engaged (a short dead-latent window)."""
+    arch="topk" (or "matryoshka") uses the real top-k SAE with AuxK engaged (a short dead-latent window)."""
     x = make_data() if data is None else data
     sae_cfg = dict(d_in=x.shape[-1], d_sae=D_SAE, k=K)
-    if arch == "topk":
-        from saekit.sae.topk import TopKConfig, TopKSAE
+    if arch in ("topk", "matryoshka"):
+        from saekit.sae.registry import get_class
 
         sae_cfg.update(dead_tokens_threshold=96, aux_k=4)
         sae_cfg.update(sae_overrides or {})
-        sae = TopKSAE(TopKConfig(**sae_cfg))
+        cls = get_class(arch)
+        sae = cls(cls.config_class(**sae_cfg))
     else:
         sae_cfg.update(sae_overrides or {})
         sae = (sae_class or ToyTopK)(ToyTopKConfig(**sae_cfg))

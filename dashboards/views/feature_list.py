@@ -1,7 +1,9 @@
-"""Feature list: search by token / text / label, sort, density, dead-feature and outlier-feature filters."""
+"""Feature list: search by token / text / label, sort, density, dead-feature, outlier-feature and prefix-level
+(matryoshka SAEs) filters."""
 
 from __future__ import annotations
 
+import pandas as pd
 import streamlit as st
 
 from saekit.browser.bundle import Bundle
@@ -9,7 +11,7 @@ from views.common import SORTS, filter_features, open_feature
 
 # columns of the bundle's `FeatureRow` table (saekit.browser.bundle) shown in the list, in this order
 SHOWN_COLUMNS = ["feature", "density", "count", "max", "top_tokens", "top_text", "top_labels", "promoted", "children",
-                 "mostly_outliers"]
+                 "mostly_outliers", "level"]
 N_BUTTONS = 12
 
 
@@ -27,7 +29,8 @@ def render(bundle: Bundle, run_key: str) -> None:
     dmax = float(df["density"].max()) if len(df) else 0.0
     top = dmax if dmax > 0 else 1.0
     density = c3.slider("Density range", 0.0, top, (0.0, top), key=f"density_{run_key}", format="%.4f")
-    shown = filter_features(df, query, density, hide_dead, sort, hide_outliers=hide_outliers)
+    shown = filter_levels(filter_features(df, query, density, hide_dead, sort, hide_outliers=hide_outliers),
+                          level_choice(df))
     st.caption(f"{len(shown)} of {len(df)} features match")
     if shown.empty:
         st.info("No feature matches: widen the density range, show dead features or change the search.")
@@ -40,3 +43,16 @@ def render(bundle: Bundle, run_key: str) -> None:
         hint = (row.top_tokens if bundle.is_llm else row.top_text)[:40] or "—"
         grid[i % 3].button(f"#{row.feature} · {hint}", key=f"open_{row.feature}", on_click=open_feature,
                            args=(row.feature,))
+
+
+def level_choice(df: pd.DataFrame) -> list[int] | None:
+    """The prefix levels to show (a nested SAE's bundle only; None shows every latent)."""
+    if "level" not in df or not (df["level"] >= 0).any():
+        return None
+    levels = sorted(int(v) for v in df["level"].unique() if v >= 0)
+    return st.multiselect("Prefix level (0 = most general latents)", levels, default=levels, key="levels")
+
+
+def filter_levels(df: pd.DataFrame, levels: list[int] | None) -> pd.DataFrame:
+    """Rows whose prefix level is chosen (all rows when `levels` is None)."""
+    return df if levels is None else df[df["level"].isin(levels)]

@@ -32,6 +32,7 @@ def render(bundle: Bundle, run_key: str) -> None:
         labels(rec)
     with tabs[6]:
         family(rec)
+        refined_by(rec)
 
 
 def stats_row(rec: FeatureRecord, bundle: Bundle) -> None:
@@ -145,3 +146,19 @@ def family(rec: FeatureRecord) -> None:
         st.markdown("Children (this feature fires whenever they do):")
         st.dataframe(pd.DataFrame(fam["children"], columns=["feature", "p_this_given_child"]), hide_index=True)
         _jump_buttons([c[0] for c in fam["children"]], "child", [f"{c[1]:.0%}" for c in fam["children"]])
+
+
+def refined_by(rec: FeatureRecord) -> None:
+    """A nested (matryoshka) SAE's general latent and the later-level latents that refine it."""
+    level = rec.get("level", -1)
+    if level < 0:
+        return
+    st.markdown(f"**Prefix level {level}** (0 = the most general latents)")
+    refined = rec.get("refined_by") or []
+    if not refined:
+        st.caption("No later-level latent points the same way (decoder cosine below 0.3).")
+        return
+    st.caption("Refined by later-level latents: decoder cosine with this one, and how often this one fires when "
+               "they do.")
+    st.dataframe(pd.DataFrame(refined, columns=["feature", "decoder_cos", "p_this_given_it"]), hide_index=True)
+    _jump_buttons([r[0] for r in refined], "refined", [f"cos {r[1]:.2f}" for r in refined])

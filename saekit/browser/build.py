@@ -22,7 +22,7 @@ import io
 import json
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +43,7 @@ from saekit.analysis.features import (
     logit_lens,
     top_cooccurring,
 )
+from saekit.analysis.hierarchy import refinements, sae_levels
 from saekit.artifacts import FORMAT_VERSION, MANIFEST, atomic_dir, atomic_write_json, read_json, write_manifest
 from saekit.browser.bundle import (
     BUNDLE_FORMAT,
@@ -176,6 +177,8 @@ class FeatureTables:
     neighbour_FN: np.ndarray | None  # None when the SAE has no decoder matrix
     neighbour_cos_FN: np.ndarray | None
     logits: LogitTable | None  # None without an unembedding (embedding runs, no model, logit_lens off)
+    level_F: np.ndarray | None = None  # prefix level of each latent (nested SAEs only)
+    refined: dict[int, list] = field(default_factory=dict)  # general latent -> [(later latent, decoder cos)]
 
     def __post_init__(self):
         self.children: dict[int, list] = {}
@@ -195,10 +198,22 @@ class FeatureTables:
     def logit_lens(self, f: int) -> LogitLens:
         return self.logits.of(f) if self.logits is not None else LogitLens(promoted=[], suppressed=[])
 
+    def level(self, f: int) -> int:
+        return int(self.level_F[f]) if self.level_F is not None else -1
 
-def feature_tables(stats: RunningStats, istats: IndexStats, W_dec_FD, lm_parts: tuple, cfg: AnalyzeConfig) -> FeatureTables:
+    def refined_by(self, f: int) -> list[list]:
+        """Later-level latents that refine f: (latent, decoder cosine, P(f fires | latent fires))."""
+        return [[c, cos, self._p_given(c, f)] for c, cos in self.refined.get(f, [])]
+
+    def _p_given(self, child: int, f: int) -> float:
+        return next((p for other, _, p in self.cooccur.of(child) if other == f), 0.0)
+
+
+def feature_tables(stats: RunningStats, istats: IndexStats, W_dec_FD, lm_parts: tuple, cfg: AnalyzeConfig,
+                   level_F: torch.Tensor | None = None) -> FeatureTables:
     """Co-firing partners, families, decoder neighbours and the logit lens of every feature;
-    `lm_parts` is `load_lm_parts`' (tokenizer, W_U, final norm weight)."""
+    `lm_parts` is `load_lm_parts`' (tokenizer, W_U, final norm weight); with `level_F` (a nested SAE's
+    prefix levels) also each general latent's refinements in later levels."""
     tokenizer, W_U, norm = lm_parts
     feature_M, other_M, together_M, p_M = (t.numpy() for t in top_cooccurring(
         istats.pair_keys, istats.pair_counts, stats.count_F, cfg.cooccur))
@@ -209,7 +224,9 @@ def feature_tables(stats: RunningStats, istats: IndexStats, W_dec_FD, lm_parts: 
     if W_dec_FD is not None:
         n_idx, n_cos = (t.numpy() for t in decoder_neighbours(W_dec_FD, cfg.neighbours))
     logits = _logit_table(W_dec_FD, W_U if cfg.logit_lens else None, norm, tokenizer, cfg.logit_tokens)
-    return FeatureTables(cooc, parent_F, p_parent_F, n_idx, n_cos, logits)
+    refined = refinements(W_dec_FD, level_F) if level_F is not None and W_dec_FD is not None else {}
+    return FeatureTables(cooc, parent_F, p_parent_F, n_idx, n_cos, logits,
+                         None if level_F is None else level_F.numpy(), refined)
 
 
 def _logit_table(W_dec_FD, W_U, norm, tokenizer, n: int) -> LogitTable | None:
@@ -236,7 +253,8 @@ def feature_record(f: int, stats: RunningStats, istats: IndexStats, examples: li
         top=top, quantiles=[q for q in quantiles if q["examples"]],
         neighbours=tables.neighbours(f), cooccur=tables.cooccur.of(f), logit_lens=tables.logit_lens(f),
         labels=label_distribution([x.get("labels") for x in top]), family=tables.family(f),
-        outlier_examples=n_out, mostly_outliers=bool(top) and n_out > MOSTLY * len(top))
+        outlier_examples=n_out, mostly_outliers=bool(top) and n_out > MOSTLY * len(top),
+        level=tables.level(f), refined_by=tables.refined_by(f))
 
 
 def table_row(rec: FeatureRecord) -> FeatureRow:
@@ -244,6 +262,7 @@ def table_row(rec: FeatureRecord) -> FeatureRow:
     return FeatureRow(feature=rec["feature"], count=rec["count"], density=rec["density"], mean=rec["mean"],
                       max=rec["max"], dead=rec["count"] == 0, parent=_or_minus_one(rec["family"]["parent"]),
                       children=len(rec["family"]["children"]), mostly_outliers=bool(rec.get("mostly_outliers")),
+                      level=rec.get("level", -1),
                       **feature_summary(rec["top"], rec["labels"], rec["logit_lens"]["promoted"]))
 
 
@@ -321,7 +340,7 @@ def build_bundle(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, 
         ex = gather_examples(stats, istats, store, LatentIndex(tmp / INDEX_DIR, parts).rows, cfg.context)
         docs = read_docs(store.path / DOCS, set(ex.doc_E.tolist()))
         token_text = token_strings(tokenizer, ex.windows.token_EW[ex.windows.valid_EW]) if ex.windows else {}
-        tables = feature_tables(stats, istats, W_dec, (tokenizer, W_U, norm), cfg)
+        tables = feature_tables(stats, istats, W_dec, (tokenizer, W_U, norm), cfg, sae_levels(sae))
         facts = assemble(stats, istats, ex, docs, tables, token_text, cfg, len(store), tmp,
                          store.outlier_mask().numpy())
         has_probe = write_probe_section(folder, tmp)

@@ -100,6 +100,8 @@ class FeatureRecord(TypedDict):
     family: Family
     outlier_examples: int  # top examples whose row is a massive-activation outlier
     mostly_outliers: bool  # more than half of the top examples are outliers (absent in older bundles)
+    level: int  # prefix level of a nested (matryoshka) SAE's latent, 0 = most general; -1 not nested (absent in older bundles)
+    refined_by: list[tuple[int, float, float]]  # (later-level latent, decoder cosine, P(this | it)); nested SAEs only
 
 
 class FeatureRow(TypedDict):
@@ -114,6 +116,7 @@ class FeatureRow(TypedDict):
     parent: int  # -1 when none
     children: int
     mostly_outliers: bool  # its top examples are mostly massive-activation outliers (absent in older bundles)
+    level: int  # prefix level (matryoshka), -1 when the SAE is not nested (absent in older bundles)
     top_tokens: str
     top_text: str
     top_labels: str

@@ -13,7 +13,10 @@ norms into the weights, exactly as SAELens's own inference export does. Per-inpu
 computation in ways the saekit SAE does not model, and are refused naming the key.
 
 Write: the same layout, SAELens 6 style, for relu, topk (BatchTopK as jumprelu, the way SAELens
-saves it), jumprelu and gated.
+saves it), jumprelu, gated and matryoshka. A matryoshka SAE is written as SAELens writes its
+`matryoshka_batchtopk` for inference: `jumprelu` with the threshold (BatchTopK) or `topk` (row-wise top-k),
+the widths in `metadata.training_architecture_details.matryoshka_widths`; a `topk` folder with that record
+and `metadata.training_architecture = "matryoshka_topk"` reads back as saekit `matryoshka`, its levels kept.
 """
 
 from __future__ import annotations
@@ -47,7 +50,8 @@ HANDLED_KEYS = {"architecture", "d_in", "d_sae", "dtype", "apply_b_dec_to_input"
                 "rescale_acts_by_decoder_norm", "activation_fn_str", "activation_fn_kwargs",
                 "finetuning_scaling_factor"}
 SAEKIT_META = ("model_name", "hook_name", "hook_layer", "context_size", "dataset_path")
-HONOURED_NORMS = ("none", "expected_average_only_in")  # SAELens inference applies no per-input map for these
+HONOURED_NORMS = ("none", "expected_average_only_in")
+MATRYOSHKA_TOPK = "matryoshka_topk"  # saekit's name for a row-wise top-k matryoshka (SAELens trains BatchTopK only)  # SAELens inference applies no per-input map for these
 
 
 def is_saelens(path: Path) -> bool:
@@ -77,6 +81,8 @@ def _architecture(cfg: dict, tensors: dict, source: str) -> str:
         return "topk"  # SAELens <= 5 wrote top-k SAEs as 'standard' with activation_fn_str='topk'
     if name in ("batchtopk", "matryoshka_batchtopk") and "threshold" in tensors:
         return "jumprelu"
+    if name == "topk" and _matryoshka_widths(cfg) is not None:
+        return "matryoshka"
     if name not in ARCHITECTURES:
         raise refuse("SAELens", "architecture", name, f"one of {sorted(ARCHITECTURES)} (BatchTopK saved for "
                      "inference, i.e. as jumprelu)", source)
@@ -101,9 +107,19 @@ def _saekit_config(cfg: dict, arch: str, tensors: dict) -> dict[str, Any]:
     for key in SAEKIT_META:
         if meta.get(key) is not None:
             kw[key] = meta[key]
-    if arch == "topk":
+    if arch in ("topk", "matryoshka"):
         kw["k"] = int(cfg.get("k") or (cfg.get("activation_fn_kwargs") or {}).get("k"))
+    if arch == "matryoshka":
+        kw["matryoshka_widths"] = _matryoshka_widths(cfg)
     return kw
+
+
+def _matryoshka_widths(cfg: dict) -> list[int] | None:
+    """The widths of a row-wise top-k matryoshka SAE saekit wrote (None for anything else)."""
+    meta = cfg.get("metadata") or {}
+    if meta.get("training_architecture") != MATRYOSHKA_TOPK:
+        return None
+    return (meta.get("training_architecture_details") or {}).get("matryoshka_widths")
 
 
 def fold_decoder_norms(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -125,6 +141,7 @@ def write(sae: SparseAutoencoder, path: Path) -> Path:
     name, tensors, extra_cfg = _saelens_state(model)
     cfg = model.cfg
     meta = dict(getattr(getattr(sae, "metadata", None), "extra", {}).get("metadata") or {})
+    meta |= _training_record(model)
     for key in SAEKIT_META:
         value = getattr(cfg, key, None)
         if value not in (None, "", -1, 0) or key not in meta:
@@ -136,6 +153,15 @@ def write(sae: SparseAutoencoder, path: Path) -> Path:
         atomic_write_json(tmp / CFG_FILE, out)
         save_tensors(tmp / WEIGHTS_FILE, {k: v.detach().contiguous() for k, v in tensors.items()})
     return path
+
+
+def _training_record(sae: SparseAutoencoder) -> dict[str, Any]:
+    """SAELens's record of how an exported SAE was trained, for matryoshka SAEs (their widths)."""
+    if sae.architecture != "matryoshka":
+        return {}
+    name = "matryoshka_batchtopk" if sae.cfg.batch_topk else MATRYOSHKA_TOPK
+    return {"training_architecture": name,
+            "training_architecture_details": {"k": sae.cfg.k, "matryoshka_widths": sae.cfg.widths}}
 
 
 def _reshape(sae: SparseAutoencoder) -> str:
@@ -151,14 +177,14 @@ def _saelens_state(sae: SparseAutoencoder) -> tuple[str, dict[str, torch.Tensor]
         return "jumprelu", state, {}
     if arch == "gated":
         return "gated", state, {}
-    if arch == "topk" and not sae.cfg.batch_topk:
+    if arch in ("topk", "matryoshka") and not sae.cfg.batch_topk:
         return "topk", state, {"k": sae.cfg.k, "rescale_acts_by_decoder_norm": False}
-    if arch == "topk":
+    if arch in ("topk", "matryoshka"):
         thr = float(state.pop("threshold"))
         if thr < 0:
             raise ConfigError(f"{arch}: expected a BatchTopK SAE with an estimated inference threshold (>= 0) "
                               f"to write as SAELens jumprelu, found threshold={thr}")
         state["threshold"] = torch.full_like(state["b_enc"], thr)  # as SAELens saves BatchTopK for inference
         return "jumprelu", state, {}
-    raise ConfigError(f"format 'saelens': expected an architecture SAELens has (relu, topk, jumprelu, gated), "
-                      f"found '{arch}'")
+    raise ConfigError(f"format 'saelens': expected an architecture SAELens has (relu, topk, jumprelu, gated, "
+                      f"matryoshka), found '{arch}'")
