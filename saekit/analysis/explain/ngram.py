@@ -24,6 +24,7 @@ from saekit.analysis.explain.protocol import Context, Explanation, FeatureExampl
 WORD = re.compile(r"[#@]?[\w'’]+", re.UNICODE)
 LABEL_SHARE = 0.6  # a label value named in the phrase covers at least this share of the examples ...
 LABEL_LIFT = 1.3  # ... and is this many times more common than in the background
+MIN_SHARE = 0.1  # a term named covers at least this share of the examples (and two of them)
 
 
 def _norm(token: str) -> str:
@@ -113,7 +114,7 @@ def ranked_terms(examples: list[Context], bg: Background) -> list[tuple[str, flo
     for term, c in counts.items():
         p = c / n
         lift = p / bg.rate(term)
-        if lift > 1.0:
+        if lift > 1.0 and p >= MIN_SHARE and c >= min(2, n):
             out.append((term, p, p * math.log(lift)))
     return sorted(out, key=lambda t: (-t[2], t[0]))
 
