@@ -76,8 +76,9 @@ def index_fires(bundle: Bundle):
     return fires
 
 
-def make_plan(bundle: Bundle, cfg: ExplainConfig, cache_dir: Path, embed=None) -> Plan:
-    """Explainer, judge, scorers and the negative pool for one bundle."""
+def make_plan(bundle: Bundle, cfg: ExplainConfig, cache_dir: Path, embed=None, features=None) -> Plan:
+    """Explainer, judge, scorers and the negative pool for one bundle; the embedding scorer runs on a seeded
+    sample of the live features among `features` (default: all)."""
     bg_recs = background_records(bundle, cfg.background, cfg.seed)
     contexts = [(int(r["feature"]), c) for r in bg_recs for c in from_record(r).examples]
     bg = build_background(c for _, c in contexts)
@@ -101,6 +102,7 @@ def make_plan(bundle: Bundle, cfg: ExplainConfig, cache_dir: Path, embed=None) -
         embed = embed or default_embed()
         if embed is not None:
             live = live_features(bundle).tolist()
+            live = [f for f in live if f in set(features)] if features is not None else live
             plan.extra = {"embedding": EmbeddingScorer(embed)}
             plan.extra_features = set(random.Random(cfg.seed + 1).sample(live, min(cfg.embedding_features, len(live))))
     plan.chats = chats
@@ -138,11 +140,11 @@ def explain_sae(folder: RunFolder, cfg: ExplainConfig, features=None, out: Path 
     """Explain and score one SAE's features (all of them, or `features`); returns the summary."""
     bundle = Bundle(folder.bundle)
     out = Path(out) if out else folder.explanations
-    plan = make_plan(bundle, cfg, out / CACHE, embed)
     feats = None if features is None else [int(f) for f in features]
     bad = [f for f in feats or [] if not 0 <= f < bundle.d_sae]
     if bad:
         raise ConfigError(f"--features: expected ids in [0, {bundle.d_sae}), found {bad[:5]}")
+    plan = make_plan(bundle, cfg, out / CACHE, embed, feats)
     threads = cfg.concurrency if plan.chats else 1
     summary = explain_records(bundle.iter_records(feats), plan, out / OUTPUT,
                               total=len(feats) if feats is not None else bundle.d_sae, threads=threads)
