@@ -71,7 +71,7 @@ def background_records(bundle: Bundle, n: int, seed: int) -> list[dict]:
 def index_fires(bundle: Bundle):
     """(feature, rows) -> bool [n]: whether the feature is active at those store rows (the latent index)."""
     def fires(f: int, rows: np.ndarray) -> np.ndarray:
-        idx, val = bundle.index.rows(np.clip(rows, 0, None))
+        idx, val = bundle.index.rows(np.clip(rows, 0, len(bundle.index) - 1))
         return ((idx == f) & (val > 0)).any(1)
     return fires
 

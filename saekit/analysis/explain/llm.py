@@ -66,7 +66,9 @@ class ChatExplainer:
     def explain(self, fx: FeatureExamples) -> Explanation:
         res, usage = self.chat.complete(explain_messages(fx, self.n_examples, self.seed + fx.feature))
         text = one_line(res.text.strip().splitlines()[0] if res.text.strip() else "") or "(no explanation)"
-        return Explanation(feature=fx.feature, text=text.strip('"'), usage=usage)
+        if len(text) > 1 and text[0] == text[-1] == '"' and text.count('"') == 2:  # one quoted phrase
+            text = text[1:-1]
+        return Explanation(feature=fx.feature, text=text, usage=usage)
 
 
 class ChatJudge:

@@ -28,21 +28,35 @@ from saekit.artifacts import atomic_write_json, dumps_json
 Fires = Callable[[int, np.ndarray], np.ndarray]  # (feature, store rows) -> bool [n]: does it fire there
 
 
+def window_rows(ctx: Context) -> np.ndarray:
+    """The store rows an example shows: its whole token window (LLM runs) or its one row."""
+    if ctx.row < 0:
+        return np.zeros(0, dtype=np.int64)
+    if ctx.tokens and 0 <= ctx.center < len(ctx.tokens):
+        return ctx.row - ctx.center + np.arange(len(ctx.tokens), dtype=np.int64)
+    return np.array([ctx.row], dtype=np.int64)
+
+
 @dataclass
 class NegativePool:
-    """Candidate non-activating examples: contexts of other features, filtered per feature by `fires`
-    (the latent index) when given, else by their origin only."""
+    """Candidate non-activating examples: contexts of other features. With `fires` (the latent index) a
+    candidate is kept only when the feature fires nowhere in its window, as delphi's non-activating
+    examples; without it, by origin only."""
 
     contexts: list[tuple[int, Context]]
     fires: Fires | None = None
 
     def negatives(self, feature: int, n: int, seed: int) -> list[Context]:
         cand = [c for f, c in self.contexts if f != feature]
+        cand = random.Random(seed).sample(cand, min(3 * n, len(cand)))
         if self.fires is not None and cand:
-            rows = np.array([c.row for c in cand], dtype=np.int64)
-            ok = ~np.asarray(self.fires(feature, rows), dtype=bool) | (rows < 0)
-            cand = [c for c, keep in zip(cand, ok) if keep]
-        return random.Random(seed).sample(cand, min(n, len(cand)))
+            rows = [window_rows(c) for c in cand]
+            owner = np.repeat(np.arange(len(cand)), [len(r) for r in rows])
+            hit = np.zeros(len(cand), dtype=bool)
+            if len(owner):
+                np.logical_or.at(hit, owner, np.asarray(self.fires(feature, np.concatenate(rows)), dtype=bool))
+            cand = [c for c, h in zip(cand, hit) if not h]
+        return cand[:n]
 
 
 @dataclass
