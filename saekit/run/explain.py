@@ -28,7 +28,8 @@ from saekit.analysis.explain.runner import NegativePool, Plan, explain_records, 
 from saekit.analysis.explain.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, KeywordJudge
 from saekit.browser.build import attach_explanations
 from saekit.browser.bundle import Bundle
-from saekit.errors import ConfigError, ModelNotAvailableError
+from saekit.artifacts import MANIFEST
+from saekit.errors import ConfigError, MissingArtifactError, ModelNotAvailableError
 from saekit.layout import RunFolder
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,9 @@ def table_rows(path: Path) -> list[dict]:
 def explain_sae(folder: RunFolder, cfg: ExplainConfig, features=None, out: Path | None = None,
                 attach: bool = True, embed=None) -> dict:
     """Explain and score one SAE's features (all of them, or `features`); returns the summary."""
+    if not (folder.bundle / MANIFEST).exists():
+        raise MissingArtifactError(f"{folder.root}: expected a feature-browser bundle at {folder.bundle}, found none",
+                                   fix=f"saekit analyze {folder.root}")
     bundle = Bundle(folder.bundle)
     out = Path(out) if out else folder.explanations
     feats = None if features is None else [int(f) for f in features]
