@@ -251,3 +251,12 @@ def test_damaged_cache_entry_is_asked_again(tmp_path):
         entry.write_text("{not json")
         res, usage = chat.complete(msgs)
     assert usage.requests == 1 and len(server.requests) == 2 and '"cat"' in res.text
+
+
+def test_mean_interval_brackets_the_mean_and_is_seeded():
+    from saekit.analysis.explain.runner import mean_interval
+
+    v = list(np.random.default_rng(0).uniform(0.4, 0.9, size=500))
+    a, b = mean_interval(v), mean_interval(v)
+    assert a == b and a["ci95"][0] < a["mean"] < a["ci95"][1] and a["ci95"][1] - a["ci95"][0] < 0.05
+    assert mean_interval([]) == {"n": 0, "mean": None, "ci95": None}
