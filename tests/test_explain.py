@@ -260,3 +260,25 @@ def test_mean_interval_brackets_the_mean_and_is_seeded():
     a, b = mean_interval(v), mean_interval(v)
     assert a == b and a["ci95"][0] < a["mean"] < a["ci95"][1] and a["ci95"][1] - a["ci95"][0] < 0.05
     assert mean_interval([]) == {"n": 0, "mean": None, "ci95": None}
+
+
+@pytest.mark.slow
+def test_local_backend_with_the_embedded_smollm2(planted, tmp_path):
+    """The `local` backend through saekit's model loader (embedded SmolLM2): an explanation is written,
+    its tokens counted, and the re-run is answered by the cache."""
+    run = _copy_run(planted, tmp_path / "run")
+    cfg = ExplainConfig(backend="local", max_tokens=24, embedding_features=0)
+    first = explain_run(run, cfg, features=[PLANTED])[0]
+    line = json.loads((run / "explanations" / "explanations.jsonl").read_text().splitlines()[0])
+    assert line["explanation"].strip() and line["ledger"]["backend"] == "local"
+    assert line["ledger"]["completion_tokens"] > 0 and first["requests_sent"] == 1
+    assert explain_run(run, cfg, features=[PLANTED])[0]["requests_sent"] == 0
+
+
+@pytest.mark.slow
+def test_embedding_scorer_with_minilm_on_planted_data(planted, tmp_path):
+    run = _copy_run(planted, tmp_path / "run")
+    summary = explain_run(run, ExplainConfig(embedding_features=50), features=[PLANTED, 6, 7, 8])[0]
+    assert summary["scores"]["embedding"]["n"] >= 1
+    score = Bundle(run / "bundle").explanation(PLANTED)["score_embedding"]
+    assert score is not None and score >= 0.7
