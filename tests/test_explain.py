@@ -154,6 +154,16 @@ def test_openai_client_retries_429_and_timeout_then_answers(tmp_path, monkeypatc
     assert all(h.get("Authorization") == "Bearer sk-test-secret" for h in server.headers)
 
 
+def test_openai_client_keeps_to_its_concurrency_cap(tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    with JudgeServer(max_requests=20, delay_s=0.5) as server:
+        chat = _chat(server, tmp_path, concurrency=2, timeout_s=5.0)
+        with ThreadPoolExecutor(6) as pool:
+            list(pool.map(lambda i: chat.complete([{"role": "user", "content": f"Examples:\n1. <<w{i}>>"}]), range(6)))
+    assert len(server.requests) == 6 and server.max_in_flight == 2
+
+
 def test_openai_client_gives_up_with_a_named_error(tmp_path):
     with JudgeServer(faults=["503"] * 10, max_requests=10) as server:
         chat = _chat(server, tmp_path, retries=2)

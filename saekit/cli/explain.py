@@ -49,6 +49,19 @@ def config_for(args, folder: RunFolder) -> ExplainConfig:
     return ExplainConfig.from_dict(base, where="explain")
 
 
+def summary_lines(s: dict) -> list[str]:
+    """What one SAE's explanation run did: counts, mean scores with intervals, requests and tokens."""
+    scores = ", ".join(f"{k} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (n={v['n']})"
+                       for k, v in s["scores"].items() if v["mean"] is not None)
+    skipped = ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) or "none"
+    led = s["ledger"]
+    return [f"{s['run']}: {s['explained']} features explained ({s['backend']}, judge {s['judge']}) in "
+            f"{s['wall_seconds']:.1f} s; skipped: {skipped}",
+            f"  scores: {scores or 'none'}",
+            f"  requests sent {s['requests_sent']}, cache hits {s['cache_hits']}, tokens "
+            f"{led['prompt_tokens']} + {led['completion_tokens']}" + (f", cost {led['cost']}" if led["cost"] is not None else "")]
+
+
 def cmd_explain(args) -> int:
     from saekit.run.explain import explain_run
 
@@ -56,15 +69,7 @@ def cmd_explain(args) -> int:
     folder = folder.for_sae(args.sae) if args.sae else folder
     cfg = config_for(args, folder)
     for s in explain_run(folder, cfg, parse_features(args.features), out=args.out, attach=not args.no_bundle):
-        scores = ", ".join(f"{k} {v['mean']:.3f} [{v['ci95'][0]:.3f}, {v['ci95'][1]:.3f}] (n={v['n']})"
-                           for k, v in s["scores"].items() if v["mean"] is not None)
-        skipped = ", ".join(f"{n} {why}" for why, n in s["skipped"].items()) or "none"
-        led = s["ledger"]
-        print(f"{s['run']}: {s['explained']} features explained ({s['backend']}, judge {s['judge']}) in "
-              f"{s['wall_seconds']:.1f} s; skipped: {skipped}")
-        print(f"  scores: {scores or 'none'}")
-        print(f"  requests sent {s['requests_sent']}, cache hits {s['cache_hits']}, tokens "
-              f"{led['prompt_tokens']} + {led['completion_tokens']}" + (f", cost {led['cost']}" if led["cost"] is not None else ""))
+        print("\n".join(summary_lines(s)))
     return 0
 
 

@@ -431,7 +431,8 @@ def explain_stage(cfg: RunConfig) -> list[dict]:
 
 
 def run_all(cfg: RunConfig) -> dict:
-    """The main job for one config: cache → train (or import `sae.from`) → evaluate → (probe) → browser bundle."""
+    """The main job for one config: cache → train (or import `sae.from`) → evaluate → (probe) → browser bundle
+    → explanations (ngram by default, every feature)."""
     if cfg.imports_sae:
         final_sae = run_imported(cfg)
     else:
@@ -441,8 +442,9 @@ def run_all(cfg: RunConfig) -> dict:
     if cfg.probe.label:
         probe_stage(cfg)
     bundle = analyze_stage(cfg)
-    explain_stage(cfg)
+    explained = explain_stage(cfg)
     return {"run_dir": str(cfg.run_dir), "final_sae": str(final_sae), "report": report, "bundle": str(bundle),
+            "explanations": explained,
             "training_rows": read_training_rows(cfg.folder.train_data())}
 
 

@@ -37,8 +37,10 @@ def explain_answer(content: str) -> str:
 
 
 class JudgeServer:
-    def __init__(self, faults: list[str] | None = None, max_requests: int = 500, slow_s: float = 2.0):
-        self.faults, self.max_requests, self.slow_s = list(faults or []), max_requests, slow_s
+    def __init__(self, faults: list[str] | None = None, max_requests: int = 500, slow_s: float = 2.0,
+                 delay_s: float = 0.0):
+        self.faults, self.max_requests, self.slow_s, self.delay_s = list(faults or []), max_requests, slow_s, delay_s
+        self.in_flight = self.max_in_flight = 0
         self.requests: list[dict] = []
         self.headers: list[dict] = []
         self.lock = threading.Lock()
@@ -55,6 +57,15 @@ class JudgeServer:
                     server.headers.append(dict(self.headers))
                     n = len(server.requests)
                     fault = server.faults.pop(0) if server.faults else None
+                    server.in_flight += 1
+                    server.max_in_flight = max(server.max_in_flight, server.in_flight)
+                try:
+                    self._answer(body, n, fault)
+                finally:
+                    with server.lock:
+                        server.in_flight -= 1
+
+            def _answer(self, body, n, fault):
                 if n > server.max_requests:
                     return self._send(400, {"error": "request bound exceeded"})
                 if fault == "429":
@@ -63,6 +74,7 @@ class JudgeServer:
                     return self._send(503, {"error": "unavailable"})
                 if fault == "slow":
                     time.sleep(server.slow_s)
+                time.sleep(server.delay_s)
                 content = body["messages"][-1]["content"]
                 text = json.dumps(keyword_votes(content)) if content.startswith("Feature explanation:") \
                     else explain_answer(content)
