@@ -178,7 +178,8 @@ def test_openai_explain_and_judge_through_the_run_and_zero_requests_on_rerun(pla
     feats = [PLANTED, 6, 7, 0]
     with JudgeServer(max_requests=60) as server:
         cfg = ExplainConfig(backend="openai", judge="openai", model="judge-test", base_url=server.base_url,
-                            api_key_env="SAEKIT_TEST_KEY", requests_per_minute=6000.0, embedding_features=0)
+                            api_key_env="SAEKIT_TEST_KEY", requests_per_minute=6000.0, embedding_features=0,
+                            price_prompt_per_mtok=2.0, price_completion_per_mtok=8.0)
         first = explain_run(run, cfg, features=feats)[0]
         n_first = len(server.requests)
         second = explain_run(run, cfg, features=feats)[0]
@@ -190,7 +191,10 @@ def test_openai_explain_and_judge_through_the_run_and_zero_requests_on_rerun(pla
     planted_line = lines[0]
     assert set(PLANTED_WORDS) <= set(json.loads("[" + planted_line["explanation"] + "]"))
     assert planted_line["scores"]["detection"] >= 0.9
-    assert planted_line["ledger"]["backend"] == "openai" and planted_line["ledger"]["prompt_tokens"] > 0
+    led = planted_line["ledger"]
+    assert led["backend"] == "openai" and led["prompt_tokens"] > 0
+    assert led["cached"] == 3 and led["requests"] == 0  # explain, detect, fuzz: all from the cache on the re-run
+    assert led["cost"] == pytest.approx((2.0 * led["prompt_tokens"] + 8.0 * led["completion_tokens"]) / 1e6, abs=1e-6)
     assert lines[-1]["skipped"].startswith("dead")  # feature 0 never fires: listed, not dropped
     for f in tmp_path.rglob("*"):
         if f.is_file():

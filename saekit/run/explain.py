@@ -98,7 +98,7 @@ def make_plan(bundle: Bundle, cfg: ExplainConfig, cache_dir: Path, embed=None, f
     unknown = [s for s in cfg.scorers if s not in known]
     if unknown:
         raise ConfigError(f"explain.scorers: expected names from {sorted(known)}, found {unknown}")
-    plan = Plan(explainer, [known[s]() for s in cfg.scorers], NegativePool(pool, index_fires(bundle)), cfg)
+    plan = Plan(explainer, [known[s]() for s in cfg.scorers], NegativePool(pool, index_fires(bundle)), cfg, chats=chats)
     if cfg.embedding_features and embed is not False:
         embed = embed or default_embed()
         if embed is not None:
@@ -106,7 +106,6 @@ def make_plan(bundle: Bundle, cfg: ExplainConfig, cache_dir: Path, embed=None, f
             live = [f for f in live if f in set(features)] if features is not None else live
             plan.extra = {"embedding": EmbeddingScorer(embed)}
             plan.extra_features = set(random.Random(cfg.seed + 1).sample(live, min(cfg.embedding_features, len(live))))
-    plan.chats = chats
     return plan
 
 

@@ -69,6 +69,7 @@ class Plan:
     cfg: ExplainConfig
     extra: dict[str, Scorer] = field(default_factory=dict)  # scorer name -> scorer, run on `extra_features`
     extra_features: set[int] = field(default_factory=set)
+    chats: dict = field(default_factory=dict)  # kind -> CachedChat, for the requests / cache-hit counts
 
 
 def skip_reason(rec: dict, examples: int, min_examples: int) -> str | None:
@@ -98,7 +99,7 @@ def explain_one(rec: dict, plan: Plan) -> dict:
         value, u = s.score(e, pos, plan.pool.negatives(fx.feature, n_neg, seed))
         scores[s.name] = None if value is None else round(float(value), 4)
         usage.add(u)
-    usage.seconds = time.perf_counter() - t0 if usage.requests == 0 else usage.seconds
+    usage.seconds = time.perf_counter() - t0  # the feature's wall time, its requests included
     ledger = {"backend": plan.explainer.name, **asdict(usage), "seconds": round(usage.seconds, 4),
               "cost": usage.cost(plan.cfg)}
     return {"feature": fx.feature, "explanation": e.text, "terms": e.terms, "scores": scores,
