@@ -115,7 +115,7 @@ def default_embed():
 
     try:
         model = load_embedder("default")
-    except ModelNotAvailableError as e:
+    except (ModelNotAvailableError, ImportError) as e:  # no MiniLM package, or no sentence-transformers
         log.warning("no embedding scorer: %s", e)
         return None
     return lambda texts: model.encode(texts, batch_size=64, normalize_embeddings=True, convert_to_numpy=True)
