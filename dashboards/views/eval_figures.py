@@ -71,7 +71,7 @@ def probe_accuracy_vs_k(rep: dict):
         ax.axhline(rep["majority_baseline"], color="grey", ls=":", label="majority")
     ax.set(xscale="log", xlabel="k (features in the probe)", ylabel="test accuracy",
            title=f"Probe: {rep.get('label')} = {rep.get('positive')} vs rest")
-    ax.legend(fontsize=7)
+    ax.legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.0, 1.0))
     fig.tight_layout()
     return fig
 
