@@ -12,7 +12,7 @@ from saekit.sources.models import hub_id, load_lm
 
 
 class LocalChat:
-    """Chat completions from a local causal LM (one at a time: generation is not thread-safe)."""
+    """Chat completions from a local causal LM, one at a time (loading and generation are not thread-safe)."""
 
     name = "local"
 
@@ -24,14 +24,17 @@ class LocalChat:
 
     @torch.no_grad()
     def complete(self, messages: list[dict]) -> ChatResult:
+        with self._lock:  # one load (the runner calls from several threads) and one generation at a time
+            return self._complete(messages)
+
+    def _complete(self, messages: list[dict]) -> ChatResult:
         model, tok = load_lm(self.model_name)
         if getattr(tok, "chat_template", None):
             ids = tok.apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt")
             ids = ids["input_ids"] if hasattr(ids, "keys") else ids
         else:
             ids = tok("\n\n".join(m["content"] for m in messages), return_tensors="pt").input_ids
-        with self._lock:
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_tokens,
-                                 do_sample=False, pad_token_id=tok.pad_token_id)
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=self.max_tokens,
+                             do_sample=False, pad_token_id=tok.pad_token_id)
         new = out[0, ids.shape[1]:]
         return ChatResult(tok.decode(new, skip_special_tokens=True).strip(), int(ids.shape[1]), int(len(new)))
