@@ -131,3 +131,8 @@ class InputMismatchError(PreflightError):
 
 class DInMismatchError(PreflightError, ShapeMismatchError):
     """The SAE's d_in and the store's (or the model's hook's) width differ; never overridable."""
+
+
+class ChatBackendError(SaekitError):
+    """A chat endpoint (OpenAI-compatible or local) gave no usable answer: refused, kept failing after
+    the retries, timed out, or answered in a shape other than chat completions."""

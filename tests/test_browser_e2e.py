@@ -1,6 +1,7 @@
 """End to end in a real browser: `streamlit run` on 127.0.0.1, headless Debian Chromium driven by
 playwright (never `playwright install`): search for a feature, open its page, see the highlighted
-example, save a screenshot (tests/artifacts/browser_feature.png)."""
+example, save a screenshot (tests/artifacts/browser_feature.png); find a feature by its explanation
+(`saekit explain`)."""
 
 from __future__ import annotations
 
@@ -13,10 +14,12 @@ from pathlib import Path
 
 import pytest
 
+from saekit.analysis.explain.protocol import ExplainConfig
 from saekit.analysis.features import AnalyzeConfig
 from saekit.browser.build import build_bundle
 from saekit.browser.bundle import Bundle
 from saekit.cli.browse import browse_command
+from saekit.run.explain import explain_run
 from support.runs import tiny_run
 
 pytestmark = pytest.mark.browser
@@ -68,6 +71,7 @@ def served(tmp_path_factory):
         unavailable("the playwright package is missing (pip install -e '.[test]')")
     run = tiny_run(tmp_path_factory.mktemp("e2e") / "llm", dead=(0, 1, 2), one_shot=3)
     build_bundle(run, AnalyzeConfig(top_examples=4, context=3))
+    explain_run(run, ExplainConfig(embedding_features=0, min_examples=2))
     port = free_port()
     cmd = browse_command([str(run)], port)
     assert cmd[cmd.index("--server.address") + 1] == "127.0.0.1"
@@ -121,3 +125,27 @@ def test_search_open_feature_and_see_highlighted_example(served):
         finally:
             browser.close()
     assert shot.exists() and shot.stat().st_size > 10_000
+
+
+def test_search_box_finds_a_feature_by_its_explanation(served):
+    from playwright.sync_api import sync_playwright
+
+    url, run = served
+    table = Bundle(run).explanations
+    named = table[(table["skipped"] == "") & table["explanation"].str.startswith('"')]
+    counts = named["explanation"].value_counts()
+    row = named[named["explanation"].map(counts) == 1].iloc[0]  # an explanation only one feature has
+    f, text = int(row["feature"]), str(row["explanation"])
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=FLAGS)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.goto(url, wait_until="domcontentloaded")
+            search = page.get_by_role("textbox", name="Search explanations")
+            search.wait_for(timeout=60_000)
+            search.fill(text)
+            search.press("Enter")
+            page.get_by_text("1 of ").wait_for(timeout=30_000)
+            page.get_by_role("button", name=f"#{f} · ").first.wait_for(timeout=30_000)
+        finally:
+            browser.close()

@@ -253,6 +253,14 @@ ROWS: list[Row] = [
         ("expected one of the run's SAEs", "'wide'")),
     Row("analyze", "out-of-range chunk rows", ("analyze", "run", "--chunk-rows", "0"), "ConfigError",
         ("chunk_rows", "0")),
+    # explain
+    Row("explain", "missing path", ("explain", "nope"), "ConfigError", ("expected a run folder", "nope")),
+    Row("explain", "a run without a bundle", ("explain", "run"), "MissingArtifactError",
+        ("expected a feature-browser bundle", "run"), fix="saekit analyze run"),
+    Row("explain", "SAE that does not exist", ("explain", "run", "--sae", "wide"), "ConfigError",
+        ("expected one of the run's SAEs", "'wide'")),
+    Row("explain", "malformed feature list", ("explain", "run", "--features", "1-x"), "ConfigError",
+        ("--features", "1-x")),
     # browse (--print-command: the sweep never starts a server)
     Row("browse", "missing path", ("browse", "nope", "--print-command"), "ConfigError",
         ("expected a run folder", "nope")),

@@ -29,6 +29,10 @@ def _cfg(tmp_path, kind: str) -> RunConfig:
     })
 
 
+def sae_width(cfg) -> int:
+    return int(cfg.sae["d_sae"])
+
+
 def test_embedding_run_end_to_end(tmp_path, capsys):
     cfg = _cfg(tmp_path, "embedding")
     result = run_all(cfg)
@@ -40,6 +44,8 @@ def test_embedding_run_end_to_end(tmp_path, capsys):
     assert rt["n_docs"] == 40 and rt["k"] == 10
     assert rt["k"] / (rt["n_docs"] - 1) < rt["recall_at_k"] <= 1  # better than random neighbours
     assert (cfg.run_dir / "bundle").is_dir() and result["bundle"]
+    lines = (cfg.run_dir / "explanations" / "explanations.jsonl").read_text().splitlines()  # the explain stage
+    assert len(lines) == sae_width(cfg) and result["explanations"][0]["explained"] > 0
     probe = json.loads((cfg.run_dir / "probe" / "report.json").read_text())
     assert probe["label"] == "sentiment" and set(probe["train_doc_ids"]).isdisjoint(probe["test_doc_ids"])
     sae = load_sae(cfg.run_dir / "train")

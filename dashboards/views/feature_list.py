@@ -7,11 +7,12 @@ import pandas as pd
 import streamlit as st
 
 from saekit.browser.bundle import Bundle
+from views import explanations
 from views.common import SORTS, filter_features, open_feature
 
 # columns of the bundle's `FeatureRow` table (saekit.browser.bundle) shown in the list, in this order
-SHOWN_COLUMNS = ["feature", "density", "count", "max", "top_tokens", "top_text", "top_labels", "promoted", "children",
-                 "mostly_outliers", "level"]
+SHOWN_COLUMNS = ["feature", "explanation", "score_detection", "density", "count", "max", "top_tokens", "top_text",
+                 "top_labels", "promoted", "children", "mostly_outliers", "level"]
 N_BUTTONS = 12
 
 
@@ -19,8 +20,9 @@ def render(bundle: Bundle, run_key: str) -> None:
     df = bundle.table
     st.subheader(f"Features · {bundle.d_sae} latents · {bundle.n_rows:,} rows · {bundle.manifest['dead']} dead")
     query = st.text_input("Search (token, text, label or promoted token; #id for a feature)", key="search")
+    ex_query = explanations.search_box(df)
     c1, c2, c3 = st.columns([2, 1, 3])
-    sort = c1.selectbox("Sort by", list(SORTS), key="sort")
+    sort = c1.selectbox("Sort by", list(SORTS) + explanations.sort_options(df), key="sort")
     hide_dead = c2.checkbox("Hide dead", value=True, key="hide_dead")
     n_out = int(df["mostly_outliers"].sum()) if "mostly_outliers" in df else 0
     hide_outliers = c2.checkbox(f"Hide outlier features ({n_out})", value=False, key="hide_outliers",
@@ -29,8 +31,9 @@ def render(bundle: Bundle, run_key: str) -> None:
     dmax = float(df["density"].max()) if len(df) else 0.0
     top = dmax if dmax > 0 else 1.0
     density = c3.slider("Density range", 0.0, top, (0.0, top), key=f"density_{run_key}", format="%.4f")
-    shown = filter_levels(filter_features(df, query, density, hide_dead, sort, hide_outliers=hide_outliers),
-                          level_choice(df))
+    shown = filter_features(df, query, density, hide_dead, sort if sort in SORTS else "feature id",
+                            hide_outliers=hide_outliers)
+    shown = filter_levels(explanations.filter_and_sort(shown, ex_query, sort), level_choice(df))
     st.caption(f"{len(shown)} of {len(df)} features match")
     if shown.empty:
         st.info("No feature matches: widen the density range, show dead features or change the search.")

@@ -10,8 +10,10 @@ from pathlib import Path
 import pandas as pd
 import streamlit as st
 
-from saekit.browser.bundle import PROBE_FILE
+from saekit.browser.bundle import EXPLANATIONS_TABLE, PROBE_FILE
 from saekit.layout import RunFolder
+from views import eval_figures as eval_figures_mod
+from views.eval_figures import plt
 
 
 def probe_files(run: RunFolder) -> list[Path]:
@@ -135,6 +137,28 @@ def render_training_curve(run: RunFolder) -> None:
     st.line_chart(df.set_index("step")[["fvu", "train_fvu", "val_fvu"]])
 
 
+def _explanation_table(run: RunFolder):
+    """The bundle's explanation table (saekit explain), None when there is none or it cannot be read."""
+    path = run.bundle / EXPLANATIONS_TABLE
+    try:
+        return pd.read_parquet(path) if path.exists() else None
+    except Exception as e:  # noqa: BLE001 - a damaged table is a message here; the bundle check names it
+        st.error(f"{path} cannot be read ({e}); rerun `saekit explain {run.root}`.")
+        return None
+
+
+def eval_figures(run: RunFolder, rep: dict) -> list[tuple[str, object]]:
+    """(caption, matplotlib figure) of every figure the run's reports can draw."""
+    probe_path = run.probe / "report.json"
+    probe = _read(probe_path) if probe_path.exists() else None
+    figs = [("Feature density", eval_figures_mod.density_histogram(rep)),
+            ("Description length", eval_figures_mod.description_length_curve(rep)),
+            ("Probe accuracy vs k", eval_figures_mod.probe_accuracy_vs_k(probe) if isinstance(probe, dict) else None),
+            ("Loss recovered", eval_figures_mod.loss_recovered(rep)),
+            ("Explanation scores", eval_figures_mod.score_distribution(_explanation_table(run)))]
+    return [(name, fig) for name, fig in figs if fig is not None]
+
+
 def render_eval(run: RunFolder) -> None:
     st.subheader("Evaluation")
     path = eval_report(run)
@@ -147,11 +171,16 @@ def render_eval(run: RunFolder) -> None:
     if isinstance(gen, dict) and gen.get("warning"):
         st.warning(gen["warning"])
     render_training_curve(run)
-    rows = [(k, v) for k, v in _scalars(rep) if not isinstance(v, str) or len(v) < 80]
-    st.dataframe(pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str}), hide_index=True)
+    cols = st.columns(2)
+    for i, (name, fig) in enumerate(eval_figures(run, rep)):
+        with cols[i % 2]:
+            st.markdown(f"**{name}**")
+            st.pyplot(fig)
+        plt.close(fig)
     txt = path.with_name("report.txt")
     if txt.exists():
-        st.code(txt.read_text())
-    for png in [*sorted(path.parent.glob("*.png")), run.val_curve()]:
-        if png.exists():
-            st.image(str(png), caption=png.stem)
+        with st.expander("Report (text)"):
+            st.code(txt.read_text())
+    with st.expander("Every number of the report"):
+        rows = [(k, v) for k, v in _scalars(rep) if not isinstance(v, str) or len(v) < 80]
+        st.dataframe(pd.DataFrame(rows, columns=["metric", "value"]).astype({"value": str}), hide_index=True)

@@ -44,7 +44,8 @@ from saekit.analysis.features import (
     top_cooccurring,
 )
 from saekit.analysis.hierarchy import refinements, sae_levels
-from saekit.artifacts import FORMAT_VERSION, MANIFEST, atomic_dir, atomic_write_json, read_json, write_manifest
+from saekit.artifacts import (FORMAT_VERSION, MANIFEST, atomic_dir, atomic_write_bytes, atomic_write_json, read_json,
+                              sha256_file, write_manifest)
 from saekit.browser.bundle import (
     BUNDLE_FORMAT,
     FEATURES_TABLE,
@@ -369,6 +370,24 @@ def write_probe_section(folder: RunFolder, out: Path) -> bool:
         return False
     atomic_write_json(out / PROBE_FILE, probe_summary(read_json(src)))
     return True
+
+
+def attach_explanations(bundle_dir: str | Path, rows: list[dict], summary: dict) -> Path:
+    """Add `saekit explain`'s table to a built bundle (additive: one more file, listed with its sha256
+    in the manifest, plus the run's explanation summary under `explanations`); returns the file."""
+    import pandas as pd
+
+    from saekit.browser.bundle import EXPLANATIONS_TABLE
+
+    bundle_dir = Path(bundle_dir)
+    buf = io.BytesIO()
+    pd.DataFrame(rows).to_parquet(buf, index=False)
+    atomic_write_bytes(bundle_dir / EXPLANATIONS_TABLE, buf.getvalue())
+    manifest = read_json(bundle_dir / MANIFEST)
+    manifest["files"][EXPLANATIONS_TABLE] = sha256_file(bundle_dir / EXPLANATIONS_TABLE)
+    manifest["explanations"] = {k: summary.get(k) for k in ("backend", "judge", "explained", "skipped", "scores", "ledger")}
+    atomic_write_json(bundle_dir / MANIFEST, manifest)
+    return bundle_dir / EXPLANATIONS_TABLE
 
 
 def read_bundle_manifest(path: str | Path) -> BundleManifest:

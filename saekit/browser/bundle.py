@@ -36,6 +36,8 @@ RECORDS = "features.jsonl"
 OFFSETS = "features.offsets.safetensors"
 INDEX_DIR = "index"
 PROBE_FILE = "probe.json"  # the run's probe report, summarised: per class the best latents and their accuracy
+EXPLANATIONS_TABLE = "explanations.parquet"  # `saekit explain`: one row per feature (explanation, scores, ledger)
+EXPLANATION_COLUMNS = ("explanation", "score_detection", "score_fuzzing", "score_embedding")  # merged into `table`
 N_PROBE_EXAMPLES = 3
 BUNDLE_FORMAT = 1
 
@@ -133,7 +135,8 @@ class SAEFacts(TypedDict):
 
 
 class BundleManifest(TypedDict):
-    """`saekit_manifest.json` of a bundle: file checksums plus the facts the app shows."""
+    """`saekit_manifest.json` of a bundle: file checksums plus the facts the app shows. `saekit explain`
+    adds an `explanations` key later (its summary: backend, judge, explained, skipped, scores, ledger)."""
 
     format_version: int
     files: dict[str, str]  # relative name -> sha256
@@ -263,13 +266,54 @@ class Bundle:
     # -- tables ----------------------------------------------------------------------------------
     @cached_property
     def table(self):
-        """The feature list (pandas DataFrame, one row per feature)."""
+        """The feature list (pandas DataFrame, one row per feature), with the explanation columns
+        (`EXPLANATION_COLUMNS`) when `saekit explain` has run."""
         import pandas as pd
 
         try:
-            return pd.read_parquet(self.path / FEATURES_TABLE)
+            df = pd.read_parquet(self.path / FEATURES_TABLE)
         except Exception as e:
             raise BundleError(f"{self.path / FEATURES_TABLE}: unreadable ({e})") from e
+        ex = self.explanations
+        if ex is None:
+            return df
+        return df.merge(ex[["feature", *[c for c in EXPLANATION_COLUMNS if c in ex]]], on="feature", how="left")
+
+    @cached_property
+    def explanations(self):
+        """`saekit explain`'s table (feature, explanation, skipped, score_*, ledger columns), None before."""
+        import pandas as pd
+
+        p = self.path / EXPLANATIONS_TABLE
+        if not p.exists():
+            return None
+        try:
+            return pd.read_parquet(p)
+        except Exception as e:
+            raise BundleError(f"{p}: unreadable ({e})") from e
+
+    def explanation(self, f: int) -> dict | None:
+        """Feature f's explanation row (explanation or skipped reason, scores, ledger), None when none."""
+        ex = self.explanations
+        if ex is None:
+            return None
+        hit = ex[ex["feature"] == int(f)]
+        return None if hit.empty else {k: (None if v != v else v) for k, v in hit.iloc[0].to_dict().items()}
+
+    def iter_records(self, features=None):
+        """Feature records one at a time (features.jsonl read line by line, or by seek for `features`),
+        so a pass over every feature holds one record in memory."""
+        if features is not None:
+            for f in features:
+                yield self.feature(int(f))
+            return
+        with open(self.path / RECORDS, "rb") as fh:
+            for f, line in enumerate(fh):
+                try:
+                    rec = json.loads(line)
+                except (json.JSONDecodeError, UnicodeDecodeError) as e:
+                    raise BundleError(f"{self.path / RECORDS}: record of feature {f} is unreadable ({e})") from e
+                yield rec
 
     def feature(self, f: int) -> FeatureRecord:
         """Everything one feature page shows: one seek and one JSON line."""

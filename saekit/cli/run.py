@@ -122,6 +122,10 @@ def _print_run(cfg, result) -> None:
         print(format_probe_table(read_json(probe)))
     if result.get("bundle"):
         print(f"browser bundle: {result['bundle']}")
+    for summary in result.get("explanations") or []:
+        from saekit.cli.explain import summary_lines
+
+        print("explanations " + "\n".join(summary_lines(summary)))
 
 
 def _describe_training_rows(rows: dict) -> str:

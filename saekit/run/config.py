@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
+from saekit.analysis.explain.protocol import ExplainConfig
 from saekit.analysis.features import AnalyzeConfig
 from saekit.config import Config, param, read_yaml_mapping
 from saekit.data.corpus import CorpusConfig
@@ -113,9 +113,12 @@ class RunConfig(ActivationRunConfig):
     eval: EvalConfig = param(default_factory=EvalConfig, doc="evaluation on held-out documents")
     analyze: dict[str, Any] = param({}, "feature-browser bundle settings (saekit.analysis.features.AnalyzeConfig)")
     probe: ProbeConfig = param(default_factory=ProbeConfig, doc="sparse probing after training")
+    explain: dict[str, Any] = param({}, "feature explanations (saekit.analysis.explain.protocol.ExplainConfig)")
 
     def validate(self) -> None:
         super().validate()
+        if self.explain:
+            self.explain_config()
         if self.train:
             self.train_config()
             _ = self.exclude_outliers
@@ -158,6 +161,9 @@ class RunConfig(ActivationRunConfig):
 
     def analyze_config(self) -> AnalyzeConfig:
         return AnalyzeConfig.from_dict(self.analyze, where="analyze")
+
+    def explain_config(self) -> ExplainConfig:
+        return ExplainConfig.from_dict(self.explain, where="explain")
 
 
 SAE_FROM_KEYS = {"from": str, "force": bool, "strict": bool}

@@ -1,4 +1,4 @@
-"""The main job as plain calls: cache → train → evaluate → probe → analyze, each resumable on its own.
+"""The main job as plain calls: cache → train → evaluate → probe → analyze → explain, each resumable on its own.
 
 Why here, at the top of the library: a stage turns a run config into calls of the layers below it
 (data, sources, store, sae, train, eval, analysis, browser) and writes into the run folder, so it is
@@ -421,8 +421,18 @@ def analyze_run(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, o
     return [build_bundle(t, cfg, out=out, preflight=c.to_dict(), **bundle_kwargs) for t, c in zip(targets, checks)]
 
 
+def explain_stage(cfg: RunConfig) -> list[dict]:
+    """Explain every feature of the run's bundle in words and score the explanations (the `explain:`
+    section; by default the offline ngram backend with the keyword judge): RUN/explanations/ and the
+    bundle's explanations table."""
+    from saekit.run.explain import explain_run
+
+    return explain_run(cfg.folder, cfg.explain_config())
+
+
 def run_all(cfg: RunConfig) -> dict:
-    """The main job for one config: cache → train (or import `sae.from`) → evaluate → (probe) → browser bundle."""
+    """The main job for one config: cache → train (or import `sae.from`) → evaluate → (probe) → browser bundle
+    → explanations (ngram by default, every feature)."""
     if cfg.imports_sae:
         final_sae = run_imported(cfg)
     else:
@@ -432,7 +442,9 @@ def run_all(cfg: RunConfig) -> dict:
     if cfg.probe.label:
         probe_stage(cfg)
     bundle = analyze_stage(cfg)
+    explained = explain_stage(cfg)
     return {"run_dir": str(cfg.run_dir), "final_sae": str(final_sae), "report": report, "bundle": str(bundle),
+            "explanations": explained,
             "training_rows": read_training_rows(cfg.folder.train_data())}
 
 
