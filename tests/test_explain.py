@@ -296,3 +296,30 @@ def test_embedding_scorer_with_minilm_on_planted_data(planted, tmp_path):
     assert summary["scores"]["embedding"]["n"] >= 1
     score = Bundle(run / "bundle").explanation(PLANTED)["score_embedding"]
     assert score is not None and score >= 0.7
+
+
+def test_rebuilt_bundle_keeps_explanations_of_the_same_sae_only(planted, tmp_path):
+    """`saekit analyze` rebuilds the bundle and then calls `reattach_explanations`: the explanations
+    written for this SAE come back; once the SAE's weights change they are left out (they describe
+    another SAE)."""
+    import torch
+
+    from saekit.layout import RunFolder
+    from saekit.run.explain import reattach_explanations
+    from saekit.sae.registry import load_sae, save_sae
+
+    run = _copy_run(planted, tmp_path / "run")
+    folder = RunFolder(run)
+    explain_run(run, ExplainConfig(embedding_features=0), embed=False)
+    build_bundle(run, AnalyzeConfig(top_examples=20, context=4))
+    assert "explanation" not in Bundle(run / "bundle").table  # a rebuilt bundle starts without them
+    assert reattach_explanations(folder)
+    assert "explanation" in Bundle(run / "bundle", verify=True).table
+
+    sae = load_sae(folder.final_sae())
+    with torch.no_grad():
+        sae.W_dec.mul_(1.01)
+    save_sae(sae, folder.final_sae())
+    build_bundle(run, AnalyzeConfig(top_examples=20, context=4))
+    assert not reattach_explanations(folder)
+    assert "explanation" not in Bundle(run / "bundle", verify=True).table

@@ -28,7 +28,7 @@ from saekit.analysis.explain.runner import NegativePool, Plan, explain_records, 
 from saekit.analysis.explain.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, KeywordJudge
 from saekit.browser.build import attach_explanations
 from saekit.browser.bundle import Bundle
-from saekit.artifacts import MANIFEST
+from saekit.artifacts import MANIFEST, read_json
 from saekit.errors import ConfigError, MissingArtifactError, ModelNotAvailableError
 from saekit.layout import RunFolder
 
@@ -151,12 +151,39 @@ def explain_sae(folder: RunFolder, cfg: ExplainConfig, features=None, out: Path 
     threads = cfg.concurrency if plan.chats else 1
     summary = explain_records(bundle.iter_records(feats), plan, out / OUTPUT,
                               total=len(feats) if feats is not None else bundle.d_sae, threads=threads)
-    summary.update({"run": folder.label, "requests_sent": sum(c.sent for c in plan.chats.values()),
+    summary.update({"run": folder.label, "sae_weights_sha256": sae_identity(folder), "requests_sent": sum(c.sent for c in plan.chats.values()),
                     "cache_hits": sum(c.hits for c in plan.chats.values())})
     write_summary(out / SUMMARY, summary)
     if attach:
         attach_explanations(bundle.path, table_rows(out / OUTPUT), summary)
     return summary
+
+
+def sae_identity(folder: RunFolder) -> str | None:
+    """The sha256 of the SAE's weights (its saekit manifest), so a rebuilt bundle can tell whether the
+    explanations on disk were written for the SAE it shows; None when the folder has no manifest."""
+    manifest = folder.final_sae() / MANIFEST
+    if not manifest.exists():
+        return None
+    return read_json(manifest).get("files", {}).get("sae_weights.safetensors")
+
+
+def reattach_explanations(folder: RunFolder) -> bool:
+    """After `saekit analyze` rebuilt the bundle: put the explanation table back when RUN/explanations
+    was written for this very SAE (same weights sha256); explanations of another SAE are left out,
+    with a warning that says how to redo them. True when attached."""
+    out = folder.explanations
+    if not (out / OUTPUT).exists() or not (out / SUMMARY).exists():
+        return False
+    summary = read_json(out / SUMMARY)
+    current = sae_identity(folder)
+    if current is None or summary.get("sae_weights_sha256") != current:
+        log.warning("%s: the explanations in %s were written for another SAE (weights sha256 %s, now %s); "
+                    "the bundle has none until `saekit explain %s`", folder.label, out,
+                    summary.get("sae_weights_sha256"), current, folder.root)
+        return False
+    attach_explanations(folder.bundle, table_rows(out / OUTPUT), summary)
+    return True
 
 
 def explain_run(run: str | Path | RunFolder, cfg: ExplainConfig | None = None, features=None,

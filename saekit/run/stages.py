@@ -417,8 +417,14 @@ def analyze_run(run: str | Path | RunFolder, cfg: AnalyzeConfig | None = None, o
     targets = [folder] if folder.sae else folder.per_sae()
     if out is not None and len(targets) > 1:
         raise ConfigError(f"{folder.root} holds {len(targets)} SAEs; --out names one bundle, choose one SAE")
+    from saekit.run.explain import reattach_explanations
+
     checks = [checked_sae_and_store(t, force=force)[2] for t in targets]
-    return [build_bundle(t, cfg, out=out, preflight=c.to_dict(), **bundle_kwargs) for t, c in zip(targets, checks)]
+    bundles = [build_bundle(t, cfg, out=out, preflight=c.to_dict(), **bundle_kwargs) for t, c in zip(targets, checks)]
+    if out is None:  # the run's own bundle: keep the explanations already written for this SAE
+        for t in targets:
+            reattach_explanations(t)
+    return bundles
 
 
 def explain_stage(cfg: RunConfig) -> list[dict]:
