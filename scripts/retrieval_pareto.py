@@ -94,6 +94,22 @@ def sae_row(store, train_rows, test_ND, train_ND, k: int, args, work: Path) -> d
             "pca": {"components": n_pca, **figures(test_ND[:q], pca_ND[:q]), **fvu_with_ci(test_ND, pca_ND)}}
 
 
+def references(train_ND: torch.Tensor, test_ND: torch.Tensor, q: int, seed: int) -> dict:
+    """What it takes to keep the neighbours without an SAE: PCA with more components, and the raw
+    embedding plus isotropic Gaussian noise scaled to a given FVU (an error that, like an SAE's, is
+    different for every row; PCA's is the same projection for all of them)."""
+    pca = {n: {**figures(test_ND[:q], pca_recon(train_ND, test_ND, n)[:q]),
+               "fvu": fvu_with_ci(test_ND, pca_recon(train_ND, test_ND, n))["fvu"]} for n in (32, 64, 96, 128)}
+    tv = float((test_ND - test_ND.mean(0)).pow(2).sum(-1).mean())
+    g = torch.Generator().manual_seed(seed)
+    noise_ND = torch.randn(test_ND.shape, generator=g)
+    noisy = {}
+    for f in (0.05, 0.1, 0.15, 0.2, 0.25):
+        e_ND = noise_ND * (f * tv / test_ND.shape[1]) ** 0.5
+        noisy[f] = figures(test_ND[:q], test_ND[:q] + e_ND[:q])
+    return {"pca": pca, "isotropic_noise_at_fvu": noisy}
+
+
 def plot(rows: list[dict], path: str) -> None:
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -128,6 +144,7 @@ def parse_args() -> argparse.Namespace:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--plot", default=None)
     ap.add_argument("--label", default="", help="a name for this variant, copied into the JSON line")
+    ap.add_argument("--references", action="store_true", help="also PCA-32..128 and raw + noise at FVU 0.05..0.25")
     return ap.parse_args()
 
 
@@ -142,10 +159,11 @@ def main() -> None:
                 for k in args.ks.split(",") if k]
     if args.plot:
         plot(rows, args.plot)
+    ref = references(train_ND, test_ND, args.retrieval_rows, args.seed) if args.references else None
     print(json.dumps({"label": args.label, "store": str(args.store), "train_rows": len(train_rows),
                       "heldout_rows": len(held_rows), "retrieval_rows": min(args.retrieval_rows, len(held_rows)),
                       "d_sae": args.d_sae, "tokens": args.tokens, "batch_size": args.batch_size, "lr": args.lr,
-                      "decay": args.decay, "sae": json.loads(args.sae_json), "rows": rows}))
+                      "decay": args.decay, "sae": json.loads(args.sae_json), "rows": rows, "references": ref}))
 
 
 if __name__ == "__main__":
