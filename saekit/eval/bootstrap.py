@@ -31,14 +31,16 @@ DEFAULT_SEED = 0
 LEVEL = 0.95
 
 
-def resample_weights(n_units: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED) -> Tensor:
-    """Multinomial counts `[R, G]` (float64): row r says how often each unit is drawn in resample r."""
+def resample_weights(n_units: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED,
+                     dtype: torch.dtype = torch.float64) -> Tensor:
+    """Multinomial counts `[R, G]`: row r says how often each unit is drawn in resample r. The counts
+    are small integers, exact in float32 too (the dtype does not change the draws)."""
     if n_units < 1 or resamples < 1:
         raise ConfigError(f"bootstrap: expected n_units >= 1 and resamples >= 1, found {n_units}, {resamples}")
     g = torch.Generator().manual_seed(int(seed))
     draws_RG = torch.randint(0, n_units, (resamples, n_units), generator=g)
-    W_RG = torch.zeros(resamples, n_units, dtype=torch.float64)
-    W_RG.scatter_add_(1, draws_RG, torch.ones_like(draws_RG, dtype=torch.float64))
+    W_RG = torch.zeros(resamples, n_units, dtype=dtype)
+    W_RG.scatter_add_(1, draws_RG, torch.ones((), dtype=dtype).expand(resamples, n_units))
     return W_RG
 
 
@@ -54,28 +56,48 @@ def percentile_interval(values_R: Tensor, level: float = LEVEL) -> list[float] |
 
 class Bootstrap:
     """Resample weights over `n_units` documents, shared by every metric of a report (so the
-    intervals of related figures come from the same resamples). The weights are drawn in chunks of
-    resamples (seeded per chunk), so memory stays near `MAX_WEIGHTS` numbers whatever G is."""
+    intervals of related figures come from the same resamples).
 
-    MAX_WEIGHTS = 1 << 22
+    Cost: the weights are drawn once and kept (float32: counts are exact) when they fit in
+    `MAX_WEIGHTS` numbers; larger draws are made in chunks of resamples (seeded per chunk, so the same
+    weights every time) and redrawn per call, so memory stays near `MAX_WEIGHTS` numbers whatever G
+    is. `values` stacks every statistic into one `[G, M]` matrix: one float32 product per chunk for
+    all of them, the metric itself then computed in float64 on the `[R, M]` resampled sums."""
+
+    MAX_WEIGHTS = 1 << 24
 
     def __init__(self, n_units: int, resamples: int = DEFAULT_RESAMPLES, seed: int = DEFAULT_SEED):
         if n_units < 1 or resamples < 1:
             raise ConfigError(f"bootstrap: expected n_units >= 1 and resamples >= 1, found {n_units}, {resamples}")
         self.n_units, self.resamples, self.seed = int(n_units), int(resamples), int(seed)
         self.chunk = max(1, min(self.resamples, self.MAX_WEIGHTS // self.n_units))
+        self._kept: Tensor | None = None
 
     def _weights(self):
+        if self._kept is not None and self._kept.shape[0] == self.chunk == self.resamples:
+            yield self._kept
+            return
         for i, lo in enumerate(range(0, self.resamples, self.chunk)):
-            yield resample_weights(self.n_units, min(self.chunk, self.resamples - lo), self.seed * 1_000_003 + i)
+            W_RG = resample_weights(self.n_units, min(self.chunk, self.resamples - lo), self.seed * 1_000_003 + i,
+                                    torch.float32)
+            if self.chunk == self.resamples:
+                self._kept = W_RG
+            yield W_RG
 
     def values(self, fn: Callable[[dict[str, Tensor]], Tensor], stats: dict[str, Tensor]) -> Tensor:
         """`fn(resampled sums)` for every resample, `[R]`; `stats` maps names to per-unit statistics."""
         for k, v in stats.items():
             if v.shape[0] != self.n_units:
                 raise ConfigError(f"bootstrap: expected '{k}' over {self.n_units} units, found {tuple(v.shape)}")
-        stats = {k: v.double() for k, v in stats.items()}
-        return torch.cat([fn({k: W_RG @ v for k, v in stats.items()}) for W_RG in self._weights()])
+        cols = [v.reshape(self.n_units, -1).float() for v in stats.values()]
+        bounds = torch.tensor([0] + [c.shape[1] for c in cols]).cumsum(0).tolist()
+        S_GM = torch.cat(cols, 1)
+        out = []
+        for W_RG in self._weights():
+            P_RM = (W_RG @ S_GM).double()
+            out.append(fn({k: P_RM[:, a:b].reshape(-1, *v.shape[1:])
+                           for (k, v), a, b in zip(stats.items(), bounds, bounds[1:])}))
+        return torch.cat(out)
 
     def ci(self, fn: Callable[[dict[str, Tensor]], Tensor], stats: dict[str, Tensor],
            level: float = LEVEL) -> list[float] | None:
