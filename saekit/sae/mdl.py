@@ -15,7 +15,7 @@ and the MDL-SAE is the one with the shortest DL among those whose reconstruction
 a budget ε. This architecture trains towards that optimum with the Lagrangian relaxation of
 "minimise DL subject to error ≤ ε":
 
-    loss = FVU(x, x̂) + λ · DL̂        (λ = `dl_coef`, in FVU per bit)
+    loss = FVU(x, x̂) + λ · DL̂        (λ = `dl_coef`, in FVU per bit, or the controller's)
     FVU  = ‖x − x̂‖² / ‖x − mean(x)‖²   over the batch (scale-free, so λ means the same on any data)
     DL̂  = Σ_j H(p̂_j) + b · Σ_j p̂_j    p̂_j = the batch firing frequency of latent j
 
@@ -31,6 +31,16 @@ of one more firing of latent j is ∂H/∂p = log2((1 − p_j) / p_j) — high f
 the paper's argument against feature splitting: splitting a feature into rarer children costs
 activity bits that a reconstruction-plus-L0 objective never charges. λ is the sparsity
 coefficient: a larger λ buys fewer bits with more error, so L0 falls as λ rises (tested).
+
+On real activations (issue 24) three things decide whether this works, all switched by config and
+off by default so the planted-data behaviour is unchanged: `init_l0` (or `target_l0`) sets each
+latent's threshold from the first batch so it starts firing at the requested rate (a constant
+`init_threshold` has nearly every latent firing on LLM rows, and with Adam's per-step movement of
+log θ at the SAE's learning rate, a few hundred steps cannot undo that); `target_l0` / `target_bits`
+replace the fixed λ by a controller (`controller_step`, one multiplicative step on λ per optimizer
+step, its state the training-only buffer `log_dl_coef`) that reaches a requested mean L0 or bits per
+row, as JumpReLU SAEs reach L0 targets; `loss_scale` ('row', 'clipped') keeps a few massive rows
+from deciding the error term (`reconstruction_loss`). The per-row activity cap is `k`.
 
 Encoder and decoder: `pre = (x − b_dec) W_enc + b_enc`, `z = JumpReLU_θ(pre)` (optionally capped
 to the k largest per row), `x̂ = z W_dec + b_dec` with unit-norm decoder rows (the norm would
