@@ -13,7 +13,7 @@ all held-out rows, FVU and mean L0 on ordinary rows, and the description length 
 activity Σ_j H(p_j) + entropy-coded value bits at the precision `description_length` selects) on
 ordinary rows. Every figure except max L0 carries a 95 % percentile interval from the document
 bootstrap (saekit/eval/bootstrap.py); the DL interval recomputes the entropies from resampled
-per-document (latent, bin) counts and is the basic (reflected) bootstrap interval, because resampling
+per-document (latent, bin) counts and is recentred by the resamples' mean shift, because resampling
 biases plug-in entropies down. Acceptance (issue 24): an MDL-SAE at the mean L0 of a top-k SAE
 has FVU (ordinary rows) within 15 % of it, and an MDL-SAE at most as lossy as a top-k SAE has a
 shorter description. An SAE folder that already exists under --out is measured, not retrained.
@@ -35,7 +35,7 @@ from saekit.eval.bootstrap import Bootstrap, GroupedSums, fvu_from_sums  # noqa:
 from saekit.eval.description_length import (LatentValueRange, description_length, quantise_bins,  # noqa: E402
                                             range_tables, unit_position)
 from saekit.layout import FINAL_SAE  # noqa: E402
-from saekit.run.outliers import eval_rows, training_rows  # noqa: E402
+from saekit.run.outliers import training_rows  # noqa: E402
 from saekit.sae.base import SparseCode, inference_mode  # noqa: E402
 from saekit.sae.registry import create, load_sae  # noqa: E402
 from saekit.store.reader import ActivationStore  # noqa: E402
@@ -67,24 +67,25 @@ def train_one(store, rows, out: Path, name: str, arch: str, fields: dict, args) 
     return load_sae(run_dir).eval()
 
 
+def add_row_sums(sums: GroupedSums, unit_N, x_ND, sse_N, l0_N) -> None:
+    """Per-document sums from which FVU and mean L0 (and their resamples) are computed."""
+    x = x_ND.double()
+    for k, v in (("sse", sse_N), ("n", torch.ones_like(sse_N)), ("sum_x", x), ("sumsq", x.pow(2).sum(-1)),
+                 ("l0", l0_N.double())):
+        sums.add(k, unit_N, v)
+
+
 def encode_rows(sae, store, rows, batch: int = 2048):
-    """(codes, per-row sse, l0) of the held-out rows, and their per-document FVU sums."""
+    """(codes, per-row squared error, per-row L0) of `rows`, in order."""
     codes, sse, l0 = [], [], []
-    sums = GroupedSums()
-    docs = store.gather("doc_id", rows.numpy())
     with inference_mode(sae):
         for s in range(0, len(rows), batch):
             x = store[rows[s: s + batch]].float()
             code = sae.encode(x)
-            e = (sae.decode(code) - x).double().pow(2).sum(-1)
+            sse.append((sae.decode(code) - x).double().pow(2).sum(-1))
             codes.append(code.detach())
-            sse.append(e)
             l0.append(code.l0())
-            unit = sums.units_for(torch.as_tensor(docs[s: s + batch]), x.shape[0])
-            for k, v in (("sse", e), ("n", torch.ones_like(e)), ("sum_x", x.double()), ("sumsq", x.double().pow(2).sum(-1)),
-                         ("l0", code.l0().double())):
-                sums.add(k, unit, v)
-    return codes, torch.cat(sse), torch.cat(l0), sums
+    return codes, torch.cat(sse), torch.cat(l0)
 
 
 def concat_codes(codes) -> tuple[torch.Tensor, torch.Tensor]:
@@ -129,41 +130,40 @@ def dl_bootstrap(sae, codes, units_N: torch.Tensor, n_units: int, x_rows, boot: 
     point = float(dl_of(torch.ones(1, n_units, dtype=torch.float64))[0])
     vals = torch.cat([dl_of(W) for W in boot._weights()])
     q_lo, q_hi = torch.quantile(vals[torch.isfinite(vals)], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
-    # the basic (reflected) interval: a resample repeats documents, which lowers every plug-in
-    # entropy, so the percentile interval sits below the estimate; reflecting removes that bias
-    lo, hi = 2 * point - q_hi, 2 * point - q_lo
+    # a resample repeats documents, which lowers every plug-in entropy, so the percentile interval
+    # sits below the estimate: it is recentred by the resamples' mean shift
+    shift = float(vals[torch.isfinite(vals)].mean()) - point
+    lo, hi = q_lo - shift, q_hi - shift
     return {"dl_bits": point, "dl_ci95": [lo, hi], "dl_bits_check": res["dl_bits_per_row"], "precision": b,
             "activity_bits": res["activity_bits_per_row"]}
 
 
-def measure(sae, store, held, ordinary_mask, args) -> dict:
-    codes, sse, l0, sums = encode_rows(sae, store, held)
+def row_set_figures(store, rows, sse_N, l0_N, resamples: int) -> tuple[dict, GroupedSums, Bootstrap]:
+    """FVU and mean L0 of a row set with document-bootstrap intervals."""
+    sums = GroupedSums()
+    unit = sums.units_for(torch.as_tensor(store.gather("doc_id", rows.numpy())), len(rows))
+    add_row_sums(sums, unit, store[rows].float(), sse_N, l0_N)
     t = sums.totals()
-    boot = Bootstrap(sums.n_units, args.resamples, seed=0)
-    out = {"l0_mean_all": float(l0.double().mean()), "l0_max": int(l0.max())}
-    out["fvu_all"] = float(fvu_from_sums({k: v.sum(0) for k, v in t.items()}))
-    out["fvu_all_ci95"] = boot.ci(fvu_from_sums, t)
-    # ordinary rows: the same documents, outlier rows removed
-    o_codes, o_sums = [], GroupedSums()
-    docs = store.gather("doc_id", held[ordinary_mask].numpy())
-    unit = o_sums.units_for(torch.as_tensor(docs), int(ordinary_mask.sum()))
-    x_o = store[held[ordinary_mask]].float()
-    e_o = sse[ordinary_mask]
-    for k, v in (("sse", e_o), ("n", torch.ones_like(e_o)), ("sum_x", x_o.double()), ("sumsq", x_o.double().pow(2).sum(-1)),
-                 ("l0", l0[ordinary_mask].double())):
-        o_sums.add(k, unit, v)
-    to = o_sums.totals()
-    oboot = Bootstrap(o_sums.n_units, args.resamples, seed=0)
-    out["fvu_ordinary"] = float(fvu_from_sums({k: v.sum(0) for k, v in to.items()}))
-    out["fvu_ordinary_ci95"] = oboot.ci(fvu_from_sums, to)
-    out["l0_mean_ordinary"] = float(to["l0"].sum() / to["n"].sum())
-    out["l0_mean_ordinary_ci95"] = oboot.ratio_ci(to["l0"], to["n"])
+    boot = Bootstrap(sums.n_units, resamples, seed=0)
+    figs = {"fvu": float(fvu_from_sums({k: v.sum(0) for k, v in t.items()})), "fvu_ci95": boot.ci(fvu_from_sums, t),
+            "l0_mean": float(t["l0"].sum() / t["n"].sum()), "l0_mean_ci95": boot.ratio_ci(t["l0"], t["n"])}
+    return figs, unit, boot
+
+
+def measure(sae, store, held, ordinary_mask, args) -> dict:
+    codes, sse, l0 = encode_rows(sae, store, held)
+    every, _, _ = row_set_figures(store, held, sse, l0, args.resamples)
+    ordinary, unit, boot = row_set_figures(store, held[ordinary_mask], sse[ordinary_mask], l0[ordinary_mask],
+                                           args.resamples)
+    out = {"l0_mean_all": every["l0_mean"], "l0_max": int(l0.max()), "fvu_all": every["fvu"],
+           "fvu_all_ci95": every["fvu_ci95"], "fvu_ordinary": ordinary["fvu"], "fvu_ordinary_ci95": ordinary["fvu_ci95"],
+           "l0_mean_ordinary": ordinary["l0_mean"], "l0_mean_ordinary_ci95": ordinary["l0_mean_ci95"]}
     idx, val = concat_codes(codes)
-    o_code = SparseCode(idx[ordinary_mask], val[ordinary_mask], sae.cfg.d_sae)
-    chunks = [SparseCode(o_code.indices[s: s + 2048], o_code.values[s: s + 2048], sae.cfg.d_sae)
-              for s in range(0, len(x_o), 2048)]
+    idx, val = idx[ordinary_mask], val[ordinary_mask]
+    x_o = store[held[ordinary_mask]].float()
+    chunks = [SparseCode(idx[s: s + 2048], val[s: s + 2048], sae.cfg.d_sae) for s in range(0, len(x_o), 2048)]
     xs = [x_o[s: s + 2048] for s in range(0, len(x_o), 2048)]
-    out.update(dl_bootstrap(sae, chunks, unit, o_sums.n_units, xs, oboot))
+    out.update(dl_bootstrap(sae, chunks, unit, boot.n_units, xs, boot))
     return out
 
 
