@@ -9,7 +9,7 @@ import torch
 
 from saekit.data.synthetic import planted_features
 from saekit.errors import ConfigError
-from saekit.sae.mdl import MDLConfig, MDLSAE, controller_step, reconstruction_loss
+from saekit.sae.mdl import MDLConfig, MDLSAE, controller_step, reconstruction_loss, soft_description_length
 from saekit.store.batches import TensorBatches
 from saekit.train import TrainConfig, train
 from saekit.train.checkpoint import load_checkpoint_sae
@@ -114,3 +114,21 @@ def test_controller_state_is_checkpointed_not_exported(tmp_path, one_thread):
     loaded = load_sae(res.final_sae)  # the inference copy needs no λ: it loads with its default
     with torch.no_grad():
         torch.testing.assert_close(loaded.eval()(x[:64]).recon, res.sae(x[:64]).recon)
+
+
+def test_surrogate_to_encoder_off_leaves_the_dl_gradient_to_the_threshold():
+    """With surrogate_to_encoder false the DL estimate trains θ only; the encoder learns from values."""
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for flag in (True, False):
+        sae = MDLSAE(MDLConfig(d_in=8, d_sae=32, init_threshold=0.2, surrogate_to_encoder=flag, seed=0)).train()
+        out = sae(x)
+        dl = sae.loss(x, out).parts["dl_bits"]
+        p_fire_F = out.aux["p_fire_F"]
+        act, val = soft_description_length(p_fire_F, sae.cfg.value_bits, x.shape[0])
+        assert (act + val).item() == pytest.approx(dl, rel=1e-5)
+        (act + val).backward()
+        g_enc = 0.0 if sae.W_enc.grad is None else sae.W_enc.grad.abs().sum().item()  # None: no path at all
+        grads[flag] = (g_enc, sae.log_threshold.grad.abs().sum().item())
+    assert grads[True][0] > 0 and grads[False][0] == 0.0
+    assert grads[False][1] > 0 and grads[False][1] == pytest.approx(grads[True][1], rel=1e-5)

@@ -90,6 +90,9 @@ class MDLConfig(SAEConfig):
                                             "row) reaches this; at most one of target_l0 and target_bits", gt=0.0)
     controller_rate: float = param(0.05, "the controller's step on log(dl_coef) per optimizer step at a relative "
                                          "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
+    surrogate_to_encoder: bool = param(True, "give the firing indicator's surrogate gradient to the pre-activation "
+                                             "(encoder) as well as to the threshold; false: only θ learns from it, "
+                                             "as in JumpReLU SAEs (the encoder then learns from the values alone)")
     init_l0: float | None = param(None, "initialise each latent's threshold from the first batch so that it fires "
                                         "on init_l0 / d_sae of its rows (None: init_threshold for every latent); "
                                         "defaults to target_l0 when that is set", gt=0.0)
@@ -197,7 +200,8 @@ class MDLSAE(SparseAutoencoder):
             hard_NF = hard_NF * keep
         if not surrogate:
             return hard_NF
-        soft_NF = torch.sigmoid((pre_NF - theta_F) / self.cfg.gate_temperature)
+        pre_in = pre_NF if self.cfg.surrogate_to_encoder else pre_NF.detach()
+        soft_NF = torch.sigmoid((pre_in - theta_F) / self.cfg.gate_temperature)
         return hard_NF + soft_NF - soft_NF.detach()
 
     def _dense_code(self, pre_NF: Tensor, surrogate: bool = False) -> tuple[Tensor, Tensor]:
