@@ -58,9 +58,11 @@ def parse_setting(text: str) -> tuple[str, str, dict]:
 
 def train_one(store, rows, out: Path, name: str, arch: str, fields: dict, args) -> object:
     run_dir = out / name
+    fields = dict(fields)
+    lr = fields.pop("lr", args.lr)  # a setting's own learning rate (MDL-SAEs want ~3x top-k's default)
     if not (run_dir / FINAL_SAE).is_dir():
         sae = create({"architecture": arch, "d_in": store.d_in, "d_sae": args.d_sae, **fields})
-        cfg = TrainConfig(total_steps=args.steps, batch_size=args.batch, lr=args.lr, warmup_steps=20,
+        cfg = TrainConfig(total_steps=args.steps, batch_size=args.batch, lr=lr, warmup_steps=20,
                           normalize_activations="expected_average_only_in", checkpoint_every=0,
                           log_every=max(1, args.steps // 10), progress_bar=False, deterministic=False)
         train(sae, store.batches(args.batch, seed=0, rows=rows), cfg, run_dir)
@@ -185,9 +187,21 @@ def acceptance(rows: dict) -> dict:
                           "dl_lower": rb["dl_ci95"][1] < ra["dl_ci95"][0],
                           "dl_diff": rb["dl_bits"] - ra["dl_bits"]})
     equal_l0 = [p for p in pairs if p["equal_l0"]]
-    return {"pairs": pairs,
+    at_fvu = {b: topk_dl_at(tk, rb["fvu_ordinary"]) for b, rb in md.items()}
+    return {"pairs": pairs, "topk_dl_at_mdl_fvu": at_fvu,
             "fvu_at_equal_l0": any(p["fvu_within_15pct"] for p in equal_l0),
-            "dl_lower_at_equal_fvu": any(p["dl_lower"] and p["fvu_ratio"] <= 1.0 + 1e-9 for p in pairs)}
+            "dl_lower_at_equal_fvu": any(p["dl_lower"] and p["fvu_ratio"] <= 1.0 + 1e-9 for p in pairs)
+            or any(v is not None and md[b]["dl_ci95"][1] < v for b, v in at_fvu.items())}
+
+
+def topk_dl_at(tk: dict, fvu: float) -> float | None:
+    """Top-k's DL at a given ordinary-row FVU, linear between the two top-k SAEs whose FVUs bracket it
+    (None outside their range): the 'equal FVU' comparison when no top-k SAE has exactly that FVU."""
+    pts = sorted((r["fvu_ordinary"], r["dl_bits"]) for r in tk.values())
+    for (f0, d0), (f1, d1) in zip(pts, pts[1:]):
+        if f0 <= fvu <= f1 and f1 > f0:
+            return d0 + (d1 - d0) * (fvu - f0) / (f1 - f0)
+    return None
 
 
 def markdown(rows: dict) -> str:
