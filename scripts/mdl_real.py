@@ -195,9 +195,12 @@ def acceptance(rows: dict) -> dict:
 
 
 def topk_dl_at(tk: dict, fvu: float) -> float | None:
-    """Top-k's DL at a given ordinary-row FVU, linear between the two top-k SAEs whose FVUs bracket it
-    (None outside their range): the 'equal FVU' comparison when no top-k SAE has exactly that FVU."""
-    pts = sorted((r["fvu_ordinary"], r["dl_bits"]) for r in tk.values())
+    """Top-k's DL at a given ordinary-row FVU, linear between the two top-k SAEs of its DL-vs-FVU frontier
+    whose FVUs bracket it (None outside their range): the 'equal FVU' comparison when no top-k SAE has exactly that FVU."""
+    pts = []
+    for f, d in sorted((r["fvu_ordinary"], r["dl_bits"]) for r in tk.values()):
+        if not pts or d < pts[-1][1]:  # top-k's frontier: a point both lossier and longer is left out
+            pts.append((f, d))
     for (f0, d0), (f1, d1) in zip(pts, pts[1:]):
         if f0 <= fvu <= f1 and f1 > f0:
             return d0 + (d1 - d0) * (fvu - f0) / (f1 - f0)
