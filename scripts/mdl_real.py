@@ -43,7 +43,9 @@ from saekit.train import TrainConfig, train  # noqa: E402
 
 
 def parse_setting(text: str) -> tuple[str, str, dict]:
-    """'name=arch:key=val,key=val' -> (name, arch, {key: val}) with numbers parsed as JSON."""
+    """'name=arch:key=val,key=val' -> (name, arch, {key: val}) with numbers parsed as JSON. Besides the
+    architecture's fields: lr (this setting's learning rate), from=<name> (measure that setting's SAE
+    again, e.g. with) eval_k (cap each row's active latents at inference: the SAE's k)."""
     name, _, spec = text.partition("=")
     arch, _, kv = spec.partition(":")
     fields = {}
@@ -57,16 +59,20 @@ def parse_setting(text: str) -> tuple[str, str, dict]:
 
 
 def train_one(store, rows, out: Path, name: str, arch: str, fields: dict, args) -> object:
-    run_dir = out / name
     fields = dict(fields)
+    run_dir = out / str(fields.pop("from", name))  # from=<setting>: that setting's SAE, measured again
     lr = fields.pop("lr", args.lr)  # a setting's own learning rate (MDL-SAEs want ~3x top-k's default)
+    eval_k = fields.pop("eval_k", None)  # a per-row activity cap applied at inference (the SAE's k)
     if not (run_dir / FINAL_SAE).is_dir():
         sae = create({"architecture": arch, "d_in": store.d_in, "d_sae": args.d_sae, **fields})
         cfg = TrainConfig(total_steps=args.steps, batch_size=args.batch, lr=lr, warmup_steps=20,
                           normalize_activations="expected_average_only_in", checkpoint_every=0,
                           log_every=max(1, args.steps // 10), progress_bar=False, deterministic=False)
         train(sae, store.batches(args.batch, seed=0, rows=rows), cfg, run_dir)
-    return load_sae(run_dir).eval()
+    sae = load_sae(run_dir).eval()
+    if eval_k is not None:
+        sae.cfg.k = int(eval_k)
+    return sae
 
 
 def add_row_sums(sums: GroupedSums, unit_N, x_ND, sse_N, l0_N) -> None:
