@@ -40,7 +40,11 @@ log θ at the SAE's learning rate, a few hundred steps cannot undo that); `targe
 replace the fixed λ by a controller (`controller_step`, one multiplicative step on λ per optimizer
 step, its state the training-only buffer `log_dl_coef`) that reaches a requested mean L0 or bits per
 row, as JumpReLU SAEs reach L0 targets; `loss_scale` ('row', 'clipped') keeps a few massive rows
-from deciding the error term (`reconstruction_loss`). The per-row activity cap is `k`.
+from deciding the error term (`reconstruction_loss`). The per-row activity cap is `k`. Measured on the
+quickstart store (README, `scripts/mdl_real.py`): the target with data-initialised thresholds, the cap
+(rows the SAE never saw otherwise take 700 latents) and a learning rate ~3× top-k's width-scaled default
+bring the ordinary-row FVU from 2× to 1.13× top-k's at equal L0. Under torch.distributed each rank
+steers its own λ from its own batches (not yet reduced over ranks).
 
 Encoder and decoder: `pre = (x − b_dec) W_enc + b_enc`, `z = JumpReLU_θ(pre)` (optionally capped
 to the k largest per row), `x̂ = z W_dec + b_dec` with unit-norm decoder rows (the norm would
