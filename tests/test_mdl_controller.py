@@ -132,3 +132,32 @@ def test_surrogate_to_encoder_off_leaves_the_dl_gradient_to_the_threshold():
         grads[flag] = (g_enc, sae.log_threshold.grad.abs().sum().item())
     assert grads[True][0] > 0 and grads[False][0] == 0.0
     assert grads[False][1] > 0 and grads[False][1] == pytest.approx(grads[True][1], rel=1e-5)
+
+
+def test_resume_continues_the_controller_exactly(tmp_path, one_thread):
+    """λ is training state: a run stopped at step 15 and resumed ends where an uninterrupted one does."""
+    from saekit.train.loop import Trainer
+
+    x = planted_features(2048, 16, 32, avg_active=3, seed=2).x_ND
+
+    def setup():
+        sae = MDLSAE(MDLConfig(d_in=16, d_sae=32, target_l0=3.0, controller_rate=0.1, seed=0))
+        cfg = TrainConfig(total_steps=30, batch_size=128, lr=3e-3, checkpoint_every=0, progress_bar=False,
+                          log_every=10)
+        return sae, TensorBatches(x, 128, seed=0), cfg
+
+    whole = train(*setup(), tmp_path / "whole")
+    sae, batches, cfg = setup()
+    trainer = Trainer(sae, batches, cfg, tmp_path / "split")
+    trainer.start()
+    for _ in range(15):
+        trainer.step()
+    trainer.checkpoint()
+    trainer.close()
+    resumed = train(*setup(), tmp_path / "split", resume=True)
+    assert resumed.start_step == 15
+    a = load_checkpoint_sae(whole.run_dir, fold=False)
+    b = load_checkpoint_sae(resumed.run_dir, fold=False)
+    assert float(a.log_dl_coef) == float(b.log_dl_coef)
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
