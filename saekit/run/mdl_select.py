@@ -41,6 +41,7 @@ from saekit.config import Config, param
 from saekit.errors import ConfigError
 from saekit.eval.description_length import DEFAULT_FVU_TOLERANCE, DEFAULT_PRECISIONS, description_length
 from saekit.layout import FINAL_SAE, RunFolder
+from saekit.run.outliers import eval_rows, training_rows
 from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.sae.registry import create, get_class, load_sae
 from saekit.store.batches import TensorBatches
@@ -78,6 +79,9 @@ class DataConfig(Config):
     heldout_fraction: float = param(0.1, "store only: fraction of documents held out for DL and error", gt=0, lt=1)
     max_heldout_rows: int = param(65536, "store only: at most this many held-out rows are evaluated", ge=1)
     split_seed: int = param(0, "store only: seed of the document split")
+    exclude_outliers: bool = param(True, "store only: leave the store's massive-activation outlier rows out of "
+                                         "training and of the held-out rows measured (as runs do; see "
+                                         "saekit.run.outliers), so a few huge rows do not decide the selection")
 
     def validate(self) -> None:
         if (self.synthetic is None) == (self.store is None):
@@ -171,9 +175,14 @@ def _store_data(cfg: DataConfig) -> SelectionData:
         path = RunFolder(path).store  # a run folder: its store (honouring the config's store.path)
     store = ActivationStore(path, hook=cfg.hook)
     train_rows, held_rows = store.split_by_document(cfg.heldout_fraction, cfg.split_seed)
+    used = training_rows(store, train_rows, cfg.exclude_outliers)
+    train_rows = used.rows
+    if cfg.exclude_outliers:
+        held_rows = eval_rows(store, held_rows).ordinary
     held_rows = held_rows[: cfg.max_heldout_rows]
     desc = {"kind": "store", "path": str(store.path), "hook": store.hook, "train_rows": int(len(train_rows)),
-            "heldout_rows": int(len(held_rows))}
+            "heldout_rows": int(len(held_rows)), "exclude_outliers": cfg.exclude_outliers,
+            "outliers_left_out_of_training": used.excluded_outliers}
     return SelectionData(lambda bs, seed: store.batches(bs, seed=seed, rows=train_rows), store[held_rows].float(),
                          store.d_in, desc)
 
@@ -350,7 +359,7 @@ def plot_png(result: dict) -> bytes:
     import matplotlib.pyplot as plt
 
     rows = [r for r in result["rows"] if r["dl_bits"] is not None]
-    fig, (ax_w, ax_k) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, (ax_w, ax_k, ax_f) = plt.subplots(1, 3, figsize=(15, 4))
     for key, other, ax, log_x in (("k", "width", ax_w, True), ("width", "k", ax_k, False)):
         for val in sorted({r[key] for r in rows}):
             pts = sorted((r[other], r["dl_bits"], r["within_budget"]) for r in rows if r[key] == val)
@@ -367,12 +376,41 @@ def plot_png(result: dict) -> bytes:
     if best:
         ax_w.scatter([best["width"]], [best["dl_bits"]], s=200, facecolors="none", edgecolors="k", label="MDL")
         ax_k.scatter([best["k"]], [best["dl_bits"]], s=200, facecolors="none", edgecolors="k")
-    fig.suptitle(f"DL against width and k (× = over the FVU budget {result['fvu_budget']})")
+    _plot_frontier(ax_f, rows, best, result["fvu_budget"])
+    fig.suptitle(f"DL against width and k, and the DL-vs-FVU frontier (× = over the FVU budget {result['fvu_budget']})")
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png", dpi=100)
     plt.close(fig)
     return buf.getvalue()
+
+
+def pareto_frontier(rows: list[dict]) -> list[dict]:
+    """The rows no other row beats on both DL and quantised FVU (lower is better), by FVU."""
+    pts = sorted((r for r in rows if r["dl_bits"] is not None and r["fvu_at_dl"] is not None),
+                 key=lambda r: (r["fvu_at_dl"], r["dl_bits"]))
+    out: list[dict] = []
+    for r in pts:
+        if not out or r["dl_bits"] < out[-1]["dl_bits"]:
+            out.append(r)
+    return out
+
+
+def _plot_frontier(ax, rows: list[dict], best: dict | None, budget: float) -> None:
+    """DL against quantised FVU, every SAE labelled, the Pareto frontier joined, the budget a line:
+    MDL's choice is the lowest point left of the line."""
+    pts = [r for r in rows if r["fvu_at_dl"] is not None]
+    ax.scatter([r["fvu_at_dl"] for r in pts], [r["dl_bits"] for r in pts], color="0.5")
+    for r in pts:
+        ax.annotate(r["name"], (r["fvu_at_dl"], r["dl_bits"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    front = pareto_frontier(pts)
+    ax.plot([r["fvu_at_dl"] for r in front], [r["dl_bits"] for r in front], "-o", color="C3", label="frontier")
+    ax.axvline(budget, color="k", ls="--", lw=1, label=f"FVU budget {budget:g}")
+    if best:
+        ax.scatter([best["fvu_at_dl"]], [best["dl_bits"]], s=200, facecolors="none", edgecolors="k", label="MDL")
+    ax.set_xlabel("FVU at the selected precision (held-out)")
+    ax.set_ylabel("description length (bits / row)")
+    ax.legend(fontsize=8)
 
 
 def write_outputs(result: dict, out: Path) -> None:

@@ -15,7 +15,7 @@ and the MDL-SAE is the one with the shortest DL among those whose reconstruction
 a budget ε. This architecture trains towards that optimum with the Lagrangian relaxation of
 "minimise DL subject to error ≤ ε":
 
-    loss = FVU(x, x̂) + λ · DL̂        (λ = `dl_coef`, in FVU per bit)
+    loss = FVU(x, x̂) + λ · DL̂        (λ = `dl_coef`, in FVU per bit, or the controller's)
     FVU  = ‖x − x̂‖² / ‖x − mean(x)‖²   over the batch (scale-free, so λ means the same on any data)
     DL̂  = Σ_j H(p̂_j) + b · Σ_j p̂_j    p̂_j = the batch firing frequency of latent j
 
@@ -31,6 +31,22 @@ of one more firing of latent j is ∂H/∂p = log2((1 − p_j) / p_j) — high f
 the paper's argument against feature splitting: splitting a feature into rarer children costs
 activity bits that a reconstruction-plus-L0 objective never charges. λ is the sparsity
 coefficient: a larger λ buys fewer bits with more error, so L0 falls as λ rises (tested).
+
+On real activations (issue 24) three things decide whether this works, all switched by config and
+off by default so the planted-data behaviour is unchanged: `init_l0` (or `target_l0`) sets each
+latent's threshold from the first batch so it starts firing at the requested rate (a constant
+`init_threshold` has nearly every latent firing on LLM rows, and with Adam's per-step movement of
+log θ at the SAE's learning rate, a few hundred steps cannot undo that); `target_l0` / `target_bits`
+replace the fixed λ by a controller (`controller_step`, one multiplicative step on λ per optimizer
+step, its state the training-only buffer `log_dl_coef`) that reaches a requested mean L0 or bits per
+row, as JumpReLU SAEs reach L0 targets; `loss_scale` ('row', 'clipped') keeps a few massive rows
+from deciding the error term (`reconstruction_loss`). The per-row activity cap is `k`. Measured on the
+quickstart store (README, `scripts/mdl_real.py`): the target with data-initialised thresholds, the cap
+(rows the SAE never saw otherwise take 700 latents) and a learning rate ~3× top-k's width-scaled default
+bring the ordinary-row FVU from 2× to 1.13× top-k's at equal L0; with `surrogate_to_encoder: false`
+and ~6× the rate it equals top-k's FVU at equal L0 in 8 % fewer bits, though there the controller drove
+λ to ~0 and missed its L0 target (the gates' own dynamics set L0). Under torch.distributed each rank
+steers its own λ from its own batches (not yet reduced over ranks).
 
 Encoder and decoder: `pre = (x − b_dec) W_enc + b_enc`, `z = JumpReLU_θ(pre)` (optionally capped
 to the k largest per row), `x̂ = z W_dec + b_dec` with unit-norm decoder rows (the norm would
@@ -68,10 +84,40 @@ class MDLConfig(SAEConfig):
     k: int | None = param(None, "optional cap on active latents per row (None: every positive pre-activation)",
                           ge=1)
     apply_b_dec_to_input: bool = param(True, "subtract b_dec from the input before encoding")
+    loss_scale: str = param("batch", "how reconstruction error is scaled: 'batch' FVU (Σ‖e‖² / Σ‖x−μ‖²; a few "
+                                     "massive rows decide it), 'row' (the mean of per-row FVUs ‖e_i‖² / ‖x_i−μ‖²), "
+                                     "or 'clipped' (batch FVU with rows beyond clip_multiple × the median centred "
+                                     "norm down-weighted to that norm)", choices=["batch", "row", "clipped"])
+    clip_multiple: float = param(4.0, "'clipped' loss: rows whose centred norm exceeds this multiple of the batch "
+                                      "median count as if they had that norm", gt=0.0)
+    target_l0: float | None = param(None, "steer dl_coef automatically so the training batches' mean L0 reaches "
+                                          "this (dl_coef is then only the starting value)", gt=0.0)
+    target_bits: float | None = param(None, "steer dl_coef automatically so the batches' DL estimate (bits per "
+                                            "row) reaches this; at most one of target_l0 and target_bits", gt=0.0)
+    controller_rate: float = param(0.05, "the controller's step on log(dl_coef) per optimizer step at a relative "
+                                         "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
+    surrogate_to_encoder: bool = param(True, "give the firing indicator's surrogate gradient to the pre-activation "
+                                             "(encoder) as well as to the threshold; false: only θ learns from it, "
+                                             "as in JumpReLU SAEs (the encoder then learns from the values alone)")
+    init_l0: float | None = param(None, "initialise each latent's threshold from the first batch so that it fires "
+                                        "on init_l0 / d_sae of its rows (None: init_threshold for every latent); "
+                                        "defaults to target_l0 when that is set", gt=0.0)
 
     def validate(self) -> None:
         if self.k is not None and self.k > self.d_sae:
             raise ConfigError(f"mdl: expected k <= d_sae={self.d_sae}, found k={self.k}")
+        if self.target_l0 is not None and self.target_bits is not None:
+            raise ConfigError(f"mdl: expected at most one of target_l0 and target_bits, found "
+                              f"target_l0={self.target_l0}, target_bits={self.target_bits}")
+        for name in ("target_l0", "init_l0"):
+            v = getattr(self, name)
+            if v is not None and v > self.d_sae:
+                raise ConfigError(f"mdl: expected {name} <= d_sae={self.d_sae}, found {name}={v}")
+
+    @property
+    def controlled(self) -> str | None:
+        """Which training statistic the λ controller steers ('l0', 'bits'), or None (fixed dl_coef)."""
+        return "l0" if self.target_l0 is not None else "bits" if self.target_bits is not None else None
 
 
 def entropy_bits(p: Tensor) -> Tensor:
@@ -91,6 +137,40 @@ def soft_description_length(p_fire_F: Tensor, value_bits: float, n_rows: int) ->
     return entropy_bits(p).sum(), value_bits * p_fire_F.float().sum()
 
 
+def controller_step(log_coef: Tensor, measured: Tensor, target: float, rate: float) -> Tensor:
+    """The λ controller: one step of log λ towards the coefficient at which `measured` (the batch's
+    L0 or bits per row) equals `target`.
+
+    Why multiplicative (a step on log λ): the L0 that a λ buys spans orders of magnitude of λ, so an
+    additive step would be too slow at one end and unstable at the other. The step is proportional
+    to the relative error (measured − target) / target, clipped to ±1, times `rate`: too many
+    latents → larger λ → fewer bits. It is an integral controller (as JumpReLU L0 targets are reached
+    by a coefficient that keeps moving until the target is met), so it settles where the error is 0.
+    """
+    err = ((measured.detach().float() - target) / target).clamp(-1.0, 1.0)
+    return log_coef + rate * err
+
+
+def reconstruction_loss(x_ND: Tensor, recon_ND: Tensor, scale: str, clip_multiple: float = 4.0) -> Tensor:
+    """Scale-free reconstruction error of a batch (see `MDLConfig.loss_scale`).
+
+    Why not only the batch FVU: in an LLM residual stream a few "massive activation" rows hold most
+    of the variance (77 % in the quickstart store), so Σ‖e‖² / Σ‖x−μ‖² is decided by them and the
+    dl term buys bits on ordinary rows almost for free. 'row' gives every row the same weight;
+    'clipped' keeps the batch FVU for ordinary rows and caps a row's weight at clip_multiple × the
+    median centred norm (the weights are constants: no gradient flows into the row norms).
+    """
+    sq_err_N = (recon_ND - x_ND).pow(2).sum(-1)
+    centred_N = (x_ND - x_ND.mean(0)).pow(2).sum(-1).detach().clamp_min(1e-12)
+    if scale == "row":
+        return (sq_err_N / centred_N).mean()
+    if scale == "clipped":
+        cap = (clip_multiple ** 2) * centred_N.median()
+        w_N = (cap / centred_N).clamp(max=1.0)
+        return (w_N * sq_err_N).sum() / (w_N * centred_N).sum()
+    return sq_err_N.sum() / centred_N.sum()
+
+
 @register
 class MDLSAE(SparseAutoencoder):
     architecture = "mdl"
@@ -103,6 +183,10 @@ class MDLSAE(SparseAutoencoder):
         self.W_enc, self.W_dec, self.b_enc, self.b_dec = tied_init(cfg)
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold), **kw))
+        if cfg.controlled is not None:
+            # the controller's state: training-only (checkpoints carry it for resume; final_sae does not)
+            self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.dl_coef, 1e-12))), persistent=False)
+        self._measured: Tensor | None = None  # the last training batch's controlled statistic
 
     # -- encoding and decoding ------------------------------------------------------------------
     def _pre(self, x_ND: Tensor) -> Tensor:
@@ -122,7 +206,8 @@ class MDLSAE(SparseAutoencoder):
             hard_NF = hard_NF * keep
         if not surrogate:
             return hard_NF
-        soft_NF = torch.sigmoid((pre_NF - theta_F) / self.cfg.gate_temperature)
+        pre_in = pre_NF if self.cfg.surrogate_to_encoder else pre_NF.detach()
+        soft_NF = torch.sigmoid((pre_in - theta_F) / self.cfg.gate_temperature)
         return hard_NF + soft_NF - soft_NF.detach()
 
     def _dense_code(self, pre_NF: Tensor, surrogate: bool = False) -> tuple[Tensor, Tensor]:
@@ -150,34 +235,67 @@ class MDLSAE(SparseAutoencoder):
         return ForwardOutput(recon, self._sparse(z_NF), aux)
 
     # -- loss -----------------------------------------------------------------------------------
+    @property
+    def dl_coef(self) -> float:
+        """λ in use: the controller's current value when a target is set, else `cfg.dl_coef`."""
+        return float(self.log_dl_coef.exp()) if self.cfg.controlled else self.cfg.dl_coef
+
     def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
-        """FVU + dl_coef · (Σ_j H(p̂_j) + value_bits · Σ_j p̂_j); see the module docstring."""
+        """error + λ · (Σ_j H(p̂_j) + value_bits · Σ_j p̂_j); see the module docstring and
+        `reconstruction_loss` for the error's scaling. With a target, the batch's L0 (or bits) is
+        kept for the controller step that `after_optimizer_step` takes."""
         x_ND = x.reshape(-1, self.cfg.d_in)
         n = x_ND.shape[0]
-        sse = (out.recon.reshape(x_ND.shape) - x_ND).pow(2).sum()
-        total_var = (x_ND - x_ND.mean(0)).pow(2).sum().detach().clamp_min(1e-12)
-        fvu = sse / total_var
+        recon_ND = out.recon.reshape(x_ND.shape)
+        err = reconstruction_loss(x_ND, recon_ND, self.cfg.loss_scale, self.cfg.clip_multiple)
         p_fire_F = out.aux.get("p_fire_F")
         if p_fire_F is None:  # eval mode: hard frequencies (no gradient path needed)
             p_fire_F = (out.code.dense() != 0).to(x_ND.dtype).mean(0)
         activity, value = soft_description_length(p_fire_F, self.cfg.value_bits, n)
         dl = activity + value
-        total = fvu + self.cfg.dl_coef * dl
+        l0 = p_fire_F.detach().sum()
+        coef = self.log_dl_coef.exp() if self.cfg.controlled else self.cfg.dl_coef
+        total = err + coef * dl
+        if self.cfg.controlled and self.training and torch.is_grad_enabled():
+            self._measured = (l0 if self.cfg.controlled == "l0" else dl.detach()).clone()
+        with torch.no_grad():
+            sse = (recon_ND - x_ND).pow(2).sum()
+            fvu = sse / (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
         parts = {"fvu": fvu.item(), "mse": (sse / n).item(), "activity_bits": activity.item(),
-                 "value_bits": value.item(), "dl_bits": dl.item(), "l0": float(p_fire_F.detach().sum())}
+                 "value_bits": value.item(), "dl_bits": dl.item(), "l0": float(l0), "dl_coef": float(coef)}
+        if self.cfg.loss_scale != "batch":
+            parts["scaled_error"] = err.item()
         return LossOutput(total, parts)
 
     # -- training callbacks -----------------------------------------------------------------------
     @torch.no_grad()
     def init_from_data(self, x_ND: Tensor) -> None:
-        """b_dec <- geometric median of `x_ND` (as for top-k)."""
-        self.b_dec.copy_(geometric_median(x_ND.reshape(-1, self.cfg.d_in).double()).to(self.b_dec.dtype))
+        """b_dec <- geometric median of `x_ND` (as for top-k); with `init_l0` (or `target_l0`), each
+        latent's threshold <- the (1 − init_l0/d_sae) quantile of its pre-activations on `x_ND`.
+
+        Why from data: a constant threshold (init_threshold) means a different firing rate for every
+        latent and every input scale; on real activations it starts most latents firing on most
+        rows, and the first hundreds of steps are spent shrinking that. The quantile starts every
+        latent at the requested rate (the thresholds are floored at 1e-6: θ is exp(log θ))."""
+        x_ND = x_ND.reshape(-1, self.cfg.d_in)
+        self.b_dec.copy_(geometric_median(x_ND.double()).to(self.b_dec.dtype))
+        l0 = self.cfg.init_l0 if self.cfg.init_l0 is not None else self.cfg.target_l0
+        if l0 is None:
+            return
+        pre_NF = self._pre(x_ND.to(self.W_enc.dtype)).float()
+        q = min(max(1.0 - l0 / self.cfg.d_sae, 0.0), 1.0)
+        theta_F = pre_NF.kthvalue(min(max(1, int(round(q * pre_NF.shape[0]))), pre_NF.shape[0]), dim=0).values
+        self.log_threshold.copy_(theta_F.clamp_min(1e-6).log().to(self.log_threshold.dtype))
 
     def before_optimizer_step(self) -> None:
         remove_parallel_grad_(self.W_dec)
 
     def after_optimizer_step(self) -> None:
         renormalise_rows_(self.W_dec)
+        if self.cfg.controlled and self._measured is not None:
+            target = self.cfg.target_l0 if self.cfg.controlled == "l0" else self.cfg.target_bits
+            self.log_dl_coef.copy_(controller_step(self.log_dl_coef, self._measured, target, self.cfg.controller_rate))
+            self._measured = None
 
     def _fold_input_scale_(self, s: float) -> None:
         """With x' = s·x, pre' = s·pre(x), so dividing both biases (and the JumpReLU threshold) by s

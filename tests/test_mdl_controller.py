@@ -1,0 +1,163 @@
+"""MDL-SAE on real activations (issue 24): robust loss scaling, the λ controller, data-driven thresholds."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from saekit.data.synthetic import planted_features
+from saekit.errors import ConfigError
+from saekit.sae.mdl import MDLConfig, MDLSAE, controller_step, reconstruction_loss, soft_description_length
+from saekit.store.batches import TensorBatches
+from saekit.train import TrainConfig, train
+from saekit.train.checkpoint import load_checkpoint_sae
+
+
+def _massive_batch() -> tuple[torch.Tensor, torch.Tensor]:
+    """Four ordinary rows reconstructed with error 1 each, and one massive row reconstructed exactly
+    except for an error of 10: x centred at 0 by construction."""
+    x = torch.zeros(6, 2)
+    x[:4] = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])
+    x[4], x[5] = torch.tensor([100.0, 0.0]), torch.tensor([-100.0, 0.0])
+    recon = x.clone()
+    recon[:4] = 0.0  # error ‖x_i‖² = 1 on each ordinary row (per-row FVU 1)
+    recon[4, 1] = 10.0  # error 100 on the massive row (per-row FVU 0.01)
+    return x, recon
+
+
+def test_reconstruction_loss_known_answers():
+    x, recon = _massive_batch()
+    # batch FVU: (4 + 100) / (4 + 2 * 10,000) — the massive rows hide the ordinary rows' total failure
+    assert reconstruction_loss(x, recon, "batch").item() == pytest.approx(104 / 20004)
+    # per-row FVU: every row counts once: (4 * 1 + 0.01 + 0) / 6
+    assert reconstruction_loss(x, recon, "row").item() == pytest.approx(4.01 / 6)
+    # clipped at 2 × the median centred norm (median squared norm 1 → cap 4): the massive rows weigh
+    # 4 / 10,000 each, so they count as rows of squared norm 4
+    w = 4 / 10_000
+    want = (4 + w * 100) / (4 + 2 * w * 10_000)
+    assert reconstruction_loss(x, recon, "clipped", clip_multiple=2.0).item() == pytest.approx(want)
+    # without outliers, clipped is the batch FVU
+    assert reconstruction_loss(x[:4], recon[:4], "clipped").item() == pytest.approx(1.0)
+
+
+def test_robust_loss_gradient_reaches_ordinary_rows():
+    """The failure issue 24 measured: under batch FVU an ordinary row's error barely moves the loss."""
+    x, recon = _massive_batch()
+    grads = {}
+    for scale in ("batch", "row", "clipped"):
+        r = recon.clone().requires_grad_(True)
+        reconstruction_loss(x, r, scale, clip_multiple=2.0).backward()
+        grads[scale] = r.grad[:4].norm().item()
+    assert grads["row"] > 50 * grads["batch"] and grads["clipped"] > 50 * grads["batch"], grads
+
+
+def test_controller_step_known_answers():
+    c = torch.tensor(math.log(1e-3))
+    assert controller_step(c, torch.tensor(64.0), 32.0, 0.1).item() == pytest.approx(c.item() + 0.1)  # +100 %
+    assert controller_step(c, torch.tensor(48.0), 32.0, 0.1).item() == pytest.approx(c.item() + 0.05)
+    assert controller_step(c, torch.tensor(16.0), 32.0, 0.1).item() == pytest.approx(c.item() - 0.05)
+    assert controller_step(c, torch.tensor(3200.0), 32.0, 0.1).item() == pytest.approx(c.item() + 0.1)  # clipped
+    assert controller_step(c, torch.tensor(32.0), 32.0, 0.1).item() == pytest.approx(c.item())  # fixed point
+
+
+def test_config_checks():
+    with pytest.raises(ConfigError, match="at most one of target_l0 and target_bits"):
+        MDLConfig.from_dict({"d_in": 8, "d_sae": 16, "target_l0": 2, "target_bits": 20})
+    with pytest.raises(ConfigError, match="target_l0 <= d_sae"):
+        MDLConfig.from_dict({"d_in": 8, "d_sae": 16, "target_l0": 20})
+    with pytest.raises(ConfigError):
+        MDLConfig.from_dict({"d_in": 8, "d_sae": 16, "loss_scale": "median"})
+    assert not hasattr(MDLSAE(MDLConfig(d_in=8, d_sae=16)), "log_dl_coef")  # no controller state unless asked
+
+
+def test_thresholds_from_data_fire_at_the_requested_rate():
+    x = planted_features(4096, 16, 32, avg_active=3, seed=0).x_ND
+    sae = MDLSAE(MDLConfig(d_in=16, d_sae=64, init_l0=4.0, seed=0))
+    sae.init_from_data(x)
+    with torch.no_grad():
+        rate_F = (sae.eval().encode(x).dense() != 0).float().mean(0)
+    assert rate_F.sum().item() == pytest.approx(4.0, rel=0.02)  # mean L0 = init_l0
+    assert rate_F.max().item() < 2 * 4.0 / 64 and rate_F.min().item() > 0.5 * 4.0 / 64  # every latent alike
+
+
+def _train_to(target_l0: float, x, tmp_path, steps: int = 500):
+    sae = MDLSAE(MDLConfig(d_in=x.shape[1], d_sae=64, target_l0=target_l0, dl_coef=1e-3, controller_rate=0.05,
+                           loss_scale="row", seed=0))
+    cfg = TrainConfig(total_steps=steps, batch_size=256, lr=3e-3, checkpoint_every=0, progress_bar=False,
+                      log_every=steps, decay="none")
+    return train(sae, TensorBatches(x, 256, seed=0), cfg, tmp_path / f"t{target_l0}")
+
+
+def test_controller_reaches_the_requested_l0(tmp_path, one_thread):
+    """docs/RELIABILITY.md 6: a requested L0 is reached on held-out rows (planted data, true L0 ≈ 3)."""
+    pd = planted_features(12288, 16, 32, avg_active=3, seed=0)
+    x_tr, x_te = pd.x_ND[:8192], pd.x_ND[8192:]
+    got = {}
+    for target in (2.0, 6.0):
+        res = _train_to(target, x_tr, tmp_path)
+        with torch.no_grad():
+            got[target] = float(res.sae.encode(x_te).l0().float().mean())
+        assert got[target] == pytest.approx(target, rel=0.15), got
+    assert got[6.0] > got[2.0] + 3
+
+
+def test_controller_state_is_checkpointed_not_exported(tmp_path, one_thread):
+    x = planted_features(2048, 16, 32, avg_active=3, seed=1).x_ND
+    res = _train_to(3.0, x, tmp_path, steps=40)
+    live = load_checkpoint_sae(res.run_dir, fold=False).log_dl_coef
+    assert not math.isclose(float(live), math.log(1e-3), abs_tol=1e-6)  # the controller moved λ
+    assert math.isclose(float(live), float(res.sae.log_dl_coef), rel_tol=0, abs_tol=0)
+    from saekit.sae.registry import load_sae
+
+    loaded = load_sae(res.final_sae)  # the inference copy needs no λ: it loads with its default
+    with torch.no_grad():
+        torch.testing.assert_close(loaded.eval()(x[:64]).recon, res.sae(x[:64]).recon)
+
+
+def test_surrogate_to_encoder_off_leaves_the_dl_gradient_to_the_threshold():
+    """With surrogate_to_encoder false the DL estimate trains θ only; the encoder learns from values."""
+    x = torch.randn(128, 8, generator=torch.Generator().manual_seed(0))
+    grads = {}
+    for flag in (True, False):
+        sae = MDLSAE(MDLConfig(d_in=8, d_sae=32, init_threshold=0.2, surrogate_to_encoder=flag, seed=0)).train()
+        out = sae(x)
+        dl = sae.loss(x, out).parts["dl_bits"]
+        p_fire_F = out.aux["p_fire_F"]
+        act, val = soft_description_length(p_fire_F, sae.cfg.value_bits, x.shape[0])
+        assert (act + val).item() == pytest.approx(dl, rel=1e-5)
+        (act + val).backward()
+        g_enc = 0.0 if sae.W_enc.grad is None else sae.W_enc.grad.abs().sum().item()  # None: no path at all
+        grads[flag] = (g_enc, sae.log_threshold.grad.abs().sum().item())
+    assert grads[True][0] > 0 and grads[False][0] == 0.0
+    assert grads[False][1] > 0 and grads[False][1] == pytest.approx(grads[True][1], rel=1e-5)
+
+
+def test_resume_continues_the_controller_exactly(tmp_path, one_thread):
+    """λ is training state: a run stopped at step 15 and resumed ends where an uninterrupted one does."""
+    from saekit.train.loop import Trainer
+
+    x = planted_features(2048, 16, 32, avg_active=3, seed=2).x_ND
+
+    def setup():
+        sae = MDLSAE(MDLConfig(d_in=16, d_sae=32, target_l0=3.0, controller_rate=0.1, seed=0))
+        cfg = TrainConfig(total_steps=30, batch_size=128, lr=3e-3, checkpoint_every=0, progress_bar=False,
+                          log_every=10)
+        return sae, TensorBatches(x, 128, seed=0), cfg
+
+    whole = train(*setup(), tmp_path / "whole")
+    sae, batches, cfg = setup()
+    trainer = Trainer(sae, batches, cfg, tmp_path / "split")
+    trainer.start()
+    for _ in range(15):
+        trainer.step()
+    trainer.checkpoint()
+    trainer.close()
+    resumed = train(*setup(), tmp_path / "split", resume=True)
+    assert resumed.start_step == 15
+    a = load_checkpoint_sae(whole.run_dir, fold=False)
+    b = load_checkpoint_sae(resumed.run_dir, fold=False)
+    assert float(a.log_dl_coef) == float(b.log_dl_coef)
+    for name, t in a.state_dict().items():
+        assert torch.equal(t, b.state_dict()[name]), name
