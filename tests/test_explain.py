@@ -5,8 +5,6 @@ judge, the cache makes a re-run send zero requests, skipped features are listed,
 from __future__ import annotations
 
 import json
-import os
-import random
 from pathlib import Path
 
 import numpy as np
@@ -16,7 +14,7 @@ from saekit.analysis.explain.cache import CachedChat, ChatCache
 from saekit.analysis.explain.llm import ChatJudge, parse_votes
 from saekit.analysis.explain.ngram import NgramExplainer, build_background
 from saekit.analysis.explain.openai import OpenAIChat
-from saekit.analysis.explain.protocol import (Context, ExplainConfig, Explanation, FeatureExamples, balanced_accuracy,
+from saekit.analysis.explain.protocol import (Context, ExplainConfig, Explanation, balanced_accuracy,
                                               from_record, sample_across_intervals)
 from saekit.analysis.explain.runner import NegativePool, Plan, explain_records
 from saekit.analysis.explain.scorers import DetectionScorer, EmbeddingScorer, FuzzingScorer, KeywordJudge, auroc
@@ -24,7 +22,7 @@ from saekit.analysis.features import AnalyzeConfig
 from saekit.browser.build import build_bundle
 from saekit.browser.bundle import Bundle
 from saekit.errors import ChatBackendError, ConfigError
-from saekit.run.explain import explain_run, index_fires, make_plan
+from saekit.run.explain import explain_run, make_plan
 from support.judge_server import JudgeServer
 from support.planted_tokens import PLANTED_WORDS, planted_token_run
 
