@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from saekit.analysis.probing import document_units, pool_features, sae_codes
-from saekit.analysis.text_probe import pooled_activations
+from saekit.analysis.text_probe import LinearProbe, fit_linear_probe, pooled_activations
 from saekit.errors import ConfigError
 from saekit.sae.base import SparseAutoencoder, inference_mode
 
@@ -97,10 +97,12 @@ def contrastive_search(model, tokenizer, hook: str, sae: SparseAutoencoder, text
                    unit="document (mean-pooled tokens, position 0 left out)")
 
 
-def _split_docs(store, label: str, positive: str, max_docs: int | None, seed: int):
-    """(rows, unit index per row, doc ids per unit, is-A per unit) for the documents that carry `label`."""
+def _split_docs(store, label: str, positive: str, max_docs: int | None, seed: int, only=None):
+    """(rows, unit index per row, doc ids per unit, is-A per unit) for the documents that carry `label`
+    (and are among `only` when given)."""
     doc_N = store.meta("doc_id").numpy()
     labelled = {d for d, doc in store.docs.items() if (doc.get("labels") or {}).get(label) is not None}
+    labelled = labelled if only is None else labelled & {int(d) for d in only}
     docs = np.array(sorted(set(doc_N.tolist()) & labelled))
     if max_docs is not None and len(docs) > max_docs:
         docs = np.sort(np.random.default_rng(seed).choice(docs, max_docs, replace=False))
@@ -151,3 +153,21 @@ def label_top_tokens(tokenizer, docs: Sequence[dict], label: str, positive, n: i
     score = {t: math.log((c + 1) / tot[True]) - math.log((counts[False][t] + 1) / tot[False])
              for t, c in counts[True].items() if c >= min_count and word(t)}
     return sorted(sorted(score, key=lambda t: (-score[t], t))[:n])
+
+
+def store_class_means(store, label: str, positive, *, max_docs: int | None = 2000, seed: int = 0,
+                      doc_ids: Sequence[int] | None = None) -> tuple[Tensor, Tensor]:
+    """Per-document mean activations `[G, D]` of the documents with `label == positive` and of the rest
+    (restricted to `doc_ids` when given, e.g. a probe report's training documents)."""
+    rows, unit_N, units_G, is_a = _split_docs(store, label, positive, max_docs, seed, doc_ids)
+    pooled = pool_features(np.asarray(store[rows], dtype=np.float32), unit_N, store.meta("pos").numpy()[rows], "mean")
+    pooled = torch.from_numpy(np.asarray(pooled)).float()
+    return pooled[torch.from_numpy(is_a)], pooled[torch.from_numpy(~is_a)]
+
+
+def store_probe(store, label: str, positive, *, doc_ids: Sequence[int] | None = None, max_docs: int | None = 2000,
+                seed: int = 0) -> LinearProbe:
+    """A linear probe for `label == positive` on document-pooled activations of the store's hook: the
+    steering sweep scores generated text with it ("the run's probe", refitted on its training documents)."""
+    pos, neg = store_class_means(store, label, positive, max_docs=max_docs, seed=seed, doc_ids=doc_ids)
+    return fit_linear_probe(pos, neg, hook=getattr(store, "hook", ""), positive=f"{label}={positive}")

@@ -11,10 +11,10 @@ import argparse
 import logging
 import sys
 
-from saekit.cli import analysis, browse, mdl, run, train
+from saekit.cli import analysis, browse, mdl, run, steer_sweep, train
 from saekit.errors import SaekitError, UsageError
 
-MODULES = (run, train, browse, analysis, mdl)
+MODULES = (run, train, browse, analysis, mdl, steer_sweep)
 
 
 class Parser(argparse.ArgumentParser):
