@@ -9,6 +9,7 @@ import streamlit as st
 
 from saekit.browser.bundle import Bundle, Example, FeatureRecord
 from views.common import highlight, highlight_doc, open_feature
+from views.steering import open_steering
 
 
 def render(bundle: Bundle, run_key: str) -> None:
@@ -17,6 +18,7 @@ def render(bundle: Bundle, run_key: str) -> None:
     f = int(st.number_input(f"Feature (0 – {bundle.d_sae - 1})", 0, bundle.d_sae - 1, step=1, key="feature"))
     rec = bundle.feature(f)
     stats_row(rec, bundle)
+    st.button("Steer with this feature", key="steer_with", on_click=open_steering, args=(f,))
     tabs = st.tabs(["Top examples", "Interval samples", "Histogram", "Logit lens", "Neighbours", "Labels", "Family"])
     with tabs[0]:
         examples(rec["top"], rec["max"], bundle.is_llm, "top")
