@@ -102,6 +102,9 @@ def _split_docs(store, label: str, positive: str, max_docs: int | None, seed: in
     (and are among `only` when given)."""
     doc_N = store.meta("doc_id").numpy()
     labelled = {d for d, doc in store.docs.items() if (doc.get("labels") or {}).get(label) is not None}
+    if not labelled:
+        known = sorted({k for doc in store.docs.values() for k in (doc.get("labels") or {})})
+        raise ConfigError(f"contrast: expected documents with label '{label}', found none (labels: {known})")
     labelled = labelled if only is None else labelled & {int(d) for d in only}
     docs = np.array(sorted(set(doc_N.tolist()) & labelled))
     if max_docs is not None and len(docs) > max_docs:

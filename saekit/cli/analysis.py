@@ -17,7 +17,7 @@ from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, wr
 from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
 from saekit.artifacts import atomic_write_json
 from saekit.cli.steer_sweep import add_sweep_arguments, cmd_sweep
-from saekit.errors import ConfigError
+from saekit.errors import ConfigError, UsageError
 from saekit.eval.preflight import check_model_hook
 from saekit.eval.bootstrap import interval_fn
 from saekit.layout import RunFolder
@@ -168,7 +168,7 @@ def cmd_steer(args) -> int:
     if getattr(args, "sweep", False):
         return cmd_sweep(args)
     if not args.prompt:
-        raise ConfigError("steer: expected --prompt (or --sweep for a measured sweep)")
+        raise UsageError("steer: expected --prompt (or --sweep for a measured sweep), found neither")
     folder = RunFolder(Path(args.run))
     folder = (folder.for_sae(args.sae) if getattr(args, "sae", None) else folder).require_one_sae()
     sae, store, checked = checked_sae_and_store(folder, force=args.force)

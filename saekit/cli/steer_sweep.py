@@ -122,6 +122,7 @@ def _condition(text: str | None) -> dict | None:
 def cmd_sweep(args) -> int:
     from saekit.sources.models import load_for_spec
 
+    strengths, cond, prompts = _floats(args.strengths), _condition(args.condition), _prompts(args)  # checked first
     folder = RunFolder(Path(args.run))
     folder = (folder.for_sae(args.sae) if getattr(args, "sae", None) else folder).require_one_sae()
     sae, store, checked = checked_sae_and_store(folder, force=args.force)
@@ -132,8 +133,7 @@ def cmd_sweep(args) -> int:
     sae = sae.eval()
     model, tok = load_for_spec(store.manifest["source"])
     what, name, contrast = _what_to_steer(args, store, sae)
-    cond = _condition(args.condition)
-    report = steering_sweep(model, tok, args.hook or store.hook, _prompts(args), _floats(args.strengths), sae=sae,
+    report = steering_sweep(model, tok, args.hook or store.hook, prompts, strengths, sae=sae,
                             mode=args.mode, condition=cond, target_token_ids=_target_ids(args, tok, store),
                             probe=_probe(folder, store, args), max_new_tokens=args.max_new_tokens, seed=args.seed,
                             do_sample=not args.greedy, temperature=args.temperature, kl_budget=args.kl_budget,
