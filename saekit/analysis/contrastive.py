@@ -52,8 +52,8 @@ def rank_latents(pooled_a_GF: Tensor, pooled_b_HF: Tensor, *, top_n: int = 10,
     top = diff_F.topk(min(top_n, diff_F.shape[0])).indices.tolist()
     out = []
     for f in top:
-        if not math.isfinite(float(diff_F[f])):
-            break
+        if not math.isfinite(float(diff_F[f])) or float(diff_F[f]) <= 0:
+            break  # left out (fires on most of B) or not higher in A: nothing more separates A from B
         out.append({"feature": int(f), "diff": float(diff_F[f]), "mean_a": float(a[:, f].mean()),
                     "mean_b": float(b[:, f].mean()), "fires_a": float((a[:, f] > 0).float().mean()),
                     "fires_b": float((b[:, f] > 0).float().mean()),
