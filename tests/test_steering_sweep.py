@@ -265,3 +265,26 @@ def test_contrastive_feature_raises_airline_mass_within_budget_and_its_ablation_
     print(f"airline probe on held-out airline tweets: {float(clean.mean()):.3f} -> {float(ablated.mean()):.3f}")
     assert float(ablated.mean()) < float(clean.mean())
     assert float((ablated < clean).float().mean()) >= 0.6
+
+
+@pytest.mark.parametrize("kind", ["embedding", "hf"])
+def test_contrast_store_finds_the_latent_of_a_label_in_embedding_and_token_stores(kind):
+    from saekit.analysis.contrastive import contrast_store
+    from saekit.analysis.probing import ArrayStore
+
+    sae = _topk(k=4)
+    g = torch.Generator().manual_seed(3)
+    rows_per_doc = 1 if kind == "embedding" else 3
+    docs = {d: {"text": f"doc {d}", "labels": {"topic": "air" if d % 3 == 0 else "other"}} for d in range(60)}
+    doc_N = torch.arange(60).repeat_interleave(rows_per_doc)
+    acts = 0.3 * torch.randn(len(doc_N), 16, generator=g)
+    is_air_N = torch.tensor([docs[int(d)]["labels"]["topic"] == "air" for d in doc_N])
+    acts[is_air_N] += 4.0 * sae.W_dec[9].detach()
+    pos = torch.arange(len(doc_N)) % rows_per_doc if kind == "hf" else None
+    store = ArrayStore(acts, doc_N, docs, pos_N=pos, kind=kind)
+    rep = contrast_store(store, sae, "topic", "air", interval=difference_interval_fn(200, 0), top_n=3)
+    assert rep["best"] == 9 and rep["n_a"] == 20 and rep["n_b"] == 40
+    top = rep["features"][0]
+    assert top["ci95"][0] > 0 and top["fires_a"] == 1.0 and top["examples"][0]["text"].startswith("doc ")
+    with pytest.raises(ConfigError, match="label 'mood'"):
+        contrast_store(store, sae, "mood", "x")
