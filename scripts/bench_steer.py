@@ -83,11 +83,12 @@ def main() -> None:
         ref()
         t_ref.append(time.perf_counter() - t)
     a, r = min(t_api), min(t_ref)
+    load = os.getloadavg()[1]  # the machine is shared: a 5-minute load far above --threads inflates both times
     print(json.dumps({"bench": "steering_sweep", "strengths": len(strengths), "prompts": len(prompts), "tokens": n_new,
                       "threads": args.threads, "sweep_s": round(a, 2), "reference_unbatched_s": round(r, 2),
                       "speedup": round(r / a, 2), "target_s": 180, "within_target": a <= 180,
                       "feature": args.feature, "chosen_strength": report["chosen"]["strength"],
-                      "chosen_ratio": report["chosen"]["ratio_to_unsteered"]}))
+                      "chosen_ratio": report["chosen"]["ratio_to_unsteered"], "load_avg_5min": round(load, 1)}))
 
 
 if __name__ == "__main__":
