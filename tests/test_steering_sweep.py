@@ -147,8 +147,9 @@ def _logits(model, ids):
 
 @pytest.fixture(scope="module")
 def airline_setup(smollm, tweets, tmp_path_factory):
-    """A top-k SAE trained briefly on layer-15 activations of 120 tweets (positions >= 1), and the
-    airline / other tweets split into a search half and a held-out half."""
+    """A top-k SAE trained briefly on layer-15 activations of the 400 fixture tweets (positions >= 1), and
+    the airline / other tweets split into a search half and a held-out half. (Trained on 120 tweets, the
+    SAE's airline latents were mixed: its contrastive pick reached 2x only at KL 0.54.)"""
     from saekit.sae.registry import load_sae
     from saekit.sources.base import SourceConfig
     from saekit.sources.hf import HFSource
@@ -158,12 +159,12 @@ def airline_setup(smollm, tweets, tmp_path_factory):
     model, tok = smollm
     src = HFSource(SourceConfig(kind="hf", hooks=[LAYER], batch_size=20, max_length=32), model, tok)
     acts, pos = [], []
-    for b in src.iter_batches(tweets[:120]):
+    for b in src.iter_batches(tweets):
         acts.append(b.acts[LAYER]), pos.append(b.pos)
     acts_ND = torch.cat(acts)[torch.cat(pos) > 0]
     sae = create({"architecture": "topk", "d_in": 576, "d_sae": 256, "k": 16, "seed": 0})
     folder = tmp_path_factory.mktemp("sae")
-    train(sae, TensorBatches(acts_ND, 256, seed=0), TrainConfig(total_steps=300, batch_size=256, checkpoint_every=0,
+    train(sae, TensorBatches(acts_ND, 256, seed=0), TrainConfig(total_steps=400, batch_size=256, checkpoint_every=0,
           progress_bar=False, normalize_activations="expected_average_only_in", lr=2e-3), folder / "sae")
     air = [d["text"] for d in tweets if d["labels"]["topic"] == "airline"]
     other = [d["text"] for d in tweets if d["labels"]["topic"] != "airline"]
@@ -248,8 +249,7 @@ def test_contrastive_feature_raises_airline_mass_within_budget_and_its_ablation_
     f = rep["best"]
     best = rep["features"][0]
     assert best["ci95"][0] > 0 and best["fires_a"] > best["fires_b"]
-    peak = max(e["activation"] for e in best["examples"])
-    strengths = [round(peak * m, 2) for m in (2, 4, 8, 12, 16, 24)]
+    strengths = [10, 20, 40, 60, 80]  # the residual stream's scale at layer 15 (norms ~ 50-100), not the code's
     probe = fit_linear_probe(pooled_activations(model, tok, air[:half_a], PROBE_LAYER),
                              pooled_activations(model, tok, other[:half_b], PROBE_LAYER), hook=PROBE_LAYER)
     sweep = steering_sweep(model, tok, LAYER, PROMPTS, strengths, sae=sae, feature=f, probe=probe,
