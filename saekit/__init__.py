@@ -29,6 +29,8 @@ _LAZY = {
     "load_run_config": ("saekit.run.config", "load_run_config"),
     "run_all": ("saekit.run.stages", "run_all"),
     "RunFolder": ("saekit.layout", "RunFolder"),
+    "steering_sweep": ("saekit.analysis.steering_sweep", "steering_sweep"),
+    "contrastive_search": ("saekit.analysis.contrastive", "contrastive_search"),
 }
 
 __all__ = sorted(_LAZY) + ["__version__"]

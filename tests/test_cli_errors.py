@@ -319,6 +319,17 @@ ROWS: list[Row] = [
     Row("compare-features", "unknown level", ("compare-features", "run", "run", "--level", "byte"), "UsageError",
         ("--level", "byte")),
     Row("geometry", "missing path", ("geometry", "nope"), "ConfigError", ("expected a run folder", "nope")),
+    Row("steer", "sweep strengths not numbers", ("steer", "run", "--sweep", "--strengths", "a,b"), "ConfigError",
+        ("comma-separated numbers", "a,b")),
+    Row("steer", "sweep condition not J>T", ("steer", "run", "--sweep", "--feature", "1", "--condition", "3"),
+        "ConfigError", ("J>T", "'3'")),
+    # contrast
+    Row("contrast", "missing path", ("contrast", "nope", "--label", "sentiment", "--positive", "negative"),
+        "ConfigError", ("expected a run folder", "nope")),
+    Row("contrast", "label that does not exist", ("contrast", "run", "--label", "mood", "--positive", "sad"),
+        "ConfigError", ("label 'mood'", "found none", "sentiment")),
+    Row("contrast", "positive class without documents",
+        ("contrast", "run", "--label", "sentiment", "--positive", "ecstatic"), "ConfigError", ("ecstatic", "found 0")),
     # mdl-select
     Row("mdl-select", "missing path", ("mdl-select", "nope.yaml"), "ConfigError", ("nope.yaml", "no such file"),
         subprocess=True),

@@ -10,6 +10,7 @@ import streamlit as st
 from saekit.browser.bundle import Bundle, Example, FeatureRecord
 from views import explanations
 from views.common import highlight, highlight_doc, open_feature
+from views.steering import open_steering
 
 
 def render(bundle: Bundle, run_key: str) -> None:
@@ -19,6 +20,7 @@ def render(bundle: Bundle, run_key: str) -> None:
     rec = bundle.feature(f)
     stats_row(rec, bundle)
     explanations.feature_panel(bundle, f)
+    st.button("Steer with this feature", key="steer_with", on_click=open_steering, args=(f,))
     tabs = st.tabs(["Top examples", "Interval samples", "Histogram", "Logit lens", "Neighbours", "Labels", "Family"])
     with tabs[0]:
         examples(rec["top"], rec["max"], bundle.is_llm, "top")

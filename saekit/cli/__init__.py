@@ -11,13 +11,13 @@ import argparse
 import logging
 import sys
 
-from saekit.cli import analysis, browse, explain, mdl, run, train
+from saekit.cli import analysis, browse, explain, mdl, run, steer_sweep, train
 from saekit.cli import retrieval  # noqa: E402  (one line per added module keeps merges apart)
 from saekit.cli import compare_features  # noqa: E402
 from saekit.cli import geometry  # noqa: E402
 from saekit.errors import SaekitError, UsageError
 
-MODULES = (run, train, browse, analysis, mdl, explain, retrieval, compare_features, geometry)
+MODULES = (run, train, browse, analysis, mdl, explain, steer_sweep, retrieval, compare_features, geometry)
 
 
 class Parser(argparse.ArgumentParser):

@@ -16,7 +16,8 @@ from saekit.analysis.probe_report import format_ci
 from saekit.analysis.probing import METHODS, format_probe_table, probe_sweep, write_probe_report
 from saekit.analysis.steering import FeatureEdit, generate_steered, steered_search
 from saekit.artifacts import atomic_write_json
-from saekit.errors import ConfigError
+from saekit.cli.steer_sweep import add_sweep_arguments, cmd_sweep
+from saekit.errors import ConfigError, UsageError
 from saekit.eval.preflight import check_model_hook
 from saekit.eval.bootstrap import interval_fn
 from saekit.layout import RunFolder
@@ -98,7 +99,8 @@ def _probe_one(args, folder: RunFolder) -> None:
 def add_steer_arguments(parser) -> None:
     parser.add_argument("run", help="run folder (its store and trained SAE)")
     parser.add_argument("--sae", default=None, help="which SAE of a multi-SAE run")
-    parser.add_argument("--prompt", required=True, help="prompt to continue (LLM runs) or query text (embedding runs)")
+    parser.add_argument("--prompt", default=None,
+                        help="prompt to continue (LLM runs) or query text (embedding runs); required without --sweep")
     parser.add_argument("--feature", type=int, action="append", default=[], help="feature to add (repeatable)")
     parser.add_argument("--alpha", type=float, action="append", default=[],
                         help="strength per --feature (repeatable; one value applies to every feature)")
@@ -112,6 +114,7 @@ def add_steer_arguments(parser) -> None:
     parser.add_argument("--top-n", type=int, default=10, help="results shown for embedding-search steering")
     parser.add_argument("--force", action="store_true",
                         help="run even when the SAE's model name differs from the store's (an alias); recorded")
+    add_sweep_arguments(parser)
 
 
 def edits_from_args(args) -> list[FeatureEdit]:
@@ -162,6 +165,10 @@ def cmd_steer(args) -> int:
     from saekit.artifacts import to_strict_json
     from saekit.sources.models import load_for_spec
 
+    if getattr(args, "sweep", False):
+        return cmd_sweep(args)
+    if not args.prompt:
+        raise UsageError("steer: expected --prompt (or --sweep for a measured sweep), found neither")
     folder = RunFolder(Path(args.run))
     folder = (folder.for_sae(args.sae) if getattr(args, "sae", None) else folder).require_one_sae()
     sae, store, checked = checked_sae_and_store(folder, force=args.force)
