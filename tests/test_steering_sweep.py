@@ -9,7 +9,7 @@ import torch
 
 from saekit.analysis.conditional import detector_values, steer_conditional
 from saekit.analysis.contrastive import rank_latents
-from saekit.analysis.steering import FeatureEdit, steer
+from saekit.analysis.steering import FeatureEdit
 from saekit.analysis.steering_sweep import choose_strength, edit_context
 from saekit.analysis.sweep_report import format_sweep_table, saved_sweeps, write_sweep_report
 from saekit.analysis.text_probe import fit_linear_probe
