@@ -239,6 +239,14 @@ def main() -> None:
     if a.naive:
         variants["naive"] = lambda: run_naive(X_ND, held_BD, a.steps, order_SB)
     names = list(variants)
+    # the same warm-up for each, not timed: imports (the first Adam imports torch._dynamo: seconds),
+    # the native kernels' build, first-touch allocations
+    warm_order = batch_order(X_ND, 2)
+    for name, fn in {"public": lambda: run_public(X_ND, held_BD, 2, work),
+                     "bare": lambda: run_bare(X_ND, held_BD, 2, warm_order),
+                     **({"sparsify": lambda: run_sparsify(X_ND, held_BD, 2, warm_order, work)}
+                        if "sparsify" in variants else {})}.items():
+        fn()
     secs: dict[str, list[float]] = {n: [] for n in names}
     fvus: dict[str, list[float]] = {n: [] for n in names}
     for r in range(a.rounds):
