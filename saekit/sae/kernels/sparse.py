@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saekit.sae.kernels import native
+from saekit.sae.kernels import native, triton_sparse
 
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 """`select(pre_BF) -> (idx_BK, vals_BK)`: which latents fire and their values; a slot whose value
@@ -58,10 +58,18 @@ def serial() -> Iterator[None]:
 
 
 # -- sparse primitives -----------------------------------------------------------------------
+def _on_gpu_triton(t: Tensor) -> bool:
+    """CUDA tensors take the Triton kernels when Triton is installed (`saekit.sae.kernels.triton_sparse`)."""
+    return t.device.type == "cuda" and triton_sparse.available(t)
+
+
+
 def embed_sum(idx_BK: Tensor, w_BK: Tensor, table_FD: Tensor) -> Tensor:
     """`out[b] = sum_j w[b, j] * table[idx[b, j]]`, `[B, D]`, without materialising `[B, K, D]`."""
     if idx_BK.shape[1] == 0:
         return table_FD.new_zeros(idx_BK.shape[0], table_FD.shape[1])
+    if _on_gpu_triton(table_FD) and table_FD.dtype == torch.float32:
+        return triton_sparse.embed_sum(idx_BK, w_BK, table_FD)
     fast = native.embed_sum(idx_BK, w_BK, table_FD)
     if fast is not None:
         return fast
@@ -78,6 +86,8 @@ def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor:
     B, K = idx_BK.shape
     if K == 0:
         return rows_BD.new_zeros(B, 0)
+    if _on_gpu_triton(table_FD) and table_FD.dtype == rows_BD.dtype == torch.float32:
+        return triton_sparse.gather_dot(idx_BK, table_FD, rows_BD)
     fast = native.gather_dot(idx_BK, table_FD, rows_BD)
     if fast is not None:
         return fast
@@ -102,6 +112,9 @@ def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transpos
     The native kernel does the same and writes the transposed layout directly (the encoder's weight
     is `[D, n]`; a separate transposing copy of the gradient took ~8 ms a step on the benchmark).
     """
+    if _on_gpu_triton(M_BD) and M_BD.dtype == torch.float32 and not torch.are_deterministic_algorithms_enabled():
+        out = triton_sparse.sparse_t_matmul(idx_BK, w_BK, M_BD, n)  # float32 atomics: not bit-reproducible
+        return out.t().contiguous() if transposed else out
     fast = native.sparse_t_matmul(idx_BK, w_BK, M_BD, n, transposed)
     if fast is not None:
         return fast
