@@ -19,7 +19,7 @@ import sys
 import shutil
 import uuid
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
 from safetensors import SafetensorError
@@ -94,6 +94,28 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         if tmp.exists():
             tmp.unlink()
     _fsync_dir(path.parent)
+
+
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> str:
+    """`atomic_write_bytes` for data produced piece by piece (never all in memory at once);
+    returns the sha256 of everything written."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    h = hashlib.sha256()
+    try:
+        with open(tmp, "wb") as f:
+            for chunk in chunks:
+                h.update(chunk)
+                f.write(chunk)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    _fsync_dir(path.parent)
+    return h.hexdigest()
 
 
 def to_strict_json(obj: Any) -> Any:

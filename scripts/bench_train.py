@@ -1,32 +1,47 @@
-"""Benchmark: saekit's top-k training step against a naive dense PyTorch step. Prints ONE JSON line.
+"""Benchmark: what users run, `saekit.train(...)` with its defaults, next to the bare top-k step and
+next to EleutherAI sparsify's `Trainer.fit` on the same rows. Prints ONE JSON line.
 
 Workload (DESIGN.md §5): planted synthetic activations d_in=512, d_sae=8192, k=32, batch 4096,
-fp32, 2 threads, Adam (fused, the same settings for both). Both variants train in this process,
-step by step interleaved (alternating which goes first), so they see the same machine load: the
-speedup is the median of the per-step ratios. Between steps the bare encoder product `x @ W_enc`
-(the floor of a top-k step) and encode-only inference are timed. Peak RSS is measured for each
-variant alone in a fresh subprocess (a few steps). Both variants start from the
-same initial weights, run the same algorithm (unit-norm decoder rows kept by gradient projection and
-renormalisation) and see the same batches, so their FVU after the same steps should agree.
-`native_kernels` says whether saekit's optional C kernels were used (`SAEKIT_NATIVE=0` turns them off).
+2 threads. Every variant trains a fresh SAE for `--steps` steps on the same batches in the same
+order (the order `TensorBatches(X, 4096)` yields), and the variants take turns, round after round,
+in a rotating order, so they see the same machine load; each ratio is the median over rounds of the
+per-round ratio. Variants:
 
-    python scripts/bench_train.py [--steps 6] [--warmup 1]
+* `public`: `saekit.train(TopKSAE(...), TensorBatches(X, B), TrainConfig(total_steps=N, batch_size=B),
+  run_dir)`, defaults untouched (deterministic kernels, metrics.jsonl, the progress bar, the final
+  checkpoint and final_sae/ written with fsync; the timed span is the whole call, SAE construction
+  included). `public_bf16` is the same with `precision="bf16"` (only on CPUs with bf16 instructions).
+* `bare`: the kernel alone, `sae.loss(x, sae(x))`, backward, fused Adam, on pre-drawn batches.
+* `sparsify`: `sparsify.Trainer(cfg, rows, model).fit()` with its defaults (SignSGD + schedule-free,
+  its own learning rate), fed by a stand-in "model" whose one layer outputs the rows (construction
+  included; its stdout goes to stderr). Skipped, with a note, when eai-sparsify is not installed
+  (`pip install saekit[bench]`).
+* `naive` (`--naive`): a dense PyTorch top-k step, the reference of the earlier benchmark.
+
+Held-out FVU is measured on one extra planted batch never trained on (sparsify: its schedule-free
+averaged weights, the ones it saves). Timing on a shared machine is noisy: read the per-round lists.
+
+    python scripts/bench_train.py [--steps 128] [--rounds 3] [--naive]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
-import resource
+import os
 import statistics
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
+from types import SimpleNamespace
 
 import torch
 from torch import nn
 
 D_IN, D_SAE, K, BATCH, N_FEATURES = 512, 8192, 32, 4096, 4096
+SEQ = 256  # rows per "sequence" in sparsify's data loader (its batch size counts sequences)
 
 
 # -- the naive dense reference (plain PyTorch, no saekit) ---------------------------------------------------
@@ -56,7 +71,6 @@ def naive_step(model, opt, x):
         W /= W.norm(dim=1, keepdim=True)
 
 
-# -- saekit -----------------------------------------------------------------------------------------------
 def saekit_step(sae, opt, x):
     loss = sae.loss(x, sae(x))
     opt.zero_grad(set_to_none=True)
@@ -66,7 +80,7 @@ def saekit_step(sae, opt, x):
     sae.after_optimizer_step()
 
 
-# -- shared ------------------------------------------------------------------------------------------------
+# -- data ------------------------------------------------------------------------------------------------
 def make_data(n_batches: int, seed: int = 0):
     """Planted activations, generated in chunks so the dense codes never get large."""
     from saekit.data.synthetic import random_dictionary, sample_codes
@@ -84,103 +98,180 @@ def fvu(x, recon):
     return float((x - recon).pow(2).sum() / (x - x.mean(0)).pow(2).sum())
 
 
-def peak_rss_mb() -> float:
-    """VmHWM of this process image (ru_maxrss can carry over the parent's peak across fork/exec)."""
-    try:
-        for line in open("/proc/self/status"):
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+def batch_order(X_ND, steps: int) -> torch.Tensor:
+    """The row indices `TensorBatches(X, BATCH)` yields for `steps` batches, `[steps, BATCH]`."""
+    from saekit.store.batches import TensorBatches
+
+    src = TensorBatches(torch.arange(len(X_ND), dtype=torch.float32)[:, None], BATCH)
+    return torch.stack([src.next_batch()[:, 0].long() for _ in range(steps)])
 
 
-def timed(fn, n):
-    times = []
-    for _ in range(n):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return times
-
-
-def setup(n_batches: int):
+# -- variants: each returns (seconds, held-out FVU) --------------------------------------------------------
+def run_public(X_ND, held_BD, steps: int, work: Path, precision: str = "fp32"):
+    import saekit
     from saekit.sae.topk import TopKConfig, TopKSAE
+    from saekit.store.batches import TensorBatches
 
-    torch.set_num_threads(2)
-    torch.manual_seed(0)
-    train_x, held_x = make_data(n_batches)
+    run_dir = Path(tempfile.mkdtemp(dir=work))
+    t = time.perf_counter()
     sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
-    sae.init_from_data(train_x[0])
-    naive = NaiveTopK(sae.W_enc.detach(), sae.W_dec.detach(), sae.b_enc.detach(), sae.b_dec.detach(), K)
-    lr = 2e-4 / (D_SAE / 16384) ** 0.5  # Gao et al.'s width-scaled learning rate
-    opt_s = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
-    opt_n = torch.optim.Adam(naive.parameters(), lr=lr, fused=True)
-    return train_x, held_x, sae, opt_s, naive, opt_n
+    res = saekit.train(sae, TensorBatches(X_ND, BATCH), saekit.TrainConfig(total_steps=steps, batch_size=BATCH,
+                                                                           precision=precision), run_dir)
+    dt = time.perf_counter() - t
+    with torch.no_grad():
+        return dt, fvu(held_BD, res.sae(held_BD).recon)
 
 
-def memory_child(variant: str, steps: int) -> dict:
-    """Peak RSS of `steps` training steps of one variant, alone in a fresh process."""
-    train_x, _, sae, opt_s, naive, opt_n = setup(2)
-    if variant == "naive":
-        del sae, opt_s
-        for i in range(steps):
-            naive_step(naive, opt_n, train_x[i % 2])
-    else:
-        del naive, opt_n
-        for i in range(steps):
-            saekit_step(sae, opt_s, train_x[i % 2])
-    return {"peak_rss_mb": peak_rss_mb()}
+def run_bare(X_ND, held_BD, steps: int, order_SB):
+    from saekit.sae.topk import TopKConfig, TopKSAE
+    from saekit.train.config import default_lr
+
+    batches = [X_ND[i] for i in order_SB]
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
+    sae.init_from_data(batches[0])
+    opt = torch.optim.Adam(sae.parameters(), lr=default_lr(D_SAE), fused=True)
+    t = time.perf_counter()
+    for x in batches:
+        saekit_step(sae, opt, x)
+    dt = time.perf_counter() - t
+    sae.eval()
+    with torch.no_grad():
+        return dt, fvu(held_BD, sae(held_BD).recon)
 
 
+def run_naive(X_ND, held_BD, steps: int, order_SB):
+    from saekit.sae.topk import TopKConfig, TopKSAE
+    from saekit.train.config import default_lr
+
+    batches = [X_ND[i] for i in order_SB]
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
+    sae.init_from_data(batches[0])
+    model = NaiveTopK(sae.W_enc.detach(), sae.W_dec.detach(), sae.b_enc.detach(), sae.b_dec.detach(), K)
+    opt = torch.optim.Adam(model.parameters(), lr=default_lr(D_SAE), fused=True)
+    t = time.perf_counter()
+    for x in batches:
+        naive_step(model, opt, x)
+    dt = time.perf_counter() - t
+    with torch.no_grad():
+        return dt, fvu(held_BD, model(held_BD))
+
+
+class RowModel(nn.Module):
+    """What sparsify's trainer hooks: `base_model.layers.0` outputs the rows the token ids name."""
+
+    def __init__(self, X_ND):
+        super().__init__()
+        self.table = X_ND
+        self.layers = nn.ModuleList([nn.Identity()])
+        self.config = SimpleNamespace(num_hidden_layers=1)
+        self.dummy_inputs = {"input_ids": torch.zeros(1, 4, dtype=torch.long)}
+
+    base_model = property(lambda self: self)
+    device = property(lambda self: self.table.device)
+
+    def forward(self, input_ids, **_):
+        return self.layers[0](self.table[input_ids])
+
+
+def run_sparsify(X_ND, held_BD, steps: int, order_SB, work: Path):
+    from sparsify import SaeConfig, Trainer, TrainConfig
+
+    seqs = order_SB.reshape(-1, SEQ)
+    rows = [{"input_ids": s} for s in seqs]
+    precision = torch.get_float32_matmul_precision()  # fit() sets "high"; do not let it leak into the others
+    try:
+        with contextlib.redirect_stdout(sys.stderr):
+            t = time.perf_counter()
+            cfg = TrainConfig(SaeConfig(num_latents=D_SAE, k=K), batch_size=BATCH // SEQ, hookpoints=["layers.0"],
+                              log_to_wandb=False, save_dir=str(Path(tempfile.mkdtemp(dir=work))))
+            trainer = Trainer(cfg, rows, RowModel(X_ND))
+            trainer.fit()
+            dt = time.perf_counter() - t
+    finally:
+        torch.set_float32_matmul_precision(precision)
+    for opt in trainer.optimizers:  # the schedule-free averaged weights (what sparsify saves)
+        getattr(opt, "eval", lambda: None)()
+    sae = next(iter(trainer.saes.values()))
+    with torch.no_grad():
+        return dt, fvu(held_BD, sae(held_BD).sae_out)
+
+
+def sparsify_version() -> str | None:
+    """eai-sparsify's version, None when absent. Without CUDA its Triton decoder cannot run (Triton
+    finds no driver), so its own switch selects the eager decoder; its import notes go to stderr."""
+    if not torch.cuda.is_available():
+        os.environ.setdefault("SPARSIFY_DISABLE_TRITON", "1")
+    try:
+        from importlib.metadata import version
+
+        with contextlib.redirect_stdout(sys.stderr):
+            import sparsify  # noqa: F401
+        return version("eai-sparsify")
+    except ImportError:
+        return None
+
+
+# -- main --------------------------------------------------------------------------------------------------
 def main() -> None:
-    from saekit.sae.kernels import native
+    from saekit.train.precision import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=6, help="timed steps per variant (after --warmup)")
-    ap.add_argument("--warmup", type=int, default=1)
-    ap.add_argument("--mem-child", choices=["naive", "saekit"], help=argparse.SUPPRESS)
+    ap.add_argument("--steps", type=int, default=128, help="training steps per variant and round")
+    ap.add_argument("--rounds", type=int, default=3, help="rounds; every variant trains once per round")
+    ap.add_argument("--naive", action="store_true", help="also time the naive dense step")
+    ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 public variant")
     a = ap.parse_args()
-    if a.mem_child:
-        print(json.dumps(memory_child(a.mem_child, a.warmup + 2)))
-        return
-    rss = {}  # first, while this process is still small
-    for v in ("naive", "saekit"):
-        res = subprocess.run([sys.executable, __file__, "--mem-child", v, "--warmup", str(a.warmup)],
-                             check=True, capture_output=True, text=True)
-        rss[v] = round(json.loads(res.stdout.strip().splitlines()[-1])["peak_rss_mb"])
-    train_x, held_x, sae, opt_s, naive, opt_n = setup(4)
-    batches = [train_x[i % len(train_x)] for i in range(a.warmup + a.steps)]
-    t_n, t_s, t_floor, t_enc = [], [], [], []
-    for i, x in enumerate(batches):  # interleaved, alternating order: both see the same machine load
-        order = [("n", lambda: naive_step(naive, opt_n, x)), ("s", lambda: saekit_step(sae, opt_s, x))]
-        for name, fn in (order if i % 2 == 0 else order[::-1]):
-            (t_n if name == "n" else t_s).append(timed(fn, 1)[0])
-        with torch.no_grad():
-            W = sae.W_enc.detach()
-            t_floor.append(timed(lambda: x @ W, 1)[0])
-            sae.eval()
-            t_enc.append(timed(lambda: sae.encode(x), 1)[0])
-            sae.train()
-    t_n, t_s, t_floor, t_enc = (v[a.warmup:] for v in (t_n, t_s, t_floor, t_enc))
-    with torch.no_grad():
-        sae.eval()
-        fvu_s, fvu_n = fvu(held_x, sae(held_x).recon), fvu(held_x, naive(held_x))
+    torch.set_num_threads(2)
+    n_data = max(a.steps // 8, 2)  # the run sees each row about 8 times at most, like a real short run
+    train_x, held_BD = make_data(n_data)
+    X_ND = train_x.reshape(-1, D_IN)
+    order_SB = batch_order(X_ND, a.steps)
+    work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    variants = {"public": lambda: run_public(X_ND, held_BD, a.steps, work),
+                "bare": lambda: run_bare(X_ND, held_BD, a.steps, order_SB)}
+    if cpu_has_bf16() and not a.no_bf16:
+        variants["public_bf16"] = lambda: run_public(X_ND, held_BD, a.steps, work, "bf16")
+    notes = []
+    if sparsify_version():
+        variants["sparsify"] = lambda: run_sparsify(X_ND, held_BD, a.steps, order_SB, work)
+    else:
+        notes.append("eai-sparsify not installed (pip install saekit[bench]): no sparsify column")
+    if a.naive:
+        variants["naive"] = lambda: run_naive(X_ND, held_BD, a.steps, order_SB)
+    names = list(variants)
+    # the same warm-up for each, not timed: imports (the first Adam imports torch._dynamo: seconds),
+    # the native kernels' build, first-touch allocations
+    warm_order = batch_order(X_ND, 2)
+    for name, fn in {"public": lambda: run_public(X_ND, held_BD, 2, work),
+                     "bare": lambda: run_bare(X_ND, held_BD, 2, warm_order),
+                     **({"sparsify": lambda: run_sparsify(X_ND, held_BD, 2, warm_order, work)}
+                        if "sparsify" in variants else {})}.items():
+        fn()
+    secs: dict[str, list[float]] = {n: [] for n in names}
+    fvus: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(a.rounds):
+        for name in names[r % len(names):] + names[: r % len(names)]:  # rotating order
+            dt, f = variants[name]()
+            secs[name].append(dt)
+            fvus[name].append(f)
+            print(f"round {r} {name}: {a.steps * BATCH / dt:.0f} tok/s, FVU {f:.4f}", file=sys.stderr)
     med = statistics.median
-    pair = [n / s for n, s in zip(t_n, t_s)]
+
+    def ratio(num: str, den: str) -> float | None:  # median over rounds of den's time / num's time
+        return round(med(secs[den][i] / secs[num][i] for i in range(a.rounds)), 3) if den in secs and num in secs else None
+
     print(json.dumps({
-        "workload": {"d_in": D_IN, "d_sae": D_SAE, "k": K, "batch": BATCH, "dtype": "float32", "threads": 2,
-                     "optimizer": "Adam(fused)", "train_steps": a.warmup + a.steps, "timed_steps": a.steps},
-        "naive_tokens_per_s": round(BATCH / med(t_n)),
-        "saekit_tokens_per_s": round(BATCH / med(t_s)),
-        "speedup": round(med(pair), 2),
-        "speedup_per_step": [round(r, 2) for r in pair],
-        "floor_tokens_per_s": round(BATCH / med(t_floor)),
-        "fraction_of_encoder_floor": round(med(f / s for f, s in zip(t_floor, t_s)), 3),
-        "encode_only_tokens_per_s": round(BATCH / med(t_enc)),
-        "peak_rss_mb": rss,
-        "fvu": {"naive": round(fvu_n, 5), "saekit": round(fvu_s, 5)},
-        "native_kernels": native.library() is not None,  # False: torch fallbacks (no cc, or SAEKIT_NATIVE=0)
+        "workload": {"d_in": D_IN, "d_sae": D_SAE, "k": K, "batch": BATCH, "steps": a.steps, "rounds": a.rounds,
+                     "train_rows": len(X_ND), "threads": 2, "cpu_bf16": cpu_has_bf16()},
+        "tokens_per_s": {n: round(a.steps * BATCH / med(secs[n])) for n in names},
+        "tokens_per_s_per_round": {n: [round(a.steps * BATCH / s) for s in secs[n]] for n in names},
+        "public_over_bare": ratio("public", "bare"),
+        "public_over_sparsify": ratio("public", "sparsify"),
+        "bf16_over_fp32": ratio("public_bf16", "public"),
+        "public_bf16_over_sparsify": ratio("public_bf16", "sparsify"),
+        "heldout_fvu": {n: round(med(fvus[n]), 5) for n in names},
+        "sparsify_version": sparsify_version(),
+        "notes": notes,
     }))
 
 

@@ -78,13 +78,18 @@ def _local_file(path: Path, cfg: CorpusConfig) -> list[dict]:
     if suffix == ".txt":
         lines = [ln.strip() for ln in path.read_text(encoding="utf-8", errors="replace").splitlines()]
         return [{"doc_id": i, "text": t, "labels": {}} for i, t in enumerate(lines) if t]
+    return _rows_from_dataset(local_dataset(path), cfg, str(path))
+
+
+def local_dataset(path: Path):
+    """A .jsonl/.json/.csv/.parquet file as an Arrow-backed `datasets.Dataset` (memory-mapped cache)."""
     import datasets
 
+    suffix = path.suffix.lower()
     kind = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}.get(suffix)
     if kind is None:
         raise ConfigError(f"corpus file {path}: expected .txt, .jsonl, .csv or .parquet, found '{suffix}'")
-    ds = datasets.load_dataset(kind, data_files=str(path), split="train")
-    return _rows_from_dataset(ds, cfg, str(path))
+    return datasets.load_dataset(kind, data_files=str(path), split="train")
 
 
 def _rows_from_dataset(ds, cfg: CorpusConfig, where: str) -> list[dict]:
@@ -108,6 +113,10 @@ def looks_like_path(name: str) -> bool:
 
 
 def _hub(cfg: CorpusConfig) -> list[dict]:
+    return _rows_from_dataset(hub_dataset(cfg), cfg, cfg.name)
+
+
+def hub_dataset(cfg: CorpusConfig):
     """A hub dataset. A path-looking name that is no file is a typo, not a dataset: say so before
     `datasets` answers with its own FileNotFoundError; a hub failure (offline, unknown name) is named too."""
     if looks_like_path(cfg.name):
@@ -121,7 +130,7 @@ def _hub(cfg: CorpusConfig) -> list[dict]:
         raise ConfigError(f"corpus.name '{cfg.name}': expected 'default', an existing file or a hub dataset; found "
                           f"no such file, and the hub dataset could not be loaded (offline or unknown name: "
                           f"{type(e).__name__}: {e})") from e
-    return _rows_from_dataset(ds, cfg, cfg.name)
+    return ds
 
 
 def load_documents(cfg: CorpusConfig | None = None) -> list[dict]:

@@ -33,7 +33,8 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
-from saekit.sae.kernels.sparse import Select, rowwise_topk, serial, sparse_decode, sparse_encode, squared_error_sum
+from saekit.sae.kernels.sparse import (Select, compute_dtype, rowwise_topk, serial, sparse_decode, sparse_encode,
+                                      squared_error_sum)
 from saekit.sae.registry import register
 
 
@@ -112,12 +113,11 @@ class TopKSAE(SparseAutoencoder):
             dead_idx = dead if dead.numel() else None
         widths: dict = {}
         out = None
-        # the reused fp32 workspace would silently defeat autocast, so it is skipped under bf16 autocast
-        if self.training and torch.is_grad_enabled() and not torch.is_autocast_enabled(x_ND.device.type):
-            n = x_ND.shape[0] * self.cfg.d_sae
+        if self.training and torch.is_grad_enabled():  # under autocast the workspace has the autocast dtype
+            n, dtype = x_ND.shape[0] * self.cfg.d_sae, compute_dtype(x_ND.device) or self.W_enc.dtype
             ws = self._workspace  # a plain attribute: reallocated when the size, dtype or device changes
-            if ws is None or ws.numel() != n or ws.dtype != self.W_enc.dtype or ws.device != self.W_enc.device:
-                self._workspace = torch.empty(n, dtype=self.W_enc.dtype, device=self.W_enc.device)
+            if ws is None or ws.numel() != n or ws.dtype != dtype or ws.device != self.W_enc.device:
+                self._workspace = torch.empty(n, dtype=dtype, device=self.W_enc.device)
             out = self._workspace.view(x_ND.shape[0], self.cfg.d_sae)
         b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
         vals, idx = sparse_encode(x_ND, self.W_enc, self.b_enc, b_dec, self._select(dead_idx, widths), out)

@@ -24,17 +24,17 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 from tqdm.auto import tqdm
 
 from saekit.artifacts import (
-    atomic_write_bytes,
+    atomic_write_chunks,
     atomic_write_json,
     clean_stale_tmp,
     read_json,
     save_tensors,
-    sha256_bytes,
 )
 from saekit.config import Config, param
 from saekit.data.corpus import fingerprint
@@ -110,14 +110,26 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
             manifests[h] = StoreManifest.load(mpath)
             _keep_rule(manifests[h], cfg)
         else:
-            lines = "".join(json.dumps(d, default=str) + "\n" for d in docs).encode()
-            atomic_write_bytes(folder / DOCS, lines)
+            docs_sha256 = atomic_write_chunks(folder / DOCS, _docs_jsonl(docs))
             manifests[h] = StoreManifest(kind=spec["kind"], hook=h, d_in=spec["d_in"][h], dtype=cfg.dtype, source=spec,
                                          corpus_fingerprint=identity["corpus_fingerprint"], n_docs=len(docs),
                                          docs_per_shard=cfg.docs_per_shard,
                                          outlier_rule=OutlierRule(cfg.outlier_multiple).to_json(),
-                                         docs_sha256=sha256_bytes(lines))
+                                         docs_sha256=docs_sha256)
     return manifests
+
+
+def _docs_jsonl(docs, chunk: int = 1024) -> Iterator[bytes]:
+    """docs.jsonl in pieces of `chunk` documents: a streamed corpus (saekit.data.streaming) is never
+    held as one string."""
+    batch = []
+    for d in docs:
+        batch.append(json.dumps(d, default=str) + "\n")
+        if len(batch) == chunk:
+            yield "".join(batch).encode()
+            batch = []
+    if batch:
+        yield "".join(batch).encode()
 
 
 def _keep_rule(m: StoreManifest, cfg: StoreConfig) -> None:

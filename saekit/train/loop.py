@@ -385,7 +385,7 @@ def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Bat
     batch_BD = batches.next_batch()
     step, lr = state.step + 1, lr_at(state.step, cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay,
                                      cfg.decay_fraction)
-    bad = _bad_rows(batch_BD)
+    bad = _batch_bad_rows(batch_BD)
     n_global, any_bad = sync.step_flags(batch_BD.shape[0], bool(bad))
     state.tokens += n_global
     info = StepInfo(step, batch_BD, None, None, None, lr, None)
@@ -417,13 +417,22 @@ def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Bat
     if not math.isfinite(info.grad_norm):
         return _nonfinite(sae, opt, state, cfg, info, buffers, "non-finite gradient")
     if cfg.grad_clip is not None:
-        torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), cfg.grad_clip, norm)
+        _clip_(sae, cfg.grad_clip, norm)
     opt.step()
     sae.after_optimizer_step()
     sync.after_optimizer_step(sae)
     opt.zero_grad(set_to_none=True)
     state.step, state.lr, state.consecutive_nonfinite = step, lr, 0
     return info
+
+
+def _clip_(sae: SparseAutoencoder, max_norm: float, norm: Tensor) -> None:
+    """`clip_grads_with_norm_`, skipped when its coefficient clamps to 1 (the usual case): the same
+    gradients bit for bit, without a multiply-by-one pass over every gradient each step (~5 % of a
+    CPU step on the benchmark shape). The coefficient is computed exactly as torch computes it."""
+    coef = max_norm / (norm + 1e-6)
+    if float(coef) < 1.0:
+        torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), max_norm, norm)
 
 
 def _nonfinite(sae, opt, state, cfg, info: StepInfo, buffers: dict[str, Tensor], what: str) -> StepInfo:
@@ -444,6 +453,15 @@ def _nonfinite(sae, opt, state, cfg, info: StepInfo, buffers: dict[str, Tensor],
                              "The last good checkpoint is left as it was.")
     info.skipped, info.reason = True, what
     return info
+
+
+def _batch_bad_rows(x_BD: Tensor) -> list[int]:
+    """Non-finite rows of a training batch. A sum over the batch is one vectorised pass and is
+    finite whenever every element is (barring overflow, which then takes the exact path); the
+    elementwise `isfinite` row scan (five passes over the batch, ~10 % of a CPU step) runs only then."""
+    if torch.isfinite(x_BD.sum()):
+        return []
+    return _bad_rows(x_BD)
 
 
 def _bad_rows(x_BD: Tensor, limit: int = 20) -> list[int]:

@@ -54,46 +54,58 @@ static void sift_floats(float *h, int k, int p) {
  * >= T and sits in a block whose maximum is >= T. A second pass visits only those blocks (about k of
  * n_cols / BS) and keeps the k largest in a min-heap. Exact; the order of the k outputs is unspecified.
  * Returns 1 if the row holds a NaN (outputs then unspecified), else 0. */
-static int topk_row(const float *row, int64_t nb, int32_t k, float *vals, int64_t *idx) {
-    float bmax[nb], fh[MAX_K]; /* nb <= MAX_BLOCKS: at most 256 KiB of stack */
-    item h[MAX_K];
-    v8i nan_acc = {0};
-    for (int64_t b = 0; b < nb; b++) {
-        const float *p = row + b * BS;
-        v8f x0 = load8(p), x1 = load8(p + 8), x2 = load8(p + 16), x3 = load8(p + 24);
-        nan_acc |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3);
-        v8f m = vmax8(vmax8(x0, x1), vmax8(x2, x3));
-        float s = m[0];
-        for (int q = 1; q < 8; q++) s = m[q] > s ? m[q] : s;
-        bmax[b] = s;
-    }
-    int nan_seen = 0;
-    for (int q = 0; q < 8; q++) nan_seen |= nan_acc[q] != 0;
-    for (int q = 0; q < k; q++) fh[q] = bmax[q];
-    for (int p = k / 2 - 1; p >= 0; p--) sift_floats(fh, k, p);
-    for (int64_t b = k; b < nb; b++)
-        if (bmax[b] > fh[0]) { fh[0] = bmax[b]; sift_floats(fh, k, 0); }
-    const float T = fh[0];
-    int n = 0;
-    for (int64_t b = 0; b < nb; b++) {
-        if (!(bmax[b] >= T)) continue;
-        const float *p = row + b * BS;
-        for (int q = 0; q < BS; q++) {
-            float v = p[q];
-            if (!(v >= T)) continue;
-            if (n < k) {
-                h[n].v = v; h[n].i = b * BS + q;
-                if (++n == k) for (int s = k / 2 - 1; s >= 0; s--) sift_items(h, k, s);
-            } else if (v > h[0].v) {
-                h[0].v = v; h[0].i = b * BS + q;
-                sift_items(h, k, 0);
-            }
-        }
-    }
-    for (int q = n; q < k; q++) { h[q].v = 0.0f; h[q].i = 0; } /* only reachable with NaN */
-    for (int q = 0; q < k; q++) { vals[q] = h[q].v; idx[q] = h[q].i; }
-    return nan_seen;
+typedef uint16_t v8h __attribute__((vector_size(16)));
+typedef uint32_t v8u __attribute__((vector_size(32)));
+/* bf16 is the high half of a float32: widening is a 16-bit shift, exact */
+static inline v8f load8_bf16(const uint16_t *p) {
+    v8h h; memcpy(&h, p, sizeof h);
+    return (v8f)(__builtin_convertvector(h, v8u) << 16);
 }
+static inline float bf16_to_float(uint16_t h) { uint32_t w = (uint32_t)h << 16; float f; memcpy(&f, &w, 4); return f; }
+#define IDENTITY(x) (x)
+#define TOPK_ROW(NAME, ELEM, LOAD8, LOAD1) \
+static int NAME(const ELEM *row, int64_t nb, int32_t k, float *vals, int64_t *idx) { \
+    float bmax[nb], fh[MAX_K]; /* nb <= MAX_BLOCKS: at most 256 KiB of stack */ \
+    item h[MAX_K]; \
+    v8i nan_acc = {0}; \
+    for (int64_t b = 0; b < nb; b++) { \
+        const ELEM *p = row + b * BS; \
+        v8f x0 = LOAD8(p), x1 = LOAD8(p + 8), x2 = LOAD8(p + 16), x3 = LOAD8(p + 24); \
+        nan_acc |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3); \
+        v8f m = vmax8(vmax8(x0, x1), vmax8(x2, x3)); \
+        float s = m[0]; \
+        for (int q = 1; q < 8; q++) s = m[q] > s ? m[q] : s; \
+        bmax[b] = s; \
+    } \
+    int nan_seen = 0; \
+    for (int q = 0; q < 8; q++) nan_seen |= nan_acc[q] != 0; \
+    for (int q = 0; q < k; q++) fh[q] = bmax[q]; \
+    for (int p = k / 2 - 1; p >= 0; p--) sift_floats(fh, k, p); \
+    for (int64_t b = k; b < nb; b++) \
+        if (bmax[b] > fh[0]) { fh[0] = bmax[b]; sift_floats(fh, k, 0); } \
+    const float T = fh[0]; \
+    int n = 0; \
+    for (int64_t b = 0; b < nb; b++) { \
+        if (!(bmax[b] >= T)) continue; \
+        const ELEM *p = row + b * BS; \
+        for (int q = 0; q < BS; q++) { \
+            float v = LOAD1(p[q]); \
+            if (!(v >= T)) continue; \
+            if (n < k) { \
+                h[n].v = v; h[n].i = b * BS + q; \
+                if (++n == k) for (int s = k / 2 - 1; s >= 0; s--) sift_items(h, k, s); \
+            } else if (v > h[0].v) { \
+                h[0].v = v; h[0].i = b * BS + q; \
+                sift_items(h, k, 0); \
+            } \
+        } \
+    } \
+    for (int q = n; q < k; q++) { h[q].v = 0.0f; h[q].i = 0; } /* only reachable with NaN */ \
+    for (int q = 0; q < k; q++) { vals[q] = h[q].v; idx[q] = h[q].i; } \
+    return nan_seen; \
+}
+TOPK_ROW(topk_row, float, load8, IDENTITY)
+TOPK_ROW(topk_row_bf16, uint16_t, load8_bf16, bf16_to_float)
 
 /* Row-wise top-k over rows [0, n_rows) of a row-major [n_rows, n_cols] matrix on n_threads OpenMP
  * threads. Requires n_cols % BS == 0 and 1 <= k <= min(MAX_K, n_cols / BS). Returns 1 if a NaN was
@@ -106,6 +118,19 @@ int saekit_topk_rows(const float *pre, int64_t n_rows, int64_t n_cols, int32_t k
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:nan_seen)
     for (int64_t r = 0; r < n_rows; r++)
         nan_seen |= topk_row(pre + r * n_cols, nb, k, vals + r * k, idx + r * k);
+    return nan_seen;
+}
+
+/* The same on a bf16 matrix (raw uint16 bits): the pre-activations of a bf16 encoder product. The k
+ * values come out as float32 (exactly the bf16 values). */
+int saekit_topk_rows_bf16(const uint16_t *pre, int64_t n_rows, int64_t n_cols, int32_t k, float *vals, int64_t *idx,
+                          int32_t n_threads) {
+    int64_t nb = n_cols / BS;
+    if (k < 1 || k > MAX_K || n_cols % BS || k > nb || nb > MAX_BLOCKS) return -1;
+    int nan_seen = 0;
+#pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:nan_seen)
+    for (int64_t r = 0; r < n_rows; r++)
+        nan_seen |= topk_row_bf16(pre + r * n_cols, nb, k, vals + r * k, idx + r * k);
     return nan_seen;
 }
 

@@ -107,6 +107,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
     lib.saekit_topk_rows.argtypes = [p, i64, i64, i32, p, p, i32]
     lib.saekit_topk_rows.restype = ctypes.c_int
+    lib.saekit_topk_rows_bf16.argtypes = [p, i64, i64, i32, p, p, i32]
+    lib.saekit_topk_rows_bf16.restype = ctypes.c_int
     lib.saekit_gather_dot.argtypes = [p, i64, i32, p, p, i64, p, i32]
     lib.saekit_gather_dot.restype = None
     lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i64, i64, i32, p, i32]
@@ -142,18 +144,22 @@ def _usable(*tensors: Tensor) -> bool:
 
 
 def topk_rows(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """Row-wise top-k `(values_BK, indices_BK)` of a float32 `[B, F]` matrix, unordered within a row,
-    or None when the native path does not apply (then use `torch.topk`). Exact: the same set as
-    `torch.topk` up to ties. A NaN anywhere also returns None, so NaN handling stays torch's."""
+    """Row-wise top-k `(values_BK, indices_BK)` of a float32 or bfloat16 `[B, F]` matrix, unordered
+    within a row, or None when the native path does not apply (then use `torch.topk`). Exact: the same
+    set as `torch.topk` up to ties. A NaN anywhere also returns None, so NaN handling stays torch's.
+    The values are float32 (for bf16 input: the bf16 values, exactly; a bf16 encoder product under
+    CPU autocast then needs neither torch's bf16 top-k nor a float32 copy of `[B, F]`)."""
     lib = library()
-    if lib is None or pre_BF.dtype != torch.float32 or pre_BF.dim() != 2 or not _usable(pre_BF):
+    if lib is None or pre_BF.dtype not in (torch.float32, torch.bfloat16) or pre_BF.dim() != 2 \
+            or not _usable(pre_BF):
         return None
     B, F = pre_BF.shape
     if not (1 <= k <= MAX_K) or F % BLOCK or k > F // BLOCK or F // BLOCK > MAX_BLOCKS or B == 0:
         return None
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
-    status = lib.saekit_topk_rows(pre_BF.data_ptr(), B, F, k, vals.data_ptr(), idx.data_ptr(), _threads(B))
+    fn = lib.saekit_topk_rows if pre_BF.dtype == torch.float32 else lib.saekit_topk_rows_bf16
+    status = fn(pre_BF.data_ptr(), B, F, k, vals.data_ptr(), idx.data_ptr(), _threads(B))
     return (vals, idx) if status == 0 else None
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saekit.sae.kernels import native
+from saekit.sae.kernels import native, triton_sparse
 
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 """`select(pre_BF) -> (idx_BK, vals_BK)`: which latents fire and their values; a slot whose value
@@ -58,10 +58,18 @@ def serial() -> Iterator[None]:
 
 
 # -- sparse primitives -----------------------------------------------------------------------
+def _on_gpu_triton(t: Tensor) -> bool:
+    """CUDA tensors take the Triton kernels when Triton is installed (`saekit.sae.kernels.triton_sparse`)."""
+    return t.device.type == "cuda" and triton_sparse.available(t)
+
+
+
 def embed_sum(idx_BK: Tensor, w_BK: Tensor, table_FD: Tensor) -> Tensor:
     """`out[b] = sum_j w[b, j] * table[idx[b, j]]`, `[B, D]`, without materialising `[B, K, D]`."""
     if idx_BK.shape[1] == 0:
         return table_FD.new_zeros(idx_BK.shape[0], table_FD.shape[1])
+    if _on_gpu_triton(table_FD) and table_FD.dtype == torch.float32:
+        return triton_sparse.embed_sum(idx_BK, w_BK, table_FD)
     fast = native.embed_sum(idx_BK, w_BK, table_FD)
     if fast is not None:
         return fast
@@ -78,6 +86,8 @@ def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor:
     B, K = idx_BK.shape
     if K == 0:
         return rows_BD.new_zeros(B, 0)
+    if _on_gpu_triton(table_FD) and table_FD.dtype == rows_BD.dtype == torch.float32:
+        return triton_sparse.gather_dot(idx_BK, table_FD, rows_BD)
     fast = native.gather_dot(idx_BK, table_FD, rows_BD)
     if fast is not None:
         return fast
@@ -102,6 +112,9 @@ def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transpos
     The native kernel does the same and writes the transposed layout directly (the encoder's weight
     is `[D, n]`; a separate transposing copy of the gradient took ~8 ms a step on the benchmark).
     """
+    if _on_gpu_triton(M_BD) and M_BD.dtype == torch.float32 and not torch.are_deterministic_algorithms_enabled():
+        out = triton_sparse.sparse_t_matmul(idx_BK, w_BK, M_BD, n)  # float32 atomics: not bit-reproducible
+        return out.t().contiguous() if transposed else out
     fast = native.sparse_t_matmul(idx_BK, w_BK, M_BD, n, transposed)
     if fast is not None:
         return fast
@@ -173,10 +186,10 @@ class SparseEncode(torch.autograd.Function):
                 out_BF: Tensor | None = None):
         with serial():
             x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
-        pre_BF = torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=out_BF) if out_BF is not None \
-            else torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
+        pre_BF = _encoder_product(x_c_BD, W_enc_DF, b_enc_F, out_BF)
         idx_BK, vals_BK = select(pre_BF)
         del pre_BF  # the backward never needs the dense pre-activations
+        vals_BK = vals_BK.to(W_enc_DF.dtype)  # bf16 product: the k values in the parameters' dtype
         ctx.save_for_backward(x_c_BD, W_enc_DF, idx_BK, vals_BK)
         ctx.has_b_dec = b_dec_D is not None
         ctx.mark_non_differentiable(idx_BK)
@@ -201,6 +214,25 @@ class SparseEncode(torch.autograd.Function):
             if need_x:
                 g_x = embed_sum(idx_BK, g_BK, W_enc_DF.t().contiguous())
         return g_x, g_W, g_be, g_bd, None, None
+
+
+def compute_dtype(device: torch.device) -> torch.dtype | None:
+    """The autocast dtype in force on `device` (bf16 under `precision: bf16`), None outside autocast."""
+    return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
+
+
+def _encoder_product(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, out_BF: Tensor | None) -> Tensor:
+    """`x_c @ W_enc + b_enc`, `[B, F]`. Under autocast the operands are cast explicitly (autocast
+    ignores ops with `out=`), so a reused workspace of the autocast dtype works: on a CPU with bf16
+    instructions (AMX / AVX512-BF16) the bf16 product is ~3-4x the float32 one, and the native
+    row-wise top-k reads the bf16 block directly. Parameters (and Adam's state) stay float32."""
+    dtype = compute_dtype(x_c_BD.device)
+    if dtype is not None and dtype != W_enc_DF.dtype:
+        with torch.autocast(x_c_BD.device.type, enabled=False):
+            args = (b_enc_F.to(dtype), x_c_BD.to(dtype), W_enc_DF.to(dtype))
+            return torch.addmm(*args, out=out_BF) if out_BF is not None else torch.addmm(*args)
+    return torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=out_BF) if out_BF is not None \
+        else torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
 
 
 def sparse_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, select: Select,
