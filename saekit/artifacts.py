@@ -81,24 +81,13 @@ def _remove_tree(path: Path) -> None:
 
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
-    _fsync_dir(path.parent)
+    atomic_write_chunks(path, (data,))
 
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> str:
-    """`atomic_write_bytes` for data produced piece by piece (never all in memory at once);
-    returns the sha256 of everything written."""
+    """Write what `chunks` yields to `path` (never all in memory at once) through a temporary file that
+    is fsynced and then renamed, so readers see either the old file or the whole new one; returns the
+    sha256 of everything written."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
