@@ -24,7 +24,7 @@ import yaml
 
 from saekit.analysis.features import AnalyzeConfig
 from saekit.artifacts import atomic_write_bytes, read_json
-from saekit.data.corpus import load_documents
+from saekit.data.streaming import open_documents
 from saekit.errors import ConfigError, EmptyDataError, IncompleteStoreError, SaekitError
 from saekit.eval.preflight import Preflight, preflight
 from saekit.layout import EVAL, RunFolder
@@ -86,7 +86,7 @@ def configured_force(folder: RunFolder) -> bool:
 def cache_stage(cfg: ActivationRunConfig, rank: int = 0, world_size: int = 1) -> dict[str, ActivationStore]:
     """Fill the run's activation stores (resuming a partial cache); returns hook -> store."""
     save_resolved(cfg) if rank == 0 else None
-    docs = load_documents(cfg.corpus)
+    docs = open_documents(cfg.corpus)  # file and hub corpora stay in Arrow until a shard is cached
     source = make_source(cfg.source)
     kwargs = {}
     if world_size > 1:
@@ -106,7 +106,7 @@ def cache_distributed(cfg: ActivationRunConfig, rank: int, world_size: int) -> d
     Rank 0 first creates (or checks) the store alone (`prepare_store`), then every rank runs
     `cache_stage(cfg, rank, world_size)`. Returns hook -> summary on rank 0."""
     if rank == 0:
-        prepare_store(make_source(cfg.source), load_documents(cfg.corpus), cfg.store_dir, cfg.store)
+        prepare_store(make_source(cfg.source), open_documents(cfg.corpus), cfg.store_dir, cfg.store)
     dist.barrier()
     cache_stage(cfg, rank, world_size)
     dist.barrier()

@@ -24,7 +24,7 @@ import logging
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -169,7 +169,7 @@ def _finish(folder: Path, m: StoreManifest, manifest_name: str) -> None:
     log.info("store %s: %s", m.hook, describe_statistics(m.norm_stats))
 
 
-def cache_activations(source: ActivationSource, docs: list[dict], root: str | Path, cfg: StoreConfig | None = None,
+def cache_activations(source: ActivationSource, docs: Sequence[dict], root: str | Path, cfg: StoreConfig | None = None,
                       shard_range: range | None = None, stop_after_shards: int | None = None,
                       manifest_name: str = MANIFEST) -> dict[str, Path]:
     """Fill (or finish) the stores under `root`; returns hook -> store folder.
@@ -207,7 +207,7 @@ def cache_activations(source: ActivationSource, docs: list[dict], root: str | Pa
     return {h: root / hook_slug(h) for h in manifests}
 
 
-def prepare_store(source: ActivationSource, docs: list[dict], root: str | Path, cfg: StoreConfig | None = None) -> None:
+def prepare_store(source: ActivationSource, docs: Sequence[dict], root: str | Path, cfg: StoreConfig | None = None) -> None:
     """Create (or check, or with `overwrite` replace) the cache index and hook folders, and clear
     leftovers of killed writes. Distributed caching runs this on rank 0 before the other ranks
     start, so no rank removes or rewrites what another is writing."""
