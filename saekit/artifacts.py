@@ -11,6 +11,7 @@ import contextlib
 import ctypes
 import errno
 import hashlib
+import io
 import json
 import logging
 import math
@@ -82,6 +83,16 @@ def _remove_tree(path: Path) -> None:
 def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """Write `data` to `path` so that readers see either the old file or the whole new one."""
     atomic_write_chunks(path, (data,))
+
+
+def atomic_write_png(fig, path: str | Path, dpi: float | None = None) -> Path:
+    """A matplotlib figure laid out (`tight_layout`) and written as PNG through `atomic_write_bytes`, so
+    a plot is never half-written either. Closing a pyplot figure stays the caller's business."""
+    buf = io.BytesIO()
+    fig.tight_layout()
+    fig.savefig(buf, format="png", **({} if dpi is None else {"dpi": dpi}))
+    atomic_write_bytes(path, buf.getvalue())
+    return Path(path)
 
 
 def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> str:

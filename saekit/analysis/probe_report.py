@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saekit.artifacts import atomic_write_bytes, atomic_write_json, to_strict_json
+from saekit.artifacts import atomic_write_json, atomic_write_png, to_strict_json
 
 
 def probe_table(report: dict) -> list[dict]:
@@ -68,7 +68,6 @@ def _class_lines(report: dict) -> list[str]:
 
 
 def _plot(report: dict, path: Path) -> None:
-    import io
 
     import matplotlib
 
@@ -92,11 +91,8 @@ def _plot(report: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title(f"sparse probing: {report['label']} = {report['positive']} vs rest")
     ax.legend(fontsize=7, loc="lower right")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_png(fig, path, dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_probe_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

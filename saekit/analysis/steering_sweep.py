@@ -2,7 +2,8 @@
 
     report = steering_sweep(model, tok, "model.layers.15", PROMPTS, [0, 20, 40, 80], sae=sae, feature=812,
                             target_token_ids=topic_token_ids(tok, [" flight", " airline"]), seed=0)
-    print(format_sweep_table(report)); write_sweep_report(report, "runs/x/steer/sweep-812")
+    table = format_sweep_table(report)                      # the CLI prints it
+    write_sweep_report(report, "runs/x/steer/sweep-812")     # sweep.json + effect_vs_damage.png
     report["chosen"]   # the strength with the largest effect whose KL stays within the budget
 
 Per strength, on a batch of prompts (left-padded, one `generate` per strength, same seed for every

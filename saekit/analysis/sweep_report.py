@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from saekit.artifacts import atomic_write_bytes, atomic_write_json, read_json, to_strict_json
+from saekit.artifacts import atomic_write_json, atomic_write_png, read_json, to_strict_json
 
 COLUMNS = (("target_mass", "target mass", "{:.3g}"), ("feature_act", "feature act", "{:.2f}"),
            ("probe_score", "probe", "{:.3f}"), ("kl", "KL (nats)", "{:.3f}"), ("perplexity", "ppl", "{:.1f}"))
@@ -41,7 +41,6 @@ def format_sweep_table(report: dict) -> str:
 
 def plot_sweep(report: dict, path: Path) -> None:
     """Effect (the calibrated metric) against KL on neutral text, one point per strength, the budget marked."""
-    import io
 
     import matplotlib
 
@@ -67,11 +66,8 @@ def plot_sweep(report: dict, path: Path) -> None:
     what = f"feature {report['feature']}" if report["feature"] is not None else "vector"
     ax.set_title(f"steering sweep: {what} at {report['hook']} ({report['mode']})")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
+    atomic_write_png(fig, path, dpi=110)
     plt.close(fig)
-    atomic_write_bytes(path, buf.getvalue())
 
 
 def write_sweep_report(report: dict, out_dir: str | Path) -> dict[str, Path]:

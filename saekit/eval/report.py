@@ -23,7 +23,6 @@ different row sets.
 from __future__ import annotations
 
 import dataclasses
-import io
 import math
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
@@ -33,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.artifacts import atomic_write_bytes, atomic_write_json
+from saekit.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_png
 from saekit.errors import ConfigError, ShapeMismatchError
 from saekit.eval.bootstrap import (
     DEFAULT_RESAMPLES,
@@ -393,11 +392,7 @@ def _figure():
 
 
 def _save(fig, path: str | Path) -> Path:
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(path, buf.getvalue())
-    return Path(path)
+    return atomic_write_png(fig, path)
 
 
 def plot_l0_histogram(report: dict, path: str | Path) -> Path:

@@ -15,7 +15,6 @@ This module knows tensors and batch sources only: the run layer decides which ro
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import logging
 import math
@@ -27,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.artifacts import atomic_write_bytes
+from saekit.artifacts import atomic_write_png
 from saekit.errors import ConfigError, ShapeMismatchError
 from saekit.sae.base import SparseAutoencoder, inference_mode
 
@@ -222,11 +221,7 @@ def plot_validation_curve(metrics_path: str | Path, out_path: str | Path) -> Pat
     ax.set_yscale("log")
     ax.set_title("training vs validation reconstruction")
     ax.legend(fontsize=8)
-    buf = io.BytesIO()
-    fig.tight_layout()
-    fig.savefig(buf, format="png")
-    atomic_write_bytes(out_path, buf.getvalue())
-    return Path(out_path)
+    return atomic_write_png(fig, out_path)
 
 
 def _line(ax, rows: list[dict], key: str, label: str, **kw) -> None:
