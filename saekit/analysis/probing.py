@@ -38,12 +38,14 @@ from torch import Tensor
 
 from saekit.errors import ConfigError, SaekitError, ShapeMismatchError
 from saekit.sae.base import SparseAutoencoder, inference_mode
+from saekit.analysis.pooling import (POOLINGS, document_units, pool_features,  # noqa: F401  (public names)
+                                     sample_documents)
+from saekit.analysis.probe_ranking import (METHODS, MIN_FIRING_ROWS, class_mean_diff, rank_features,  # noqa: F401
+                                           selection_scores)
 from saekit.analysis.probe_report import format_probe_table, probe_table, write_probe_report  # noqa: F401
 
 log = logging.getLogger(__name__)
 
-METHODS = ("mean_diff", "l1", "density_norm")
-MIN_FIRING_ROWS = 3
 N_EXAMPLES = 5
 SNIPPET_CHARS = 200
 
@@ -175,154 +177,6 @@ def sae_codes(sae: SparseAutoencoder, acts_ND: Tensor, chunk: int = 4096) -> sp.
     m = sp.coo_matrix((v, (r, c)), shape=(acts_ND.shape[0], sae.cfg.d_sae)).tocsr()
     m.sum_duplicates()
     return m
-
-
-def _col_mean(X, mask: np.ndarray | None = None) -> np.ndarray:
-    X = X if mask is None else X[mask]
-    return np.asarray(X.mean(axis=0)).ravel()
-
-
-def _col_std(X) -> np.ndarray:
-    sq = X.multiply(X) if sp.issparse(X) else X * X
-    return np.sqrt(np.maximum(_col_mean(sq) - _col_mean(X) ** 2, 0))
-
-
-def _firing_rows(X) -> np.ndarray:
-    return np.asarray((X != 0).sum(axis=0)).ravel()
-
-
-def class_mean_diff(X, y: np.ndarray) -> np.ndarray:
-    """mean(X | positive) − mean(X | rest), per feature."""
-    return _col_mean(X, y) - _col_mean(X, ~y)
-
-
-def selection_scores(X, y: np.ndarray, method: str) -> np.ndarray:
-    """Per-feature scores (higher = better) for the mean-difference methods."""
-    diff = np.abs(class_mean_diff(X, y))
-    if method == "mean_diff":
-        return diff
-    if method == "density_norm":
-        score = diff / (_col_std(X) + 1e-8)
-        score[_firing_rows(X) < MIN_FIRING_ROWS] = 0.0
-        return score
-    raise ConfigError(f"probe: unknown selection method '{method}'; expected one of {METHODS}")
-
-
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    order = np.lexsort((np.arange(len(scores)), -scores))  # ties by index: deterministic
-    return order[:k]
-
-
-def _scale_columns(X) -> tuple[object, np.ndarray]:
-    std = _col_std(X)
-    inv = 1.0 / np.where(std > 0, std, 1.0)
-    return (X.multiply(inv[None]).tocsr() if sp.issparse(X) else X * inv[None]), inv
-
-
-def _l1_logreg(C: float):
-    import sklearn
-    from sklearn.linear_model import LogisticRegression
-
-    major, minor = (int(x) for x in sklearn.__version__.split(".")[:2])
-    if (major, minor) >= (1, 8):
-        return LogisticRegression(C=C, l1_ratio=1.0, solver="liblinear", max_iter=200)
-    return LogisticRegression(C=C, penalty="l1", solver="liblinear", max_iter=200)
-
-
-def l1_path_order(X, y: np.ndarray, max_k: int, n_steps: int = 24) -> np.ndarray:
-    """Features in the order they enter an L1 logistic path (C growing from the smallest useful value).
-
-    Features entering at the same C are ordered by |coefficient|; if the path ends with fewer than
-    `max_k` features, the rest are filled by class-mean difference.
-    """
-    from sklearn.svm import l1_min_c
-
-    Xs, _ = _scale_columns(X)
-    c0 = l1_min_c(Xs, y, loss="log")
-    order: list[int] = []
-    for C in c0 * np.logspace(0.05, 3, n_steps):
-        coef = np.abs(_l1_logreg(C).fit(Xs, y).coef_.ravel())
-        new = [int(j) for j in np.argsort(-coef, kind="stable") if coef[j] > 0 and j not in set(order)]
-        order.extend(new)
-        if len(order) >= max_k:
-            break
-    if len(order) < max_k:
-        rest = [int(j) for j in _top(selection_scores(X, y, "mean_diff"), X.shape[1]) if j not in set(order)]
-        order.extend(rest)
-    return np.array(order[:max_k])
-
-
-def rank_features(X, y: np.ndarray, method: str, max_k: int) -> np.ndarray:
-    """The `max_k` best features of the training rows `X` for `method`, best first."""
-    if method == "l1":
-        return l1_path_order(X, y, max_k)
-    return _top(selection_scores(X, y, method), max_k)
-
-
-# -- pooling: one example per document ---------------------------------------------------------------------------
-
-POOLINGS = ("mean", "max", "last", "token")
-
-
-def document_units(doc_ids_N: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """(unique doc ids `[G]`, the unit index of each row `[N]`)."""
-    return np.unique(doc_ids_N, return_inverse=True)
-
-
-def pool_features(X, unit_N: np.ndarray, pos_N: np.ndarray, pooling: str):
-    """One row per document: the mean, max or last-token row of its rows (`[G, F]`; sparse stays sparse).
-
-    Why: a document label is a property of the document, not of each token; probing tokens against
-    their document's label asks most rows for a signal they do not carry (SAEBench pools too)."""
-    g = int(unit_N.max()) + 1 if len(unit_N) else 0
-    n = len(unit_N)
-    if pooling == "mean":
-        counts = np.bincount(unit_N, minlength=g).astype(np.float64)
-        P = sp.csr_matrix((1.0 / counts[unit_N], (unit_N, np.arange(n))), shape=(g, n))
-        out = P @ X
-        return out.tocsr() if sp.issparse(out) else np.asarray(out, dtype=np.float32)
-    if pooling == "last":
-        order = np.lexsort((pos_N, unit_N))  # by unit, then position: the last of each unit is its last token
-        last = order[np.r_[np.flatnonzero(np.diff(unit_N[order])), n - 1]]
-        return X[last]
-    if pooling == "max":
-        return _max_pool_sparse(X, unit_N, g) if sp.issparse(X) else _max_pool_dense(X, unit_N, g)
-    raise ConfigError(f"probe: unknown pooling '{pooling}'; expected one of {POOLINGS}")
-
-
-def _max_pool_dense(X_NF: np.ndarray, unit_N: np.ndarray, g: int) -> np.ndarray:
-    t = torch.from_numpy(np.ascontiguousarray(X_NF, dtype=np.float32))
-    out = torch.full((g, t.shape[1]), -float("inf"))
-    idx = torch.from_numpy(unit_N).long()[:, None].expand_as(t)
-    return out.scatter_reduce(0, idx, t, reduce="amax").numpy()
-
-
-def _max_pool_sparse(X, unit_N: np.ndarray, g: int) -> sp.csr_matrix:
-    """Max over each document's rows of a sparse matrix; the implicit zeros take part."""
-    coo = X.tocoo()
-    f = X.shape[1]
-    keys = unit_N[coo.row].astype(np.int64) * f + coo.col
-    uniq, inv = np.unique(keys, return_inverse=True)
-    vals = np.full(len(uniq), -np.inf)
-    np.maximum.at(vals, inv, coo.data)
-    firing = np.bincount(inv, minlength=len(uniq))
-    rows_per_unit = np.bincount(unit_N, minlength=g)
-    u, c = uniq // f, uniq % f
-    vals = np.where(firing < rows_per_unit[u], np.maximum(vals, 0.0), vals)
-    return sp.csr_matrix((vals, (u, c)), shape=(g, f))
-
-
-def sample_documents(doc_ids_N: np.ndarray, max_rows: int | None, seed: int) -> np.ndarray:
-    """Rows of whole documents (seeded order) until `max_rows` rows are reached; all rows when None."""
-    if max_rows is not None and max_rows < 0:
-        raise ConfigError(f"probe: expected max_rows >= 0 (0 or None = all rows), found {max_rows}")
-    n = len(doc_ids_N)
-    if not max_rows or max_rows >= n:
-        return np.arange(n)
-    uniq, inv, counts = np.unique(doc_ids_N, return_inverse=True, return_counts=True)
-    perm = np.random.default_rng(seed).permutation(len(uniq))
-    take = perm[: int(np.searchsorted(np.cumsum(counts[perm]), max_rows)) + 1]
-    return np.flatnonzero(np.isin(inv, take))
 
 
 # -- probes ----------------------------------------------------------------------------------------------------
