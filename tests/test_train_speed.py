@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from saekit.sae.topk import TopKConfig, TopKSAE
-from saekit.train.loop import _bad_rows, _batch_bad_rows, _clip_
+from saekit.train.step import bad_rows as _bad_rows, batch_bad_rows as _batch_bad_rows, clip_ as _clip_
 
 
 def _sae_with_grads(scale: float) -> TopKSAE:

@@ -47,10 +47,9 @@ from saekit.sae.base import SparseAutoencoder
 from saekit.sae.registry import save_sae
 from saekit.store.batches import BatchSource
 import saekit.train.checkpoint as ckpt_io
-from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, StepInfo, TrainRun, ValidationCurve
+from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, TrainRun, ValidationCurve
 from saekit.train.config import RESUME_KEYS, SELECTION_KEYS, TrainConfig
-from saekit.train.precision import autocast_for
-from saekit.train.schedules import lr_at
+from saekit.train.step import bad_rows, describe_bad, train_step
 from saekit.train.validation import TrainWindow, ValidationSet, epochs_warning, rows_per_epoch
 
 if TYPE_CHECKING:
@@ -197,7 +196,7 @@ class Trainer:
         Then raises TrainingInterrupted unless `raise_on_stop=False` (the caller stops; see
         `stop_requested`). Returns the checkpoint written, if any."""
         run, cfg = self.run, self.cfg
-        info = _train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync)
+        info = train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync)
         info.epochs = run.epochs
         if self.validation is not None and info.out is not None and info.x_BD is not None:
             self.window.add(info.x_BD, info.out.recon)
@@ -355,10 +354,10 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
     first = []
     for i in range(n):
         x = sync.gather_rows(batches.next_batch())
-        bad = _bad_rows(x)
+        bad = bad_rows(x)
         if bad and cfg.nonfinite == "raise":
             raise NonFiniteError(f"non-finite activations in warm-up batch {i} (read before step 1), rows {bad}"
-                                 + (_describe(batches, bad) if sync.world_size == 1 else ""))  # gathered rows
+                                 + (describe_bad(batches, bad) if sync.world_size == 1 else ""))  # gathered rows
         first.append(x[torch.isfinite(x).all(-1)].double())
     scale = 1.0
     if cfg.normalize_activations != "none":
@@ -374,104 +373,6 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
                                                     "data_fingerprint": batches.fingerprint,
                                                     "input_scale": state.input_scale, "world_size": sync.world_size})
     return state
-
-
-def _train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: BatchSource,
-                state: ckpt_io.TrainState, cfg: TrainConfig, sync: "StepSync") -> StepInfo:
-    """One optimizer step; a non-finite batch, loss or gradient raises or is skipped (cfg.nonfinite).
-
-    Every decision that ends or skips a step is taken on values reduced over ranks (a bad row on
-    one rank skips the step everywhere), so ranks never disagree and wait on each other forever."""
-    batch_BD = batches.next_batch()
-    step, lr = state.step + 1, lr_at(state.step, cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay,
-                                     cfg.decay_fraction)
-    bad = _batch_bad_rows(batch_BD)
-    n_global, any_bad = sync.step_flags(batch_BD.shape[0], bool(bad))
-    state.tokens += n_global
-    info = StepInfo(step, batch_BD, None, None, None, lr, None)
-    if any_bad:
-        where = (f"rows {bad}" + _describe(batches, bad)) if bad else "rows on another rank"
-        return _nonfinite(sae, opt, state, cfg, info, {}, f"non-finite activations in {where}")
-    p = next(sae.parameters())
-    x_BD = batch_BD.to(device=p.device, dtype=p.dtype)
-    if state.input_scale is not None:
-        x_BD = x_BD * state.input_scale
-    buffers = {n: b.clone() for n, b in sae.named_buffers()}  # restored if the step is skipped
-    for group in opt.param_groups:
-        group["lr"] = lr
-    with autocast_for(cfg.precision, p.device):
-        out = sae(x_BD)
-        loss = sae.loss(x_BD, out)
-    sync.reduce_buffers(sae, buffers, x_BD.shape[0], n_global)
-    info.x_BD, info.out, info.loss = x_BD, out, loss
-    if sync.any(not torch.isfinite(loss.total).all()):
-        bad = _bad_rows((out.recon.detach() - x_BD).pow(2).sum(-1, keepdim=True))
-        return _nonfinite(sae, opt, state, cfg, info, buffers, f"non-finite loss (rows {bad} of the reconstruction)")
-    opt.zero_grad(set_to_none=True)
-    loss.total.backward()
-    sync.average_gradients(sae, x_BD.shape[0], n_global)
-    sae.before_optimizer_step()
-    grads = [q.grad for q in sae.parameters() if q.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
-    info.grad_norm = float(norm)
-    if not math.isfinite(info.grad_norm):
-        return _nonfinite(sae, opt, state, cfg, info, buffers, "non-finite gradient")
-    if cfg.grad_clip is not None:
-        _clip_(sae, cfg.grad_clip, norm)
-    opt.step()
-    sae.after_optimizer_step()
-    sync.after_optimizer_step(sae)
-    opt.zero_grad(set_to_none=True)
-    state.step, state.lr, state.consecutive_nonfinite = step, lr, 0
-    return info
-
-
-def _clip_(sae: SparseAutoencoder, max_norm: float, norm: Tensor) -> None:
-    """`clip_grads_with_norm_`, skipped when its coefficient clamps to 1 (the usual case): the same
-    gradients bit for bit, without a multiply-by-one pass over every gradient each step (~5 % of a
-    CPU step on the benchmark shape). The coefficient is computed exactly as torch computes it."""
-    coef = max_norm / (norm + 1e-6)
-    if float(coef) < 1.0:
-        torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), max_norm, norm)
-
-
-def _nonfinite(sae, opt, state, cfg, info: StepInfo, buffers: dict[str, Tensor], what: str) -> StepInfo:
-    if cfg.nonfinite == "raise":
-        raise NonFiniteError(f"training step {info.step}: {what}")
-    opt.zero_grad(set_to_none=True)
-    with torch.no_grad():
-        for name, b in sae.named_buffers():
-            if name in buffers:
-                b.copy_(buffers[name])
-    state.step, state.lr = info.step, info.lr
-    state.nonfinite_skipped += 1
-    state.consecutive_nonfinite += 1
-    log.warning("training step %d skipped: %s (%d skipped in total)", info.step, what, state.nonfinite_skipped)
-    if state.consecutive_nonfinite >= cfg.max_consecutive_nonfinite:
-        raise NonFiniteError(f"training step {info.step}: {state.consecutive_nonfinite} consecutive non-finite steps "
-                             f"(max_consecutive_nonfinite={cfg.max_consecutive_nonfinite}); last: {what}. "
-                             "The last good checkpoint is left as it was.")
-    info.skipped, info.reason = True, what
-    return info
-
-
-def _batch_bad_rows(x_BD: Tensor) -> list[int]:
-    """Non-finite rows of a training batch. A sum over the batch is one vectorised pass and is
-    finite whenever every element is (barring overflow, which then takes the exact path); the
-    elementwise `isfinite` row scan (five passes over the batch, ~10 % of a CPU step) runs only then."""
-    if torch.isfinite(x_BD.sum()):
-        return []
-    return _bad_rows(x_BD)
-
-
-def _bad_rows(x_BD: Tensor, limit: int = 20) -> list[int]:
-    return (~torch.isfinite(x_BD)).any(-1).nonzero().flatten()[:limit].tolist()
-
-
-def _describe(batches: BatchSource, rows: list[int]) -> str:
-    """Optional: sources that can trace rows back to documents implement `describe_rows(rows) -> str`."""
-    fn = getattr(batches, "describe_rows", None)
-    return f" ({fn(rows)})" if callable(fn) else ""
 
 
 @contextlib.contextmanager
