@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from saekit.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_png
+from saekit.artifacts import atomic_write_bytes, atomic_write_json
 from saekit.errors import ConfigError, ShapeMismatchError
 from saekit.eval.bootstrap import (
     DEFAULT_RESAMPLES,
@@ -49,7 +49,8 @@ from saekit.eval.description_length import (
 )
 from saekit.eval.ground_truth import ground_truth_metrics
 from saekit.eval.reconstruction import DEFAULT_DENSE_THRESHOLD, ReconstructionAccumulator, RunningMoments
-from saekit.eval.report_text import _fmt, compare_table, format_report
+from saekit.eval.report_plots import plot_density_histogram, plot_fvu_vs_l0, plot_l0_histogram  # noqa: F401
+from saekit.eval.report_text import compare_table, format_report
 from saekit.eval.retrieval import retrieval_metrics
 from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.train.validation import GAP_ABS, GAP_RATIO, generalisation_gap
@@ -377,56 +378,6 @@ def attach_downstream(report: dict, name: str, results: dict) -> dict:
     """Put model-dependent results (e.g. splice-in LM loss) under `report["downstream"][name]`."""
     report.setdefault("downstream", {})[name] = results
     return report
-
-
-# ---------------------------------------------------------------------------------------------
-# figures (matplotlib Agg, no pyplot global state)
-# ---------------------------------------------------------------------------------------------
-def _figure():
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(6, 4), dpi=100)
-    FigureCanvasAgg(fig)
-    return fig, fig.add_subplot(1, 1, 1)
-
-
-def _save(fig, path: str | Path) -> Path:
-    return atomic_write_png(fig, path)
-
-
-def plot_l0_histogram(report: dict, path: str | Path) -> Path:
-    h = report["sparsity"]["l0_histogram"]
-    fig, ax = _figure()
-    ax.bar(h["l0"], h["counts"], width=1.0, color="tab:blue")
-    ax.set_xlabel("active latents per row (L0)")
-    ax.set_ylabel("rows")
-    ax.set_title(f"L0 distribution (mean {_fmt(report['sparsity']['l0_mean'])})")
-    return _save(fig, path)
-
-
-def plot_density_histogram(report: dict, path: str | Path) -> Path:
-    h = report["sparsity"]["density_histogram"]
-    edges, counts = h["log10_edges"], h["counts"]
-    fig, ax = _figure()
-    widths = [b - a for a, b in zip(edges[:-1], edges[1:])]
-    ax.bar(edges[:-1], counts, width=widths, align="edge", color="tab:green")
-    ax.set_xlabel("log10(feature density)")
-    ax.set_ylabel("latents")
-    ax.set_title(f"feature density ({h['live']} live, {h['dead']} dead not shown)")
-    return _save(fig, path)
-
-
-def plot_fvu_vs_l0(reports: dict[str, dict], path: str | Path) -> Path:
-    fig, ax = _figure()
-    for name, r in reports.items():
-        ax.scatter([r["sparsity"]["l0_mean"]], [r["reconstruction"]["fvu"]], label=name)
-    ax.set_xlabel("L0 (mean active latents)")
-    ax.set_ylabel("FVU")
-    ax.set_title("FVU vs L0")
-    if reports:
-        ax.legend(fontsize=8)
-    return _save(fig, path)
 
 
 # ---------------------------------------------------------------------------------------------
