@@ -22,7 +22,7 @@ from typing import Iterator, Sequence
 import torch
 from torch import Tensor
 
-from saekit.analysis.steering import FeatureEdit, _check_features, _Editor, add_direction
+from saekit.analysis.steering import ActivationEdit, FeatureEdit, add_direction, check_features
 from saekit.errors import ConfigError, ShapeMismatchError
 from saekit.sae.base import SparseAutoencoder, inference_mode
 from saekit.sources.hooks import hook_point
@@ -52,7 +52,7 @@ def detector_values(sae: SparseAutoencoder, acts: Tensor, detector: int) -> Tens
 class _GatedEditor:
     """The hook function: edit where the detector's value exceeds the threshold, leave the rest as is."""
 
-    def __init__(self, sae, detector: int, threshold: float, editor: _Editor, stats: GateStats):
+    def __init__(self, sae, detector: int, threshold: float, editor: ActivationEdit, stats: GateStats):
         self.sae, self.detector, self.threshold, self.editor, self.stats = sae, detector, threshold, editor, stats
 
     def __call__(self, acts: Tensor) -> Tensor:
@@ -62,7 +62,7 @@ class _GatedEditor:
         self.stats.fired += n
         if n == 0:
             return acts
-        return torch.where(gate[..., None], self.editor._edit(acts), acts)
+        return torch.where(gate[..., None], self.editor(acts), acts)
 
 
 @contextlib.contextmanager
@@ -74,7 +74,7 @@ def steer_conditional(model, hook: str, *, sae: SparseAutoencoder, detector: int
     edits = [e if isinstance(e, FeatureEdit) else FeatureEdit(**e) for e in edits]
     if sae is None:
         raise ConfigError("steer_conditional: expected an SAE holding the detector latent (sae=...), found None")
-    _check_features(sae, [*edits, FeatureEdit(detector, "ablate")])
+    check_features(sae, [*edits, FeatureEdit(detector, "ablate")])
     if vector is not None and vector.shape[-1] != sae.cfg.d_in:
         raise ShapeMismatchError(f"steer_conditional: expected vector [d_in={sae.cfg.d_in}], "
                                  f"found {tuple(vector.shape)}")
@@ -84,6 +84,6 @@ def steer_conditional(model, hook: str, *, sae: SparseAutoencoder, detector: int
     if direction_D is None and not clamps:
         yield stats  # nothing to do: no hook, the model runs bitwise unchanged
         return
-    editor = _Editor(sae, direction_D, clamps, "all")
-    with hook_point(model, hook, _GatedEditor(sae, int(detector), float(threshold), editor, stats)):
+    edit = ActivationEdit(sae, direction_D, clamps)
+    with hook_point(model, hook, _GatedEditor(sae, int(detector), float(threshold), edit, stats)):
         yield stats

@@ -75,7 +75,7 @@ class FeatureEdit:
 # -- building the intervention -------------------------------------------------------------------------
 
 
-def _check_features(sae: SparseAutoencoder | None, edits: Sequence[FeatureEdit]) -> None:
+def check_features(sae: SparseAutoencoder | None, edits: Sequence[FeatureEdit]) -> None:
     if edits and sae is None:
         raise ConfigError("steer: feature edits need an SAE (sae=...); for a plain direction pass vector=")
     for e in edits:
@@ -139,24 +139,35 @@ def _position_mask(positions: Positions, offset: int, T: int) -> Tensor | None:
     return torch.isin(absolute, wanted)
 
 
+class ActivationEdit:
+    """One activation edit, position-blind: the SAE clamps (error term kept), then the added direction.
+
+    Shared by `steer` (which chooses positions) and `steer_conditional` (which gates on a detector
+    latent), so both apply exactly the same arithmetic to the positions they pick.
+    """
+
+    def __init__(self, sae, direction_D: Tensor | None, clamps: list[FeatureEdit]):
+        self.sae, self.direction_D, self.clamps = sae, direction_D, clamps
+
+    def __call__(self, x: Tensor) -> Tensor:
+        if self.clamps:
+            x = clamp_edit(self.sae, x, self.clamps)
+        if self.direction_D is not None:
+            x = x + self.direction_D.to(dtype=x.dtype, device=x.device)
+        return x
+
+
 class _Editor:
-    """The hook function: applies the add direction and the clamps at the chosen positions.
+    """The hook function: applies an `ActivationEdit` at the chosen positions.
 
     With a KV cache, the first forward sees the whole prompt and later ones one token each; the
     editor counts positions across those calls (a forward longer than one token starts a new
     sequence) so list/slice positions are absolute token positions.
     """
 
-    def __init__(self, sae, direction_D: Tensor | None, clamps: list[FeatureEdit], positions: Positions):
-        self.sae, self.direction_D, self.clamps, self.positions = sae, direction_D, clamps, positions
+    def __init__(self, edit: ActivationEdit, positions: Positions):
+        self._edit, self.positions = edit, positions
         self.seen = 0
-
-    def _edit(self, x: Tensor) -> Tensor:
-        if self.clamps:
-            x = clamp_edit(self.sae, x, self.clamps)
-        if self.direction_D is not None:
-            x = x + self.direction_D.to(dtype=x.dtype, device=x.device)
-        return x
 
     def __call__(self, acts: Tensor) -> Tensor:
         if acts.dim() < 3:  # [batch, d] (embeddings, pooled outputs): no sequence to choose from
@@ -187,7 +198,7 @@ def steer(model, hook: str, *, sae: SparseAutoencoder | None = None, edits: Sequ
     forward). With nothing to do, no hook is installed: the model runs bitwise unchanged.
     """
     edits = [e if isinstance(e, FeatureEdit) else FeatureEdit(**e) for e in edits]
-    _check_features(sae, edits)
+    check_features(sae, edits)
     if vector is not None and sae is not None and vector.shape[-1] != sae.cfg.d_in:
         raise ShapeMismatchError(f"steer: expected vector [d_in={sae.cfg.d_in}], found {tuple(vector.shape)}")
     direction_D = add_direction(sae, edits, vector, alpha)
@@ -196,7 +207,7 @@ def steer(model, hook: str, *, sae: SparseAutoencoder | None = None, edits: Sequ
         yield  # an exact no-op: nothing installed
         return
     _position_mask(positions, 0, 1)  # validate before installing anything
-    with hook_point(model, hook, _Editor(sae, direction_D, clamps, positions)):
+    with hook_point(model, hook, _Editor(ActivationEdit(sae, direction_D, clamps), positions)):
         yield
 
 
@@ -355,7 +366,7 @@ def steered_search(sae: SparseAutoencoder, query_D: Tensor, corpus_ND: Tensor, e
     {feature: change of its code value}, "query_shift": cosine(q, q')}.
     """
     edits = [e if isinstance(e, FeatureEdit) else FeatureEdit(**e) for e in edits]
-    _check_features(sae, edits)
+    check_features(sae, edits)
     p = next(sae.parameters())
     q_D = query_D.reshape(-1).to(p.device, p.dtype)
     if q_D.shape[0] != sae.cfg.d_in or corpus_ND.shape[-1] != sae.cfg.d_in:
