@@ -46,6 +46,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--k", type=int, default=16)
     p.add_argument("--widths", default="64,256,1024")
     p.add_argument("--batch-topk", action="store_true", help="BatchTopK for both SAEs (default: row-wise top-k)")
+    p.add_argument("--prefix-selection", default="global", choices=["global", "nested"],
+                   help="the matryoshka SAE's prefix_selection (nested: each inner prefix its own top-k)")
     p.add_argument("--epochs", type=float, default=18)
     p.add_argument("--flat-sae", default=None, help="an already trained flat SAE (e.g. RUN/train) to compare with "
                                                     "instead of training one; its width and k are used")
@@ -130,11 +132,12 @@ def main() -> None:
     if (flat.cfg.d_sae, flat.cfg.k) != (args.d_sae, args.k):
         raise SystemExit(f"--flat-sae has d_sae={flat.cfg.d_sae}, k={flat.cfg.k}; pass --d-sae/--k to match it")
     saes = {"topk": flat,
-            "matryoshka": train_sae("matryoshka", base | {"architecture": "matryoshka", "matryoshka_widths": widths},
+            "matryoshka": train_sae("matryoshka", base | {"architecture": "matryoshka", "matryoshka_widths": widths,
+                                                               "prefix_selection": args.prefix_selection},
                                     x_tr, args, out)}
     y_tr, y_te = labels_of(store, tr_rows), labels_of(store, te_rows)
     report = {"store": str(args.store), "flat_sae": args.flat_sae, "epochs": args.epochs, "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
-              "k": args.k, "batch_topk": args.batch_topk, "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
+              "k": args.k, "batch_topk": args.batch_topk, "prefix_selection": args.prefix_selection, "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
     log(f"quality {report['quality']}")
     best = {"raw": single_best(x_tr, x_te, y_tr, y_te, args.resamples)}
     for n, sae in saes.items():
