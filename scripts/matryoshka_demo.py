@@ -52,6 +52,8 @@ def parse() -> argparse.Namespace:
     p.add_argument("--flat-sae", default=None, help="an already trained flat SAE (e.g. RUN/train) to compare with "
                                                     "instead of training one; its width and k are used")
     p.add_argument("--batch-size", type=int, default=512)
+    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: Gao et al.'s width-scaled "
+                                                        "one); the main job's flat SAE uses 2e-3")
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrieval-rows", type=int, default=3000)
@@ -76,7 +78,7 @@ def train_sae(name: str, sae_cfg: dict, x_train: torch.Tensor, args, out: Path):
         return load_sae(out / name / "final_sae").eval()
     from saekit.store.batches import TensorBatches
 
-    cfg = TrainConfig(total_steps=steps, batch_size=args.batch_size, lr=None, warmup_steps=20, checkpoint_every=0,
+    cfg = TrainConfig(total_steps=steps, batch_size=args.batch_size, lr=args.lr, warmup_steps=20, checkpoint_every=0,
                       log_every=max(steps // 10, 1), progress_bar=False, deterministic=False,
                       normalize_activations="expected_average_only_in", max_epochs_warning=1e9, seed=args.seed)
     log(f"training {name}: {steps} steps")
@@ -136,7 +138,7 @@ def main() -> None:
                                                                "prefix_selection": args.prefix_selection},
                                     x_tr, args, out)}
     y_tr, y_te = labels_of(store, tr_rows), labels_of(store, te_rows)
-    report = {"store": str(args.store), "flat_sae": args.flat_sae, "epochs": args.epochs, "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
+    report = {"store": str(args.store), "flat_sae": args.flat_sae, "epochs": args.epochs, "lr": args.lr, "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
               "k": args.k, "batch_topk": args.batch_topk, "prefix_selection": args.prefix_selection, "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
     log(f"quality {report['quality']}")
     best = {"raw": single_best(x_tr, x_te, y_tr, y_te, args.resamples)}

@@ -7,13 +7,6 @@ every prefix to reconstruct the input on its own:
     x_hat_p = sum_{j in code, j < w_p} z_j W_dec[j] + b_dec        (prefix p uses its own latents only)
     loss    = sum_p ||x - x_hat_p||^2  (+ AuxK as in topk)
 
-With `prefix_selection: nested` (training only) each inner prefix instead reconstructs from its own top-k
-(BatchTopK) among its first w_p latents, taken from the same pre-activations: x_hat_p = decode(TopK_k(pre[:, :w_p])).
-Why: with one selection a general latent that the code passes over gets no gradient from its prefix's loss on
-that row, and a first-prefix latent that settled early on a parent+child combination stays there (on planted
-hierarchies with w_1 = number of parents, 1-3 of 16 parents had no first-prefix latent). A prefix that always
-chooses k of its own latents keeps every general latent in play; inference still uses the one code.
-
 Why: a flat SAE may split a broad concept ("airline") into many narrow latents, because a narrow latent
 can absorb the parent direction into its own. The first prefix has to reconstruct without the narrow
 latents, so it learns the broad directions; later prefixes add the specifics on top. The first `w_1`
@@ -23,6 +16,14 @@ Layout follows SAELens's `matryoshka_batchtopk`: cumulative `matryoshka_widths` 
 selection over all latents, the summed loss. Everything else (encoder, AuxK, threshold, folding, stats
 buffers for distributed training) is `topk`'s, so the trainer needs nothing new. SAELens saves BatchTopK
 matryoshka SAEs for inference as `jumprelu`; saekit's SAELens writer does the same (see formats/saelens).
+
+With `prefix_selection: nested` (training only) each inner prefix instead reconstructs from its own top-k
+(BatchTopK) among its first w_p latents, taken from the same pre-activations: x_hat_p = decode(TopK_k(pre[:, :w_p])).
+Why: with one selection a general latent that the code passes over gets no gradient from its prefix's loss on
+that row, and a first-prefix latent that settled early on a parent+child combination stays there. A prefix that
+always chooses k of its own latents keeps every general latent in play; inference still uses the one code. On
+planted hierarchies (tests/test_matryoshka_hierarchy.py) with a first prefix of 2 x the parents, every parent got
+its own first-prefix latent in 8 of 8 seeds (global: 6 of 8); costs one top-k over `[N, w_p]` per inner prefix.
 """
 
 from __future__ import annotations
