@@ -42,18 +42,18 @@ def parse() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--store", required=True)
     p.add_argument("--out", default="/tmp/matryoshka-demo")
-    p.add_argument("--d-sae", type=int, default=3072)
-    p.add_argument("--k", type=int, default=16)
+    p.add_argument("--d-sae", type=int, default=1536)
+    p.add_argument("--k", type=int, default=32)
     p.add_argument("--widths", default="64,256,1024")
     p.add_argument("--batch-topk", action="store_true", help="BatchTopK for both SAEs (default: row-wise top-k)")
-    p.add_argument("--prefix-selection", default="global", choices=["global", "nested"],
+    p.add_argument("--prefix-selection", default="nested", choices=["global", "nested"],
                    help="the matryoshka SAE's prefix_selection (nested: each inner prefix its own top-k)")
     p.add_argument("--epochs", type=float, default=18)
     p.add_argument("--flat-sae", default=None, help="an already trained flat SAE (e.g. RUN/train) to compare with "
                                                     "instead of training one; its width and k are used")
     p.add_argument("--batch-size", type=int, default=512)
-    p.add_argument("--lr", type=float, default=None, help="Adam learning rate (default: Gao et al.'s width-scaled "
-                                                        "one); the main job's flat SAE uses 2e-3")
+    p.add_argument("--lr", type=float, default=2e-3, help="Adam learning rate (the main job's flat SAE's; Gao et "
+                                                        "al.'s width-scaled 6.5e-4 under-trains in 1,172 steps)")
     p.add_argument("--holdout", type=float, default=0.1)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--retrieval-rows", type=int, default=3000)
