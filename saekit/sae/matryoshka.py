@@ -23,7 +23,8 @@ Why: with one selection a general latent that the code passes over gets no gradi
 that row, and a first-prefix latent that settled early on a parent+child combination stays there. A prefix that
 always chooses k of its own latents keeps every general latent in play; inference still uses the one code. On
 planted hierarchies (tests/test_matryoshka_hierarchy.py) with a first prefix of 2 x the parents, every parent got
-its own first-prefix latent in 8 of 8 seeds (global: 6 of 8); costs one top-k over `[N, w_p]` per inner prefix.
+its own first-prefix latent in 8 of 8 seeds (global: 6 of 8). Cost: one top-k over `[N, w_p]` and k more
+encoder slots per inner prefix (a step 1.32x the global one at 1,536 latents, k 32; scripts/bench_matryoshka.py).
 """
 
 from __future__ import annotations
