@@ -7,7 +7,8 @@ interleaved after the same warm-up. CPU process time (run it with one thread: th
 ONE JSON line: median milliseconds of each and the paired ratio nested / global with the 2.5 / 97.5 %
 quantiles of the per-pair ratios.
 
-    python scripts/bench_matryoshka.py [--rows 512] [--d-in 384] [--d-sae 1536] [--k 32] [--widths 64,256,1024] [--repeats 30]
+    python scripts/bench_matryoshka.py [--rows 512] [--d-in 384] [--d-sae 1536] [--k 32] [--widths 64,256,1024]
+                                       [--batch-topk] [--repeats 30]
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def main() -> None:
                       "widths": widths, "batch_topk": a.batch_topk, "threads": torch.get_num_threads(),
                       "global_ms": round(1e3 * statistics.median(t_ref), 2),
                       "nested_ms": round(1e3 * statistics.median(t_nested), 2),
-                      "ratio": round(statistics.median(ratios), 3), "ratio_q95": [round(q(0.025), 3), round(q(0.975), 3)]}))
+                      "ratio": round(statistics.median(ratios), 3),
+                      "ratio_q95": [round(q(0.025), 3), round(q(0.975), 3)]}))
 
 
 if __name__ == "__main__":

@@ -138,8 +138,10 @@ def main() -> None:
                                                                "prefix_selection": args.prefix_selection},
                                     x_tr, args, out)}
     y_tr, y_te = labels_of(store, tr_rows), labels_of(store, te_rows)
-    report = {"store": str(args.store), "flat_sae": args.flat_sae, "epochs": args.epochs, "lr": args.lr, "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths,
-              "k": args.k, "batch_topk": args.batch_topk, "prefix_selection": args.prefix_selection, "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
+    report = {"store": str(args.store), "flat_sae": args.flat_sae, "epochs": args.epochs, "lr": args.lr,
+              "n_train": len(tr_rows), "n_heldout": len(te_rows), "widths": widths, "k": args.k,
+              "batch_topk": args.batch_topk, "prefix_selection": args.prefix_selection,
+              "quality": {n: fvu_l0(s, x_te) for n, s in saes.items()}}
     log(f"quality {report['quality']}")
     best = {"raw": single_best(x_tr, x_te, y_tr, y_te, args.resamples)}
     for n, sae in saes.items():
