@@ -10,7 +10,7 @@ children leans towards their mean, to cosine ~0.973 at best (`hedged_parent_cosi
 
 Why the first prefix is 2 x the number of parents and `prefix_selection: nested` (measured, README): with
 exactly one first-prefix latent per parent, 1-3 of the 16 settle early on a parent+child combination (cosine
-~0.88 with one child) and leave their parents uncovered, so the mean max-cosine was 0.74-0.83 (global
+~0.88 with one child) and leave their parents uncovered, so the mean max-cosine was 0.74-0.89 (global
 selection, seeds 0-5); a first prefix of 32 covered every parent in 6 of 8 seeds (0.93-0.97), and with each
 prefix choosing its own top-k in all 8 (0.970-0.973).
 """
