@@ -128,3 +128,25 @@ def hierarchical_features(n: int, d_in: int, n_parents: int, children_per_parent
     cast = lambda t: t.to(dtype)
     return HierarchicalData(cast(x_ND), cast(parents_PD), cast(children_CD), cast(offsets_PKD.reshape(P * K, d_in)),
                             torch.arange(P).repeat_interleave(K), cast(a_NP), cast(child_codes_NC), fires_NP)
+
+
+def hedged_parent_cosines(data: HierarchicalData) -> Tensor:
+    """For each parent, `[P]`: the cosine between its direction and the one direction that best reconstructs
+    its family's part of the rows (`a p_i + b c_ij` over the rows where parent i fires; top right singular vector).
+
+    Why: a latent that must reconstruct a parent's rows without its children -- the first prefix of a
+    matryoshka SAE -- is pulled towards the children it always comes with ("feature hedging", Chanin et al.
+    2025). This is the most such a latent can reach by reconstruction alone: with 16 orthogonal children and
+    `p_child = 1`, about 0.973, not 1. A recovery bar must sit below it."""
+    cos = []
+    for i in range(data.parents_PD.shape[0]):
+        rows = data.parent_fires_NP[:, i]
+        kids = data.child_parent_C == i
+        fam_RD = data.parent_codes_NP[rows, i:i + 1].double() * data.parents_PD[i].double() \
+            + data.child_codes_NC[rows][:, kids].double() @ data.children_CD[kids].double()
+        if fam_RD.shape[0] == 0:
+            cos.append(torch.tensor(float("nan"), dtype=torch.float64))
+            continue
+        v_D = torch.linalg.svd(fam_RD, full_matrices=False).Vh[0]
+        cos.append((v_D @ data.parents_PD[i].double()).abs())
+    return torch.stack(cos)
