@@ -1,0 +1,205 @@
+"""A fused top-k encoder for GPUs (Triton): `top_k(ReLU)((x_BD - b_dec) @ W_enc_DF + b_enc)` without
+writing the dense `[B, d_sae]` pre-activations to global memory.
+
+Why (DESIGN.md §5): on a GPU the encoder product is cheap next to what follows it: the torch path
+writes `[B, d_sae]` pre-activations (8192 x 32768 bf16 = 0.5 GB per step at the issue's H200 shape),
+then `torch.topk` reads them back in several passes. Here each program computes a `[BLOCK_B, BLOCK_F]`
+tile of the product in registers (fp32 accumulate; bf16 operands under bf16 autocast), keeps a
+running per-row top-`K_PAD` over `TILES` consecutive tiles, and writes only those `K_PAD` candidates
+per row and column group: `[B, n_groups * K_PAD]` (33 MB at the H200 shape). A second, small pass
+(`torch.topk` over the candidates) merges them into the `[B, k]` result.
+
+Candidates are int64 keys, `(order-preserving int32 of the fp32 value) << 32 | (2^31 - 1 - latent)`:
+one comparison orders by value and, among equal values, prefers the LOWER latent index, so the
+result is deterministic and the tie order is documented (the torch path's `topk` leaves it open).
+The slots come back sorted by value, largest first; ReLU applies to the k values after selection,
+as in `saekit.sae.topk` (`kernels.sparse.topk_select`).
+
+The backward needs only the k selected values' gradients: `grad_x`, the k columns of `grad_W_enc`
+and `grad_b_enc` (and `grad_b_dec`) come from `kernels.sparse` (`embed_sum`, `sparse_t_matmul`,
+which use `triton_sparse` on CUDA and the torch path elsewhere); nothing `[B, d_sae]` is built.
+
+`applies(x, k)` decides the dispatch (CUDA tensor, Triton with `tl.topk` importable, `SAEKIT_TRITON`
+not "0", k <= MAX_K, no fp16 autocast); `encode_with_aux` is what `TopKSAE` calls then. Under
+`TRITON_INTERPRET=1` (set before Triton is imported) the kernel runs on CPU tensors, which is how
+tests/test_triton_topk.py checks it against the torch path.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from saekit.sae.kernels.sparse import compute_dtype, embed_sum, sparse_encode, sparse_t_matmul, topk_select
+
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # the torch path serves
+    triton = tl = None
+
+INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+HAS_TOPK = tl is not None and hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")  # Triton >= 3.4
+MAX_K = 128  # larger k (AuxK's d_in // 2, say) keeps the torch path: the per-row buffer would not fit in registers
+MIN_KEY = -0x7FFFFFFFFFFFFFFF  # below every key a finite value (or -inf) packs to
+TILE = dict(BLOCK_B=64, BLOCK_F=128, BLOCK_D=64, TILES=16)  # a program covers 64 rows x 2048 latents
+TILE_INTERPRET = dict(BLOCK_B=16, BLOCK_F=16, BLOCK_D=16, TILES=2)  # the interpreter is slow: tiny tiles
+
+
+def available(t: Tensor) -> bool:
+    """Whether the kernel can run on tensors like `t` here (CUDA, or CPU under the interpreter)."""
+    return HAS_TOPK and (t.device.type == "cuda" or INTERPRET)
+
+
+def applies(x: Tensor, k: int) -> bool:
+    """Whether `TopKSAE` should take the fused path for this input: CUDA only (the CPU keeps its native
+    kernels), `SAEKIT_TRITON=0` turns it off, and the autocast dtype (if any) must be bf16."""
+    dtype = compute_dtype(x.device)
+    return (x.device.type == "cuda" and available(x) and os.environ.get("SAEKIT_TRITON", "1") != "0"
+            and k <= MAX_K and dtype in (None, torch.bfloat16))
+
+
+if triton is not None and HAS_TOPK:
+    _MIN_KEY = tl.constexpr(MIN_KEY)  # a jit function reads only constexpr globals
+
+    @triton.jit
+    def _pack(v, cols):
+        """fp32 values and their latent indices -> int64 keys ordered by value, then by lower index."""
+        bits = v.to(tl.int32, bitcast=True)
+        s = tl.where(bits < 0, bits ^ 0x7FFFFFFF, bits)
+        return (s.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
+
+    @triton.jit
+    def _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
+                      BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BF16: tl.constexpr):
+        """`x[rows] @ W[:, cols] + b[cols]`, `[BLOCK_B, BLOCK_F]` fp32, accumulated over D in registers."""
+        acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
+        for d0 in range(0, D, BLOCK_D):
+            d = d0 + tl.arange(0, BLOCK_D)
+            d_ok = d < D
+            a = tl.load(x_ptr + rows[:, None] * stride_x + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_ptr + d[:, None] * stride_w + cols[None, :], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            if DOT_BF16:
+                acc = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+            else:
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+        return acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
+
+    @triton.jit
+    def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, key_ptr, B, D, F, TILES, stride_x, stride_w,
+                            K_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                            DOT_BF16: tl.constexpr):
+        """One program: BLOCK_B rows x TILES*BLOCK_F latents -> the rows' K_PAD largest keys of that group.
+
+        Merge: the running best (sorted descending) against the tile's top K_PAD reversed (ascending);
+        their elementwise max is a bitonic sequence holding the K_PAD largest of both, which one bitonic
+        merge sorts again."""
+        pid_b, pid_g = tl.program_id(0), tl.program_id(1)
+        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
+        row_ok = rows < B
+        best = tl.full((BLOCK_B, K_PAD), _MIN_KEY, tl.int64)
+        for t in range(0, TILES):
+            cols = (pid_g * TILES + t) * BLOCK_F + tl.arange(0, BLOCK_F)
+            col_ok = cols < F
+            pre = _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
+                                BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16)
+            keys = tl.where(col_ok[None, :], _pack(pre, cols), _MIN_KEY)
+            top = tl.topk(keys, K_PAD)
+            best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
+        n_cand = tl.num_programs(1) * K_PAD
+        slots = pid_g * K_PAD + tl.arange(0, K_PAD)
+        tl.store(key_ptr + rows[:, None].to(tl.int64) * n_cand + slots[None, :], best, mask=row_ok[:, None])
+
+
+def _unpack(keys: Tensor) -> tuple[Tensor, Tensor]:
+    """int64 keys -> (fp32 values, int64 latent indices)."""
+    s = (keys >> 32).to(torch.int32)
+    vals = torch.where(s < 0, s ^ 0x7FFFFFFF, s).view(torch.float32)
+    return vals, 0x7FFFFFFF - (keys & 0xFFFFFFFF)
+
+
+def _tiles(D: int, F: int, K_PAD: int, tile: dict | None) -> dict:
+    t = dict(tile or (TILE_INTERPRET if INTERPRET else TILE))
+    t["BLOCK_F"] = max(t["BLOCK_F"], K_PAD)  # a tile must hold K_PAD candidates
+    t["TILES"] = max(1, min(t["TILES"], triton.cdiv(F, t["BLOCK_F"])))
+    t["BLOCK_D"] = max(16, min(t["BLOCK_D"], triton.next_power_of_2(D)))
+    return t
+
+
+def topk_pre(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bf16: bool = False,
+             tile: dict | None = None) -> tuple[Tensor, Tensor]:
+    """The k largest of `x_c @ W_enc + b_enc` per row, `(values_BK fp32, indices_BK int64)`, sorted by
+    value (largest first; equal values: lower index first). No ReLU here. `bf16`: bf16 operands, fp32
+    accumulate. `tile` overrides the block sizes (tests use it to cross tile and group edges)."""
+    B, D = x_c_BD.shape
+    F = W_enc_DF.shape[1]
+    K_PAD = max(triton.next_power_of_2(k), 2)
+    t = _tiles(D, F, K_PAD, tile)
+    n_groups = triton.cdiv(F, t["BLOCK_F"] * t["TILES"])
+    keys = torch.empty(B, n_groups * K_PAD, dtype=torch.int64, device=x_c_BD.device)
+    if B:
+        x, W = x_c_BD.contiguous(), W_enc_DF.contiguous()
+        grid = (triton.cdiv(B, t["BLOCK_B"]), n_groups)
+        _encode_topk_kernel[grid](x, W, b_enc_F.contiguous(), keys, B, D, F, t["TILES"], x.stride(0), W.stride(0),
+                                  K_PAD=K_PAD, BLOCK_B=t["BLOCK_B"], BLOCK_F=t["BLOCK_F"], BLOCK_D=t["BLOCK_D"],
+                                  DOT_BF16=bf16, num_warps=8 if t["BLOCK_B"] * t["BLOCK_F"] >= 8192 else 4)
+    top = keys.topk(k, dim=1, sorted=True).values  # the second, small pass: n_groups * K_PAD candidates per row
+    return _unpack(top)
+
+
+class FusedTopKEncode(torch.autograd.Function):
+    """vals_BK, idx_BK = ReLU(top_k((x_BD - b_dec_D) @ W_enc_DF + b_enc_F)) with the product and the
+    selection fused; the backward, as `kernels.sparse.SparseEncode`'s, touches only the k selected
+    columns per row (slots whose value is 0 pass no gradient, as ReLU at 0)."""
+
+    @staticmethod
+    def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, k: int):
+        x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
+        bf16 = compute_dtype(x_BD.device) == torch.bfloat16 or torch.bfloat16 in (x_BD.dtype, W_enc_DF.dtype)
+        vals_BK, idx_BK = topk_pre(x_c_BD, W_enc_DF, b_enc_F, k, bf16=bf16)
+        vals_BK = vals_BK.clamp_min_(0).to(W_enc_DF.dtype)
+        ctx.save_for_backward(x_c_BD, W_enc_DF, idx_BK, vals_BK)
+        ctx.has_b_dec = b_dec_D is not None
+        ctx.mark_non_differentiable(idx_BK)
+        return vals_BK, idx_BK
+
+    @staticmethod
+    def backward(ctx, grad_vals_BK: Tensor, _grad_idx):
+        x_c_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
+        need_x, need_W, need_be, need_bd = ctx.needs_input_grad[:4]
+        g_BK = (grad_vals_BK * (vals_BK != 0)).to(W_enc_DF.dtype)
+        n_lat = W_enc_DF.shape[1]
+        g_x = g_W = g_be = g_bd = None
+        if need_W:  # x^T @ S: only the selected columns receive gradient
+            g_W = sparse_t_matmul(idx_BK, g_BK, x_c_BD.to(W_enc_DF.dtype), n_lat, transposed=True)
+        if need_be or (need_bd and ctx.has_b_dec):
+            s_F = g_BK.new_zeros(n_lat).index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
+            g_be = s_F if need_be else None
+            g_bd = -(W_enc_DF @ s_F) if need_bd and ctx.has_b_dec else None
+        if need_x:
+            g_x = embed_sum(idx_BK, g_BK, W_enc_DF.t().contiguous()).to(x_c_BD.dtype)
+        return g_x, g_W, g_be, g_bd, None
+
+
+def fused_topk_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None,
+                      k: int) -> tuple[Tensor, Tensor]:
+    """`(vals_BK, idx_BK)`: the fused encoder (forward in Triton, sparse backward)."""
+    return FusedTopKEncode.apply(x_BD, W_enc_DF, b_enc_F, b_dec_D, k)
+
+
+def encode_with_aux(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, k: int,
+                    dead_F: Tensor | None, aux_k: int) -> tuple[tuple[Tensor, Tensor], tuple[Tensor, Tensor] | None]:
+    """`TopKSAE`'s row-wise top-k encode on the fused path: `((vals, idx), aux)` where `aux` is None
+    without dead latents, else the dead latents' own top-`aux_k` `(vals, idx)` (AuxK, ReLU after),
+    as the torch path computes it. AuxK only needs the dead columns' product, `[B, n_dead]`, through
+    `kernels.sparse.sparse_encode` (its gradients reach `W_enc`/`b_enc` through `index_select`)."""
+    main = fused_topk_encode(x_BD, W_enc_DF, b_enc_F, b_dec_D, k)
+    if dead_F is None:
+        return main, None
+    x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
+    n_aux = min(aux_k, dead_F.numel())
+    vals, pos = sparse_encode(x_c_BD, W_enc_DF.index_select(1, dead_F), b_enc_F.index_select(0, dead_F), None,
+                              topk_select(n_aux))
+    return main, (vals, dead_F[pos])
