@@ -72,8 +72,16 @@ if triton is not None and HAS_TOPK:
         return (s.to(tl.int64) << 32) | (0x7FFFFFFF - cols).to(tl.int64)[None, :]
 
     @triton.jit
+    def _round_bf16(v):
+        """fp32 -> the nearest bf16 (ties to even), kept in fp32: what the GPU's cast does."""
+        bits = v.to(tl.float32).to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+
+    @triton.jit
     def _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
-                      BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BF16: tl.constexpr):
+                      BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BF16: tl.constexpr,
+                      EMULATE_BF16: tl.constexpr):
         """`x[rows] @ W[:, cols] + b[cols]`, `[BLOCK_B, BLOCK_F]` fp32, accumulated over D in registers."""
         acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -81,8 +89,11 @@ if triton is not None and HAS_TOPK:
             d_ok = d < D
             a = tl.load(x_ptr + rows[:, None] * stride_x + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
             w = tl.load(w_ptr + d[:, None] * stride_w + cols[None, :], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
-            if DOT_BF16:
-                acc = tl.dot(a.to(tl.bfloat16), w.to(tl.bfloat16), acc)
+            if DOT_BF16 and not EMULATE_BF16:
+                acc = tl.dot(a.to(tl.bfloat16, fp_downcast_rounding="rtne"), w.to(tl.bfloat16, fp_downcast_rounding="rtne"),
+                             acc)
+            elif DOT_BF16:  # the interpreter multiplies bf16 tiles as raw uint16 and rounds casts wrongly (3.9)
+                acc = tl.dot(_round_bf16(a), _round_bf16(w), acc, input_precision="ieee")  # exact products of bf16
             else:
                 acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
         return acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
@@ -90,7 +101,7 @@ if triton is not None and HAS_TOPK:
     @triton.jit
     def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, key_ptr, B, D, F, TILES, stride_x, stride_w,
                             K_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DOT_BF16: tl.constexpr):
+                            DOT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
         """One program: BLOCK_B rows x TILES*BLOCK_F latents -> the rows' K_PAD largest keys of that group.
 
         Merge: the running best (sorted descending) against the tile's top K_PAD reversed (ascending);
@@ -104,7 +115,7 @@ if triton is not None and HAS_TOPK:
             cols = (pid_g * TILES + t) * BLOCK_F + tl.arange(0, BLOCK_F)
             col_ok = cols < F
             pre = _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
-                                BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16)
+                                BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16, EMULATE_BF16)
             keys = tl.where(col_ok[None, :], _pack(pre, cols), _MIN_KEY)
             top = tl.topk(keys, K_PAD)
             best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
@@ -144,7 +155,7 @@ def topk_pre(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bf16: bo
         grid = (triton.cdiv(B, t["BLOCK_B"]), n_groups)
         _encode_topk_kernel[grid](x, W, b_enc_F.contiguous(), keys, B, D, F, t["TILES"], x.stride(0), W.stride(0),
                                   K_PAD=K_PAD, BLOCK_B=t["BLOCK_B"], BLOCK_F=t["BLOCK_F"], BLOCK_D=t["BLOCK_D"],
-                                  DOT_BF16=bf16, num_warps=8 if t["BLOCK_B"] * t["BLOCK_F"] >= 8192 else 4)
+                                  DOT_BF16=bf16, EMULATE_BF16=INTERPRET, num_warps=8 if t["BLOCK_B"] * t["BLOCK_F"] >= 8192 else 4)
     top = keys.topk(k, dim=1, sorted=True).values  # the second, small pass: n_groups * K_PAD candidates per row
     return _unpack(top)
 
