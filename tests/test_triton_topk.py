@@ -10,6 +10,7 @@ interpreter runs each program in numpy."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
@@ -24,7 +25,7 @@ from saekit.sae.kernels.sparse import dense_encode_ref, topk_select  # noqa: E40
 
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs inside test_topk_under_the_interpreter's child")
-N_CHILD = 14  # the checks below, parametrized cases counted
+N_CHILD = 15  # the checks below, parametrized cases counted
 
 
 def test_topk_under_the_interpreter():
@@ -202,3 +203,16 @@ def test_unpack_inverts_the_key_order_on_signed_values():
     W = torch.eye(6)  # pre = x exactly
     vals, idx = tt.topk_pre(x, W, torch.zeros(6), 6)
     assert idx.tolist() == [[4, 3, 2, 5, 1, 0]] and vals[0].tolist() == sorted(x[0].tolist(), reverse=True)
+
+
+def test_the_gpu_benchmark_says_it_skipped_without_cuda():
+    """scripts/bench_train_gpu.py, run on a machine without a CUDA device, prints one JSON line saying so."""
+    if CHILD:
+        return
+    root = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": str(root)}
+    res = subprocess.run([sys.executable, str(root / "scripts" / "bench_train_gpu.py"), "--quick"], env=env,
+                         capture_output=True, text=True, cwd=root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 1 and json.loads(lines[0])["skipped"] == "no CUDA device"
