@@ -41,7 +41,7 @@ except ImportError:  # the torch path serves
     triton = tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-HAS_TOPK = tl is not None and hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")  # Triton >= 3.4
+HAS_TOPK = tl is not None and hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")  # checked with Triton 3.9
 MAX_K = 128  # larger k (AuxK's d_in // 2, say) keeps the torch path: the per-row buffer would not fit in registers
 MIN_KEY = -0x7FFFFFFFFFFFFFFF  # below every key a finite value (or -inf) packs to
 TILE = dict(BLOCK_B=64, BLOCK_F=128, BLOCK_D=64, TILES=16)  # a program covers 64 rows x 2048 latents
