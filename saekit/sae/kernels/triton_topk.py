@@ -81,7 +81,7 @@ if triton is not None and HAS_TOPK:
     @triton.jit
     def _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
                       BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BF16: tl.constexpr,
-                      EMULATE_BF16: tl.constexpr):
+                      EMULATE_BF16: tl.constexpr, FP32_PRECISION: tl.constexpr):
         """`x[rows] @ W[:, cols] + b[cols]`, `[BLOCK_B, BLOCK_F]` fp32, accumulated over D in registers."""
         acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
         for d0 in range(0, D, BLOCK_D):
@@ -95,13 +95,13 @@ if triton is not None and HAS_TOPK:
             elif DOT_BF16:  # the interpreter multiplies bf16 tiles as raw uint16 and rounds casts wrongly (3.9)
                 acc = tl.dot(_round_bf16(a), _round_bf16(w), acc, input_precision="ieee")  # exact products of bf16
             else:
-                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision="ieee")
+                acc = tl.dot(a.to(tl.float32), w.to(tl.float32), acc, input_precision=FP32_PRECISION)
         return acc + tl.load(b_ptr + cols, mask=col_ok, other=0.0).to(tl.float32)[None, :]
 
     @triton.jit
     def _encode_topk_kernel(x_ptr, w_ptr, b_ptr, key_ptr, B, D, F, TILES, stride_x, stride_w,
                             K_PAD: tl.constexpr, BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
-                            DOT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr):
+                            DOT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FP32_PRECISION: tl.constexpr):
         """One program: BLOCK_B rows x TILES*BLOCK_F latents -> the rows' K_PAD largest keys of that group.
 
         Merge: the running best (sorted descending) against the tile's top K_PAD reversed (ascending);
@@ -115,7 +115,7 @@ if triton is not None and HAS_TOPK:
             cols = (pid_g * TILES + t) * BLOCK_F + tl.arange(0, BLOCK_F)
             col_ok = cols < F
             pre = _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
-                                BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16, EMULATE_BF16)
+                                BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16, EMULATE_BF16, FP32_PRECISION)
             keys = tl.where(col_ok[None, :], _pack(pre, cols), _MIN_KEY)
             top = tl.topk(keys, K_PAD)
             best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
@@ -139,6 +139,11 @@ def _tiles(D: int, F: int, K_PAD: int, tile: dict | None) -> dict:
     return t
 
 
+def _fp32_precision() -> str:
+    """fp32 products as torch computes them: TF32 only where torch allows it (`set_float32_matmul_precision`)."""
+    return "ieee" if INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
+
+
 def topk_pre(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bf16: bool = False,
              tile: dict | None = None) -> tuple[Tensor, Tensor]:
     """The k largest of `x_c @ W_enc + b_enc` per row, `(values_BK fp32, indices_BK int64)`, sorted by
@@ -155,7 +160,8 @@ def topk_pre(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bf16: bo
         grid = (triton.cdiv(B, t["BLOCK_B"]), n_groups)
         _encode_topk_kernel[grid](x, W, b_enc_F.contiguous(), keys, B, D, F, t["TILES"], x.stride(0), W.stride(0),
                                   K_PAD=K_PAD, BLOCK_B=t["BLOCK_B"], BLOCK_F=t["BLOCK_F"], BLOCK_D=t["BLOCK_D"],
-                                  DOT_BF16=bf16, EMULATE_BF16=INTERPRET, num_warps=8 if t["BLOCK_B"] * t["BLOCK_F"] >= 8192 else 4)
+                                  DOT_BF16=bf16, EMULATE_BF16=INTERPRET, FP32_PRECISION=_fp32_precision(),
+                                  num_warps=8 if t["BLOCK_B"] * t["BLOCK_F"] >= 8192 else 4)
     top = keys.topk(k, dim=1, sorted=True).values  # the second, small pass: n_groups * K_PAD candidates per row
     return _unpack(top)
 
