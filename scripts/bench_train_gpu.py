@@ -19,7 +19,7 @@ Without a CUDA device it prints `{"bench": "train_gpu", "skipped": "no CUDA devi
 interpreter): a check of this script, not a measurement.
 
     python scripts/bench_train_gpu.py [--quick] [--precision bf16|fp32] [--shape 768,32768,32,8192]
-                                      [--tile 64,128,64,16] [--rounds 5] [--steps 10]
+                                      [--tile 64,128,64,16,8] [--rounds 5] [--steps 10]
 """
 
 from __future__ import annotations
@@ -36,7 +36,9 @@ import torch
 from torch import nn
 
 SHAPE = (768, 32768, 32, 8192)  # d_in, d_sae, k, batch
-TILES = [(64, 128, 64, 16), (128, 128, 64, 16), (64, 64, 64, 32), (128, 64, 32, 32)]  # BLOCK_B, BLOCK_F, BLOCK_D, TILES
+TILE_KEYS = ("BLOCK_B", "BLOCK_F", "BLOCK_D", "TILES", "num_warps")
+SWEEP = {"bf16": [(64, 128, 64, 16, 8), (64, 64, 64, 32, 8), (128, 64, 64, 32, 8), (64, 64, 32, 32, 4)],  # default first
+         "fp32": [(64, 64, 32, 32, 8), (64, 64, 32, 32, 4), (32, 64, 32, 32, 4)]}
 
 
 # -- references (plain PyTorch, no saekit) ----------------------------------------------------------------------
@@ -194,7 +196,7 @@ def encoder_bench(W_enc, b_enc, x, k, dtype, reps, tiles, device) -> dict:
            "floor": lambda: xd @ Wd}
     errors = {}
     for t in tiles:
-        tile = dict(zip(("BLOCK_B", "BLOCK_F", "BLOCK_D", "TILES"), t))
+        tile = dict(zip(TILE_KEYS, t))
         fn = lambda tile=tile: triton_topk.topk_pre(xd, Wd, b, k, bf16=bf16, tile=tile)
         try:
             fn()  # compile (and check it runs) before timing
@@ -271,7 +273,8 @@ def parse_args():
     ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--warmup", type=int, default=3, help="warm-up step batches per variant")
-    ap.add_argument("--tile", default=None, help="BLOCK_B,BLOCK_F,BLOCK_D,TILES for training (default: the module's)")
+    ap.add_argument("--tile", default=None, help="BLOCK_B,BLOCK_F,BLOCK_D,TILES,num_warps for training (default: the "
+                                                 "module's, triton_topk.TILE)")
     ap.add_argument("--quick", action="store_true", help="few steps and rounds, one tile: checks the script runs")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (fused path under TRITON_INTERPRET=1)")
     return ap.parse_args()
@@ -287,10 +290,11 @@ def setup(args):
     if args.quick or args.smoke:
         args.steps, args.rounds, args.warmup = min(args.steps, 3), min(args.rounds, 2), 1
     if args.tile:
-        triton_topk.TILE.update(zip(("BLOCK_B", "BLOCK_F", "BLOCK_D", "TILES"), map(int, args.tile.split(","))))
+        triton_topk.TILE[args.precision].update(zip(TILE_KEYS, map(int, args.tile.split(","))))
     if args.smoke and triton_topk.INTERPRET:
         triton_topk.applies = lambda x, k: os.environ.get("SAEKIT_TRITON", "1") != "0" and triton_topk.available(x)
-    tiles = [(16, 16, 16, 2)] if args.smoke else TILES[:1] if args.quick else TILES
+    sweep = SWEEP[args.precision]
+    tiles = [(16, 16, 16, 2, 4)] if args.smoke else sweep[:1] if args.quick else sweep
     return device, shape, tiles
 
 
@@ -313,7 +317,8 @@ def main() -> None:
     out = {"bench": "train_gpu", "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
            "torch": torch.__version__, "triton": getattr(triton_topk.triton, "__version__", None),
            "sparsify": sparsify_version(), "shape": dict(zip(("d_in", "d_sae", "k", "batch"), shape)),
-           "precision": args.precision, "fused_path_applies": triton_topk.applies(xs[0], k), "tile": triton_topk.TILE}
+           "precision": args.precision, "fused_path_applies": triton_topk.applies(xs[0], k),
+           "tile": triton_topk.TILE_INTERPRET if triton_topk.INTERPRET else triton_topk.TILE[args.precision]}
     out["codes"] = {p: section(compare_codes, sae, xs[0], amp(p)) for p in ("bf16", "fp32")}
     out["encoder"] = section(encoder_bench, sae.W_enc, sae.b_enc, xs[0] - sae.b_dec.detach(), k, dtype,
                              2 if args.smoke else max(args.rounds * 4, 5), tiles, device)

@@ -25,7 +25,7 @@ from saekit.sae.kernels.sparse import dense_encode_ref, topk_select  # noqa: E40
 
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs inside test_topk_under_the_interpreter's child")
-N_CHILD = 15  # the checks below, parametrized cases counted
+N_CHILD = 18  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
 
 
 def test_topk_under_the_interpreter():
@@ -216,3 +216,56 @@ def test_the_gpu_benchmark_says_it_skipped_without_cuda():
     assert res.returncode == 0, res.stderr[-2000:]
     lines = res.stdout.strip().splitlines()
     assert len(lines) == 1 and json.loads(lines[0])["skipped"] == "no CUDA device"
+
+
+def _sm90_resources(precision: str, k: int) -> dict:
+    """Compile the kernel with its default tile for an H100/H200 (sm_90) without a GPU: Triton's own ptxas,
+    then cuobjdump's resource usage, e.g. {"REG": 192, "STACK": 0, ...}."""
+    import re
+    import tempfile
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    from saekit.sae.kernels import triton_topk as tt
+
+    tile, k_pad = tt.TILE[precision], max(triton.next_power_of_2(k), 2)
+    dt = "bf16" if precision == "bf16" else "fp32"
+    const = dict(K_PAD=k_pad, BLOCK_B=tile["BLOCK_B"], BLOCK_F=max(tile["BLOCK_F"], k_pad), BLOCK_D=tile["BLOCK_D"],
+                 DOT_BF16=precision == "bf16", EMULATE_BF16=False, FP32_PRECISION="ieee")
+    ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "key_ptr": "*i64"}
+    names = tt._encode_topk_kernel.arg_names
+    sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
+    src = ASTSource(fn=tt._encode_topk_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile["num_warps"]})
+    with tempfile.TemporaryDirectory() as d:
+        path = Path(d) / "k.cubin"
+        path.write_bytes(kernel.asm["cubin"])
+        res = subprocess.run([str(CUOBJDUMP), "--dump-resource-usage", str(path)], capture_output=True, text=True)
+    return {m[0]: int(m[1]) for m in re.findall(r"(REG|STACK|LOCAL):(\d+)", res.stdout)}
+
+
+def _cuobjdump() -> Path | None:
+    try:
+        import triton.backends.nvidia as nv
+    except ImportError:
+        return None
+    path = Path(nv.__file__).parent / "bin" / "cuobjdump"
+    return path if path.exists() else None
+
+
+CUOBJDUMP = _cuobjdump()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("precision,k", [("bf16", 32), ("fp32", 32), ("bf16", 128)])
+def test_the_cuda_kernel_compiles_for_sm90_without_spilling(precision, k):
+    """The interpreter never compiles the GPU branch (bf16 tensor-core dot): this does, for an H200, and checks
+    the default tiles keep every value in registers (a spill to local memory would slow the selection)."""
+    if CHILD:
+        return
+    if CUOBJDUMP is None:
+        pytest.skip("this Triton has no NVIDIA backend tools (ptxas, cuobjdump)")
+    res = _sm90_resources(precision, k)
+    assert res["REG"] <= 255 and res["STACK"] == 0 and res["LOCAL"] == 0, res
