@@ -230,9 +230,10 @@ def _sm90_resources(precision: str, k: int) -> dict:
 
     from saekit.sae.kernels import triton_topk as tt
 
-    tile, k_pad = tt.TILE[precision], max(triton.next_power_of_2(k), 2)
+    k_pad = max(triton.next_power_of_2(k), 2)
+    tile = tt._tiles(768, 32768, k_pad, None, precision == "bf16")  # the launch tile at the H200 shape
     dt = "bf16" if precision == "bf16" else "fp32"
-    const = dict(K_PAD=k_pad, BLOCK_B=tile["BLOCK_B"], BLOCK_F=max(tile["BLOCK_F"], k_pad), BLOCK_D=tile["BLOCK_D"],
+    const = dict(K_PAD=k_pad, BLOCK_B=tile["BLOCK_B"], BLOCK_F=tile["BLOCK_F"], BLOCK_D=tile["BLOCK_D"],
                  DOT_BF16=precision == "bf16", EMULATE_BF16=False, FP32_PRECISION="ieee")
     ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "key_ptr": "*i64"}
     names = tt._encode_topk_kernel.arg_names

@@ -44,9 +44,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 HAS_TOPK = tl is not None and hasattr(tl, "topk") and hasattr(tl, "bitonic_merge")  # checked with Triton 3.9
 MAX_K = 128  # larger k (AuxK's d_in // 2, say) keeps the torch path: the per-row buffer would not fit in registers
 MIN_KEY = -0x7FFFFFFFFFFFFFFF  # below every key a finite value (or -inf) packs to
-# A program covers 64 rows x 2048 latents. Compiled for sm_90 (Triton 3.9, no GPU needed), these tiles use
-# 192 (bf16) and 173 (fp32) registers a thread and spill none; fp32 operands in the bf16 tile spilled, hence
-# bf16 operands are cast before the kernel (tests/test_triton_topk.py compiles them and checks).
+# A program covers 64 rows x 2048 latents. Compiled for sm_90 (Triton 3.9, no GPU needed), at k = 32 these tiles
+# use 203 (bf16) and 183 (fp32) registers a thread and spill none (k = 64: 246; k = 128 with 32 rows: 255); fp32
+# operands in the bf16 tile spilled, hence bf16 operands are cast before the kernel (tests/test_triton_topk.py
+# compiles them and checks).
 TILE = {"bf16": dict(BLOCK_B=64, BLOCK_F=128, BLOCK_D=64, TILES=16, num_warps=8),
         "fp32": dict(BLOCK_B=64, BLOCK_F=64, BLOCK_D=32, TILES=32, num_warps=8)}
 TILE_INTERPRET = dict(BLOCK_B=16, BLOCK_F=16, BLOCK_D=16, TILES=2, num_warps=4)  # the interpreter is slow
@@ -83,16 +84,23 @@ if triton is not None and HAS_TOPK:
         return bits.to(tl.float32, bitcast=True)
 
     @triton.jit
-    def _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
+    def _product_tile(x_ptr, w_ptr, b_ptr, row0, row_ok, cols, col_ok, D, stride_x, stride_w,
                       BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr, DOT_BF16: tl.constexpr,
                       EMULATE_BF16: tl.constexpr, FP32_PRECISION: tl.constexpr):
         """`x[rows] @ W[:, cols] + b[cols]`, `[BLOCK_B, BLOCK_F]` fp32, accumulated over D in registers."""
         acc = tl.zeros((BLOCK_B, BLOCK_F), dtype=tl.float32)
+        # 64-bit scalar bases, 32-bit offsets within a block: B * D or D * F may pass 2^31, and 64-bit offset
+        # tensors cost registers the selection needs (compiled for sm_90 they spilled)
+        r = tl.arange(0, BLOCK_B)
+        d = tl.arange(0, BLOCK_D)
+        x_base = x_ptr + row0 * stride_x  # row0: int64
+        w_base = w_ptr
         for d0 in range(0, D, BLOCK_D):
-            d = d0 + tl.arange(0, BLOCK_D)
-            d_ok = d < D
-            a = tl.load(x_ptr + rows[:, None] * stride_x + d[None, :], mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-            w = tl.load(w_ptr + d[:, None] * stride_w + cols[None, :], mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            d_ok = d0 + d < D
+            a = tl.load(x_base + (r[:, None] * stride_x + d[None, :]), mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+            w = tl.load(w_base + (d[:, None] * stride_w + cols[None, :]), mask=d_ok[:, None] & col_ok[None, :], other=0.0)
+            x_base += BLOCK_D
+            w_base += BLOCK_D * stride_w
             if DOT_BF16 and not EMULATE_BF16:
                 acc = tl.dot(a.to(tl.bfloat16, fp_downcast_rounding="rtne"), w.to(tl.bfloat16, fp_downcast_rounding="rtne"),
                              acc)
@@ -112,20 +120,21 @@ if triton is not None and HAS_TOPK:
         their elementwise max is a bitonic sequence holding the K_PAD largest of both, which one bitonic
         merge sorts again."""
         pid_b, pid_g = tl.program_id(0), tl.program_id(1)
-        rows = pid_b * BLOCK_B + tl.arange(0, BLOCK_B)
-        row_ok = rows < B
+        row0 = pid_b.to(tl.int64) * BLOCK_B  # a 64-bit scalar base, 32-bit offsets within the block
+        r = tl.arange(0, BLOCK_B)
+        row_ok = pid_b * BLOCK_B + r < B
         best = tl.full((BLOCK_B, K_PAD), _MIN_KEY, tl.int64)
         for t in range(0, TILES):
             cols = (pid_g * TILES + t) * BLOCK_F + tl.arange(0, BLOCK_F)
             col_ok = cols < F
-            pre = _product_tile(x_ptr, w_ptr, b_ptr, rows, row_ok, cols, col_ok, D, stride_x, stride_w,
+            pre = _product_tile(x_ptr, w_ptr, b_ptr, row0, row_ok, cols, col_ok, D, stride_x, stride_w,
                                 BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16, EMULATE_BF16, FP32_PRECISION)
             keys = tl.where(col_ok[None, :], _pack(pre, cols), _MIN_KEY)
             top = tl.topk(keys, K_PAD)
             best = tl.bitonic_merge(tl.maximum(best, tl.flip(top, 1)), descending=True)
         n_cand = tl.num_programs(1) * K_PAD
         slots = pid_g * K_PAD + tl.arange(0, K_PAD)
-        tl.store(key_ptr + rows[:, None].to(tl.int64) * n_cand + slots[None, :], best, mask=row_ok[:, None])
+        tl.store(key_ptr + row0 * n_cand + (r[:, None] * n_cand + slots[None, :]), best, mask=row_ok[:, None])
 
 
 def _unpack(keys: Tensor) -> tuple[Tensor, Tensor]:
@@ -138,6 +147,8 @@ def _unpack(keys: Tensor) -> tuple[Tensor, Tensor]:
 def _tiles(D: int, F: int, K_PAD: int, tile: dict | None, bf16: bool) -> dict:
     t = {"num_warps": 4, **(tile or (TILE_INTERPRET if INTERPRET else TILE["bf16" if bf16 else "fp32"]))}
     t["BLOCK_F"] = max(t["BLOCK_F"], K_PAD)  # a tile must hold K_PAD candidates
+    if K_PAD > 64 and tile is None:  # a wider running top-k: fewer rows a program, or it spills (sm_90, k = 128)
+        t["BLOCK_B"] = min(t["BLOCK_B"], 32)
     t["TILES"] = max(1, min(t["TILES"], triton.cdiv(F, t["BLOCK_F"])))
     t["BLOCK_D"] = max(16, min(t["BLOCK_D"], triton.next_power_of_2(D)))
     return t
