@@ -25,7 +25,7 @@ from saekit.sae.kernels.sparse import dense_encode_ref, topk_select  # noqa: E40
 
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs inside test_topk_under_the_interpreter's child")
-N_CHILD = 18  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
+N_CHILD = 24  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
 
 
 def test_topk_under_the_interpreter():
@@ -90,15 +90,59 @@ def test_values_and_indices_match_the_torch_path(B, D, F, k, tile):
 
 
 @child_only
-def test_ties_prefer_the_lower_latent_index():
+@pytest.mark.parametrize("method", ["merge", "filter"])
+def test_ties_prefer_the_lower_latent_index(method):
     from saekit.sae.kernels import triton_topk as tt
 
     x, W, b_enc, _ = _case(3, 16, 40)
     W[:, [5, 21, 37]] = W[:, [9, 9, 9]]  # four latents with identical pre-activations in every row
     b_enc[[5, 21, 37]] = b_enc[9] = 10.0  # ... and the largest: any k < 4 cuts inside the tie
-    vals, idx = tt.topk_pre(x, W, b_enc, 3)
+    vals, idx = tt.topk_pre(x, W, b_enc, 3, method=method, every=4)
     assert idx.tolist() == [[5, 9, 21]] * 3
     assert (vals[:, :1] == vals).all()
+
+
+def _spy_merge(monkeypatch):
+    """Record the row count of every `_merge` call (the filter's sample bound, then its fallback rows)."""
+    from saekit.sae.kernels import triton_topk as tt
+
+    calls, real = [], tt._merge
+    monkeypatch.setattr(tt, "_merge", lambda x, *a: calls.append(x.shape[0]) or real(x, *a))
+    return calls
+
+
+# (B, D, F, k, every, cap_factor, fallback rows expected): the filter forced on tiny shapes
+FILTER_CASES = [
+    (9, 24, 96, 5, 4, None, False),  # room for 4x the expected survivors: no fallback
+    (5, 16, 200, 8, 4, 0.5, True),  # room for half of them: rows overflow and take the merge path
+    (20, 33, 130, 3, 8, None, False),  # two row blocks, a masked latent tail
+]
+
+
+@child_only
+@pytest.mark.parametrize("B,D,F,k,every,cap,fallback", FILTER_CASES)
+def test_the_filter_path_matches_the_torch_path(monkeypatch, B, D, F, k, every, cap, fallback):
+    from saekit.sae.kernels import triton_topk as tt
+
+    calls = _spy_merge(monkeypatch)
+    x, W, b_enc, _ = _case(B, D, F, seed=7)
+    vals, idx = tt.topk_pre(x, W, b_enc, k, method="filter", every=every, cap_factor=cap)
+    ref_vals, ref_idx = (x @ W + b_enc).topk(k, dim=1)
+    assert torch.equal(idx, ref_idx)  # both sorted by value, no ties here
+    torch.testing.assert_close(vals, ref_vals, rtol=1e-5, atol=1e-5)
+    assert calls[0] == B and (len(calls) > 1) == fallback  # the sample bound, then the fallback rows if any
+
+
+@child_only
+def test_a_weak_sample_overflows_every_row_into_the_exact_fallback(monkeypatch):
+    from saekit.sae.kernels import triton_topk as tt
+
+    calls = _spy_merge(monkeypatch)
+    x, W, b_enc, _ = _case(6, 16, 128, seed=8)
+    b_enc[::4] = -100.0  # the sampled latents never fire: the bound lets every latent through
+    vals, idx = tt.topk_pre(x, W, b_enc, 4, method="filter", every=4, cap_factor=0.25)
+    assert calls == [6, 6]
+    assert torch.equal(idx, (x @ W + b_enc).topk(4, dim=1).indices)
 
 
 @child_only
@@ -218,7 +262,7 @@ def test_the_gpu_benchmark_says_it_skipped_without_cuda():
     assert len(lines) == 1 and json.loads(lines[0])["skipped"] == "no CUDA device"
 
 
-def _sm90_resources(precision: str, k: int) -> dict:
+def _sm90_resources(precision: str, k: int, method: str = "merge") -> dict:
     """Compile the kernel with its default tile for an H100/H200 (sm_90) without a GPU: Triton's own ptxas,
     then cuobjdump's resource usage, e.g. {"REG": 192, "STACK": 0, ...}."""
     import re
@@ -233,12 +277,16 @@ def _sm90_resources(precision: str, k: int) -> dict:
     k_pad = max(triton.next_power_of_2(k), 2)
     tile = tt._tiles(768, 32768, k_pad, None, precision == "bf16")  # the launch tile at the H200 shape
     dt = "bf16" if precision == "bf16" else "fp32"
-    const = dict(K_PAD=k_pad, BLOCK_B=tile["BLOCK_B"], BLOCK_F=tile["BLOCK_F"], BLOCK_D=tile["BLOCK_D"],
+    const = dict(BLOCK_B=tile["BLOCK_B"], BLOCK_F=tile["BLOCK_F"], BLOCK_D=tile["BLOCK_D"],
                  DOT_BF16=precision == "bf16", EMULATE_BF16=False, FP32_PRECISION="ieee")
-    ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "key_ptr": "*i64"}
-    names = tt._encode_topk_kernel.arg_names
+    fn = tt._encode_topk_kernel if method == "merge" else tt._filter_kernel
+    if method == "merge":
+        const["K_PAD"] = k_pad
+    ptrs = {"x_ptr": f"*{dt}", "w_ptr": f"*{dt}", "b_ptr": "*fp32", "key_ptr": "*i64", "bound_ptr": "*i64",
+            "cnt_ptr": "*i32", "buf_ptr": "*i64"}
+    names = fn.arg_names
     sig = {n: ptrs.get(n, "constexpr" if n in const else "i32") for n in names}
-    src = ASTSource(fn=tt._encode_topk_kernel, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
+    src = ASTSource(fn=fn, signature=sig, constexprs={(names.index(n),): v for n, v in const.items()})
     kernel = triton.compile(src, target=GPUTarget("cuda", 90, 32), options={"num_warps": tile["num_warps"]})
     with tempfile.TemporaryDirectory() as d:
         path = Path(d) / "k.cubin"
@@ -260,13 +308,14 @@ CUOBJDUMP = _cuobjdump()
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("precision,k", [("bf16", 32), ("fp32", 32), ("bf16", 128)])
-def test_the_cuda_kernel_compiles_for_sm90_without_spilling(precision, k):
+@pytest.mark.parametrize("precision,k,method", [("bf16", 32, "merge"), ("fp32", 32, "merge"), ("bf16", 128, "merge"),
+                                               ("bf16", 32, "filter")])
+def test_the_cuda_kernel_compiles_for_sm90_without_spilling(precision, k, method):
     """The interpreter never compiles the GPU branch (bf16 tensor-core dot): this does, for an H200, and checks
     the default tiles keep every value in registers (a spill to local memory would slow the selection)."""
     if CHILD:
         return
     if CUOBJDUMP is None:
         pytest.skip("this Triton has no NVIDIA backend tools (ptxas, cuobjdump)")
-    res = _sm90_resources(precision, k)
+    res = _sm90_resources(precision, k, method)
     assert res["REG"] <= 255 and res["STACK"] == 0 and res["LOCAL"] == 0, res

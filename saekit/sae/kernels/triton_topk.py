@@ -51,6 +51,9 @@ MIN_KEY = -0x7FFFFFFFFFFFFFFF  # below every key a finite value (or -inf) packs 
 TILE = {"bf16": dict(BLOCK_B=64, BLOCK_F=128, BLOCK_D=64, TILES=16, num_warps=8),
         "fp32": dict(BLOCK_B=64, BLOCK_F=64, BLOCK_D=32, TILES=32, num_warps=8)}
 TILE_INTERPRET = dict(BLOCK_B=16, BLOCK_F=16, BLOCK_D=16, TILES=2, num_warps=4)  # the interpreter is slow
+METHOD = "filter"  # or "merge" (see the module docstring); scripts/bench_train_gpu.py times both
+SAMPLE_EVERY = 16  # filter: the bound is the k-th largest over every 16th latent: ~16 k survivors a row expected
+CAP_FACTOR = 4  # filter: room for 4x the expected survivors a row; rows past it (or under k) take the merge path
 
 
 def available(t: Tensor) -> bool:
@@ -136,6 +139,31 @@ if triton is not None and HAS_TOPK:
         slots = pid_g * K_PAD + tl.arange(0, K_PAD)
         tl.store(key_ptr + row0 * n_cand + (r[:, None] * n_cand + slots[None, :]), best, mask=row_ok[:, None])
 
+    @triton.jit
+    def _filter_kernel(x_ptr, w_ptr, b_ptr, bound_ptr, cnt_ptr, buf_ptr, B, D, F, TILES, stride_x, stride_w, CAP,
+                       BLOCK_B: tl.constexpr, BLOCK_F: tl.constexpr, BLOCK_D: tl.constexpr,
+                       DOT_BF16: tl.constexpr, EMULATE_BF16: tl.constexpr, FP32_PRECISION: tl.constexpr):
+        """One program: BLOCK_B rows x TILES*BLOCK_F latents; every key at or above its row's bound is
+        appended to the row's list (`buf[row, cnt[row]++]`, atomically; past CAP only counted). No sorting:
+        the product tile is compared once, and only the few survivors touch memory. (Per-element atomics
+        on a row's counter, the obvious form, crash Triton 3.9's sm_90 compiler; one per row compiles.)"""
+        pid_b, pid_g = tl.program_id(0), tl.program_id(1)
+        row0 = pid_b.to(tl.int64) * BLOCK_B
+        r = tl.arange(0, BLOCK_B)
+        row_ok = pid_b * BLOCK_B + r < B
+        bound = tl.load(bound_ptr + row0 + r, mask=row_ok, other=0x7FFFFFFFFFFFFFFF)
+        for t in range(0, TILES):
+            cols = (pid_g * TILES + t) * BLOCK_F + tl.arange(0, BLOCK_F)
+            col_ok = cols < F
+            pre = _product_tile(x_ptr, w_ptr, b_ptr, row0, row_ok, cols, col_ok, D, stride_x, stride_w,
+                                BLOCK_B, BLOCK_F, BLOCK_D, DOT_BF16, EMULATE_BF16, FP32_PRECISION)
+            keys = _pack(pre, cols)
+            keep = ((keys >= bound[:, None]) & col_ok[None, :] & row_ok[:, None]).to(tl.int32)
+            n = tl.sum(keep, axis=1)  # one atomic a row reserves the row's slots; a prefix sum places them
+            base = tl.atomic_add(cnt_ptr + row0 + r, n, mask=row_ok & (n > 0), sem="relaxed")
+            slot = base[:, None] + tl.cumsum(keep, axis=1) - keep
+            tl.store(buf_ptr + row0 * CAP + (r[:, None] * CAP + slot), keys, mask=(keep > 0) & (slot < CAP))
+
 
 def _unpack(keys: Tensor) -> tuple[Tensor, Tensor]:
     """int64 keys -> (fp32 values, int64 latent indices)."""
@@ -159,26 +187,64 @@ def _fp32_precision() -> str:
     return "ieee" if INTERPRET or torch.get_float32_matmul_precision() == "highest" else "tf32"
 
 
+def _launch(kernel, x: Tensor, W: Tensor, b: Tensor, ptrs: tuple, t: dict, bf16: bool, tail: tuple = (),
+            **const) -> None:
+    B, D = x.shape
+    F = W.shape[1]
+    grid = (triton.cdiv(B, t["BLOCK_B"]), triton.cdiv(F, t["BLOCK_F"] * t["TILES"]))
+    kernel[grid](x, W, b, *ptrs, B, D, F, t["TILES"], x.stride(0), W.stride(0), *tail,
+                 BLOCK_B=t["BLOCK_B"], BLOCK_F=t["BLOCK_F"], BLOCK_D=t["BLOCK_D"], DOT_BF16=bf16,
+                 EMULATE_BF16=INTERPRET, FP32_PRECISION=_fp32_precision(), num_warps=t["num_warps"], **const)
+
+
+def _merge(x: Tensor, W: Tensor, b: Tensor, k: int, K_PAD: int, t: dict, bf16: bool) -> Tensor:
+    """The k largest keys a row, `[B, k]` sorted, through the running top-k of every latent."""
+    n_groups = triton.cdiv(W.shape[1], t["BLOCK_F"] * t["TILES"])
+    keys = torch.empty(x.shape[0], n_groups * K_PAD, dtype=torch.int64, device=x.device)
+    if x.shape[0]:
+        _launch(_encode_topk_kernel, x, W, b, (keys,), t, bf16, K_PAD=K_PAD)
+    return keys.topk(k, dim=1, sorted=True).values  # the second, small pass: n_groups * K_PAD candidates a row
+
+
+def _filter(x: Tensor, W: Tensor, b: Tensor, k: int, K_PAD: int, t: dict, bf16: bool, every: int,
+            cap_factor: float) -> Tensor:
+    """The same keys through a bound: the k-th largest value over every `every`-th latent (a lower bound of
+    the row's k-th largest, computed by `_merge` with the same tile, so the same arithmetic) keeps the
+    row's top k and ~k*every others; then one pass keeps what reaches the bound, one `topk` over the
+    survivors. Rows with more than the room (or, never expected, fewer than k) take `_merge` again."""
+    B = x.shape[0]
+    kth = _merge(x, W[:, ::every].contiguous(), b[::every].contiguous(), k, K_PAD, t, bf16)[:, k - 1]
+    s = (kth >> 32) - 64  # the value only (ties at the bound all pass), 64 ulps lower for good measure
+    bound = s.clamp_min(-2**31) << 32
+    cap = triton.next_power_of_2(int(cap_factor * k * every))
+    buf = torch.full((B, cap), MIN_KEY, dtype=torch.int64, device=x.device)
+    cnt = torch.zeros(B, dtype=torch.int32, device=x.device)
+    _launch(_filter_kernel, x, W, b, (bound, cnt, buf), t, bf16, tail=(cap,))
+    top = buf.topk(k, dim=1, sorted=True).values
+    bad = ((cnt > cap) | (cnt < k)).nonzero().flatten()  # a host sync: the one price of the filter
+    if bad.numel():
+        top[bad] = _merge(x[bad], W, b, k, K_PAD, t, bf16)
+    return top
+
+
 def topk_pre(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, k: int, bf16: bool = False,
-             tile: dict | None = None) -> tuple[Tensor, Tensor]:
+             tile: dict | None = None, method: str | None = None, every: int | None = None,
+             cap_factor: float | None = None) -> tuple[Tensor, Tensor]:
     """The k largest of `x_c @ W_enc + b_enc` per row, `(values_BK fp32, indices_BK int64)`, sorted by
     value (largest first; equal values: lower index first). No ReLU here. `bf16`: bf16 operands, fp32
-    accumulate. `tile` overrides the block sizes (tests use it to cross tile and group edges)."""
+    accumulate. `tile`, `method`, `every`, `cap_factor` override the module's defaults (tests use them
+    to cross tile, group and room edges on tiny shapes); the filter needs d_sae >= 64 * every."""
     B, D = x_c_BD.shape
     F = W_enc_DF.shape[1]
     K_PAD = max(triton.next_power_of_2(k), 2)
     t = _tiles(D, F, K_PAD, tile, bf16)
-    n_groups = triton.cdiv(F, t["BLOCK_F"] * t["TILES"])
-    keys = torch.empty(B, n_groups * K_PAD, dtype=torch.int64, device=x_c_BD.device)
-    if B:
-        dtype = torch.bfloat16 if bf16 else torch.float32  # bf16 operands read as bf16: half the traffic, no spills
-        x, W = x_c_BD.to(dtype).contiguous(), W_enc_DF.to(dtype).contiguous()
-        grid = (triton.cdiv(B, t["BLOCK_B"]), n_groups)
-        _encode_topk_kernel[grid](x, W, b_enc_F.contiguous(), keys, B, D, F, t["TILES"], x.stride(0), W.stride(0),
-                                  K_PAD=K_PAD, BLOCK_B=t["BLOCK_B"], BLOCK_F=t["BLOCK_F"], BLOCK_D=t["BLOCK_D"],
-                                  DOT_BF16=bf16, EMULATE_BF16=INTERPRET, FP32_PRECISION=_fp32_precision(),
-                                  num_warps=t["num_warps"])
-    top = keys.topk(k, dim=1, sorted=True).values  # the second, small pass: n_groups * K_PAD candidates per row
+    dtype = torch.bfloat16 if bf16 else torch.float32  # bf16 operands read as bf16: half the traffic, no spills
+    x, W, b = x_c_BD.to(dtype).contiguous(), W_enc_DF.to(dtype).contiguous(), b_enc_F.contiguous()
+    every = every or SAMPLE_EVERY
+    if (method or METHOD) == "filter" and B and F // every >= (max(4 * K_PAD, 64) if method is None else k):
+        top = _filter(x, W, b, k, K_PAD, t, bf16, every, cap_factor or CAP_FACTOR)
+    else:
+        top = _merge(x, W, b, k, K_PAD, t, bf16)
     return _unpack(top)
 
 
