@@ -8,8 +8,8 @@ Default shape: sparsify's H200 reference (issue 20): d_in 768, d_sae 32768, k 32
    eval mode; bf16 and fp32): the fraction of rows whose active latents agree and the largest difference of
    the dense codes (bf16: the torch path rounds the pre-activations to bf16, the fused path keeps fp32
    accumulators, so near-ties may pick different latents; fp32: only ties may differ).
-2. `encoder`: the forward encoder alone, `addmm + torch.topk` vs the fused kernel for a few tile shapes, and
-   the bare bf16 product (the floor), interleaved repetitions, medians in ms.
+2. `encoder`: the forward encoder alone, `addmm + torch.topk` vs the fused kernel (both methods, "filter" and
+   "merge", for a few tile shapes), and the bare product (the floor), interleaved repetitions, medians in ms.
 3. `train`: full steps (forward, loss, backward, Adam, decoder renormalisation) of every variant from the
    same weights on the same batches, in rotating order round after round, each round `--steps` steps
    between two `torch.cuda.synchronize()`; tokens/s per round and the median, then held-out FVU.
@@ -19,7 +19,7 @@ Without a CUDA device it prints `{"bench": "train_gpu", "skipped": "no CUDA devi
 interpreter): a check of this script, not a measurement.
 
     python scripts/bench_train_gpu.py [--quick] [--precision bf16|fp32] [--shape 768,32768,32,8192]
-                                      [--tile 64,128,64,16,8] [--rounds 5] [--steps 10]
+                                      [--tile 64,128,64,16,8] [--method filter|merge] [--rounds 5] [--steps 10]
 """
 
 from __future__ import annotations
@@ -195,14 +195,15 @@ def encoder_bench(W_enc, b_enc, x, k, dtype, reps, tiles, device) -> dict:
     fns = {"torch": lambda: torch.addmm(b.to(dtype), xd, Wd).topk(k, dim=1, sorted=False),
            "floor": lambda: xd @ Wd}
     errors = {}
-    for t in tiles:
-        tile = dict(zip(TILE_KEYS, t))
-        fn = lambda tile=tile: triton_topk.topk_pre(xd, Wd, b, k, bf16=bf16, tile=tile)
-        try:
-            fn()  # compile (and check it runs) before timing
-            fns["fused " + ",".join(map(str, t))] = fn
-        except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
-            errors[",".join(map(str, t))] = f"{type(e).__name__}: {e}"[:200]
+    for method in ("filter", "merge"):
+        for t in tiles:
+            tile, name = dict(zip(TILE_KEYS, t)), method + " " + ",".join(map(str, t))
+            fn = lambda tile=tile, method=method: triton_topk.topk_pre(xd, Wd, b, k, bf16=bf16, tile=tile, method=method)
+            try:
+                fn()  # compile (and check it runs) before timing
+                fns["fused " + name] = fn
+            except Exception as e:  # noqa: BLE001 - e.g. out of shared memory / registers for this tile
+                errors[name] = f"{type(e).__name__}: {e}"[:200]
     for fn in fns.values():
         fn()
     times = interleaved(fns, reps, device)
@@ -275,6 +276,8 @@ def parse_args():
     ap.add_argument("--warmup", type=int, default=3, help="warm-up step batches per variant")
     ap.add_argument("--tile", default=None, help="BLOCK_B,BLOCK_F,BLOCK_D,TILES,num_warps for training (default: the "
                                                  "module's, triton_topk.TILE)")
+    ap.add_argument("--method", choices=["filter", "merge"], default=None,
+                    help="the fused encoder's method for training (default: the module's, triton_topk.METHOD)")
     ap.add_argument("--quick", action="store_true", help="few steps and rounds, one tile: checks the script runs")
     ap.add_argument("--smoke", action="store_true", help="tiny shape on the CPU (fused path under TRITON_INTERPRET=1)")
     return ap.parse_args()
@@ -286,9 +289,11 @@ def setup(args):
     from saekit.sae.kernels import triton_topk
 
     device = torch.device("cpu" if args.smoke else args.device)
-    shape = (32, 256, 8, 48) if args.smoke else tuple(int(v) for v in args.shape.split(","))
+    shape = (32, 1024, 8, 48) if args.smoke else tuple(int(v) for v in args.shape.split(","))
     if args.quick or args.smoke:
         args.steps, args.rounds, args.warmup = min(args.steps, 3), min(args.rounds, 2), 1
+    if args.method:
+        triton_topk.METHOD = args.method
     if args.tile:
         triton_topk.TILE[args.precision].update(zip(TILE_KEYS, map(int, args.tile.split(","))))
     if args.smoke and triton_topk.INTERPRET:
@@ -318,6 +323,7 @@ def main() -> None:
            "torch": torch.__version__, "triton": getattr(triton_topk.triton, "__version__", None),
            "sparsify": sparsify_version(), "shape": dict(zip(("d_in", "d_sae", "k", "batch"), shape)),
            "precision": args.precision, "fused_path_applies": triton_topk.applies(xs[0], k),
+           "method": triton_topk.METHOD,
            "tile": triton_topk.TILE_INTERPRET if triton_topk.INTERPRET else triton_topk.TILE[args.precision]}
     out["codes"] = {p: section(compare_codes, sae, xs[0], amp(p)) for p in ("bf16", "fp32")}
     out["encoder"] = section(encoder_bench, sae.W_enc, sae.b_enc, xs[0] - sae.b_dec.detach(), k, dtype,

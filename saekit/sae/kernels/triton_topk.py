@@ -3,11 +3,21 @@ writing the dense `[B, d_sae]` pre-activations to global memory.
 
 Why (DESIGN.md §5): on a GPU the encoder product is cheap next to what follows it: the torch path
 writes `[B, d_sae]` pre-activations (8192 x 32768 bf16 = 0.5 GB per step at the issue's H200 shape),
-then `torch.topk` reads them back in several passes. Here each program computes a `[BLOCK_B, BLOCK_F]`
-tile of the product in registers (fp32 accumulate; bf16 operands under bf16 autocast), keeps a
-running per-row top-`K_PAD` over `TILES` consecutive tiles, and writes only those `K_PAD` candidates
-per row and column group: `[B, n_groups * K_PAD]` (33 MB at the H200 shape). A second, small pass
-(`torch.topk` over the candidates) merges them into the `[B, k]` result.
+then `torch.topk` reads them back in several passes. Here each program computes `[BLOCK_B, BLOCK_F]`
+tiles of the product in registers (fp32 accumulate; bf16 operands under bf16 autocast) and keeps
+only what can be in a row's top k, by one of two methods (`METHOD`):
+
+* "merge": a running per-row top-`K_PAD` over `TILES` consecutive tiles (`tl.topk` of each tile,
+  one bitonic merge), written as `[B, n_groups * K_PAD]` candidates (33 MB at the H200 shape); a
+  small `torch.topk` over them gives `[B, k]`. Exact, but every latent goes through a sort network
+  (about 20 compare-exchange layers of int64 per element, ~3x the product's cost by a count).
+* "filter" (default where d_sae >= 64 * SAMPLE_EVERY): "merge" on every 16th latent gives each row a
+  lower bound of its k-th largest value; one more product pass keeps the keys at or above it (~16 k
+  a row expected, appended through one atomic a row per tile), and a `torch.topk` over those gives
+  `[B, k]`. Exact too (the bound comes from the same arithmetic); rows that overflow their room take
+  "merge". Costs ~1.06 products plus a compare per element, and one host sync for the overflow check.
+
+Which is faster on a given GPU is for `scripts/bench_train_gpu.py` to say; both are exact.
 
 Candidates are int64 keys, `(order-preserving int32 of the fp32 value) << 32 | (2^31 - 1 - latent)`:
 one comparison orders by value and, among equal values, prefers the LOWER latent index, so the
