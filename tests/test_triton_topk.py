@@ -25,7 +25,7 @@ from saekit.sae.kernels.sparse import dense_encode_ref, topk_select  # noqa: E40
 
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs inside test_topk_under_the_interpreter's child")
-N_CHILD = 24  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
+N_CHILD = 26  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
 
 
 def test_topk_under_the_interpreter():
@@ -44,6 +44,33 @@ def test_the_fused_path_is_not_taken_on_cpu_tensors():
     from saekit.sae.kernels import triton_topk as tt
 
     assert not tt.applies(torch.zeros(2, 3), 4)  # the CPU keeps its native kernels, interpreter or not
+
+
+def test_the_dispatch_decision(monkeypatch):
+    """`applies` on a CUDA-like input (no GPU needed: it reads only the device, the dtype and the settings)."""
+    from types import SimpleNamespace
+
+    from saekit.sae.kernels import triton_topk as tt
+
+    monkeypatch.setattr(tt, "HAS_TOPK", True)
+    cuda = lambda dtype=torch.float32: SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+    assert tt.applies(cuda(), 32) and tt.applies(cuda(torch.bfloat16), tt.MAX_K)
+    assert not tt.applies(cuda(), tt.MAX_K + 1)  # a wider running top-k would not fit in registers
+    assert not tt.applies(cuda(torch.float64), 32) and not tt.applies(cuda(torch.float16), 32)
+    monkeypatch.setenv("SAEKIT_TRITON", "0")
+    assert not tt.applies(cuda(), 32)
+
+
+def test_batch_topk_never_takes_the_fused_path(monkeypatch):
+    from saekit.sae.kernels import triton_topk as tt
+    from saekit.sae.topk import TopKConfig, TopKSAE
+
+    def refuse(*a):
+        raise AssertionError("BatchTopK selects over the whole batch: not a row-wise top-k")
+    monkeypatch.setattr(tt, "applies", lambda x, k: True)
+    monkeypatch.setattr(tt, "encode_with_aux", refuse)
+    sae = TopKSAE(TopKConfig(d_in=8, d_sae=32, k=2, batch_topk=True, seed=0)).train()
+    assert sae(torch.randn(5, 8)).code.values.shape[0] == 5
 
 
 def _case(B, D, F, seed=0, dtype=torch.float32):

@@ -73,10 +73,11 @@ def available(t: Tensor) -> bool:
 
 def applies(x: Tensor, k: int) -> bool:
     """Whether `TopKSAE` should take the fused path for this input: CUDA only (the CPU keeps its native
-    kernels), `SAEKIT_TRITON=0` turns it off, and the autocast dtype (if any) must be bf16."""
+    kernels), `SAEKIT_TRITON=0` turns it off, fp32 or bf16 inputs (float64 keeps its precision on the torch
+    path), and the autocast dtype (if any) must be bf16."""
     dtype = compute_dtype(x.device)
     return (x.device.type == "cuda" and available(x) and os.environ.get("SAEKIT_TRITON", "1") != "0"
-            and k <= MAX_K and dtype in (None, torch.bfloat16))
+            and k <= MAX_K and dtype in (None, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16))
 
 
 if triton is not None and HAS_TOPK:
