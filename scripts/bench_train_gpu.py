@@ -13,6 +13,8 @@ Default shape: sparsify's H200 reference (issue 20): d_in 768, d_sae 32768, k 32
 3. `train`: full steps (forward, loss, backward, Adam, decoder renormalisation) of every variant from the
    same weights on the same batches, in rotating order round after round, each round `--steps` steps
    between two `torch.cuda.synchronize()`; tokens/s per round and the median, then held-out FVU.
+4. `public`: what users run, whole `saekit.train(...)` calls with their defaults (`--public-steps` steps,
+   batches from host memory), fused path on and off in turns.
 
 Without a CUDA device it prints `{"bench": "train_gpu", "skipped": "no CUDA device", ...}` and exits 0.
 `--smoke` runs a tiny shape on the CPU instead (with TRITON_INTERPRET=1 the fused path runs in Triton's
@@ -265,6 +267,38 @@ def train_bench(shape, xs, held, device, precision, steps, rounds, warmup) -> di
             "dead_fraction_fused": round(sae_f.dead_fraction(), 4)}
 
 
+def public_bench(shape, data_cpu, held, device, precision, steps, rounds) -> dict:
+    """What users run: `saekit.train(TopKSAE(...).to(device), TensorBatches(X), TrainConfig(...), run_dir)` with its
+    defaults (deterministic kernels, metrics, final checkpoint; batches from host memory), fused on and off in
+    turns; the timed span is the whole call. Tokens/s per run and their median, then held-out FVU."""
+    import tempfile
+
+    import saekit
+    from saekit.sae.topk import TopKConfig, TopKSAE
+    from saekit.store.batches import TensorBatches
+
+    d_in, d_sae, k, batch = shape
+    out = {"fused": [], "torch": []}
+    fvus = {}
+    with tempfile.TemporaryDirectory() as work:
+        for r in range(rounds):
+            for name in (("fused", "torch") if r % 2 == 0 else ("torch", "fused")):
+                sae = TopKSAE(TopKConfig(d_in=d_in, d_sae=d_sae, k=k, seed=0)).to(device)
+                cfg = saekit.TrainConfig(total_steps=steps, batch_size=batch, precision=precision)
+                with fused(name == "fused"), contextlib.redirect_stdout(sys.stderr):
+                    sync(device)
+                    t = time.perf_counter()
+                    res = saekit.train(sae, TensorBatches(data_cpu, batch), cfg, tempfile.mkdtemp(dir=work))
+                    sync(device)
+                    out[name].append(round(steps * batch / (time.perf_counter() - t)))
+                    with torch.no_grad():
+                        recon = res.sae.eval()(held).recon.float()
+                fvus[name] = round(float((held - recon).pow(2).sum() / (held - held.mean(0)).pow(2).sum()), 5)
+    med = {n: statistics.median(v) for n, v in out.items()}
+    return {"steps": steps, "tokens_per_s": {n: round(v) for n, v in med.items()}, "per_round": out,
+            "fused_over_torch": round(med["fused"] / med["torch"], 3), "heldout_fvu": fvus}
+
+
 # -- main ---------------------------------------------------------------------------------------------------------
 def parse_args():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -273,6 +307,7 @@ def parse_args():
     ap.add_argument("--precision", choices=["bf16", "fp32"], default="bf16")
     ap.add_argument("--steps", type=int, default=10, help="steps per variant per round")
     ap.add_argument("--rounds", type=int, default=5)
+    ap.add_argument("--public-steps", type=int, default=100, help="steps of each saekit.train call (section public)")
     ap.add_argument("--warmup", type=int, default=3, help="warm-up step batches per variant")
     ap.add_argument("--tile", default=None, help="BLOCK_B,BLOCK_F,BLOCK_D,TILES,num_warps for training (default: the "
                                                  "module's, triton_topk.TILE)")
@@ -330,6 +365,9 @@ def main() -> None:
                              2 if args.smoke else max(args.rounds * 4, 5), tiles, device)
     del sae
     out["train"] = section(train_bench, shape, xs, held, device, args.precision, args.steps, args.rounds, args.warmup)
+    public_steps = 4 if args.smoke else 20 if args.quick else args.public_steps
+    out["public"] = section(public_bench, shape, data[: 4 * batch].cpu(), held, device, args.precision, public_steps,
+                            2 if args.quick or args.smoke else 3)
     out["settings"] = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup}
     print(json.dumps(out))
 
