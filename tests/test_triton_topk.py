@@ -25,7 +25,7 @@ from saekit.sae.kernels.sparse import dense_encode_ref, topk_select  # noqa: E40
 
 CHILD = os.environ.get("TRITON_INTERPRET") == "1"
 child_only = pytest.mark.skipif(not CHILD, reason="runs inside test_topk_under_the_interpreter's child")
-N_CHILD = 26  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
+N_CHILD = 28  # the tests below in the child, parametrized cases counted (parent-only ones return at once)
 
 
 def test_topk_under_the_interpreter():
@@ -336,7 +336,7 @@ CUOBJDUMP = _cuobjdump()
 
 @pytest.mark.slow
 @pytest.mark.parametrize("precision,k,method", [("bf16", 32, "merge"), ("fp32", 32, "merge"), ("bf16", 128, "merge"),
-                                               ("bf16", 32, "filter")])
+                                               ("bf16", 1, "merge"), ("bf16", 32, "filter"), ("fp32", 64, "filter")])
 def test_the_cuda_kernel_compiles_for_sm90_without_spilling(precision, k, method):
     """The interpreter never compiles the GPU branch (bf16 tensor-core dot): this does, for an H200, and checks
     the default tiles keep every value in registers (a spill to local memory would slow the selection)."""
