@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 EXTRAS = ("transformers", "transformer_lens", "sentence_transformers", "datasets", "gguf", "sklearn",
-          "matplotlib", "pandas", "streamlit", "pyarrow", "einops", "tokenizers", "huggingface_hub")
+          "matplotlib", "pandas", "streamlit", "pyarrow", "einops", "tokenizers", "huggingface_hub", "triton")
 
 SCRIPT = """
 import importlib, pkgutil, sys

@@ -33,6 +33,7 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
+from saekit.sae.kernels import triton_topk
 from saekit.sae.kernels.sparse import (Select, compute_dtype, rowwise_topk, serial, sparse_decode, sparse_encode,
                                       squared_error_sum)
 from saekit.sae.registry import register
@@ -112,6 +113,11 @@ class TopKSAE(SparseAutoencoder):
             dead = (self.tokens_since_fired >= self.cfg.dead_tokens_threshold).nonzero().flatten()
             dead_idx = dead if dead.numel() else None
         widths: dict = {}
+        if not self.cfg.batch_topk and triton_topk.applies(x_ND, self.cfg.k):  # CUDA: product + top-k fused (Triton)
+            b_dec = self.b_dec if self.cfg.apply_b_dec_to_input else None
+            (v, i), aux = triton_topk.encode_with_aux(x_ND, self.W_enc, self.b_enc, b_dec, self.cfg.k, dead_idx,
+                                                      self.cfg.resolved_aux_k)
+            return SparseCode(i, v, self.cfg.d_sae), aux and SparseCode(aux[1], aux[0], self.cfg.d_sae)
         out = None
         if self.training and torch.is_grad_enabled():  # under autocast the workspace has the autocast dtype
             n, dtype = x_ND.shape[0] * self.cfg.d_sae, compute_dtype(x_ND.device) or self.W_enc.dtype
