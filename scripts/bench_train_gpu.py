@@ -333,7 +333,7 @@ def setup(args):
     if args.tile:
         triton_topk.TILE[args.precision].update(zip(TILE_KEYS, map(int, args.tile.split(","))))
     if args.smoke and triton_topk.INTERPRET:
-        triton_topk.applies = lambda x, k: os.environ.get("SAEKIT_TRITON", "1") != "0" and triton_topk.available(x)
+        triton_topk.applies = lambda x, k: os.environ.get("SAEKIT_TRITON", "0") == "1" and triton_topk.available(x)
     sweep = SWEEP[args.precision]
     tiles = [(16, 16, 16, 2, 4)] if args.smoke else sweep[:1] if args.quick else sweep
     return device, shape, tiles

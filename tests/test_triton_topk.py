@@ -54,6 +54,9 @@ def test_the_dispatch_decision(monkeypatch):
 
     monkeypatch.setattr(tt, "HAS_TOPK", True)
     cuda = lambda dtype=torch.float32: SimpleNamespace(device=torch.device("cuda"), dtype=dtype)
+    monkeypatch.delenv("SAEKIT_TRITON", raising=False)
+    assert not tt.applies(cuda(), 32)  # opt-in until measured on a GPU
+    monkeypatch.setenv("SAEKIT_TRITON", "1")
     assert tt.applies(cuda(), 32) and tt.applies(cuda(torch.bfloat16), tt.MAX_K)
     assert not tt.applies(cuda(), tt.MAX_K + 1)  # a wider running top-k would not fit in registers
     assert not tt.applies(cuda(torch.float64), 32) and not tt.applies(cuda(torch.float16), 32)

@@ -9,7 +9,10 @@ dtype) and accumulate in float32; outputs are float32, like the parameters.
 `available()` says whether they can run: Triton importable and either a CUDA tensor or Triton's
 interpreter (`TRITON_INTERPRET=1`, set before this module is imported), which runs them on CPU
 tensors; the tests compare them with the eager references that way. `saekit.sae.kernels.sparse`
-calls them for CUDA tensors when `available()`; everything else keeps the torch path.
+calls them for CUDA tensors when `enabled()` and `available()`; everything else keeps the torch path.
+`enabled()`: the Triton kernels (these and `triton_topk`) are opt-in, `SAEKIT_TRITON=1`, until they
+have been measured on a GPU: so far they have run only under the interpreter and been compiled for
+sm_90 without a device (scripts/bench_train_gpu.py is the check to run on one).
 `S^T @ M` uses float32 atomic adds: fast, but not bit-reproducible run to run (the deterministic
 training mode then keeps the torch path; see `sparse.sparse_t_matmul`).
 """
@@ -28,6 +31,11 @@ except ImportError:  # the torch path serves
     triton = tl = None
 
 INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+
+
+def enabled() -> bool:
+    """Whether the user asked for the Triton kernels on CUDA (`SAEKIT_TRITON=1`; read at every call)."""
+    return os.environ.get("SAEKIT_TRITON", "0") == "1"
 
 
 def available(t: Tensor) -> bool:

@@ -31,8 +31,8 @@ The backward needs only the k selected values' gradients: `grad_x`, the k column
 and `grad_b_enc` (and `grad_b_dec`) come from `kernels.sparse` (`embed_sum`, `sparse_t_matmul`,
 which use `triton_sparse` on CUDA and the torch path elsewhere); nothing `[B, d_sae]` is built.
 
-`applies(x, k)` decides the dispatch (CUDA tensor, Triton with `tl.topk` importable, `SAEKIT_TRITON`
-not "0", k <= MAX_K, no fp16 autocast); `encode_with_aux` is what `TopKSAE` calls then. Under
+`applies(x, k)` decides the dispatch (CUDA tensor, Triton with `tl.topk` importable, `SAEKIT_TRITON=1`
+(opt-in until measured on a GPU, see `triton_sparse.enabled`), k <= MAX_K, no fp16 autocast); `encode_with_aux` is what `TopKSAE` calls then. Under
 `TRITON_INTERPRET=1` (set before Triton is imported) the kernel runs on CPU tensors, which is how
 tests/test_triton_topk.py checks it against the torch path.
 """
@@ -44,6 +44,7 @@ import os
 import torch
 from torch import Tensor
 
+from saekit.sae.kernels import triton_sparse
 from saekit.sae.kernels.sparse import compute_dtype, embed_sum, sparse_encode, sparse_t_matmul, topk_select
 
 try:
@@ -75,10 +76,10 @@ def available(t: Tensor) -> bool:
 
 def applies(x: Tensor, k: int) -> bool:
     """Whether `TopKSAE` should take the fused path for this input: CUDA only (the CPU keeps its native
-    kernels), `SAEKIT_TRITON=0` turns it off, fp32 or bf16 inputs (float64 keeps its precision on the torch
+    kernels), only with `SAEKIT_TRITON=1` (opt-in), fp32 or bf16 inputs (float64 keeps its precision on the torch
     path), and the autocast dtype (if any) must be bf16."""
     dtype = compute_dtype(x.device)
-    return (x.device.type == "cuda" and available(x) and os.environ.get("SAEKIT_TRITON", "1") != "0"
+    return (x.device.type == "cuda" and available(x) and triton_sparse.enabled()
             and k <= MAX_K and dtype in (None, torch.bfloat16) and x.dtype in (torch.float32, torch.bfloat16))
 
 
