@@ -63,14 +63,19 @@ static inline v8f load8_bf16(const uint16_t *p) {
 }
 static inline float bf16_to_float(uint16_t h) { uint32_t w = (uint32_t)h << 16; float f; memcpy(&f, &w, 4); return f; }
 #define IDENTITY(x) (x)
+/* With `bias` (a float32 [n_cols] vector, or NULL) every element is read as pre + bias: the encoder
+ * product can then be written by a bias-free GEMM (beta = 0), instead of first copying the bias over the
+ * whole [B, d_sae] block and having the GEMM read it back. The selection is over pre + bias, exactly. */
 #define TOPK_ROW(NAME, ELEM, LOAD8, LOAD1) \
-static int NAME(const ELEM *row, int64_t nb, int32_t k, float *vals, int64_t *idx) { \
+static int NAME(const ELEM *row, const float *bias, int64_t nb, int32_t k, float *vals, int64_t *idx) { \
     float bmax[nb], fh[MAX_K]; /* nb <= MAX_BLOCKS: at most 256 KiB of stack */ \
     item h[MAX_K]; \
     v8i nan_acc = {0}; \
     for (int64_t b = 0; b < nb; b++) { \
         const ELEM *p = row + b * BS; \
+        const float *c = bias + b * BS; \
         v8f x0 = LOAD8(p), x1 = LOAD8(p + 8), x2 = LOAD8(p + 16), x3 = LOAD8(p + 24); \
+        if (bias) { x0 += load8(c); x1 += load8(c + 8); x2 += load8(c + 16); x3 += load8(c + 24); } \
         nan_acc |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3); \
         v8f m = vmax8(vmax8(x0, x1), vmax8(x2, x3)); \
         float s = m[0]; \
@@ -90,6 +95,7 @@ static int NAME(const ELEM *row, int64_t nb, int32_t k, float *vals, int64_t *id
         const ELEM *p = row + b * BS; \
         for (int q = 0; q < BS; q++) { \
             float v = LOAD1(p[q]); \
+            if (bias) v += bias[b * BS + q]; \
             if (!(v >= T)) continue; \
             if (n < k) { \
                 h[n].v = v; h[n].i = b * BS + q; \
@@ -107,57 +113,62 @@ static int NAME(const ELEM *row, int64_t nb, int32_t k, float *vals, int64_t *id
 TOPK_ROW(topk_row, float, load8, IDENTITY)
 TOPK_ROW(topk_row_bf16, uint16_t, load8_bf16, bf16_to_float)
 
-/* Row-wise top-k over rows [0, n_rows) of a row-major [n_rows, n_cols] matrix on n_threads OpenMP
- * threads. Requires n_cols % BS == 0 and 1 <= k <= min(MAX_K, n_cols / BS). Returns 1 if a NaN was
- * seen (the caller then falls back to torch.topk, which orders NaN first), -1 on bad sizes, else 0. */
-int saekit_topk_rows(const float *pre, int64_t n_rows, int64_t n_cols, int32_t k, float *vals, int64_t *idx,
-                     int32_t n_threads) {
+/* Row-wise top-k of pre + bias (bias may be NULL) over rows [0, n_rows) of a row-major [n_rows, n_cols]
+ * matrix on n_threads OpenMP threads. Requires n_cols % BS == 0 and 1 <= k <= min(MAX_K, n_cols / BS).
+ * Returns 1 if a NaN was seen (the caller then falls back to torch.topk, which orders NaN first), -1 on
+ * bad sizes, else 0. */
+int saekit_topk_rows(const float *pre, const float *bias, int64_t n_rows, int64_t n_cols, int32_t k, float *vals,
+                     int64_t *idx, int32_t n_threads) {
     int64_t nb = n_cols / BS;
     if (k < 1 || k > MAX_K || n_cols % BS || k > nb || nb > MAX_BLOCKS) return -1;
     int nan_seen = 0;
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:nan_seen)
     for (int64_t r = 0; r < n_rows; r++)
-        nan_seen |= topk_row(pre + r * n_cols, nb, k, vals + r * k, idx + r * k);
+        nan_seen |= topk_row(pre + r * n_cols, bias, nb, k, vals + r * k, idx + r * k);
     return nan_seen;
 }
 
 /* The same on a bf16 matrix (raw uint16 bits): the pre-activations of a bf16 encoder product. The k
- * values come out as float32 (exactly the bf16 values). */
-int saekit_topk_rows_bf16(const uint16_t *pre, int64_t n_rows, int64_t n_cols, int32_t k, float *vals, int64_t *idx,
-                          int32_t n_threads) {
+ * values come out as float32 (the bf16 values exactly, plus the float32 bias when one is given). */
+int saekit_topk_rows_bf16(const uint16_t *pre, const float *bias, int64_t n_rows, int64_t n_cols, int32_t k,
+                          float *vals, int64_t *idx, int32_t n_threads) {
     int64_t nb = n_cols / BS;
     if (k < 1 || k > MAX_K || n_cols % BS || k > nb || nb > MAX_BLOCKS) return -1;
     int nan_seen = 0;
 #pragma omp parallel for num_threads(n_threads) schedule(static) reduction(|:nan_seen)
     for (int64_t r = 0; r < n_rows; r++)
-        nan_seen |= topk_row_bf16(pre + r * n_cols, nb, k, vals + r * k, idx + r * k);
+        nan_seen |= topk_row_bf16(pre + r * n_cols, bias, nb, k, vals + r * k, idx + r * k);
     return nan_seen;
 }
 
 /* -- gathered dot products ------------------------------------------------------------------------- */
 /* out[b, j] = table[idx[b, j]] . rows[b] for b in [0, n_rows): the k dot products per row that the
- * backward of a sparse decode needs. Indices must be in [0, n_table) (checked by the caller). */
-void saekit_gather_dot(const int64_t *idx, int64_t n_rows, int32_t k, const float *table, const float *rows,
-                       int64_t d, float *out, int32_t n_threads) {
-#pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t b = 0; b < n_rows; b++) {
-        const float *x = rows + b * d;
-        for (int j = 0; j < k; j++) {
-            const float *w = table + idx[b * k + j] * d;
-            v8f a0 = {0}, a1 = {0};
-            int64_t q = 0;
-            for (; q + 16 <= d; q += 16) {
-                a0 += load8(w + q) * load8(x + q);
-                a1 += load8(w + q + 8) * load8(x + q + 8);
-            }
-            a0 += a1;
-            float s = 0.0f;
-            for (int t = 0; t < 8; t++) s += a0[t];
-            for (; q < d; q++) s += w[q] * x[q];
-            out[b * k + j] = s;
-        }
-    }
+ * backward of a sparse decode needs. Indices must be in [0, n_table) (checked by the caller). The _bf16
+ * variant reads a bf16 table (raw uint16 bits) and accumulates in float32. */
+#define GATHER_DOT(NAME, ELEM, LOAD8, LOAD1) \
+void NAME(const int64_t *idx, int64_t n_rows, int32_t k, const ELEM *table, const float *rows, int64_t d, \
+          float *out, int32_t n_threads) { \
+_Pragma("omp parallel for num_threads(n_threads) schedule(static)") \
+    for (int64_t b = 0; b < n_rows; b++) { \
+        const float *x = rows + b * d; \
+        for (int j = 0; j < k; j++) { \
+            const ELEM *w = table + idx[b * k + j] * d; \
+            v8f a0 = {0}, a1 = {0}; \
+            int64_t q = 0; \
+            for (; q + 16 <= d; q += 16) { \
+                a0 += LOAD8(w + q) * load8(x + q); \
+                a1 += LOAD8(w + q + 8) * load8(x + q + 8); \
+            } \
+            a0 += a1; \
+            float s = 0.0f; \
+            for (int t = 0; t < 8; t++) s += a0[t]; \
+            for (; q < d; q++) s += LOAD1(w[q]) * x[q]; \
+            out[b * k + j] = s; \
+        } \
+    } \
 }
+GATHER_DOT(saekit_gather_dot, float, load8, IDENTITY)
+GATHER_DOT(saekit_gather_dot_bf16, uint16_t, load8_bf16, bf16_to_float)
 
 /* -- transposed sparse products ------------------------------------------------------------------- */
 #define TILE 32 /* latents per tile: each row of a [D, TILE] block of the transposed output is 2 cache lines */
@@ -166,31 +177,35 @@ void saekit_gather_dot(const int64_t *idx, int64_t n_rows, int32_t k, const floa
  * w[b, j] at (b, idx[b, j]) (duplicates add): the sparse weight gradients of the encoder and decoder.
  * The entries are counting-sorted by latent (stable, so the sums run in row order whatever the thread
  * count), then each thread accumulates whole tiles of latents in a small buffer and writes them once.
- * Indices must be in [0, n) (checked by the caller). Returns -1 if scratch memory is unavailable. */
+ * Indices must be in [0, n) (checked by the caller); with m_bf16, M is bf16 (raw uint16 bits) and the sums
+ * are float32. Returns -1 if scratch memory is unavailable. */
 /* a[0:d] = sum_s w[e_s] * M[e_s / k], e_s = entries[s]: the accumulators for 32 columns stay in
  * registers while the entries stream past (no read-modify-write of `a` per entry). */
-static void accumulate_rows(float *restrict a, const int64_t *entries, int64_t n_entries, const float *w, int32_t k,
-                            const float *M, int64_t d) {
-    int64_t q = 0;
-    for (; q + 32 <= d; q += 32) {
-        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-        for (int64_t s = 0; s < n_entries; s++) {
-            const int64_t e = entries[s];
-            const float *m = M + (e / k) * d + q;
-            const v8f c = {w[e], w[e], w[e], w[e], w[e], w[e], w[e], w[e]};
-            a0 += c * load8(m); a1 += c * load8(m + 8); a2 += c * load8(m + 16); a3 += c * load8(m + 24);
-        }
-        memcpy(a + q, &a0, 32); memcpy(a + q + 8, &a1, 32); memcpy(a + q + 16, &a2, 32); memcpy(a + q + 24, &a3, 32);
-    }
-    for (; q < d; q++) {
-        float t = 0.0f;
-        for (int64_t s = 0; s < n_entries; s++) t += w[entries[s]] * M[(entries[s] / k) * d + q];
-        a[q] = t;
-    }
+#define ACCUMULATE_ROWS(NAME, ELEM, LOAD8, LOAD1) \
+static void NAME(float *restrict a, const int64_t *entries, int64_t n_entries, const float *w, int32_t k, \
+                 const ELEM *M, int64_t d) { \
+    int64_t q = 0; \
+    for (; q + 32 <= d; q += 32) { \
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; \
+        for (int64_t s = 0; s < n_entries; s++) { \
+            const int64_t e = entries[s]; \
+            const ELEM *m = M + (e / k) * d + q; \
+            const v8f c = {w[e], w[e], w[e], w[e], w[e], w[e], w[e], w[e]}; \
+            a0 += c * LOAD8(m); a1 += c * LOAD8(m + 8); a2 += c * LOAD8(m + 16); a3 += c * LOAD8(m + 24); \
+        } \
+        memcpy(a + q, &a0, 32); memcpy(a + q + 8, &a1, 32); memcpy(a + q + 16, &a2, 32); memcpy(a + q + 24, &a3, 32); \
+    } \
+    for (; q < d; q++) { \
+        float t = 0.0f; \
+        for (int64_t s = 0; s < n_entries; s++) t += w[entries[s]] * LOAD1(M[(entries[s] / k) * d + q]); \
+        a[q] = t; \
+    } \
 }
+ACCUMULATE_ROWS(accumulate_rows, float, load8, IDENTITY)
+ACCUMULATE_ROWS(accumulate_rows_bf16, uint16_t, load8_bf16, bf16_to_float)
 
-int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const float *M, int64_t d,
-                           int64_t n, int32_t transposed, float *out, int32_t n_threads) {
+int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const void *M, int32_t m_bf16,
+                           int64_t d, int64_t n, int32_t transposed, float *out, int32_t n_threads) {
     int64_t n_entries = n_rows * k;
     int64_t *start = calloc((size_t)n + 1, sizeof *start);
     int64_t *order = malloc((size_t)(n_entries ? n_entries : 1) * sizeof *order);
@@ -212,8 +227,12 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
         for (int64_t t = 0; t < n_tiles; t++) {
             if (!acc) continue;
             int64_t f0 = t * TILE, f1 = f0 + TILE < n ? f0 + TILE : n;
-            for (int64_t f = f0; f < f1; f++)
-                accumulate_rows(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
+            for (int64_t f = f0; f < f1; f++) {
+                if (m_bf16)
+                    accumulate_rows_bf16(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
+                else
+                    accumulate_rows(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
+            }
             if (transposed) {
                 for (int64_t q = 0; q < d; q++)
                     for (int64_t f = f0; f < f1; f++) out[q * n + f] = acc[(f - f0) * d + q];
@@ -230,28 +249,68 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
 
 /* -- sparse decode ----------------------------------------------------------------------------------- */
 /* out[b] = sum_j w[b, j] * table[idx[b, j]] for b in [0, n_rows): the forward of a sparse decode,
- * accumulators for 32 columns at a time in registers. Indices must be in [0, n_table) (checked by the caller). */
-void saekit_embed_sum(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const float *table, int64_t d,
-                      float *out, int32_t n_threads) {
+ * accumulators for 32 columns at a time in registers. Indices must be in [0, n_table) (checked by the
+ * caller). The _bf16 variant reads a bf16 table (raw uint16 bits) and sums in float32. */
+#define EMBED_SUM(NAME, ELEM, LOAD8, LOAD1) \
+void NAME(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const ELEM *table, int64_t d, \
+          float *out, int32_t n_threads) { \
+_Pragma("omp parallel for num_threads(n_threads) schedule(static)") \
+    for (int64_t b = 0; b < n_rows; b++) { \
+        const int64_t *ib = idx + b * k; \
+        const float *wb = w + b * k; \
+        float *o = out + b * d; \
+        int64_t q = 0; \
+        for (; q + 32 <= d; q += 32) { \
+            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; \
+            for (int j = 0; j < k; j++) { \
+                const ELEM *m = table + ib[j] * d + q; \
+                const v8f c = {wb[j], wb[j], wb[j], wb[j], wb[j], wb[j], wb[j], wb[j]}; \
+                a0 += c * LOAD8(m); a1 += c * LOAD8(m + 8); a2 += c * LOAD8(m + 16); a3 += c * LOAD8(m + 24); \
+            } \
+            memcpy(o + q, &a0, 32); memcpy(o + q + 8, &a1, 32); memcpy(o + q + 16, &a2, 32); memcpy(o + q + 24, &a3, 32); \
+        } \
+        for (; q < d; q++) { \
+            float t = 0.0f; \
+            for (int j = 0; j < k; j++) t += wb[j] * LOAD1(table[ib[j] * d + q]); \
+            o[q] = t; \
+        } \
+    } \
+}
+EMBED_SUM(saekit_embed_sum, float, load8, IDENTITY)
+EMBED_SUM(saekit_embed_sum_bf16, uint16_t, load8_bf16, bf16_to_float)
+
+/* -- unit-norm decoder rows ----------------------------------------------------------------------------- */
+static inline float dot_row(const float *a, const float *b, int64_t d) {
+    v8f s0 = {0}, s1 = {0};
+    int64_t q = 0;
+    for (; q + 16 <= d; q += 16) { s0 += load8(a + q) * load8(b + q); s1 += load8(a + q + 8) * load8(b + q + 8); }
+    s0 += s1;
+    float s = 0.0f;
+    for (int t = 0; t < 8; t++) s += s0[t];
+    for (; q < d; q++) s += a[q] * b[q];
+    return s;
+}
+
+/* g[f] -= (g[f] . w[f]) w[f] for every row f of [n, d]: the decoder gradient without its component along
+ * each (unit) row, one read of g and w and one write of g (each row stays in L1 between the two passes).
+ * Rows are independent, so the result does not depend on the thread count. */
+void saekit_rows_remove_parallel(float *g, const float *w, int64_t n, int64_t d, int32_t n_threads) {
 #pragma omp parallel for num_threads(n_threads) schedule(static)
-    for (int64_t b = 0; b < n_rows; b++) {
-        const int64_t *ib = idx + b * k;
-        const float *wb = w + b * k;
-        float *o = out + b * d;
-        int64_t q = 0;
-        for (; q + 32 <= d; q += 32) {
-            v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0};
-            for (int j = 0; j < k; j++) {
-                const float *m = table + ib[j] * d + q;
-                const v8f c = {wb[j], wb[j], wb[j], wb[j], wb[j], wb[j], wb[j], wb[j]};
-                a0 += c * load8(m); a1 += c * load8(m + 8); a2 += c * load8(m + 16); a3 += c * load8(m + 24);
-            }
-            memcpy(o + q, &a0, 32); memcpy(o + q + 8, &a1, 32); memcpy(o + q + 16, &a2, 32); memcpy(o + q + 24, &a3, 32);
-        }
-        for (; q < d; q++) {
-            float t = 0.0f;
-            for (int j = 0; j < k; j++) t += wb[j] * table[ib[j] * d + q];
-            o[q] = t;
-        }
+    for (int64_t f = 0; f < n; f++) {
+        float *gf = g + f * d;
+        const float *wf = w + f * d;
+        const float c = dot_row(gf, wf, d);
+        for (int64_t q = 0; q < d; q++) gf[q] -= c * wf[q];
+    }
+}
+
+/* w[f] /= max(||w[f]||, 1e-12) for every row f of [n, d], in place, one read and one write. */
+void saekit_rows_unit_norm(float *w, int64_t n, int64_t d, int32_t n_threads) {
+#pragma omp parallel for num_threads(n_threads) schedule(static)
+    for (int64_t f = 0; f < n; f++) {
+        float *wf = w + f * d;
+        float s = __builtin_sqrtf(dot_row(wf, wf, d));
+        s = s > 1e-12f ? s : 1e-12f;
+        for (int64_t q = 0; q < d; q++) wf[q] /= s;
     }
 }
