@@ -14,7 +14,32 @@ typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
 static inline v8f load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
+#if defined(__AVX__)
+#include <immintrin.h>
+/* maxps returns its second operand when either is NaN: NaN is detected separately (unord8) */
+static inline v8f vmax8(v8f a, v8f b) { return (v8f)_mm256_max_ps((__m256)a, (__m256)b); }
+static inline v8i unord8(v8f a, v8f b) { return (v8i)_mm256_cmp_ps((__m256)a, (__m256)b, _CMP_UNORD_Q); }
+static inline int movemask8(v8i m) { return _mm256_movemask_ps((__m256)m); }
+#else
 static inline v8f vmax8(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+static inline v8i unord8(v8f a, v8f b) { return (a != a) | (b != b); }
+static inline int movemask8(v8i m) { int r = 0; for (int q = 0; q < 8; q++) r |= (m[q] != 0) << q; return r; }
+#endif
+
+/* The maxima of eight vectors, lane q of the result = max over the lanes of m[q]: a three-stage
+ * shuffle tree (about 2.5 operations per vector instead of seven scalar compares each). */
+static inline v8f hmax8x8(const v8f m[8]) {
+    v8f p[4], q[2];
+    for (int i = 0; i < 4; i++)
+        p[i] = vmax8(__builtin_shufflevector(m[2 * i], m[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11),
+                     __builtin_shufflevector(m[2 * i], m[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15));
+    for (int j = 0; j < 2; j++)
+        q[j] = vmax8(__builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13),
+                     __builtin_shufflevector(p[2 * j], p[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15));
+    v8f r = vmax8(__builtin_shufflevector(q[0], q[1], 0, 2, 4, 6, 8, 10, 12, 14),
+                  __builtin_shufflevector(q[0], q[1], 1, 3, 5, 7, 9, 11, 13, 15));
+    return __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
+}
 
 /* -- row-wise top-k ------------------------------------------------------------------------------ */
 typedef struct { float v; int64_t i; } item;
@@ -57,46 +82,75 @@ static void sift_floats(float *h, int k, int p) {
 typedef uint16_t v8h __attribute__((vector_size(16)));
 typedef uint32_t v8u __attribute__((vector_size(32)));
 /* bf16 is the high half of a float32: widening is a 16-bit shift, exact */
+#if defined(__AVX2__)
+#include <immintrin.h>
+static inline v8f load8_bf16(const uint16_t *p) { /* one vpmovzxwd from memory and one shift */
+    return (v8f)_mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i *)p)), 16);
+}
+#else
 static inline v8f load8_bf16(const uint16_t *p) {
     v8h h; memcpy(&h, p, sizeof h);
     return (v8f)(__builtin_convertvector(h, v8u) << 16);
 }
+#endif
 static inline float bf16_to_float(uint16_t h) { uint32_t w = (uint32_t)h << 16; float f; memcpy(&f, &w, 4); return f; }
 #define IDENTITY(x) (x)
 /* With `bias` (a float32 [n_cols] vector, or NULL) every element is read as pre + bias: the encoder
  * product can then be written by a bias-free GEMM (beta = 0), instead of first copying the bias over the
- * whole [B, d_sae] block and having the GEMM read it back. The selection is over pre + bias, exactly. */
+ * whole [B, d_sae] block and having the GEMM read it back. The selection is over pre + bias, exactly.
+ * Both passes are vectorised: block maxima eight blocks at a time (hmax8x8), and the second pass tests
+ * whole vectors against the threshold and visits only the lanes that pass. */
+#define LOAD_BLOCK(LOAD8, p, c) \
+    v8f x0 = LOAD8(p), x1 = LOAD8(p + 8), x2 = LOAD8(p + 16), x3 = LOAD8(p + 24); \
+    if (c) { x0 += load8(c); x1 += load8(c + 8); x2 += load8(c + 16); x3 += load8(c + 24); }
 #define TOPK_ROW(NAME, ELEM, LOAD8, LOAD1) \
 static int NAME(const ELEM *row, const float *bias, int64_t nb, int32_t k, float *vals, int64_t *idx) { \
-    float bmax[nb], fh[MAX_K]; /* nb <= MAX_BLOCKS: at most 256 KiB of stack */ \
+    float bmax[nb + 8], fh[MAX_K]; /* nb <= MAX_BLOCKS: at most 256 KiB of stack */ \
     item h[MAX_K]; \
     v8i nan_acc = {0}; \
-    for (int64_t b = 0; b < nb; b++) { \
+    int64_t b = 0; \
+    for (; b + 8 <= nb; b += 8) { \
+        v8f m[8]; \
+        for (int u = 0; u < 8; u++) { \
+            const ELEM *p = row + (b + u) * BS; \
+            const float *c = bias ? bias + (b + u) * BS : NULL; \
+            LOAD_BLOCK(LOAD8, p, c) \
+            nan_acc |= unord8(x0, x1) | unord8(x2, x3); \
+            m[u] = vmax8(vmax8(x0, x1), vmax8(x2, x3)); \
+        } \
+        v8f r = hmax8x8(m); \
+        memcpy(bmax + b, &r, sizeof r); \
+    } \
+    for (; b < nb; b++) { \
         const ELEM *p = row + b * BS; \
-        const float *c = bias + b * BS; \
-        v8f x0 = LOAD8(p), x1 = LOAD8(p + 8), x2 = LOAD8(p + 16), x3 = LOAD8(p + 24); \
-        if (bias) { x0 += load8(c); x1 += load8(c + 8); x2 += load8(c + 16); x3 += load8(c + 24); } \
-        nan_acc |= (x0 != x0) | (x1 != x1) | (x2 != x2) | (x3 != x3); \
+        const float *c = bias ? bias + b * BS : NULL; \
+        LOAD_BLOCK(LOAD8, p, c) \
+        nan_acc |= unord8(x0, x1) | unord8(x2, x3); \
         v8f m = vmax8(vmax8(x0, x1), vmax8(x2, x3)); \
         float s = m[0]; \
         for (int q = 1; q < 8; q++) s = m[q] > s ? m[q] : s; \
         bmax[b] = s; \
     } \
-    int nan_seen = 0; \
-    for (int q = 0; q < 8; q++) nan_seen |= nan_acc[q] != 0; \
+    int nan_seen = movemask8(nan_acc) != 0; \
     for (int q = 0; q < k; q++) fh[q] = bmax[q]; \
     for (int p = k / 2 - 1; p >= 0; p--) sift_floats(fh, k, p); \
-    for (int64_t b = k; b < nb; b++) \
+    for (b = k; b < nb; b++) \
         if (bmax[b] > fh[0]) { fh[0] = bmax[b]; sift_floats(fh, k, 0); } \
     const float T = fh[0]; \
+    const v8f Tv = {T, T, T, T, T, T, T, T}; \
     int n = 0; \
-    for (int64_t b = 0; b < nb; b++) { \
+    for (b = 0; b < nb; b++) { \
         if (!(bmax[b] >= T)) continue; \
         const ELEM *p = row + b * BS; \
-        for (int q = 0; q < BS; q++) { \
+        const float *c = bias ? bias + b * BS : NULL; \
+        LOAD_BLOCK(LOAD8, p, c) \
+        uint32_t mask = (uint32_t)movemask8(x0 >= Tv) | (uint32_t)movemask8(x1 >= Tv) << 8 \
+                        | (uint32_t)movemask8(x2 >= Tv) << 16 | (uint32_t)movemask8(x3 >= Tv) << 24; \
+        while (mask) { \
+            const int q = __builtin_ctz(mask); \
+            mask &= mask - 1; \
             float v = LOAD1(p[q]); \
-            if (bias) v += bias[b * BS + q]; \
-            if (!(v >= T)) continue; \
+            if (c) v += c[q]; \
             if (n < k) { \
                 h[n].v = v; h[n].i = b * BS + q; \
                 if (++n == k) for (int s = k / 2 - 1; s >= 0; s--) sift_items(h, k, s); \
