@@ -258,19 +258,27 @@ static void NAME(float *restrict a, const int64_t *entries, int64_t n_entries, c
 ACCUMULATE_ROWS(accumulate_rows, float, load8, IDENTITY)
 ACCUMULATE_ROWS(accumulate_rows_bf16, uint16_t, load8_bf16, bf16_to_float)
 
-int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const void *M, int32_t m_bf16,
-                           int64_t d, int64_t n, int32_t transposed, float *out, int32_t n_threads) {
-    int64_t n_entries = n_rows * k;
+/* Counting sort of the n_entries = n_rows * k entries by latent, stable: entries of latent f are
+ * order[start[f] .. start[f + 1]), in row order. Returns -1 if memory is unavailable (nothing allocated). */
+static int sort_by_latent(const int64_t *idx, int64_t n_entries, int64_t n, int64_t **start_out, int64_t **order_out) {
     int64_t *start = calloc((size_t)n + 1, sizeof *start);
     int64_t *order = malloc((size_t)(n_entries ? n_entries : 1) * sizeof *order);
-    if (!start || !order) { free(start); free(order); return -1; }
+    int64_t *fill = malloc((size_t)(n ? n : 1) * sizeof *fill);
+    if (!start || !order || !fill) { free(start); free(order); free(fill); return -1; }
     for (int64_t e = 0; e < n_entries; e++) start[idx[e] + 1]++;
     for (int64_t f = 0; f < n; f++) start[f + 1] += start[f];
-    int64_t *fill = malloc((size_t)(n ? n : 1) * sizeof *fill);
-    if (!fill) { free(start); free(order); return -1; }
     memcpy(fill, start, (size_t)n * sizeof *fill);
     for (int64_t e = 0; e < n_entries; e++) order[fill[idx[e]]++] = e;
     free(fill);
+    *start_out = start;
+    *order_out = order;
+    return 0;
+}
+
+int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const void *M, int32_t m_bf16,
+                           int64_t d, int64_t n, int32_t transposed, float *out, int32_t n_threads) {
+    int64_t *start, *order;
+    if (sort_by_latent(idx, n_rows * k, n, &start, &order)) return -1;
     int64_t n_tiles = (n + TILE - 1) / TILE;
     int failed = 0;
 #pragma omp parallel num_threads(n_threads) reduction(|:failed)
@@ -295,6 +303,79 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
             }
         }
         free(acc);
+    }
+    free(start);
+    free(order);
+    return failed ? -1 : 0;
+}
+
+/* -- fused backward of a sparse decode ---------------------------------------------------------------- */
+/* For one latent f: gw[0:d] = sum_s vals[e_s] * M[e_s / k] (the decoder-weight gradient row) and
+ * gv[e_s] = W[f] . M[e_s / k] (the gradient of each selected value), e_s = entries[s], in one pass over the
+ * rows of M: the separate gather_dot + sparse_t_matmul read ~2^17 random rows twice (once of W, once of
+ * M); here each M row is read once and W[f] once per latent. dacc holds one vector of dot partials per entry. */
+static inline float hsum8(v8f a) { float s = 0.0f; for (int t = 0; t < 8; t++) s += a[t]; return s; }
+#define DECODE_BWD_LATENT(NAME, ELEM, LOAD8, LOAD1) \
+static void NAME(float *restrict gw, float *restrict gv, v8f *restrict dacc, const float *wf, const int64_t *entries, \
+                 int64_t n_e, const float *vals, int32_t k, const ELEM *M, int64_t d) { \
+    const v8f zero = {0}; \
+    for (int64_t s = 0; s < n_e; s++) dacc[s] = zero; \
+    int64_t q = 0; \
+    for (; q + 32 <= d; q += 32) { \
+        const v8f w0 = load8(wf + q), w1 = load8(wf + q + 8), w2 = load8(wf + q + 16), w3 = load8(wf + q + 24); \
+        v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; \
+        for (int64_t s = 0; s < n_e; s++) { \
+            const int64_t e = entries[s]; \
+            const ELEM *m = M + (e / k) * d + q; \
+            const v8f c = {vals[e], vals[e], vals[e], vals[e], vals[e], vals[e], vals[e], vals[e]}; \
+            const v8f g0 = LOAD8(m), g1 = LOAD8(m + 8), g2 = LOAD8(m + 16), g3 = LOAD8(m + 24); \
+            a0 += c * g0; a1 += c * g1; a2 += c * g2; a3 += c * g3; \
+            dacc[s] += (w0 * g0 + w1 * g1) + (w2 * g2 + w3 * g3); \
+        } \
+        memcpy(gw + q, &a0, 32); memcpy(gw + q + 8, &a1, 32); memcpy(gw + q + 16, &a2, 32); memcpy(gw + q + 24, &a3, 32); \
+    } \
+    for (; q < d; q++) { \
+        float t = 0.0f; \
+        for (int64_t s = 0; s < n_e; s++) { \
+            const int64_t e = entries[s]; \
+            const float g = LOAD1(M[(e / k) * d + q]); \
+            t += vals[e] * g; \
+            dacc[s][0] += wf[q] * g; \
+        } \
+        gw[q] = t; \
+    } \
+    for (int64_t s = 0; s < n_e; s++) gv[entries[s]] = hsum8(dacc[s]); \
+}
+DECODE_BWD_LATENT(decode_bwd_latent, float, load8, IDENTITY)
+DECODE_BWD_LATENT(decode_bwd_latent_bf16, uint16_t, load8_bf16, bf16_to_float)
+
+/* gW [n, d] = S^T @ M and gvals[b, j] = W[idx[b, j]] . M[b] for S [n_rows, n] holding vals[b, j] at
+ * (b, idx[b, j]): both gradients of x_hat = S @ W given grad x_hat = M (float32, or bf16 with m_bf16).
+ * Latents are independent, so the result does not depend on the thread count. Indices must be in
+ * [0, n) (checked by the caller). Returns -1 if scratch memory is unavailable. */
+int saekit_decode_backward(const int64_t *idx, const float *vals, int64_t n_rows, int32_t k, const float *W,
+                           const void *M, int32_t m_bf16, int64_t d, int64_t n, float *gW, float *gvals,
+                           int32_t n_threads) {
+    int64_t *start, *order;
+    if (sort_by_latent(idx, n_rows * k, n, &start, &order)) return -1;
+    int64_t most = 1;
+    for (int64_t f = 0; f < n; f++) most = start[f + 1] - start[f] > most ? start[f + 1] - start[f] : most;
+    int failed = 0;
+#pragma omp parallel num_threads(n_threads) reduction(|:failed)
+    {
+        v8f *dacc = NULL;
+        if (posix_memalign((void **)&dacc, 64, (size_t)most * sizeof *dacc)) { dacc = NULL; failed = 1; }
+#pragma omp for schedule(dynamic, 64)
+        for (int64_t f = 0; f < n; f++) {
+            if (!dacc) continue;
+            if (m_bf16)
+                decode_bwd_latent_bf16(gW + f * d, gvals, dacc, W + f * d, order + start[f], start[f + 1] - start[f],
+                                       vals, k, M, d);
+            else
+                decode_bwd_latent(gW + f * d, gvals, dacc, W + f * d, order + start[f], start[f + 1] - start[f],
+                                  vals, k, M, d);
+        }
+        free(dacc);
     }
     free(start);
     free(order);

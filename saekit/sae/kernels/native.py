@@ -116,6 +116,8 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("saekit_embed_sum", "saekit_embed_sum_bf16"):
         getattr(lib, name).argtypes = [p, p, i64, i32, p, i64, p, i32]
         getattr(lib, name).restype = None
+    lib.saekit_decode_backward.argtypes = [p, p, i64, i32, p, p, i32, i64, i64, p, p, i32]
+    lib.saekit_decode_backward.restype = ctypes.c_int
     lib.saekit_rows_remove_parallel.argtypes = [p, p, i64, i64, i32]
     lib.saekit_rows_remove_parallel.restype = None
     lib.saekit_rows_unit_norm.argtypes = [p, i64, i64, i32]
@@ -220,6 +222,27 @@ def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transpos
                                         int(M_BD.dtype == torch.bfloat16), D, n, int(transposed), out.data_ptr(),
                                         _threads(max(n // 16, 1)))
     return out if status == 0 else None
+
+
+def decode_backward(idx_BK: Tensor, vals_BK: Tensor, W_FD: Tensor, grad_BD: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Both gradients of `x_hat = sum_j vals[:, j] * W[idx[:, j]]` given `grad_BD` in one pass:
+    `(grad_vals [B, K], grad_W [F, D])`, float32 (`grad_BD` float32 or bf16, the rest float32, CPU), the
+    same as `gather_dot(idx, W, grad)` and `sparse_t_matmul(idx, vals, grad, F)`; or None."""
+    lib = library()
+    if lib is None or vals_BK.dtype != torch.float32 or W_FD.dtype != torch.float32 \
+            or grad_BD.dtype not in (torch.float32, torch.bfloat16) or idx_BK.dtype != torch.int64 \
+            or not _usable(idx_BK, vals_BK, W_FD, grad_BD) or idx_BK.shape != vals_BK.shape:
+        return None
+    B, K = idx_BK.shape
+    F, D = W_FD.shape
+    if B == 0 or K == 0 or grad_BD.shape != (B, D):
+        return None
+    check_indices(idx_BK, F)
+    g_vals, g_W = torch.empty(B, K, dtype=torch.float32), torch.empty(F, D, dtype=torch.float32)
+    status = lib.saekit_decode_backward(idx_BK.data_ptr(), vals_BK.data_ptr(), B, K, W_FD.data_ptr(), grad_BD.data_ptr(),
+                                        int(grad_BD.dtype == torch.bfloat16), D, F, g_W.data_ptr(), g_vals.data_ptr(),
+                                        _threads(max(F // 16, 1)))
+    return (g_vals, g_W) if status == 0 else None
 
 
 def embed_sum(idx_BK: Tensor, w_BK: Tensor, table_FD: Tensor) -> Tensor | None:

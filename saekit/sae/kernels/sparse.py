@@ -145,9 +145,10 @@ def sparse_t_matmul_ref(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int) -> T
 class SparseDecode(torch.autograd.Function):
     """x_hat_BD = sum_j vals_BK[:, j] * W_dec_FD[idx_BK[:, j]] (+ b_dec_D); sparse in both passes.
 
-    Under CPU bf16 autocast (with the native kernels) both gathers read a bf16 copy of W_dec made once
-    per step (half the bytes of the ~2^17 row reads each), summing in float32; the output, the
-    gradients and the parameter stay float32."""
+    On CPU with the native kernels the backward is one fused pass (`native.decode_backward`): each row of
+    the incoming gradient is read once for both weight and value gradients. Under CPU bf16 autocast the
+    forward gather reads a bf16 copy of W_dec made once per step (half the bytes of its ~2^17 row reads),
+    summing in float32; the output, the gradients and the parameter stay float32."""
 
     @staticmethod
     def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor | None) -> Tensor:
@@ -162,6 +163,12 @@ class SparseDecode(torch.autograd.Function):
     def backward(ctx, grad_BD: Tensor):
         vals_BK, idx_BK, W_dec_FD, table_FD = ctx.saved_tensors
         grad_BD = grad_BD.contiguous()
+        fused = native.decode_backward(idx_BK, vals_BK, W_dec_FD, grad_BD) \
+            if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] else None
+        if fused is not None:  # both products in one pass over the rows of grad (CPU): ~2x the two below
+            with serial():
+                g_b = grad_BD.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+            return fused[0], None, fused[1], g_b
         # the two sparse products are heavy enough (~2^26 multiply-adds each) to use all threads
         g_vals = gather_dot(idx_BK, table_FD if table_FD is not None else W_dec_FD, grad_BD) \
             if ctx.needs_input_grad[0] else None
