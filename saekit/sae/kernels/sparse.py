@@ -294,13 +294,17 @@ def dense_encode_ref(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: T
 
 # -- loss ------------------------------------------------------------------------------------------
 class SquaredErrorSum(torch.autograd.Function):
-    """sum((recon - x)^2): one pass each way, its backward on one thread (see `serial`)."""
+    """sum((recon - x)^2): one pass each way, its backward on one thread (see `serial`). The sum of
+    squares is a BLAS dot of the difference with itself (no `[B, D]` temporary for the squares)."""
 
     @staticmethod
     def forward(ctx, recon: Tensor, x: Tensor) -> Tensor:
         with serial():
             diff = recon - x
             ctx.save_for_backward(diff)
+            if diff.dtype in (torch.float32, torch.float64) and diff.is_contiguous():
+                flat = diff.view(-1)
+                return torch.dot(flat, flat)
             return diff.pow(2).sum()
 
     @staticmethod
