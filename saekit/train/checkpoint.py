@@ -30,6 +30,7 @@ import os
 import random
 import shutil
 import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -257,15 +258,18 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencod
         **(extra or {}),
     }
     files = FILES + ([BEST_TENSORS] if best is not None else [])
+    tensor_files = {SAE_STATE: sae_tensors, OPT_TENSORS: opt_tensors, RNG_TENSORS: rng_tensors,
+                    **({BEST_TENSORS: best} if best is not None else {})}
     with atomic_dir(final) as tmp:
-        hashes = {SAE_CFG: _write_json(tmp / SAE_CFG, sae.config_dict()),
-                  SAE_STATE: save_tensors(tmp / SAE_STATE, sae_tensors),
-                  OPT_TENSORS: save_tensors(tmp / OPT_TENSORS, opt_tensors),
-                  OPT_JSON: _write_json(tmp / OPT_JSON, opt_meta),
-                  RNG_TENSORS: save_tensors(tmp / RNG_TENSORS, rng_tensors),
-                  TRAINER_JSON: _write_json(tmp / TRAINER_JSON, trainer)}
-        if best is not None:
-            hashes[BEST_TENSORS] = save_tensors(tmp / BEST_TENSORS, best)
+        # the tensor files are written (hashed, fsynced) two at a time: hashing and writing release the
+        # GIL, so the optimizer file (the largest) overlaps the others; the pool is joined, and any error
+        # raised, before the folder is renamed into place
+        with ThreadPoolExecutor(2, thread_name_prefix="saekit-ckpt") as pool:
+            futures = {name: pool.submit(save_tensors, tmp / name, t) for name, t in tensor_files.items()}
+            hashes = {SAE_CFG: _write_json(tmp / SAE_CFG, sae.config_dict()),
+                      OPT_JSON: _write_json(tmp / OPT_JSON, opt_meta),
+                      TRAINER_JSON: _write_json(tmp / TRAINER_JSON, trainer)}
+        hashes.update({name: f.result() for name, f in futures.items()})
         write_manifest(tmp, files, {"kind": "saekit-train-checkpoint", "step": state.step}, hashes)
     atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
     _prune(root, keep, final)
