@@ -77,3 +77,18 @@ def test_training_skips_the_nan_fill_of_fresh_memory_and_gets_the_same_weights(t
     filled = _train_topk(tmp_path, "filled", [KeepFill()])
     for (name, a), (_, b) in zip(fast.state_dict().items(), filled.state_dict().items()):
         assert torch.equal(a, b), name
+
+
+def test_kept_gradients_change_nothing_and_are_gone_after_training(tmp_path, monkeypatch):
+    """The trainer keeps a step's gradients until the next step frees them before its backward (memory
+    reuse); they are never accumulated, so a run that frees them after every step gets the same bits,
+    and the trained SAE holds no gradients."""
+    import saekit.train.loop as loop
+
+    kept = _train_topk(tmp_path, "kept")
+    assert all(p.grad is None for p in kept.parameters())
+    real = loop.train_step
+    monkeypatch.setattr(loop, "train_step", lambda *a, **kw: real(*a[:6], keep_grads=False))
+    freed = _train_topk(tmp_path, "freed")
+    for (name, a), (_, b) in zip(kept.state_dict().items(), freed.state_dict().items()):
+        assert torch.equal(a, b), name
