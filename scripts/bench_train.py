@@ -32,9 +32,11 @@ records the clock, the threads and the load average before and after.
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -239,6 +241,7 @@ def main() -> None:
     X_ND = train_x.reshape(-1, D_IN)
     order_SB = batch_order(X_ND, a.steps)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    atexit.register(shutil.rmtree, work, True)  # every variant's run folders (checkpoints: ~130 MB a public run)
     variants = {"public": lambda: run_public(X_ND, held_BD, a.steps, work),
                 "bare": lambda: run_bare(X_ND, held_BD, a.steps, order_SB)}
     if cpu_has_bf16() and not a.no_bf16:
