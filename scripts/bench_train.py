@@ -21,15 +21,22 @@ per-round ratio. Variants:
 Held-out FVU is measured on one extra planted batch never trained on (sparsify: its schedule-free
 averaged weights, the ones it saves). Timing on a shared machine is noisy: read the per-round lists.
 
-    python scripts/bench_train.py [--steps 128] [--rounds 3] [--naive]
+`--clock cpu` times each variant by the process's CPU time instead of the wall clock: on a machine
+that other jobs load, wall-clock ratios mostly measure who got the cores; with `--threads 1` CPU time
+measures the work itself (with 2+ threads it would also count OpenMP's spin-waiting). The JSON line
+records the clock, the threads and the load average before and after.
+
+    python scripts/bench_train.py [--steps 128] [--rounds 3] [--naive] [--threads 2] [--clock wall|cpu]
 """
 
 from __future__ import annotations
 
 import argparse
+import atexit
 import contextlib
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -41,6 +48,7 @@ import torch
 from torch import nn
 
 D_IN, D_SAE, K, BATCH, N_FEATURES = 512, 8192, 32, 4096, 4096
+clock = time.perf_counter  # main() switches it to time.process_time under --clock cpu
 SEQ = 256  # rows per "sequence" in sparsify's data loader (its batch size counts sequences)
 
 
@@ -113,11 +121,11 @@ def run_public(X_ND, held_BD, steps: int, work: Path, precision: str = "fp32"):
     from saekit.store.batches import TensorBatches
 
     run_dir = Path(tempfile.mkdtemp(dir=work))
-    t = time.perf_counter()
+    t = clock()
     sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
     res = saekit.train(sae, TensorBatches(X_ND, BATCH), saekit.TrainConfig(total_steps=steps, batch_size=BATCH,
                                                                            precision=precision), run_dir)
-    dt = time.perf_counter() - t
+    dt = clock() - t
     with torch.no_grad():
         return dt, fvu(held_BD, res.sae(held_BD).recon)
 
@@ -130,10 +138,10 @@ def run_bare(X_ND, held_BD, steps: int, order_SB):
     sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
     sae.init_from_data(batches[0])
     opt = torch.optim.Adam(sae.parameters(), lr=default_lr(D_SAE), fused=True)
-    t = time.perf_counter()
+    t = clock()
     for x in batches:
         saekit_step(sae, opt, x)
-    dt = time.perf_counter() - t
+    dt = clock() - t
     sae.eval()
     with torch.no_grad():
         return dt, fvu(held_BD, sae(held_BD).recon)
@@ -148,10 +156,10 @@ def run_naive(X_ND, held_BD, steps: int, order_SB):
     sae.init_from_data(batches[0])
     model = NaiveTopK(sae.W_enc.detach(), sae.W_dec.detach(), sae.b_enc.detach(), sae.b_dec.detach(), K)
     opt = torch.optim.Adam(model.parameters(), lr=default_lr(D_SAE), fused=True)
-    t = time.perf_counter()
+    t = clock()
     for x in batches:
         naive_step(model, opt, x)
-    dt = time.perf_counter() - t
+    dt = clock() - t
     with torch.no_grad():
         return dt, fvu(held_BD, model(held_BD))
 
@@ -181,12 +189,12 @@ def run_sparsify(X_ND, held_BD, steps: int, order_SB, work: Path):
     precision = torch.get_float32_matmul_precision()  # fit() sets "high"; do not let it leak into the others
     try:
         with contextlib.redirect_stdout(sys.stderr):
-            t = time.perf_counter()
+            t = clock()
             cfg = TrainConfig(SaeConfig(num_latents=D_SAE, k=K), batch_size=BATCH // SEQ, hookpoints=["layers.0"],
                               log_to_wandb=False, save_dir=str(Path(tempfile.mkdtemp(dir=work))))
             trainer = Trainer(cfg, rows, RowModel(X_ND))
             trainer.fit()
-            dt = time.perf_counter() - t
+            dt = clock() - t
     finally:
         torch.set_float32_matmul_precision(precision)
     for opt in trainer.optimizers:  # the schedule-free averaged weights (what sparsify saves)
@@ -220,13 +228,20 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=3, help="rounds; every variant trains once per round")
     ap.add_argument("--naive", action="store_true", help="also time the naive dense step")
     ap.add_argument("--no-bf16", action="store_true", help="skip the bf16 public variant")
+    ap.add_argument("--threads", type=int, default=2, help="torch (and native kernel) threads")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="wall: elapsed time; cpu: this process's CPU time (robust to other jobs; use with --threads 1)")
     a = ap.parse_args()
-    torch.set_num_threads(2)
+    global clock
+    clock = time.process_time if a.clock == "cpu" else time.perf_counter
+    torch.set_num_threads(a.threads)
+    load_before = os.getloadavg()
     n_data = max(a.steps // 8, 2)  # the run sees each row about 8 times at most, like a real short run
     train_x, held_BD = make_data(n_data)
     X_ND = train_x.reshape(-1, D_IN)
     order_SB = batch_order(X_ND, a.steps)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
+    atexit.register(shutil.rmtree, work, True)  # every variant's run folders (checkpoints: ~130 MB a public run)
     variants = {"public": lambda: run_public(X_ND, held_BD, a.steps, work),
                 "bare": lambda: run_bare(X_ND, held_BD, a.steps, order_SB)}
     if cpu_has_bf16() and not a.no_bf16:
@@ -262,7 +277,9 @@ def main() -> None:
 
     print(json.dumps({
         "workload": {"d_in": D_IN, "d_sae": D_SAE, "k": K, "batch": BATCH, "steps": a.steps, "rounds": a.rounds,
-                     "train_rows": len(X_ND), "threads": 2, "cpu_bf16": cpu_has_bf16()},
+                     "train_rows": len(X_ND), "threads": a.threads, "cpu_bf16": cpu_has_bf16()},
+        "clock": a.clock,
+        "load_avg_1min": {"before": round(load_before[0], 2), "after": round(os.getloadavg()[0], 2)},
         "tokens_per_s": {n: round(a.steps * BATCH / med(secs[n])) for n in names},
         "tokens_per_s_per_round": {n: [round(a.steps * BATCH / s) for s in secs[n]] for n in names},
         "public_over_bare": ratio("public", "bare"),

@@ -186,3 +186,125 @@ def test_compiler_without_openmp_still_gives_correct_kernels(monkeypatch, tmp_pa
     assert native.library() is not None
     pre = torch.randn(200, 512)
     _same_topk(pre, *native.topk_rows(pre, 8), 8)
+
+
+# -- kernels added for the public training path (issue 20) -------------------------------------------------
+@needs_native
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,k", [((7, 64), 2), ((300, 4096), 32), ((33, 96), 3)])
+def test_topk_rows_with_bias_selects_on_pre_plus_bias(dtype, shape, k):
+    g = torch.Generator().manual_seed(k)
+    pre = torch.randn(*shape, generator=g).to(dtype)
+    bias = torch.randn(shape[1], generator=g) * 2  # large enough to change which latents win
+    vals, idx = native.topk_rows(pre, k, bias)
+    full = pre.float() + bias  # the bf16 values exactly, plus the float32 bias
+    _same_topk(full, vals, idx, k)
+    assert not torch.equal(idx.sort(1).values, pre.float().topk(k, dim=1).indices.sort(1).values)  # bias mattered
+
+
+@needs_native
+def test_topk_rows_with_bias_declines_and_falls_back_on_nan():
+    pre, bias = torch.randn(8, 256), torch.randn(256)
+    assert native.topk_rows(pre, 4, bias.double()) is None  # float32 bias only
+    assert native.topk_rows(pre, 4, bias[:128]) is None  # one value per column
+    bias[17] = float("nan")
+    assert native.topk_rows(pre, 4, bias) is None
+    vals, idx = kernels.rowwise_topk(pre, 4, bias)  # torch path on pre + bias: NaN ranks first
+    assert (idx == 17).any(1).all() and torch.isnan(vals).any(1).all()
+
+
+@needs_native
+def test_topk_rows_odd_block_counts_match_torch():
+    """Widths whose block count is not a multiple of 8 take the one-block-at-a-time remainder path."""
+    g = torch.Generator().manual_seed(3)
+    for width in (32 * 9, 32 * 13, 32 * 3):
+        pre = torch.randn(40, width, generator=g)
+        _same_topk(pre, *native.topk_rows(pre, 3), 3)
+
+
+@needs_native
+@pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33)])
+def test_decode_backward_equals_the_two_separate_kernels(B, K, D, n, grad_dtype):
+    g = torch.Generator().manual_seed(B + D)
+    idx = torch.randint(0, n, (B, K), generator=g)
+    idx[0] = idx[1]
+    idx[2, :] = 0  # one latent several times in a row: its entries add
+    vals, W, grad = torch.rand(B, K, generator=g), torch.randn(n, D, generator=g), torch.randn(B, D, generator=g)
+    g_vals, g_W = native.decode_backward(idx, vals, W, grad.to(grad_dtype))
+    M = grad.to(grad_dtype).float()  # what the kernel reads
+    torch.testing.assert_close(g_vals, kernels.gather_dot_ref(idx, W, M), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(g_W, kernels.sparse_t_matmul_ref(idx, vals, M, n), rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_decode_backward_is_deterministic_across_thread_counts():
+    g = torch.Generator().manual_seed(0)
+    idx, vals = torch.randint(0, 4096, (2048, 32), generator=g), torch.rand(2048, 32, generator=g)
+    W, grad = torch.randn(4096, 96, generator=g), torch.randn(2048, 96, generator=g)
+    n = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = native.decode_backward(idx, vals, W, grad)
+        torch.set_num_threads(2)
+        two = native.decode_backward(idx, vals, W, grad)
+    finally:
+        torch.set_num_threads(n)
+    assert torch.equal(one[0], two[0]) and torch.equal(one[1], two[1])
+
+
+@needs_native
+def test_sparse_decode_backward_takes_the_fused_kernel_and_matches_reference(monkeypatch):
+    calls, real = [], native.decode_backward
+    monkeypatch.setattr(native, "decode_backward", lambda *a: calls.append(1) or real(*a))
+    g = torch.Generator().manual_seed(5)
+    idx = torch.randint(0, 200, (64, 8), generator=g)
+    vals, W, b = torch.rand(64, 8, generator=g), torch.randn(200, 48, generator=g), torch.randn(48, generator=g)
+    up = torch.randn(64, 48, generator=g)
+    got = [t.clone().requires_grad_() for t in (vals, W, b)]
+    ref = [t.clone().requires_grad_() for t in (vals, W, b)]
+    (kernels.sparse_decode(got[0], idx, got[1], got[2]) * up).sum().backward()
+    (kernels.dense_decode_ref(ref[0], idx, ref[1], ref[2]) * up).sum().backward()
+    assert calls and all(c is not None for c in calls)  # the fused kernel ran
+    for a, r in zip(got, ref):
+        torch.testing.assert_close(a.grad, r.grad, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+@pytest.mark.parametrize("D", [512, 40, 7])
+def test_bf16_tables_and_rows_sum_in_float32(D):
+    """embed_sum / gather_dot read a bf16 table, sparse_t_matmul bf16 rows: the float32 sums of the bf16 values."""
+    g = torch.Generator().manual_seed(D)
+    table, rows = torch.randn(300, D, generator=g).bfloat16(), torch.randn(90, D, generator=g)
+    idx, w = torch.randint(0, 300, (90, 6), generator=g), torch.randn(90, 6, generator=g)
+    T = table.float()
+    torch.testing.assert_close(native.embed_sum(idx, w, table), kernels.embed_sum_ref(idx, w, T), rtol=1e-5, atol=1e-4)
+    torch.testing.assert_close(native.gather_dot(idx, table, rows), kernels.gather_dot_ref(idx, T, rows),
+                               rtol=1e-5, atol=1e-4)
+    M = rows.bfloat16()
+    for transposed in (False, True):
+        out = native.sparse_t_matmul(idx, w, M, 300, transposed)
+        ref = kernels.sparse_t_matmul_ref(idx, w, M.float(), 300)
+        torch.testing.assert_close(out, ref.t() if transposed else ref, rtol=1e-5, atol=1e-4)
+
+
+@needs_native
+def test_decoder_row_kernels_match_torch():
+    from saekit.sae.base import remove_parallel_grad_, renormalise_rows_
+
+    g = torch.Generator().manual_seed(2)
+    W = torch.randn(300, 40, generator=g)
+    W[7] = 0.0  # a zero row stays zero (norm clamped at 1e-12)
+    mine, ref = W.clone(), torch.nn.Parameter(W.clone())
+    assert native.unit_norm_rows_(mine)
+    renormalise_rows_(ref)
+    torch.testing.assert_close(mine, ref.detach(), rtol=1e-6, atol=1e-7)
+    assert (mine[7] == 0).all()
+    ref.data = mine.clone()
+    grad = torch.randn(300, 40, generator=g)
+    ref.grad = grad.clone()
+    remove_parallel_grad_(ref)
+    assert native.remove_parallel_rows_(grad, mine)
+    torch.testing.assert_close(grad, ref.grad, rtol=1e-5, atol=1e-5)
+    assert (grad * mine).sum(1).abs().max() < 1e-4  # no component along the rows is left
+    assert not native.unit_norm_rows_(W.double()) and not native.remove_parallel_rows_(grad, mine[:5])

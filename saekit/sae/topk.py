@@ -33,7 +33,7 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
-from saekit.sae.kernels import triton_topk
+from saekit.sae.kernels import native, triton_topk
 from saekit.sae.kernels.sparse import (Select, compute_dtype, rowwise_topk, serial, sparse_decode, sparse_encode,
                                       squared_error_sum)
 from saekit.sae.registry import register
@@ -90,21 +90,27 @@ class TopKSAE(SparseAutoencoder):
         batch_mode = cfg.batch_topk and self.training
         threshold = float(self.threshold) if cfg.batch_topk and not self.training else -1.0
 
-        def select(pre_NF: Tensor) -> tuple[Tensor, Tensor]:
+        def select(pre_NF: Tensor, b_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
+            if b_F is not None and (batch_mode or threshold >= 0):
+                pre_NF = pre_NF.add_(b_F)  # the native row-wise top-k adds the bias itself; these do not
+                b_F = None
             if batch_mode:
                 idx_NK, vals_NK = _batch_topk(pre_NF, k * pre_NF.shape[0])
             elif threshold >= 0:
                 idx_NK, vals_NK = _threshold_select(pre_NF, threshold)
             else:
-                vals_NK, idx_NK = rowwise_topk(pre_NF, k)
+                vals_NK, idx_NK = rowwise_topk(pre_NF, k, b_F)
                 with serial():
                     vals_NK.clamp_min_(0)  # ReLU on k values, not on the [N, F] block
             widths["main"] = idx_NK.shape[1]
             if dead_idx is None:
                 return idx_NK, vals_NK
-            aux_vals, aux_pos = pre_NF.index_select(1, dead_idx).topk(min(cfg.resolved_aux_k, dead_idx.numel()),
-                                                                       dim=1, sorted=False)
+            dead_NA = pre_NF.index_select(1, dead_idx)
+            if b_F is not None:
+                dead_NA += b_F[dead_idx]
+            aux_vals, aux_pos = dead_NA.topk(min(cfg.resolved_aux_k, dead_idx.numel()), dim=1, sorted=False)
             return torch.cat([idx_NK, dead_idx[aux_pos]], 1), torch.cat([vals_NK, aux_vals.clamp_min_(0)], 1)
+        select.adds_bias = True  # called as select(pre without bias, b_enc) (see kernels.sparse.SparseEncode)
         return select
 
     def _encode_parts(self, x_ND: Tensor, with_aux: bool) -> tuple[SparseCode, SparseCode | None]:
@@ -198,12 +204,15 @@ class TopKSAE(SparseAutoencoder):
         self.b_dec.copy_(geometric_median(x).to(self.b_dec.dtype))
 
     def before_optimizer_step(self) -> None:
-        with serial():
-            remove_parallel_grad_(self.W_dec)
+        g = self.W_dec.grad  # the native kernel: one pass over each row instead of three and a temporary
+        if g is not None and not native.remove_parallel_rows_(g, self.W_dec.detach()):
+            with serial():
+                remove_parallel_grad_(self.W_dec)
 
     def after_optimizer_step(self) -> None:
-        with serial():
-            renormalise_rows_(self.W_dec)
+        if not native.unit_norm_rows_(self.W_dec.detach()):
+            with serial():
+                renormalise_rows_(self.W_dec)
 
     # -- export ----------------------------------------------------------------------------------------
     def _fold_input_scale_(self, s: float) -> None:
@@ -241,11 +250,15 @@ def similarity_loss(x_ND: Tensor, recon_ND: Tensor, kind: str = "kl", temperatur
 
 
 def geometric_median(x_ND: Tensor, iters: int = 20, eps: float = 1e-8) -> Tensor:
-    """Weiszfeld's algorithm from the mean: y <- sum_i x_i/|x_i - y| / sum_i 1/|x_i - y|."""
+    """Weiszfeld's algorithm from the mean: y <- sum_i x_i/|x_i - y| / sum_i 1/|x_i - y|.
+
+    One reused `[N, D]` buffer and a matrix-vector product per iteration (it runs inside `train()`
+    before step 1: the broadcast form allocated two `[N, D]` float64 temporaries per iteration)."""
     y = x_ND.mean(0)
+    diff_ND = torch.empty_like(x_ND)
     for _ in range(iters):
-        w = 1.0 / (x_ND - y).norm(dim=1).clamp_min(eps)
-        y = (w[:, None] * x_ND).sum(0) / w.sum()
+        w = 1.0 / torch.linalg.vector_norm(torch.sub(x_ND, y, out=diff_ND), dim=1).clamp_min(eps)
+        y = (w @ x_ND) / w.sum()
     return y
 
 

@@ -24,10 +24,13 @@ the folded inference copy that works on raw activations.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import random
 import shutil
+import sys
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -37,18 +40,21 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import (
+    FORMAT_VERSION,
     MANIFEST,
     atomic_dir,
     atomic_write_bytes,
+    atomic_write_chunks,
     atomic_write_json,
     clean_stale_tmp,
+    dumps_json,
     inside,
     load_tensors,
     read_json,
-    save_tensors,
+    sha256_file,
     verify_manifest,
-    write_manifest,
 )
+from saekit.artifacts import save_tensors as _save_tensors_copying
 from saekit.errors import CorruptArtifactError, MissingCheckpointError, ResumeMismatchError
 from saekit.layout import CHECKPOINTS
 from saekit.sae.base import SAEConfig, SparseAutoencoder
@@ -175,6 +181,54 @@ def _optimizer_state(sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> tupl
     return tensors, meta
 
 
+# -- the checkpoint's file writers: each file is hashed once, while it is written --------------------
+_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file straight from the tensors' memory and return its sha256.
+
+    Why not `artifacts.save_tensors`: it builds the whole file as one bytes object (a copy of every
+    tensor) and hashes it twice, and the manifest then read the file back for a third hash; for the
+    ~100 MB checkpoint of the benchmark SAE that was most of the final checkpoint's cost. Same format
+    (8-byte header length, JSON header padded to 8 bytes, raw little-endian data), same atomic write."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in flat.values()):
+        return _save_tensors_copying(path, flat, metadata)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in flat.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def chunks():
+        yield len(head).to_bytes(8, "little") + head
+        for t in flat.values():
+            if t.numel():
+                yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return atomic_write_chunks(path, chunks())
+
+
+def _write_json(path: Path, obj: Any) -> str:
+    """`atomic_write_json`'s bytes, returning their sha256."""
+    return atomic_write_chunks(path, [(dumps_json(obj) + "\n").encode()])
+
+
+def write_manifest(folder: Path, files: list[str], extra: dict | None = None,
+                   hashes: dict[str, str] | None = None) -> None:
+    """`artifacts.write_manifest` with the hashes taken while the files were written (a file without
+    one is read and hashed); written last inside the folder."""
+    hashes = hashes or {}
+    entry = {"format_version": FORMAT_VERSION, "files": {f: hashes.get(f) or sha256_file(folder / f) for f in files}}
+    entry.update(extra or {})
+    atomic_write_json(folder / MANIFEST, entry)
+
+
 def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
                     batches: Any, train_config: dict, keep: int = 3, best: dict[str, Tensor] | None = None,
                     extra: dict | None = None) -> Path:
@@ -204,16 +258,19 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencod
         **(extra or {}),
     }
     files = FILES + ([BEST_TENSORS] if best is not None else [])
+    tensor_files = {SAE_STATE: sae_tensors, OPT_TENSORS: opt_tensors, RNG_TENSORS: rng_tensors,
+                    **({BEST_TENSORS: best} if best is not None else {})}
     with atomic_dir(final) as tmp:
-        atomic_write_json(tmp / SAE_CFG, sae.config_dict())
-        save_tensors(tmp / SAE_STATE, sae_tensors)
-        save_tensors(tmp / OPT_TENSORS, opt_tensors)
-        atomic_write_json(tmp / OPT_JSON, opt_meta)
-        save_tensors(tmp / RNG_TENSORS, rng_tensors)
-        atomic_write_json(tmp / TRAINER_JSON, trainer)
-        if best is not None:
-            save_tensors(tmp / BEST_TENSORS, best)
-        write_manifest(tmp, files, {"kind": "saekit-train-checkpoint", "step": state.step})
+        # the tensor files are written (hashed, fsynced) two at a time: hashing and writing release the
+        # GIL, so the optimizer file (the largest) overlaps the others; the pool is joined, and any error
+        # raised, before the folder is renamed into place
+        with ThreadPoolExecutor(2, thread_name_prefix="saekit-ckpt") as pool:
+            futures = {name: pool.submit(save_tensors, tmp / name, t) for name, t in tensor_files.items()}
+            hashes = {SAE_CFG: _write_json(tmp / SAE_CFG, sae.config_dict()),
+                      OPT_JSON: _write_json(tmp / OPT_JSON, opt_meta),
+                      TRAINER_JSON: _write_json(tmp / TRAINER_JSON, trainer)}
+        hashes.update({name: f.result() for name, f in futures.items()})
+        write_manifest(tmp, files, {"kind": "saekit-train-checkpoint", "step": state.step}, hashes)
     atomic_write_bytes(root / LATEST, (final.name + "\n").encode())
     _prune(root, keep, final)
     clean_stale_tmp(root)

@@ -144,6 +144,7 @@ class Trainer:
         self.best: dict[str, Tensor] | None = None  # training-form tensors of the best evaluation
         self.last_validation: dict | None = None
         self.folded = False
+        self.keep_grads = True  # see train_step; saekit.train.multi turns it off
 
     @contextlib.contextmanager
     def environment(self) -> Iterator["_StopSignals"]:
@@ -196,7 +197,7 @@ class Trainer:
         Then raises TrainingInterrupted unless `raise_on_stop=False` (the caller stops; see
         `stop_requested`). Returns the checkpoint written, if any."""
         run, cfg = self.run, self.cfg
-        info = train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync)
+        info = train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync, self.keep_grads)
         info.epochs = run.epochs
         if self.validation is not None and info.out is not None and info.x_BD is not None:
             self.window.add(info.x_BD, info.out.recon)
@@ -291,7 +292,9 @@ class Trainer:
             self.folded = True
 
     def close(self) -> None:
-        """Tell the callbacks; an interrupted run also leaves its SAE folded (raw-activation space)."""
+        """Tell the callbacks; an interrupted run also leaves its SAE folded (raw-activation space)
+        and, like every finished one, without gradients (`keep_grads` kept the last step's)."""
+        self.opt.zero_grad(set_to_none=True)
         if self.run is not None:
             self.fold()
         for cb in self.callbacks:
@@ -378,14 +381,22 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
 @contextlib.contextmanager
 def _deterministic(on: bool, warn_only: bool = False) -> Iterator[None]:
     """Deterministic kernels while training. On accelerators some kernels have no deterministic
-    version (and cuBLAS needs CUBLAS_WORKSPACE_CONFIG): there they only warn instead of raising."""
+    version (and cuBLAS needs CUBLAS_WORKSPACE_CONFIG): there they only warn instead of raising.
+
+    Deterministic mode also NaN-fills every fresh `torch.empty` (`fill_uninitialized_memory`, a
+    debugging aid: reads of uninitialised memory become reproducible). Training never reads memory it
+    did not write, and the fill is a write pass over every new gradient and kernel output (~2.4 ms per
+    16 MB here, several per step), so it is off while training; results are the same bit for bit."""
     before, before_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
+    fill_before = torch.utils.deterministic.fill_uninitialized_memory
     if on:
         torch.use_deterministic_algorithms(True, warn_only=warn_only)
+        torch.utils.deterministic.fill_uninitialized_memory = False
     try:
         yield
     finally:
         torch.use_deterministic_algorithms(before, warn_only=before_warn)
+        torch.utils.deterministic.fill_uninitialized_memory = fill_before
 
 
 class _StopSignals:

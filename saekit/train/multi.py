@@ -234,6 +234,8 @@ def train_many(jobs: list[Job], resume: bool | str = False, callbacks: dict[str,
     callbacks = callbacks or {}
     trainers = {j.name: Trainer(j.sae, j.batches, j.cfg, j.run_dir, callbacks.get(j.name), resume,
                                 val_batches=j.val_batches) for j in jobs}
+    for t in trainers.values():
+        t.keep_grads = False  # the SAEs step in turn: only the stepping one holds gradients
     first = next(iter(trainers.values()))
     with first.environment() as stop:
         try:

@@ -105,16 +105,23 @@ def _build() -> Path:
 
 def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     p, i64, i32 = ctypes.c_void_p, ctypes.c_int64, ctypes.c_int32
-    lib.saekit_topk_rows.argtypes = [p, i64, i64, i32, p, p, i32]
-    lib.saekit_topk_rows.restype = ctypes.c_int
-    lib.saekit_topk_rows_bf16.argtypes = [p, i64, i64, i32, p, p, i32]
-    lib.saekit_topk_rows_bf16.restype = ctypes.c_int
-    lib.saekit_gather_dot.argtypes = [p, i64, i32, p, p, i64, p, i32]
-    lib.saekit_gather_dot.restype = None
-    lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i64, i64, i32, p, i32]
+    for name in ("saekit_topk_rows", "saekit_topk_rows_bf16"):
+        getattr(lib, name).argtypes = [p, p, i64, i64, i32, p, p, i32]
+        getattr(lib, name).restype = ctypes.c_int
+    for name in ("saekit_gather_dot", "saekit_gather_dot_bf16"):
+        getattr(lib, name).argtypes = [p, i64, i32, p, p, i64, p, i32]
+        getattr(lib, name).restype = None
+    lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i32, i64, i64, i32, p, i32]
     lib.saekit_sparse_t_matmul.restype = ctypes.c_int
-    lib.saekit_embed_sum.argtypes = [p, p, i64, i32, p, i64, p, i32]
-    lib.saekit_embed_sum.restype = None
+    for name in ("saekit_embed_sum", "saekit_embed_sum_bf16"):
+        getattr(lib, name).argtypes = [p, p, i64, i32, p, i64, p, i32]
+        getattr(lib, name).restype = None
+    lib.saekit_decode_backward.argtypes = [p, p, i64, i32, p, p, i32, i64, i64, p, p, i32]
+    lib.saekit_decode_backward.restype = ctypes.c_int
+    lib.saekit_rows_remove_parallel.argtypes = [p, p, i64, i64, i32]
+    lib.saekit_rows_remove_parallel.restype = None
+    lib.saekit_rows_unit_norm.argtypes = [p, i64, i64, i32]
+    lib.saekit_rows_unit_norm.restype = None
     return lib
 
 
@@ -143,12 +150,13 @@ def _usable(*tensors: Tensor) -> bool:
     return all(t.device.type == "cpu" and t.is_contiguous() for t in tensors)
 
 
-def topk_rows(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
-    """Row-wise top-k `(values_BK, indices_BK)` of a float32 or bfloat16 `[B, F]` matrix, unordered
-    within a row, or None when the native path does not apply (then use `torch.topk`). Exact: the same
-    set as `torch.topk` up to ties. A NaN anywhere also returns None, so NaN handling stays torch's.
-    The values are float32 (for bf16 input: the bf16 values, exactly; a bf16 encoder product under
-    CPU autocast then needs neither torch's bf16 top-k nor a float32 copy of `[B, F]`)."""
+def topk_rows(pre_BF: Tensor, k: int, bias_F: Tensor | None = None) -> tuple[Tensor, Tensor] | None:
+    """Row-wise top-k `(values_BK, indices_BK)` of a float32 or bfloat16 `[B, F]` matrix (plus the float32
+    `bias_F` when given: the selection and the values are those of `pre + bias`), unordered within a row,
+    or None when the native path does not apply (then use `torch.topk`). Exact: the same set as
+    `torch.topk` up to ties. A NaN anywhere also returns None, so NaN handling stays torch's.
+    The values are float32 (for bf16 input: the bf16 values exactly, plus the bias; a bf16 encoder
+    product under CPU autocast then needs neither torch's bf16 top-k nor a float32 copy of `[B, F]`)."""
     lib = library()
     if lib is None or pre_BF.dtype not in (torch.float32, torch.bfloat16) or pre_BF.dim() != 2 \
             or not _usable(pre_BF):
@@ -156,10 +164,13 @@ def topk_rows(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor] | None:
     B, F = pre_BF.shape
     if not (1 <= k <= MAX_K) or F % BLOCK or k > F // BLOCK or F // BLOCK > MAX_BLOCKS or B == 0:
         return None
+    if bias_F is not None and (bias_F.dtype != torch.float32 or bias_F.shape != (F,) or not _usable(bias_F)):
+        return None
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
     fn = lib.saekit_topk_rows if pre_BF.dtype == torch.float32 else lib.saekit_topk_rows_bf16
-    status = fn(pre_BF.data_ptr(), B, F, k, vals.data_ptr(), idx.data_ptr(), _threads(B))
+    status = fn(pre_BF.data_ptr(), bias_F.data_ptr() if bias_F is not None else None, B, F, k, vals.data_ptr(),
+                idx.data_ptr(), _threads(B))
     return (vals, idx) if status == 0 else None
 
 
@@ -170,11 +181,19 @@ def check_indices(idx: Tensor, n: int) -> None:
         raise IndexError(f"latent index out of range: expected [0, {n}), found {lo if lo < 0 else hi}")
 
 
+def _table_fn(lib: ctypes.CDLL, name: str, table: Tensor):
+    """The float32 kernel, or its `_bf16` twin for a bf16 table (float32 sums either way)."""
+    if table.dtype == torch.float32:
+        return getattr(lib, name)
+    return getattr(lib, name + "_bf16") if table.dtype == torch.bfloat16 else None
+
+
 def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor | None:
-    """`out[b, j] = table[idx[b, j]] . rows[b]` for float32 CPU tensors, or None (use the torch path)."""
+    """`out[b, j] = table[idx[b, j]] . rows[b]` (float32) for CPU tensors, `table` float32 or bf16,
+    `rows` float32; or None (use the torch path)."""
     lib = library()
-    if lib is None or table_FD.dtype != torch.float32 or rows_BD.dtype != torch.float32 \
-            or idx_BK.dtype != torch.int64 or not _usable(idx_BK, table_FD, rows_BD):
+    if lib is None or rows_BD.dtype != torch.float32 or idx_BK.dtype != torch.int64 \
+            or not _usable(idx_BK, table_FD, rows_BD) or _table_fn(lib, "saekit_gather_dot", table_FD) is None:
         return None
     B, K = idx_BK.shape
     F, D = table_FD.shape
@@ -182,36 +201,87 @@ def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor | No
         return None
     check_indices(idx_BK, F)
     out = torch.empty(B, K, dtype=torch.float32)
-    lib.saekit_gather_dot(idx_BK.data_ptr(), B, K, table_FD.data_ptr(), rows_BD.data_ptr(), D, out.data_ptr(),
-                          _threads(B))
+    _table_fn(lib, "saekit_gather_dot", table_FD)(idx_BK.data_ptr(), B, K, table_FD.data_ptr(), rows_BD.data_ptr(),
+                                                   D, out.data_ptr(), _threads(B))
     return out
 
 
 def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transposed: bool = False) -> Tensor | None:
-    """`S^T @ M` `[n, D]` (or `M^T @ S` `[D, n]` when `transposed`), where `S [B, n]` holds `w[b, j]` at
-    `(b, idx[b, j])`, for float32 CPU tensors; None when the native path does not apply."""
+    """`S^T @ M` `[n, D]` (or `M^T @ S` `[D, n]` when `transposed`), float32, where `S [B, n]` holds `w[b, j]`
+    at `(b, idx[b, j])`, for CPU tensors (`w` float32, `M` float32 or bf16); None when the native path
+    does not apply."""
     lib = library()
-    if lib is None or w_BK.dtype != torch.float32 or M_BD.dtype != torch.float32 \
+    if lib is None or w_BK.dtype != torch.float32 or M_BD.dtype not in (torch.float32, torch.bfloat16) \
             or idx_BK.dtype != torch.int64 or not _usable(idx_BK, w_BK, M_BD) or idx_BK.shape != w_BK.shape:
         return None
     B, K = idx_BK.shape
     D = M_BD.shape[1]
     check_indices(idx_BK, n)
     out = torch.empty((D, n) if transposed else (n, D), dtype=torch.float32)
-    status = lib.saekit_sparse_t_matmul(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, M_BD.data_ptr(), D, n,
-                                        int(transposed), out.data_ptr(), _threads(max(n // 16, 1)))
+    status = lib.saekit_sparse_t_matmul(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, M_BD.data_ptr(),
+                                        int(M_BD.dtype == torch.bfloat16), D, n, int(transposed), out.data_ptr(),
+                                        _threads(max(n // 16, 1)))
     return out if status == 0 else None
 
 
-def embed_sum(idx_BK: Tensor, w_BK: Tensor, table_FD: Tensor) -> Tensor | None:
-    """`out[b] = sum_j w[b, j] * table[idx[b, j]]`, `[B, D]`, for float32 CPU tensors, or None."""
+def decode_backward(idx_BK: Tensor, vals_BK: Tensor, W_FD: Tensor, grad_BD: Tensor) -> tuple[Tensor, Tensor] | None:
+    """Both gradients of `x_hat = sum_j vals[:, j] * W[idx[:, j]]` given `grad_BD` in one pass:
+    `(grad_vals [B, K], grad_W [F, D])`, float32 (`grad_BD` float32 or bf16, the rest float32, CPU), the
+    same as `gather_dot(idx, W, grad)` and `sparse_t_matmul(idx, vals, grad, F)`; or None."""
     lib = library()
-    if lib is None or w_BK.dtype != torch.float32 or table_FD.dtype != torch.float32 \
-            or idx_BK.dtype != torch.int64 or not _usable(idx_BK, w_BK, table_FD) or idx_BK.shape != w_BK.shape:
+    if lib is None or vals_BK.dtype != torch.float32 or W_FD.dtype != torch.float32 \
+            or grad_BD.dtype not in (torch.float32, torch.bfloat16) or idx_BK.dtype != torch.int64 \
+            or not _usable(idx_BK, vals_BK, W_FD, grad_BD) or idx_BK.shape != vals_BK.shape:
+        return None
+    B, K = idx_BK.shape
+    F, D = W_FD.shape
+    if B == 0 or K == 0 or grad_BD.shape != (B, D):
+        return None
+    check_indices(idx_BK, F)
+    g_vals, g_W = torch.empty(B, K, dtype=torch.float32), torch.empty(F, D, dtype=torch.float32)
+    status = lib.saekit_decode_backward(idx_BK.data_ptr(), vals_BK.data_ptr(), B, K, W_FD.data_ptr(), grad_BD.data_ptr(),
+                                        int(grad_BD.dtype == torch.bfloat16), D, F, g_W.data_ptr(), g_vals.data_ptr(),
+                                        _threads(max(F // 16, 1)))
+    return (g_vals, g_W) if status == 0 else None
+
+
+def embed_sum(idx_BK: Tensor, w_BK: Tensor, table_FD: Tensor) -> Tensor | None:
+    """`out[b] = sum_j w[b, j] * table[idx[b, j]]`, `[B, D]` float32, for CPU tensors (`w` float32,
+    `table` float32 or bf16), or None."""
+    lib = library()
+    if lib is None or w_BK.dtype != torch.float32 or idx_BK.dtype != torch.int64 \
+            or not _usable(idx_BK, w_BK, table_FD) or idx_BK.shape != w_BK.shape \
+            or _table_fn(lib, "saekit_embed_sum", table_FD) is None:
         return None
     B, K = idx_BK.shape
     F, D = table_FD.shape
     check_indices(idx_BK, F)
     out = torch.empty(B, D, dtype=torch.float32)
-    lib.saekit_embed_sum(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, table_FD.data_ptr(), D, out.data_ptr(), _threads(B))
+    _table_fn(lib, "saekit_embed_sum", table_FD)(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, table_FD.data_ptr(), D,
+                                                 out.data_ptr(), _threads(B))
     return out
+
+
+def _rows_usable(*tensors: Tensor) -> bool:
+    return all(t.dtype == torch.float32 and t.dim() == 2 and t.shape == tensors[0].shape for t in tensors) \
+        and _usable(*tensors)
+
+
+def remove_parallel_rows_(g_FD: Tensor, W_FD: Tensor) -> bool:
+    """`g[f] -= (g[f] . W[f]) W[f]` in place for float32 CPU `[F, D]` tensors (one pass instead of torch's
+    three and a `[F, D]` temporary); False when the native path does not apply (nothing changed)."""
+    lib = library()
+    if lib is None or not _rows_usable(g_FD, W_FD):
+        return False
+    lib.saekit_rows_remove_parallel(g_FD.data_ptr(), W_FD.data_ptr(), *g_FD.shape, _threads(g_FD.shape[0]))
+    return True
+
+
+def unit_norm_rows_(W_FD: Tensor) -> bool:
+    """`W[f] /= max(||W[f]||, 1e-12)` in place for a float32 CPU `[F, D]` tensor; False when the native
+    path does not apply (nothing changed)."""
+    lib = library()
+    if lib is None or not _rows_usable(W_FD):
+        return False
+    lib.saekit_rows_unit_norm(W_FD.data_ptr(), *W_FD.shape, _threads(W_FD.shape[0]))
+    return True

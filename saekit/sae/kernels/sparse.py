@@ -59,8 +59,9 @@ def serial() -> Iterator[None]:
 
 # -- sparse primitives -----------------------------------------------------------------------
 def _on_gpu_triton(t: Tensor) -> bool:
-    """CUDA tensors take the Triton kernels when Triton is installed (`saekit.sae.kernels.triton_sparse`)."""
-    return t.device.type == "cuda" and triton_sparse.available(t)
+    """CUDA tensors take the Triton kernels when Triton is installed and `SAEKIT_TRITON=1` (opt-in until
+    measured on a GPU; `saekit.sae.kernels.triton_sparse.enabled`)."""
+    return t.device.type == "cuda" and triton_sparse.enabled() and triton_sparse.available(t)
 
 
 
@@ -143,26 +144,55 @@ def sparse_t_matmul_ref(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int) -> T
 
 # -- decode ------------------------------------------------------------------------------------
 class SparseDecode(torch.autograd.Function):
-    """x_hat_BD = sum_j vals_BK[:, j] * W_dec_FD[idx_BK[:, j]] (+ b_dec_D); sparse in both passes."""
+    """x_hat_BD = sum_j vals_BK[:, j] * W_dec_FD[idx_BK[:, j]] (+ b_dec_D); sparse in both passes.
+
+    On CPU with the native kernels the backward is one fused pass (`native.decode_backward`): each row of
+    the incoming gradient is read once for both weight and value gradients. Under CPU bf16 autocast the
+    forward gather reads a bf16 copy of W_dec made once per step (half the bytes of its ~2^17 row reads),
+    summing in float32; the output, the gradients and the parameter stay float32."""
 
     @staticmethod
     def forward(ctx, vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor | None) -> Tensor:
-        ctx.save_for_backward(vals_BK, idx_BK, W_dec_FD)
+        table_FD = _bf16_table(W_dec_FD)
+        ctx.save_for_backward(vals_BK, idx_BK, W_dec_FD, table_FD)
         ctx.has_bias = b_dec_D is not None
-        out_BD = embed_sum(idx_BK, vals_BK, W_dec_FD)  # all threads: ~2^26 multiply-adds on the benchmark
+        out_BD = embed_sum(idx_BK, vals_BK, table_FD if table_FD is not None else W_dec_FD)  # all threads
         with serial():
             return out_BD.add_(b_dec_D) if b_dec_D is not None else out_BD
 
     @staticmethod
     def backward(ctx, grad_BD: Tensor):
-        vals_BK, idx_BK, W_dec_FD = ctx.saved_tensors
+        vals_BK, idx_BK, W_dec_FD, table_FD = ctx.saved_tensors
         grad_BD = grad_BD.contiguous()
+        fused = native.decode_backward(idx_BK, vals_BK, W_dec_FD, grad_BD) \
+            if ctx.needs_input_grad[0] and ctx.needs_input_grad[2] else None
+        if fused is not None:  # both products in one pass over the rows of grad (CPU): ~2x the two below
+            with serial():
+                g_b = grad_BD.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
+            return fused[0], None, fused[1], g_b
         # the two sparse products are heavy enough (~2^26 multiply-adds each) to use all threads
-        g_vals = gather_dot(idx_BK, W_dec_FD, grad_BD) if ctx.needs_input_grad[0] else None
-        g_W = sparse_t_matmul(idx_BK, vals_BK, grad_BD, W_dec_FD.shape[0]) if ctx.needs_input_grad[2] else None
+        g_vals = gather_dot(idx_BK, table_FD if table_FD is not None else W_dec_FD, grad_BD) \
+            if ctx.needs_input_grad[0] else None
+        g_W = None
+        if ctx.needs_input_grad[2]:
+            M_BD = grad_BD.to(torch.bfloat16) if table_FD is not None else grad_BD  # bf16 rows, float32 sums
+            g_W = sparse_t_matmul(idx_BK, vals_BK.to(W_dec_FD.dtype), M_BD, W_dec_FD.shape[0])
         with serial():
             g_b = grad_BD.sum(0) if ctx.has_bias and ctx.needs_input_grad[3] else None
         return g_vals, None, g_W, g_b
+
+
+def _native_bf16(device: torch.device) -> bool:
+    """True under CPU bf16 autocast when the native kernels (which read bf16 and sum in float32) are there."""
+    return device.type == "cpu" and compute_dtype(device) == torch.bfloat16 and native.library() is not None
+
+
+def _bf16_table(W_FD: Tensor) -> Tensor | None:
+    """A bf16 copy of a float32 weight for the native gathers under CPU bf16 autocast, else None."""
+    if W_FD.dtype != torch.float32 or not _native_bf16(W_FD.device):
+        return None
+    with torch.no_grad():
+        return W_FD.detach().to(torch.bfloat16)
 
 
 def sparse_decode(vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor, b_dec_D: Tensor | None = None) -> Tensor:
@@ -179,25 +209,31 @@ def dense_decode_ref(vals_BK: Tensor, idx_BK: Tensor, W_dec_FD: Tensor, b_dec_D:
 # -- encode ------------------------------------------------------------------------------------
 class SparseEncode(torch.autograd.Function):
     """vals_BK, idx_BK = select((x_BD - b_dec_D) @ W_enc_DF + b_enc_F); gradients only through the
-    selected, non-zero slots, so the backward costs O(B*K*D) instead of two dense products."""
+    selected, non-zero slots, so the backward costs O(B*K*D) instead of two dense products.
+
+    A `select` with `adds_bias = True` is called as `select(pre_BF, b_enc_F)` on the bias-free product
+    (CPU): it adds the bias itself (the native top-k does it while reading the block), which saves
+    copying b_enc over the whole `[B, d_sae]` block and the GEMM reading it back (~10 % of a step)."""
 
     @staticmethod
     def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, select: Select,
                 out_BF: Tensor | None = None):
         with serial():
             x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
-        pre_BF = _encoder_product(x_c_BD, W_enc_DF, b_enc_F, out_BF)
-        idx_BK, vals_BK = select(pre_BF)
+        fuse_bias = getattr(select, "adds_bias", False) and x_BD.device.type == "cpu"
+        pre_BF, x_op_BD = _encoder_product(x_c_BD, W_enc_DF, None if fuse_bias else b_enc_F, out_BF)
+        idx_BK, vals_BK = select(pre_BF, b_enc_F.detach()) if fuse_bias else select(pre_BF)
         del pre_BF  # the backward never needs the dense pre-activations
         vals_BK = vals_BK.to(W_enc_DF.dtype)  # bf16 product: the k values in the parameters' dtype
-        ctx.save_for_backward(x_c_BD, W_enc_DF, idx_BK, vals_BK)
+        # under CPU bf16 autocast the weight gradient reads the bf16 rows the product read (half the bytes)
+        ctx.save_for_backward(x_c_BD, x_op_BD if _native_bf16(x_BD.device) else x_c_BD, W_enc_DF, idx_BK, vals_BK)
         ctx.has_b_dec = b_dec_D is not None
         ctx.mark_non_differentiable(idx_BK)
         return vals_BK, idx_BK
 
     @staticmethod
     def backward(ctx, grad_vals_BK: Tensor, _grad_idx):
-        x_c_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
+        x_c_BD, x_op_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
         need_x, need_W, need_be, need_bd = ctx.needs_input_grad[:4]
         need_bd = need_bd and ctx.has_b_dec
         with serial():
@@ -205,7 +241,7 @@ class SparseEncode(torch.autograd.Function):
         n_lat = W_enc_DF.shape[1]
         g_x = g_W = g_be = g_bd = None
         if need_W:  # x^T @ S: only the selected columns receive gradient (all threads, as in the decoder)
-            g_W = sparse_t_matmul(idx_BK, g_BK, x_c_BD, n_lat, transposed=True)
+            g_W = sparse_t_matmul(idx_BK, g_BK, x_op_BD, n_lat, transposed=True)
         with serial():
             if need_be or need_bd:
                 s_F = g_BK.new_zeros(n_lat).index_add_(0, idx_BK.reshape(-1), g_BK.reshape(-1))
@@ -221,18 +257,23 @@ def compute_dtype(device: torch.device) -> torch.dtype | None:
     return torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type) else None
 
 
-def _encoder_product(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, out_BF: Tensor | None) -> Tensor:
-    """`x_c @ W_enc + b_enc`, `[B, F]`. Under autocast the operands are cast explicitly (autocast
-    ignores ops with `out=`), so a reused workspace of the autocast dtype works: on a CPU with bf16
-    instructions (AMX / AVX512-BF16) the bf16 product is ~3-4x the float32 one, and the native
-    row-wise top-k reads the bf16 block directly. Parameters (and Adam's state) stay float32."""
+def _encoder_product(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor | None,
+                     out_BF: Tensor | None) -> tuple[Tensor, Tensor]:
+    """`(x_c @ W_enc [+ b_enc], the x operand)`, `[B, F]`. Under autocast the operands are cast
+    explicitly (autocast ignores ops with `out=`), so a reused workspace of the autocast dtype works:
+    on a CPU with bf16 instructions (AMX / AVX512-BF16) the bf16 product is ~3-4x the float32 one, and
+    the native row-wise top-k reads the bf16 block directly. Parameters (and Adam's state) stay float32."""
     dtype = compute_dtype(x_c_BD.device)
     if dtype is not None and dtype != W_enc_DF.dtype:
         with torch.autocast(x_c_BD.device.type, enabled=False):
-            args = (b_enc_F.to(dtype), x_c_BD.to(dtype), W_enc_DF.to(dtype))
-            return torch.addmm(*args, out=out_BF) if out_BF is not None else torch.addmm(*args)
-    return torch.addmm(b_enc_F, x_c_BD, W_enc_DF, out=out_BF) if out_BF is not None \
-        else torch.addmm(b_enc_F, x_c_BD, W_enc_DF)
+            x_op, W_op = x_c_BD.to(dtype), W_enc_DF.to(dtype)
+            b_op = b_enc_F.to(dtype) if b_enc_F is not None else None
+    else:
+        x_op, W_op, b_op = x_c_BD, W_enc_DF, b_enc_F
+    kw = {"out": out_BF} if out_BF is not None else {}
+    with torch.autocast(x_c_BD.device.type, enabled=False):
+        pre = torch.addmm(b_op, x_op, W_op, **kw) if b_op is not None else torch.mm(x_op, W_op, **kw)
+    return pre, x_op
 
 
 def sparse_encode(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, select: Select,
@@ -254,13 +295,17 @@ def dense_encode_ref(x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: T
 
 # -- loss ------------------------------------------------------------------------------------------
 class SquaredErrorSum(torch.autograd.Function):
-    """sum((recon - x)^2): one pass each way, its backward on one thread (see `serial`)."""
+    """sum((recon - x)^2): one pass each way, its backward on one thread (see `serial`). The sum of
+    squares is a BLAS dot of the difference with itself (no `[B, D]` temporary for the squares)."""
 
     @staticmethod
     def forward(ctx, recon: Tensor, x: Tensor) -> Tensor:
         with serial():
             diff = recon - x
             ctx.save_for_backward(diff)
+            if diff.dtype in (torch.float32, torch.float64) and diff.is_contiguous():
+                flat = diff.view(-1)
+                return torch.dot(flat, flat)
             return diff.pow(2).sum()
 
     @staticmethod
@@ -276,17 +321,22 @@ def squared_error_sum(recon: Tensor, x: Tensor) -> Tensor:
 
 
 # -- selections ----------------------------------------------------------------------------------
-def rowwise_topk(pre_BF: Tensor, k: int) -> tuple[Tensor, Tensor]:
-    """`(values_BK, indices_BK)` of each row's k largest entries, unordered: the native kernel where
-    it applies (float32 CPU, see `saekit.sae.kernels.native`), else `torch.topk(sorted=False)`."""
-    fast = native.topk_rows(pre_BF, k) if pre_BF.device.type == "cpu" else None
-    return fast if fast is not None else pre_BF.topk(k, dim=1, sorted=False)
+def rowwise_topk(pre_BF: Tensor, k: int, bias_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """`(values_BK, indices_BK)` of each row's k largest entries of `pre_BF (+ bias_F)`, unordered: the
+    native kernel where it applies (float32 or bf16 on CPU, see `saekit.sae.kernels.native`; it adds the
+    bias while reading), else `torch.topk(sorted=False)`."""
+    fast = native.topk_rows(pre_BF, k, bias_F) if pre_BF.device.type == "cpu" else None
+    if fast is not None:
+        return fast
+    return (pre_BF if bias_F is None else pre_BF + bias_F).topk(k, dim=1, sorted=False)
 
 
 def topk_select(k: int) -> Select:
-    """Row-wise top-k of the pre-activations, ReLU applied to the k values only (not to `[B, F]`)."""
-    def select(pre_BF: Tensor) -> tuple[Tensor, Tensor]:
-        vals_BK, idx_BK = rowwise_topk(pre_BF, k)
+    """Row-wise top-k of the pre-activations, ReLU applied to the k values only (not to `[B, F]`);
+    it adds the encoder bias itself (`adds_bias`, see `SparseEncode`)."""
+    def select(pre_BF: Tensor, bias_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        vals_BK, idx_BK = rowwise_topk(pre_BF, k, bias_F)
         with serial():
             return idx_BK, vals_BK.clamp_min_(0)
+    select.adds_bias = True
     return select
