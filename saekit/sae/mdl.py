@@ -69,6 +69,7 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
+from saekit.sae.mdl_control import controller_step, ema_step
 from saekit.sae.registry import register
 from saekit.sae.topk import geometric_median
 
@@ -94,8 +95,14 @@ class MDLConfig(SAEConfig):
                                           "this (dl_coef is then only the starting value)", gt=0.0)
     target_bits: float | None = param(None, "steer dl_coef automatically so the batches' DL estimate (bits per "
                                             "row) reaches this; at most one of target_l0 and target_bits", gt=0.0)
-    controller_rate: float = param(0.05, "the controller's step on log(dl_coef) per optimizer step at a relative "
-                                         "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
+    controller: str = param("threshold", "what target_l0 / target_bits steer: 'threshold' moves every latent's log "
+                                         "threshold by the same step after each optimizer step (dl_coef stays the DL "
+                                         "weight), 'dl_coef' steps log(dl_coef) instead (can only lower L0; see "
+                                         "saekit.sae.mdl_control)", choices=["threshold", "dl_coef"])
+    controller_rate: float = param(0.1, "the controller's step on the log of its knob per optimizer step at a relative "
+                                        "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
+    controller_ema: float = param(0.0, "decay of the moving average of the batch statistic the controller steers on "
+                                       "(0: each batch's own value)", ge=0.0, lt=1.0)
     surrogate_to_encoder: bool = param(True, "give the firing indicator's surrogate gradient to the pre-activation "
                                              "(encoder) as well as to the threshold; false: only θ learns from it, "
                                              "as in JumpReLU SAEs (the encoder then learns from the values alone)")
@@ -137,20 +144,6 @@ def soft_description_length(p_fire_F: Tensor, value_bits: float, n_rows: int) ->
     return entropy_bits(p).sum(), value_bits * p_fire_F.float().sum()
 
 
-def controller_step(log_coef: Tensor, measured: Tensor, target: float, rate: float) -> Tensor:
-    """The λ controller: one step of log λ towards the coefficient at which `measured` (the batch's
-    L0 or bits per row) equals `target`.
-
-    Why multiplicative (a step on log λ): the L0 that a λ buys spans orders of magnitude of λ, so an
-    additive step would be too slow at one end and unstable at the other. The step is proportional
-    to the relative error (measured − target) / target, clipped to ±1, times `rate`: too many
-    latents → larger λ → fewer bits. It is an integral controller (as JumpReLU L0 targets are reached
-    by a coefficient that keeps moving until the target is met), so it settles where the error is 0.
-    """
-    err = ((measured.detach().float() - target) / target).clamp(-1.0, 1.0)
-    return log_coef + rate * err
-
-
 def reconstruction_loss(x_ND: Tensor, recon_ND: Tensor, scale: str, clip_multiple: float = 4.0) -> Tensor:
     """Scale-free reconstruction error of a batch (see `MDLConfig.loss_scale`).
 
@@ -176,6 +169,7 @@ class MDLSAE(SparseAutoencoder):
     architecture = "mdl"
     config_class = MDLConfig
     decoder_is_affine = True  # z @ W_dec + b_dec
+    stat_buffers = {"batch_stat": "mean"}  # the controller steers on the global batch's statistic
 
     def __init__(self, cfg: MDLConfig):
         super().__init__(cfg)
@@ -184,9 +178,14 @@ class MDLSAE(SparseAutoencoder):
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold), **kw))
         if cfg.controlled is not None:
-            # the controller's state: training-only (checkpoints carry it for resume; final_sae does not)
-            self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.dl_coef, 1e-12))), persistent=False)
-        self._measured: Tensor | None = None  # the last training batch's controlled statistic
+            # the controller's state: training-only (checkpoints carry it for resume; final_sae does not).
+            # batch_stat is the last training batch's controlled statistic, global under torch.distributed
+            # (stat_buffers 'mean'); stat_ema its moving average (-1: none yet)
+            self.register_buffer("batch_stat", torch.tensor(0.0, dtype=torch.float64), persistent=False)
+            self.register_buffer("stat_ema", torch.tensor(-1.0, dtype=torch.float64), persistent=False)
+            if cfg.controller == "dl_coef":
+                self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.dl_coef, 1e-12))), persistent=False)
+        self._measured_fresh = False  # a training loss has set batch_stat since the last controller step
 
     # -- encoding and decoding ------------------------------------------------------------------
     def _pre(self, x_ND: Tensor) -> Tensor:
@@ -238,7 +237,11 @@ class MDLSAE(SparseAutoencoder):
     @property
     def dl_coef(self) -> float:
         """λ in use: the controller's current value when a target is set, else `cfg.dl_coef`."""
-        return float(self.log_dl_coef.exp()) if self.cfg.controlled else self.cfg.dl_coef
+        return float(self.log_dl_coef.exp()) if self._steers_coef else self.cfg.dl_coef
+
+    @property
+    def _steers_coef(self) -> bool:
+        return self.cfg.controlled is not None and self.cfg.controller == "dl_coef"
 
     def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
         """error + λ · (Σ_j H(p̂_j) + value_bits · Σ_j p̂_j); see the module docstring and
@@ -254,10 +257,12 @@ class MDLSAE(SparseAutoencoder):
         activity, value = soft_description_length(p_fire_F, self.cfg.value_bits, n)
         dl = activity + value
         l0 = p_fire_F.detach().sum()
-        coef = self.log_dl_coef.exp() if self.cfg.controlled else self.cfg.dl_coef
+        coef = self.log_dl_coef.exp() if self._steers_coef else self.cfg.dl_coef
         total = err + coef * dl
         if self.cfg.controlled and self.training and torch.is_grad_enabled():
-            self._measured = (l0 if self.cfg.controlled == "l0" else dl.detach()).clone()
+            with torch.no_grad():
+                self.batch_stat.copy_(l0 if self.cfg.controlled == "l0" else dl.detach())
+            self._measured_fresh = True
         with torch.no_grad():
             sse = (recon_ND - x_ND).pow(2).sum()
             fvu = sse / (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -290,12 +295,21 @@ class MDLSAE(SparseAutoencoder):
     def before_optimizer_step(self) -> None:
         remove_parallel_grad_(self.W_dec)
 
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         renormalise_rows_(self.W_dec)
-        if self.cfg.controlled and self._measured is not None:
-            target = self.cfg.target_l0 if self.cfg.controlled == "l0" else self.cfg.target_bits
-            self.log_dl_coef.copy_(controller_step(self.log_dl_coef, self._measured, target, self.cfg.controller_rate))
-            self._measured = None
+        if self.cfg.controlled and self._measured_fresh:
+            self._control_step()
+            self._measured_fresh = False
+
+    def _control_step(self) -> None:
+        """One controller step on `batch_stat` (the trainer has made it the global batch's by now):
+        every latent's log threshold, or log λ, moves towards the target (saekit.sae.mdl_control)."""
+        cfg = self.cfg
+        target = cfg.target_l0 if cfg.controlled == "l0" else cfg.target_bits
+        self.stat_ema.copy_(ema_step(self.stat_ema, self.batch_stat, cfg.controller_ema))
+        knob = self.log_dl_coef if self._steers_coef else self.log_threshold
+        knob.copy_(controller_step(knob, self.stat_ema, target, cfg.controller_rate))
 
     def _fold_input_scale_(self, s: float) -> None:
         """With x' = s·x, pre' = s·pre(x), so dividing both biases (and the JumpReLU threshold) by s
