@@ -32,21 +32,18 @@ the paper's argument against feature splitting: splitting a feature into rarer c
 activity bits that a reconstruction-plus-L0 objective never charges. λ is the sparsity
 coefficient: a larger λ buys fewer bits with more error, so L0 falls as λ rises (tested).
 
-On real activations (issue 24) three things decide whether this works, all switched by config and
-off by default so the planted-data behaviour is unchanged: `init_l0` (or `target_l0`) sets each
-latent's threshold from the first batch so it starts firing at the requested rate (a constant
-`init_threshold` has nearly every latent firing on LLM rows, and with Adam's per-step movement of
-log θ at the SAE's learning rate, a few hundred steps cannot undo that); `target_l0` / `target_bits`
-replace the fixed λ by a controller (`controller_step`, one multiplicative step on λ per optimizer
-step, its state the training-only buffer `log_dl_coef`) that reaches a requested mean L0 or bits per
-row, as JumpReLU SAEs reach L0 targets; `loss_scale` ('row', 'clipped') keeps a few massive rows
-from deciding the error term (`reconstruction_loss`). The per-row activity cap is `k`. Measured on the
-quickstart store (README, `scripts/mdl_real.py`): the target with data-initialised thresholds, the cap
-(rows the SAE never saw otherwise take 700 latents) and a learning rate ~3× top-k's width-scaled default
-bring the ordinary-row FVU from 2× to 1.13× top-k's at equal L0; with `surrogate_to_encoder: false`
-and ~6× the rate it equals top-k's FVU at equal L0 in 8 % fewer bits, though there the controller drove
-λ to ~0 and missed its L0 target (the gates' own dynamics set L0). Under torch.distributed each rank
-steers its own λ from its own batches (not yet reduced over ranks).
+On real activations (issue 24) four things decide whether this works, all switched by config and off
+by default so the planted-data behaviour is unchanged: `init_l0` (or `target_l0`) sets each latent's
+threshold from the first batch so it starts firing at the requested rate (a constant `init_threshold`
+has nearly every latent firing on LLM rows); `target_l0` / `target_bits` hold the batches' mean L0 (or
+bits per row) at a requested value with a controller (saekit.sae.mdl_control; by default it moves every
+latent's log threshold by one common step after each optimizer step, so λ stays the price of a bit and
+decides how the requested activity is spread over latents; `controller: dl_coef` steers λ instead,
+which cannot raise L0 and missed its target on real activations); `loss_scale` ('row', 'clipped')
+keeps a few massive rows from deciding the error term (`reconstruction_loss`); the per-row cap `k`
+(rows the SAE never saw otherwise take hundreds of latents). Under torch.distributed the controller
+steers on the global batch's statistic (`batch_stat`, a 'mean' stat buffer). Measured figures: the
+README's MDL section and `scripts/mdl_real.py`.
 
 Encoder and decoder: `pre = (x − b_dec) W_enc + b_enc`, `z = JumpReLU_θ(pre)` (optionally capped
 to the k largest per row), `x̂ = z W_dec + b_dec` with unit-norm decoder rows (the norm would
