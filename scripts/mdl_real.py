@@ -138,6 +138,7 @@ def dl_bootstrap(sae, codes, units_N: torch.Tensor, n_units: int, x_rows, boot: 
     n_G = torch.bincount(units_N, minlength=n_units).double()
 
     def dl_of(W_RG: torch.Tensor) -> torch.Tensor:
+        W_RG = W_RG.to(torch.float64)  # the bootstrap draws float32 weights; the counts are float64
         C_RFL = torch.sparse.mm(H_GC.t(), W_RG.t()).t().reshape(-1, F, L)  # resampled histograms
         n_R1 = (W_RG @ n_G)[:, None]
         c_RF = C_RFL.sum(-1)
