@@ -85,7 +85,9 @@ def test_thresholds_from_data_fire_at_the_requested_rate():
 
 def _train_to(target_l0: float, x, tmp_path, steps: int = 500, controller: str = "threshold"):
     sae = MDLSAE(MDLConfig(d_in=x.shape[1], d_sae=64, target_l0=target_l0, dl_coef=1e-3, controller_rate=0.05,
-                           loss_scale="row", controller=controller, seed=0))
+                           loss_scale="row", controller=controller, seed=0,
+                           # steering λ needs the gates' own pressure upwards too (the surrogate on the encoder)
+                           surrogate_to_encoder=controller == "dl_coef"))
     cfg = TrainConfig(total_steps=steps, batch_size=256, lr=3e-3, checkpoint_every=0, progress_bar=False,
                       log_every=steps, decay="none")
     return train(sae, TensorBatches(x, 256, seed=0), cfg, tmp_path / f"t{target_l0}-{controller}")

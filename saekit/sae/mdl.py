@@ -100,7 +100,7 @@ class MDLConfig(SAEConfig):
                                         "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
     controller_ema: float = param(0.0, "decay of the moving average of the batch statistic the controller steers on "
                                        "(0: each batch's own value)", ge=0.0, lt=1.0)
-    surrogate_to_encoder: bool = param(True, "give the firing indicator's surrogate gradient to the pre-activation "
+    surrogate_to_encoder: bool = param(False, "give the firing indicator's surrogate gradient to the pre-activation "
                                              "(encoder) as well as to the threshold; false: only θ learns from it, "
                                              "as in JumpReLU SAEs (the encoder then learns from the values alone)")
     init_l0: float | None = param(None, "initialise each latent's threshold from the first batch so that it fires "
