@@ -14,9 +14,11 @@ activity Σ_j H(p_j) + entropy-coded value bits at the precision `description_le
 ordinary rows. Every figure except max L0 carries a 95 % percentile interval from the document
 bootstrap (saekit/eval/bootstrap.py); the DL interval recomputes the entropies from resampled
 per-document (latent, bin) counts and is recentred by the resamples' mean shift, because resampling
-biases plug-in entropies down. Acceptance (issue 24): an MDL-SAE at the mean L0 of a top-k SAE
-has FVU (ordinary rows) within 15 % of it, and an MDL-SAE at most as lossy as a top-k SAE has a
-shorter description. An SAE folder that already exists under --out is measured, not retrained.
+biases plug-in entropies down. Acceptance (issue 24): an MDL-SAE whose controller reached its
+target_l0 (held-out mean L0 within 10 %) at the mean L0 of a top-k SAE has FVU (ordinary rows) within
+15 % of it, and such an MDL-SAE at most as lossy as a top-k SAE has a shorter description. Each row
+also records its learning rate and the last logged training-batch L0 and λ. An SAE folder that
+already exists under --out is measured, not retrained.
 """
 
 from __future__ import annotations
