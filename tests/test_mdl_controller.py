@@ -206,3 +206,15 @@ def test_threshold_controller_moves_every_threshold_and_keeps_lambda():
     assert sae.dl_coef == 1e-3 and not hasattr(sae, "log_dl_coef")  # λ is the DL weight, not the knob
     sae.after_optimizer_step()  # no new training loss: no second step on the same measurement
     torch.testing.assert_close(sae.log_threshold.detach() - before, torch.full((32,), step), atol=1e-6, rtol=0)
+
+
+def test_bits_target_steers_the_thresholds_on_the_batch_dl():
+    sae = MDLSAE(MDLConfig(d_in=8, d_sae=32, target_bits=10.0, controller_rate=0.1, seed=0)).train()
+    x = torch.randn(64, 8, generator=torch.Generator().manual_seed(1))
+    before = sae.log_threshold.detach().clone()
+    bits = sae.loss(x, sae(x)).parts["dl_bits"]
+    sae.after_optimizer_step()
+    assert float(sae.batch_stat) == pytest.approx(bits, rel=1e-5)
+    step = 0.1 * max(-1.0, min(1.0, (bits - 10.0) / 10.0))
+    assert step != 0
+    torch.testing.assert_close(sae.log_threshold.detach() - before, torch.full((32,), step), atol=1e-6, rtol=0)
