@@ -218,3 +218,14 @@ def test_bits_target_steers_the_thresholds_on_the_batch_dl():
     step = 0.1 * max(-1.0, min(1.0, (bits - 10.0) / 10.0))
     assert step != 0
     torch.testing.assert_close(sae.log_threshold.detach() - before, torch.full((32,), step), atol=1e-6, rtol=0)
+
+
+def test_common_initial_threshold_gives_the_mean_l0_with_uneven_rates():
+    x = planted_features(4096, 16, 32, avg_active=3, seed=0).x_ND
+    sae = MDLSAE(MDLConfig(d_in=16, d_sae=64, init_l0=4.0, init_rates="common", seed=0))
+    sae.init_from_data(x)
+    assert torch.unique(sae.log_threshold.detach()).numel() == 1  # one threshold for every latent
+    with torch.no_grad():
+        rate_F = (sae.eval().encode(x).dense() != 0).float().mean(0)
+    assert rate_F.sum().item() == pytest.approx(4.0, rel=0.02)  # mean L0 = init_l0
+    assert rate_F.max().item() > 2 * rate_F.min().item()  # the rates differ across latents

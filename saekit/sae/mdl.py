@@ -106,6 +106,10 @@ class MDLConfig(SAEConfig):
     init_l0: float | None = param(None, "initialise each latent's threshold from the first batch so that it fires "
                                         "on init_l0 / d_sae of its rows (None: init_threshold for every latent); "
                                         "defaults to target_l0 when that is set", gt=0.0)
+    init_rates: str = param("per_latent", "with init_l0: 'per_latent' starts every latent at the rate init_l0 / d_sae "
+                                          "(its own quantile), 'common' gives every latent the one threshold at which "
+                                          "the batch's mean L0 is init_l0 (rates then differ across latents, as top-k's "
+                                          "do)", choices=["per_latent", "common"])
 
     def validate(self) -> None:
         if self.k is not None and self.k > self.d_sae:
@@ -286,7 +290,11 @@ class MDLSAE(SparseAutoencoder):
             return
         pre_NF = self._pre(x_ND.to(self.W_enc.dtype)).float()
         q = min(max(1.0 - l0 / self.cfg.d_sae, 0.0), 1.0)
-        theta_F = pre_NF.kthvalue(min(max(1, int(round(q * pre_NF.shape[0]))), pre_NF.shape[0]), dim=0).values
+        if self.cfg.init_rates == "common":  # one threshold: the q quantile of every pre-activation of the batch
+            flat = pre_NF.flatten()
+            theta_F = flat.kthvalue(min(max(1, int(round(q * flat.numel()))), flat.numel())).values.expand(pre_NF.shape[1])
+        else:
+            theta_F = pre_NF.kthvalue(min(max(1, int(round(q * pre_NF.shape[0]))), pre_NF.shape[0]), dim=0).values
         self.log_threshold.copy_(theta_F.clamp_min(1e-6).log().to(self.log_threshold.dtype))
 
     def before_optimizer_step(self) -> None:
