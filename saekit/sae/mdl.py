@@ -32,10 +32,11 @@ the paper's argument against feature splitting: splitting a feature into rarer c
 activity bits that a reconstruction-plus-L0 objective never charges. λ is the sparsity
 coefficient: a larger λ buys fewer bits with more error, so L0 falls as λ rises (tested).
 
-On real activations (issue 24) four things decide whether this works, all switched by config and off
-by default so the planted-data behaviour is unchanged: `init_l0` (or `target_l0`) sets each latent's
-threshold from the first batch so it starts firing at the requested rate (a constant `init_threshold`
-has nearly every latent firing on LLM rows); `target_l0` / `target_bits` hold the batches' mean L0 (or
+On real activations (issue 24) five things decide whether this works, switched by config: the gate's
+surrogate gradient goes to the thresholds only (`surrogate_to_encoder`, false by default since issue
+24: on the encoder too, the DL term pushes pre-activations below any threshold); `init_l0` (or
+`target_l0`) sets each latent's threshold from the first batch so it starts firing at the requested
+rate (a constant `init_threshold` has nearly every latent firing on LLM rows); `target_l0` / `target_bits` hold the batches' mean L0 (or
 bits per row) at a requested value with a controller (saekit.sae.mdl_control; by default it moves every
 latent's log threshold by one common step after each optimizer step, so λ stays the price of a bit and
 decides how the requested activity is spread over latents; `controller: dl_coef` steers λ instead,
@@ -88,10 +89,10 @@ class MDLConfig(SAEConfig):
                                      "norm down-weighted to that norm)", choices=["batch", "row", "clipped"])
     clip_multiple: float = param(4.0, "'clipped' loss: rows whose centred norm exceeds this multiple of the batch "
                                       "median count as if they had that norm", gt=0.0)
-    target_l0: float | None = param(None, "steer dl_coef automatically so the training batches' mean L0 reaches "
-                                          "this (dl_coef is then only the starting value)", gt=0.0)
-    target_bits: float | None = param(None, "steer dl_coef automatically so the batches' DL estimate (bits per "
-                                            "row) reaches this; at most one of target_l0 and target_bits", gt=0.0)
+    target_l0: float | None = param(None, "hold the training batches' mean L0 at this with the controller (see "
+                                          "`controller`); init_l0 defaults to it", gt=0.0)
+    target_bits: float | None = param(None, "hold the batches' DL estimate (bits per row) at this with the controller; "
+                                            "at most one of target_l0 and target_bits", gt=0.0)
     controller: str = param("threshold", "what target_l0 / target_bits steer: 'threshold' moves every latent's log "
                                          "threshold by the same step after each optimizer step (dl_coef stays the DL "
                                          "weight), 'dl_coef' steps log(dl_coef) instead (can only lower L0; see "
