@@ -10,7 +10,7 @@ import torch
 from saekit.data.synthetic import planted_features
 from saekit.errors import ConfigError
 from saekit.sae.mdl import MDLConfig, MDLSAE, reconstruction_loss, soft_description_length
-from saekit.sae.mdl_control import controller_step, ema_step
+from saekit.sae.mdl_control import controller_step, ema_step, shared_rms_step_
 from saekit.store.batches import TensorBatches
 from saekit.train import TrainConfig, train
 from saekit.train.checkpoint import load_checkpoint_sae
@@ -229,3 +229,31 @@ def test_common_initial_threshold_gives_the_mean_l0_with_uneven_rates():
         rate_F = (sae.eval().encode(x).dense() != 0).float().mean(0)
     assert rate_F.sum().item() == pytest.approx(4.0, rel=0.02)  # mean L0 = init_l0
     assert rate_F.max().item() > 2 * rate_F.min().item()  # the rates differ across latents
+
+
+def test_shared_rms_step_keeps_the_gradients_ratios():
+    """Adam would move both thresholds by ~lr; one shared RMS keeps the 1 : 4 ratio of their gradients."""
+    log_t, m, v = torch.zeros(2), torch.zeros(2), torch.tensor(-1.0, dtype=torch.float64)
+    g = torch.tensor([1.0, 4.0])
+    shared_rms_step_(log_t, g, m, v, lr=0.1)
+    rms = math.sqrt((1 + 16) / 2)
+    torch.testing.assert_close(log_t, -0.1 * 0.1 * g / rms)  # momentum (1 − β1) g over the shared RMS
+    assert float(v) == pytest.approx(8.5)
+    shared_rms_step_(log_t, g, m, v, lr=0.1)
+    assert log_t[1].item() == pytest.approx(4 * log_t[0].item())
+
+
+def test_shared_rms_thresholds_leave_adam_and_follow_their_gradient():
+    sae = MDLSAE(MDLConfig(d_in=8, d_sae=32, dl_coef=1e-2, threshold_step="shared_rms", threshold_lr=0.05,
+                           seed=0)).train()
+    x = torch.randn(256, 8, generator=torch.Generator().manual_seed(0))
+    before = sae.log_threshold.detach().clone()
+    sae.loss(x, sae(x)).total.backward()
+    g_F = sae.log_threshold.grad.clone()
+    assert g_F.abs().sum() > 0
+    sae.before_optimizer_step()
+    assert sae.log_threshold.grad is None  # an optimizer built over every parameter skips it
+    sae.after_optimizer_step()
+    moved = before - sae.log_threshold.detach()
+    want = 0.05 * 0.1 * g_F / g_F.pow(2).mean().sqrt()
+    torch.testing.assert_close(moved, want, atol=1e-6, rtol=1e-4)

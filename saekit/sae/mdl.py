@@ -67,7 +67,7 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
-from saekit.sae.mdl_control import controller_step, ema_step
+from saekit.sae.mdl_control import controller_step, ema_step, shared_rms_step_
 from saekit.sae.registry import register
 from saekit.sae.topk import geometric_median
 
@@ -111,6 +111,11 @@ class MDLConfig(SAEConfig):
                                           "(its own quantile), 'common' gives every latent the one threshold at which "
                                           "the batch's mean L0 is init_l0 (rates then differ across latents, as top-k's "
                                           "do)", choices=["per_latent", "common"])
+    threshold_step: str = param("adam", "how the thresholds learn from their gradient: 'adam' (with the other parameters), "
+                                        "or 'shared_rms' (outside Adam: momentum over one RMS shared by every threshold, "
+                                        "so latents whose DL gradient is larger move further; see mdl_control)",
+                                choices=["adam", "shared_rms"])
+    threshold_lr: float = param(2e-3, "'shared_rms': the step on log θ per unit of normalised gradient", gt=0.0)
 
     def validate(self) -> None:
         if self.k is not None and self.k > self.d_sae:
@@ -188,6 +193,10 @@ class MDLSAE(SparseAutoencoder):
             if cfg.controller == "dl_coef":
                 self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.dl_coef, 1e-12))), persistent=False)
         self._measured_fresh = False  # a training loss has set batch_stat since the last controller step
+        if cfg.threshold_step == "shared_rms":  # training-only optimizer state of the thresholds (not resumed)
+            self.register_buffer("thr_m", torch.zeros(cfg.d_sae, dtype=torch.float32, device=cfg.device), persistent=False)
+            self.register_buffer("thr_v", torch.tensor(-1.0, dtype=torch.float64), persistent=False)
+        self._thr_grad: Tensor | None = None
 
     # -- encoding and decoding ------------------------------------------------------------------
     def _pre(self, x_ND: Tensor) -> Tensor:
@@ -300,10 +309,16 @@ class MDLSAE(SparseAutoencoder):
 
     def before_optimizer_step(self) -> None:
         remove_parallel_grad_(self.W_dec)
+        if self.cfg.threshold_step == "shared_rms" and self.log_threshold.grad is not None:
+            self._thr_grad = self.log_threshold.grad.detach().float().clone()
+            self.log_threshold.grad = None  # Adam skips it; after_optimizer_step applies the shared-RMS step
 
     @torch.no_grad()
     def after_optimizer_step(self) -> None:
         renormalise_rows_(self.W_dec)
+        if self._thr_grad is not None:
+            shared_rms_step_(self.log_threshold, self._thr_grad, self.thr_m, self.thr_v, self.cfg.threshold_lr)
+            self._thr_grad = None
         if self.cfg.controlled and self._measured_fresh:
             self._control_step()
             self._measured_fresh = False

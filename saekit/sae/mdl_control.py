@@ -46,3 +46,18 @@ def ema_step(ema: Tensor, measured: Tensor, decay: float) -> Tensor:
     if decay == 0.0 or float(ema) < 0:
         return measured.clone()
     return decay * ema + (1.0 - decay) * measured
+
+
+def shared_rms_step_(log_threshold: Tensor, grad_F: Tensor, m_F: Tensor, v: Tensor, lr: float,
+                     beta1: float = 0.9, beta2: float = 0.999) -> None:
+    """One in-place step on the log thresholds with momentum and ONE second moment shared by all of them.
+
+    Why (issue 24): Adam divides each threshold's step by that threshold's own gradient RMS, so every
+    latent moves at about the same speed whatever its gradient; the DL term's *differential* price
+    (log2((1 − p)/p): rare latents cost more bits per firing) then survives only as a sign. With one
+    shared RMS the step keeps the gradients' ratios across latents (SGD up to a common scale), while
+    the scale stays free of the loss's units. `v` < 0 means 'no value yet'."""
+    g2 = grad_F.double().pow(2).mean()
+    v.copy_(g2 if float(v) < 0 else beta2 * v + (1 - beta2) * g2)
+    m_F.mul_(beta1).add_(grad_F.to(m_F.dtype), alpha=1 - beta1)
+    log_threshold.sub_((lr * m_F / (v.sqrt().float() + 1e-12)).to(log_threshold.dtype))
