@@ -257,3 +257,11 @@ def test_shared_rms_thresholds_leave_adam_and_follow_their_gradient():
     moved = before - sae.log_threshold.detach()
     want = 0.05 * 0.1 * g_F / g_F.pow(2).mean().sqrt()
     torch.testing.assert_close(moved, want, atol=1e-6, rtol=1e-4)
+
+
+def test_default_lambda_depends_on_what_the_target_steers():
+    assert MDLConfig(d_in=8, d_sae=16).lam == 1e-3  # fixed λ: the sparsity coefficient
+    assert MDLConfig(d_in=8, d_sae=16, target_l0=2.0).lam == 0.1  # thresholds hold L0; λ shapes the spread
+    assert MDLConfig(d_in=8, d_sae=16, target_l0=2.0, controller="dl_coef").lam == 1e-3  # λ's start
+    assert MDLConfig(d_in=8, d_sae=16, target_l0=2.0, dl_coef=0.02).lam == 0.02  # an explicit λ wins
+    assert MDLSAE(MDLConfig(d_in=8, d_sae=16, target_bits=10.0)).dl_coef == 0.1

@@ -72,10 +72,17 @@ from saekit.sae.registry import register
 from saekit.sae.topk import geometric_median
 
 
+DL_COEF_FIXED = 1e-3  # λ's default without a target (or with the controller on λ: its start)
+DL_COEF_STEERED = 0.1  # λ's default with the threshold controller (issue 24: 1e-3 tied top-k's DL frontier)
+
+
 @dataclass
 class MDLConfig(SAEConfig):
-    dl_coef: float = param(1e-3, "λ: weight of the description-length estimate (FVU per bit); the sparsity "
-                                 "coefficient — larger gives fewer bits (lower L0) at more error", ge=0.0)
+    dl_coef: float | None = param(None, "λ: weight of the description-length estimate (FVU per bit); the sparsity "
+                                        "coefficient — larger gives fewer bits (lower L0) at more error. None: "
+                                        "1e-3, or 0.1 with a target under the threshold controller (there L0 is held "
+                                        "and λ only decides how it is spread over latents; 0.1 measured best, issue 24)",
+                                  ge=0.0)
     value_bits: float = param(4.0, "b: bits charged per active value (the paper's L0·b value bound)", ge=0.0)
     gate_temperature: float = param(0.05, "τ: width of the sigmoid surrogate σ(pre/τ) giving the firing "
                                           "indicator its gradient (pre-activation units)", gt=0.0)
@@ -127,6 +134,15 @@ class MDLConfig(SAEConfig):
             v = getattr(self, name)
             if v is not None and v > self.d_sae:
                 raise ConfigError(f"mdl: expected {name} <= d_sae={self.d_sae}, found {name}={v}")
+
+    @property
+    def lam(self) -> float:
+        """λ as configured, or its default: DL_COEF_STEERED when the threshold controller holds a target
+        (the DL term then only shapes the thresholds' spread, and at 1e-3 it barely does: README MDL
+        section), else DL_COEF_FIXED (λ is then the sparsity coefficient, and the controller on λ starts there)."""
+        if self.dl_coef is not None:
+            return self.dl_coef
+        return DL_COEF_STEERED if self.controlled is not None and self.controller == "threshold" else DL_COEF_FIXED
 
     @property
     def controlled(self) -> str | None:
@@ -191,7 +207,7 @@ class MDLSAE(SparseAutoencoder):
             self.register_buffer("batch_stat", torch.tensor(0.0, dtype=torch.float64), persistent=False)
             self.register_buffer("stat_ema", torch.tensor(-1.0, dtype=torch.float64), persistent=False)
             if cfg.controller == "dl_coef":
-                self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.dl_coef, 1e-12))), persistent=False)
+                self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.lam, 1e-12))), persistent=False)
         self._measured_fresh = False  # a training loss has set batch_stat since the last controller step
         if cfg.threshold_step == "shared_rms":  # training-only optimizer state of the thresholds (not resumed)
             self.register_buffer("thr_m", torch.zeros(cfg.d_sae, dtype=torch.float32, device=cfg.device), persistent=False)
@@ -247,8 +263,8 @@ class MDLSAE(SparseAutoencoder):
     # -- loss -----------------------------------------------------------------------------------
     @property
     def dl_coef(self) -> float:
-        """λ in use: the controller's current value when a target is set, else `cfg.dl_coef`."""
-        return float(self.log_dl_coef.exp()) if self._steers_coef else self.cfg.dl_coef
+        """λ in use: the controller's current value when a target is set, else `cfg.lam` (dl_coef or its default)."""
+        return float(self.log_dl_coef.exp()) if self._steers_coef else self.cfg.lam
 
     @property
     def _steers_coef(self) -> bool:
@@ -268,7 +284,7 @@ class MDLSAE(SparseAutoencoder):
         activity, value = soft_description_length(p_fire_F, self.cfg.value_bits, n)
         dl = activity + value
         l0 = p_fire_F.detach().sum()
-        coef = self.log_dl_coef.exp() if self._steers_coef else self.cfg.dl_coef
+        coef = self.log_dl_coef.exp() if self._steers_coef else self.cfg.lam
         total = err + coef * dl
         if self.cfg.controlled and self.training and torch.is_grad_enabled():
             with torch.no_grad():
