@@ -39,7 +39,8 @@ surrogate gradient goes to the thresholds only (`surrogate_to_encoder`, false by
 rate (a constant `init_threshold` has nearly every latent firing on LLM rows); `target_l0` / `target_bits` hold the batches' mean L0 (or
 bits per row) at a requested value with a controller (saekit.sae.mdl_control; by default it moves every
 latent's log threshold by one common step after each optimizer step, so λ stays the price of a bit and
-decides how the requested activity is spread over latents; `controller: dl_coef` steers λ instead,
+decides how the requested activity is spread over latents — with such a target λ defaults to 0.1, which
+measured below top-k's DL frontier where 1e-3 tied it; `controller: dl_coef` steers λ instead,
 which cannot raise L0 and missed its target on real activations); `loss_scale` ('row', 'clipped')
 keeps a few massive rows from deciding the error term (`reconstruction_loss`); the per-row cap `k`
 (rows the SAE never saw otherwise take hundreds of latents). Under torch.distributed the controller
