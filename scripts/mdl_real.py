@@ -14,9 +14,11 @@ activity Σ_j H(p_j) + entropy-coded value bits at the precision `description_le
 ordinary rows. Every figure except max L0 carries a 95 % percentile interval from the document
 bootstrap (saekit/eval/bootstrap.py); the DL interval recomputes the entropies from resampled
 per-document (latent, bin) counts and is recentred by the resamples' mean shift, because resampling
-biases plug-in entropies down. Acceptance (issue 24): an MDL-SAE at the mean L0 of a top-k SAE
-has FVU (ordinary rows) within 15 % of it, and an MDL-SAE at most as lossy as a top-k SAE has a
-shorter description. An SAE folder that already exists under --out is measured, not retrained.
+biases plug-in entropies down. Acceptance (issue 24): an MDL-SAE whose controller reached its
+target_l0 (held-out mean L0 within 10 %) at the mean L0 of a top-k SAE has FVU (ordinary rows) within
+15 % of it, and such an MDL-SAE at most as lossy as a top-k SAE has a shorter description. Each row
+also records its learning rate and the last logged training-batch L0 and λ. An SAE folder that
+already exists under --out is measured, not retrained.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from saekit.eval.bootstrap import Bootstrap, GroupedSums, fvu_from_sums  # noqa: E402
 from saekit.eval.description_length import (LatentValueRange, description_length, quantise_bins,  # noqa: E402
                                             range_tables, unit_position)
+from saekit.artifacts import read_json  # noqa: E402
 from saekit.layout import FINAL_SAE  # noqa: E402
 from saekit.run.outliers import training_rows  # noqa: E402
 from saekit.sae.base import SparseCode, inference_mode  # noqa: E402
@@ -72,7 +75,17 @@ def train_one(store, rows, out: Path, name: str, arch: str, fields: dict, args) 
     sae = load_sae(run_dir).eval()
     if eval_k is not None:
         sae.cfg.k = int(eval_k)
-    return sae
+    return sae, run_facts(run_dir)
+
+
+def run_facts(run_dir: Path) -> dict:
+    """The learning rate the run trained at and the last logged training-batch L0 and λ (the
+    controller's view of its target), from the run folder."""
+    facts = {"lr": read_json(run_dir / "config.json")["train"]["lr"]}
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    last = next((json.loads(ln) for ln in reversed(lines) if '"l0"' in ln), {})
+    facts.update({k: last[k] for k in ("l0", "dl_coef") if k in last})
+    return facts
 
 
 def add_row_sums(sums: GroupedSums, unit_N, x_ND, sse_N, l0_N) -> None:
@@ -127,6 +140,7 @@ def dl_bootstrap(sae, codes, units_N: torch.Tensor, n_units: int, x_rows, boot: 
     n_G = torch.bincount(units_N, minlength=n_units).double()
 
     def dl_of(W_RG: torch.Tensor) -> torch.Tensor:
+        W_RG = W_RG.to(torch.float64)  # the bootstrap draws float32 weights; the counts are float64
         C_RFL = torch.sparse.mm(H_GC.t(), W_RG.t()).t().reshape(-1, F, L)  # resampled histograms
         n_R1 = (W_RG @ n_G)[:, None]
         c_RF = C_RFL.sum(-1)
@@ -175,14 +189,23 @@ def measure(sae, store, held, ordinary_mask, args) -> dict:
     return out
 
 
+def on_target(row: dict) -> bool | None:
+    """Whether an MDL-SAE's controller reached its requested L0 (held-out ordinary rows' mean L0 within
+    10 % of target_l0); None for an SAE without an L0 target."""
+    target = row["fields"].get("target_l0")
+    return None if target is None else abs(row["l0_mean_ordinary"] / target - 1) <= 0.1
+
+
 def acceptance(rows: dict) -> dict:
     """Issue 24's two checks, each against the best top-k SAE available (never a worse-tuned one):
-    FVU within 15 % of the lowest-FVU top-k SAE at equal mean L0 (within 10 %), on the estimates and on
+    FVU within 15 % of the lowest-FVU top-k SAE at equal mean L0 (within 10 %), where the MDL-SAE's L0
+    was set by its controller (an L0 target it reached: `controller_on_target`), on the estimates and on
     the intervals' far ends; and a DL whose upper ci95 end is below top-k's DL-vs-FVU frontier at the
     same FVU (linear between frontier points: a chord of a convex frontier lies above it, so a small
     margin is a tie). Every (top-k, MDL) pair is listed as well."""
     tk = {n: r for n, r in rows.items() if r["architecture"] == "topk"}
     md = {n: r for n, r in rows.items() if r["architecture"] == "mdl"}
+    steered = {n for n, r in md.items() if on_target(r)}
     pairs = [{"topk": a, "mdl": b, "l0_ratio": rb["l0_mean_ordinary"] / ra["l0_mean_ordinary"],
               "fvu_ratio": rb["fvu_ordinary"] / ra["fvu_ordinary"],
               "fvu_ratio_far_ends": rb["fvu_ordinary_ci95"][1] / ra["fvu_ordinary_ci95"][0],
@@ -195,9 +218,12 @@ def acceptance(rows: dict) -> dict:
     margin = {b: None if v is None else v - md[b]["dl_ci95"][1] for b, v in at_fvu.items()}
     return {"pairs": pairs, "best_topk_at_equal_l0": best, "topk_frontier_dl_at_mdl_fvu": at_fvu,
             "dl_margin_bits": margin,
-            "fvu_within_15pct_at_equal_l0": any(p["fvu_ratio"] <= 1.15 for p in best.values()),
-            "fvu_within_15pct_at_equal_l0_far_ends": any(p["fvu_ratio_far_ends"] <= 1.15 for p in best.values()),
-            "dl_below_topk_frontier_at_equal_fvu": any(m is not None and m > 0 for m in margin.values())}
+            "controller_on_target": {b: on_target(rb) for b, rb in md.items()},
+            "fvu_within_15pct_at_equal_l0": any(p["fvu_ratio"] <= 1.15 for b, p in best.items() if b in steered),
+            "fvu_within_15pct_at_equal_l0_far_ends": any(p["fvu_ratio_far_ends"] <= 1.15
+                                                         for b, p in best.items() if b in steered),
+            "dl_below_topk_frontier_at_equal_fvu": any(m is not None and m > 0 for b, m in margin.items()
+                                                       if b in steered)}
 
 
 def topk_dl_at(tk: dict, fvu: float) -> float | None:
@@ -217,10 +243,11 @@ def markdown(rows: dict) -> str:
     def ci(v, c, d=3):
         return f"{v:.{d}f} [{c[0]:.{d}f}, {c[1]:.{d}f}]"
 
-    head = "| SAE | mean L0 (ordinary) | max L0 | FVU, all held-out rows | FVU, ordinary rows | DL bits/row (ordinary) |"
-    lines = [head, "|---|---|---|---|---|---|"]
+    head = ("| SAE | lr | mean L0 (ordinary) | max L0 | FVU, all held-out rows | FVU, ordinary rows | "
+            "DL bits/row (ordinary) |")
+    lines = [head, "|---|---|---|---|---|---|---|"]
     for n, r in rows.items():
-        lines.append(f"| {n} | {ci(r['l0_mean_ordinary'], r['l0_mean_ordinary_ci95'], 1)} | {r['l0_max']} | "
+        lines.append(f"| {n} | {r['lr']:.2g} | {ci(r['l0_mean_ordinary'], r['l0_mean_ordinary_ci95'], 1)} | {r['l0_max']} | "
                      f"{ci(r['fvu_all'], r['fvu_all_ci95'])} | {ci(r['fvu_ordinary'], r['fvu_ordinary_ci95'])} | "
                      f"{ci(r['dl_bits'], r['dl_ci95'], 1)} |")
     return "\n".join(lines)
@@ -249,8 +276,10 @@ def main() -> None:
     rows = {}
     for text in args.setting:
         name, arch, fields = parse_setting(text)
-        sae = train_one(store, rows_used.rows, out, name, arch, fields, args)
-        rows[name] = {"architecture": arch, "fields": fields, **measure(sae, store, held, ordinary_mask, args)}
+        sae, facts = train_one(store, rows_used.rows, out, name, arch, fields, args)
+        rows[name] = {"architecture": arch, "fields": fields, **facts, "training_l0": facts.get("l0"),
+                      **measure(sae, store, held, ordinary_mask, args)}
+        rows[name].pop("l0", None)
     result = {"bench": "mdl_real", "store": str(store.path), "d_sae": args.d_sae, "steps": args.steps,
               "batch": args.batch, "training_rows": rows_used.summary(), "heldout_rows": int(len(held)),
               "ordinary_rows": int(ordinary_mask.sum()), "rows": rows, "acceptance": acceptance(rows)}

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from saekit.config import Config, param
 from saekit.errors import ShapeMismatchError
 
-StatReduction = Literal["fired_any", "min"]
+StatReduction = Literal["fired_any", "min", "mean"]
 """How ranks combine a training statistic buffer after each forward (see `SparseAutoencoder.stat_buffers`)."""
 
 DTYPES = {"float32": torch.float32, "float64": torch.float64, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -154,6 +154,7 @@ class SparseAutoencoder(nn.Module):
     'fired_any' - a per-latent count of tokens since the latent last fired: 0 where it fired on any
     rank, else its value before the step plus the global number of rows;
     'min' - a float statistic whose global value is the minimum over ranks (BatchTopK's threshold).
+    'mean' - a per-batch mean over rows (the MDL controller's batch L0): the row-weighted mean over ranks.
     A declared buffer an instance does not have (a plain top-k has no threshold) is skipped."""
     decoder_is_affine: ClassVar[bool] = False
     """True when `decode(code) == code.values @ W_dec[code.indices] + b` for a fixed `b`: description

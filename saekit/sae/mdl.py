@@ -32,21 +32,20 @@ the paper's argument against feature splitting: splitting a feature into rarer c
 activity bits that a reconstruction-plus-L0 objective never charges. λ is the sparsity
 coefficient: a larger λ buys fewer bits with more error, so L0 falls as λ rises (tested).
 
-On real activations (issue 24) three things decide whether this works, all switched by config and
-off by default so the planted-data behaviour is unchanged: `init_l0` (or `target_l0`) sets each
-latent's threshold from the first batch so it starts firing at the requested rate (a constant
-`init_threshold` has nearly every latent firing on LLM rows, and with Adam's per-step movement of
-log θ at the SAE's learning rate, a few hundred steps cannot undo that); `target_l0` / `target_bits`
-replace the fixed λ by a controller (`controller_step`, one multiplicative step on λ per optimizer
-step, its state the training-only buffer `log_dl_coef`) that reaches a requested mean L0 or bits per
-row, as JumpReLU SAEs reach L0 targets; `loss_scale` ('row', 'clipped') keeps a few massive rows
-from deciding the error term (`reconstruction_loss`). The per-row activity cap is `k`. Measured on the
-quickstart store (README, `scripts/mdl_real.py`): the target with data-initialised thresholds, the cap
-(rows the SAE never saw otherwise take 700 latents) and a learning rate ~3× top-k's width-scaled default
-bring the ordinary-row FVU from 2× to 1.13× top-k's at equal L0; with `surrogate_to_encoder: false`
-and ~6× the rate it equals top-k's FVU at equal L0 in 8 % fewer bits, though there the controller drove
-λ to ~0 and missed its L0 target (the gates' own dynamics set L0). Under torch.distributed each rank
-steers its own λ from its own batches (not yet reduced over ranks).
+On real activations (issue 24) five things decide whether this works, switched by config: the gate's
+surrogate gradient goes to the thresholds only (`surrogate_to_encoder`, false by default since issue
+24: on the encoder too, the DL term pushes pre-activations below any threshold); `init_l0` (or
+`target_l0`) sets each latent's threshold from the first batch so it starts firing at the requested
+rate (a constant `init_threshold` has nearly every latent firing on LLM rows); `target_l0` / `target_bits` hold the batches' mean L0 (or
+bits per row) at a requested value with a controller (saekit.sae.mdl_control; by default it moves every
+latent's log threshold by one common step after each optimizer step, so λ stays the price of a bit and
+decides how the requested activity is spread over latents — with such a target λ defaults to 0.1, which
+measured below top-k's DL frontier where 1e-3 tied it; `controller: dl_coef` steers λ instead,
+which cannot raise L0 and missed its target on real activations); `loss_scale` ('row', 'clipped')
+keeps a few massive rows from deciding the error term (`reconstruction_loss`); the per-row cap `k`
+(rows the SAE never saw otherwise take hundreds of latents). Under torch.distributed the controller
+steers on the global batch's statistic (`batch_stat`, a 'mean' stat buffer). Measured figures: the
+README's MDL section and `scripts/mdl_real.py`.
 
 Encoder and decoder: `pre = (x − b_dec) W_enc + b_enc`, `z = JumpReLU_θ(pre)` (optionally capped
 to the k largest per row), `x̂ = z W_dec + b_dec` with unit-norm decoder rows (the norm would
@@ -69,14 +68,22 @@ from saekit.config import param
 from saekit.errors import ConfigError
 from saekit.sae.base import (ForwardOutput, LossOutput, SAEConfig, SparseAutoencoder, SparseCode,
                              remove_parallel_grad_, renormalise_rows_, tied_init)
+from saekit.sae.mdl_control import controller_step, ema_step, shared_rms_step_
 from saekit.sae.registry import register
 from saekit.sae.topk import geometric_median
 
 
+DL_COEF_FIXED = 1e-3  # λ's default without a target (or with the controller on λ: its start)
+DL_COEF_STEERED = 0.1  # λ's default with the threshold controller (issue 24: 1e-3 tied top-k's DL frontier)
+
+
 @dataclass
 class MDLConfig(SAEConfig):
-    dl_coef: float = param(1e-3, "λ: weight of the description-length estimate (FVU per bit); the sparsity "
-                                 "coefficient — larger gives fewer bits (lower L0) at more error", ge=0.0)
+    dl_coef: float | None = param(None, "λ: weight of the description-length estimate (FVU per bit); the sparsity "
+                                        "coefficient — larger gives fewer bits (lower L0) at more error. None: "
+                                        "1e-3, or 0.1 with a target under the threshold controller (there L0 is held "
+                                        "and λ only decides how it is spread over latents; 0.1 measured best, issue 24)",
+                                  ge=0.0)
     value_bits: float = param(4.0, "b: bits charged per active value (the paper's L0·b value bound)", ge=0.0)
     gate_temperature: float = param(0.05, "τ: width of the sigmoid surrogate σ(pre/τ) giving the firing "
                                           "indicator its gradient (pre-activation units)", gt=0.0)
@@ -90,18 +97,33 @@ class MDLConfig(SAEConfig):
                                      "norm down-weighted to that norm)", choices=["batch", "row", "clipped"])
     clip_multiple: float = param(4.0, "'clipped' loss: rows whose centred norm exceeds this multiple of the batch "
                                       "median count as if they had that norm", gt=0.0)
-    target_l0: float | None = param(None, "steer dl_coef automatically so the training batches' mean L0 reaches "
-                                          "this (dl_coef is then only the starting value)", gt=0.0)
-    target_bits: float | None = param(None, "steer dl_coef automatically so the batches' DL estimate (bits per "
-                                            "row) reaches this; at most one of target_l0 and target_bits", gt=0.0)
-    controller_rate: float = param(0.05, "the controller's step on log(dl_coef) per optimizer step at a relative "
-                                         "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
-    surrogate_to_encoder: bool = param(True, "give the firing indicator's surrogate gradient to the pre-activation "
+    target_l0: float | None = param(None, "hold the training batches' mean L0 at this with the controller (see "
+                                          "`controller`); init_l0 defaults to it", gt=0.0)
+    target_bits: float | None = param(None, "hold the batches' DL estimate (bits per row) at this with the controller; "
+                                            "at most one of target_l0 and target_bits", gt=0.0)
+    controller: str = param("threshold", "what target_l0 / target_bits steer: 'threshold' moves every latent's log "
+                                         "threshold by the same step after each optimizer step (dl_coef stays the DL "
+                                         "weight), 'dl_coef' steps log(dl_coef) instead (can only lower L0; see "
+                                         "saekit.sae.mdl_control)", choices=["threshold", "dl_coef"])
+    controller_rate: float = param(0.1, "the controller's step on the log of its knob per optimizer step at a relative "
+                                        "error of 100 % (smaller errors move it proportionally less)", gt=0.0)
+    controller_ema: float = param(0.0, "decay of the moving average of the batch statistic the controller steers on "
+                                       "(0: each batch's own value)", ge=0.0, lt=1.0)
+    surrogate_to_encoder: bool = param(False, "give the firing indicator's surrogate gradient to the pre-activation "
                                              "(encoder) as well as to the threshold; false: only θ learns from it, "
                                              "as in JumpReLU SAEs (the encoder then learns from the values alone)")
     init_l0: float | None = param(None, "initialise each latent's threshold from the first batch so that it fires "
                                         "on init_l0 / d_sae of its rows (None: init_threshold for every latent); "
                                         "defaults to target_l0 when that is set", gt=0.0)
+    init_rates: str = param("per_latent", "with init_l0: 'per_latent' starts every latent at the rate init_l0 / d_sae "
+                                          "(its own quantile), 'common' gives every latent the one threshold at which "
+                                          "the batch's mean L0 is init_l0 (rates then differ across latents, as top-k's "
+                                          "do)", choices=["per_latent", "common"])
+    threshold_step: str = param("adam", "how the thresholds learn from their gradient: 'adam' (with the other parameters), "
+                                        "or 'shared_rms' (outside Adam: momentum over one RMS shared by every threshold, "
+                                        "so latents whose DL gradient is larger move further; see mdl_control)",
+                                choices=["adam", "shared_rms"])
+    threshold_lr: float = param(2e-3, "'shared_rms': the step on log θ per unit of normalised gradient", gt=0.0)
 
     def validate(self) -> None:
         if self.k is not None and self.k > self.d_sae:
@@ -113,6 +135,15 @@ class MDLConfig(SAEConfig):
             v = getattr(self, name)
             if v is not None and v > self.d_sae:
                 raise ConfigError(f"mdl: expected {name} <= d_sae={self.d_sae}, found {name}={v}")
+
+    @property
+    def lam(self) -> float:
+        """λ as configured, or its default: DL_COEF_STEERED when the threshold controller holds a target
+        (the DL term then only shapes the thresholds' spread, and at 1e-3 it barely does: README MDL
+        section), else DL_COEF_FIXED (λ is then the sparsity coefficient, and the controller on λ starts there)."""
+        if self.dl_coef is not None:
+            return self.dl_coef
+        return DL_COEF_STEERED if self.controlled is not None and self.controller == "threshold" else DL_COEF_FIXED
 
     @property
     def controlled(self) -> str | None:
@@ -135,20 +166,6 @@ def soft_description_length(p_fire_F: Tensor, value_bits: float, n_rows: int) ->
     eps = 0.5 / max(n_rows, 1)
     p = eps + (1.0 - 2.0 * eps) * p_fire_F.float()
     return entropy_bits(p).sum(), value_bits * p_fire_F.float().sum()
-
-
-def controller_step(log_coef: Tensor, measured: Tensor, target: float, rate: float) -> Tensor:
-    """The λ controller: one step of log λ towards the coefficient at which `measured` (the batch's
-    L0 or bits per row) equals `target`.
-
-    Why multiplicative (a step on log λ): the L0 that a λ buys spans orders of magnitude of λ, so an
-    additive step would be too slow at one end and unstable at the other. The step is proportional
-    to the relative error (measured − target) / target, clipped to ±1, times `rate`: too many
-    latents → larger λ → fewer bits. It is an integral controller (as JumpReLU L0 targets are reached
-    by a coefficient that keeps moving until the target is met), so it settles where the error is 0.
-    """
-    err = ((measured.detach().float() - target) / target).clamp(-1.0, 1.0)
-    return log_coef + rate * err
 
 
 def reconstruction_loss(x_ND: Tensor, recon_ND: Tensor, scale: str, clip_multiple: float = 4.0) -> Tensor:
@@ -176,6 +193,7 @@ class MDLSAE(SparseAutoencoder):
     architecture = "mdl"
     config_class = MDLConfig
     decoder_is_affine = True  # z @ W_dec + b_dec
+    stat_buffers = {"batch_stat": "mean"}  # the controller steers on the global batch's statistic
 
     def __init__(self, cfg: MDLConfig):
         super().__init__(cfg)
@@ -184,9 +202,18 @@ class MDLSAE(SparseAutoencoder):
         kw = {"dtype": cfg.torch_dtype, "device": cfg.device}
         self.log_threshold = nn.Parameter(torch.full((cfg.d_sae,), math.log(cfg.init_threshold), **kw))
         if cfg.controlled is not None:
-            # the controller's state: training-only (checkpoints carry it for resume; final_sae does not)
-            self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.dl_coef, 1e-12))), persistent=False)
-        self._measured: Tensor | None = None  # the last training batch's controlled statistic
+            # the controller's state: training-only (checkpoints carry it for resume; final_sae does not).
+            # batch_stat is the last training batch's controlled statistic, global under torch.distributed
+            # (stat_buffers 'mean'); stat_ema its moving average (-1: none yet)
+            self.register_buffer("batch_stat", torch.tensor(0.0, dtype=torch.float64), persistent=False)
+            self.register_buffer("stat_ema", torch.tensor(-1.0, dtype=torch.float64), persistent=False)
+            if cfg.controller == "dl_coef":
+                self.register_buffer("log_dl_coef", torch.tensor(math.log(max(cfg.lam, 1e-12))), persistent=False)
+        self._measured_fresh = False  # a training loss has set batch_stat since the last controller step
+        if cfg.threshold_step == "shared_rms":  # training-only optimizer state of the thresholds (not resumed)
+            self.register_buffer("thr_m", torch.zeros(cfg.d_sae, dtype=torch.float32, device=cfg.device), persistent=False)
+            self.register_buffer("thr_v", torch.tensor(-1.0, dtype=torch.float64), persistent=False)
+        self._thr_grad: Tensor | None = None
 
     # -- encoding and decoding ------------------------------------------------------------------
     def _pre(self, x_ND: Tensor) -> Tensor:
@@ -237,8 +264,12 @@ class MDLSAE(SparseAutoencoder):
     # -- loss -----------------------------------------------------------------------------------
     @property
     def dl_coef(self) -> float:
-        """λ in use: the controller's current value when a target is set, else `cfg.dl_coef`."""
-        return float(self.log_dl_coef.exp()) if self.cfg.controlled else self.cfg.dl_coef
+        """λ in use: the controller's current value when a target is set, else `cfg.lam` (dl_coef or its default)."""
+        return float(self.log_dl_coef.exp()) if self._steers_coef else self.cfg.lam
+
+    @property
+    def _steers_coef(self) -> bool:
+        return self.cfg.controlled is not None and self.cfg.controller == "dl_coef"
 
     def loss(self, x: Tensor, out: ForwardOutput) -> LossOutput:
         """error + λ · (Σ_j H(p̂_j) + value_bits · Σ_j p̂_j); see the module docstring and
@@ -254,10 +285,12 @@ class MDLSAE(SparseAutoencoder):
         activity, value = soft_description_length(p_fire_F, self.cfg.value_bits, n)
         dl = activity + value
         l0 = p_fire_F.detach().sum()
-        coef = self.log_dl_coef.exp() if self.cfg.controlled else self.cfg.dl_coef
+        coef = self.log_dl_coef.exp() if self._steers_coef else self.cfg.lam
         total = err + coef * dl
         if self.cfg.controlled and self.training and torch.is_grad_enabled():
-            self._measured = (l0 if self.cfg.controlled == "l0" else dl.detach()).clone()
+            with torch.no_grad():
+                self.batch_stat.copy_(l0 if self.cfg.controlled == "l0" else dl.detach())
+            self._measured_fresh = True
         with torch.no_grad():
             sse = (recon_ND - x_ND).pow(2).sum()
             fvu = sse / (x_ND - x_ND.mean(0)).pow(2).sum().clamp_min(1e-12)
@@ -284,18 +317,37 @@ class MDLSAE(SparseAutoencoder):
             return
         pre_NF = self._pre(x_ND.to(self.W_enc.dtype)).float()
         q = min(max(1.0 - l0 / self.cfg.d_sae, 0.0), 1.0)
-        theta_F = pre_NF.kthvalue(min(max(1, int(round(q * pre_NF.shape[0]))), pre_NF.shape[0]), dim=0).values
+        if self.cfg.init_rates == "common":  # one threshold: the q quantile of every pre-activation of the batch
+            flat = pre_NF.flatten()
+            theta_F = flat.kthvalue(min(max(1, int(round(q * flat.numel()))), flat.numel())).values.expand(pre_NF.shape[1])
+        else:
+            theta_F = pre_NF.kthvalue(min(max(1, int(round(q * pre_NF.shape[0]))), pre_NF.shape[0]), dim=0).values
         self.log_threshold.copy_(theta_F.clamp_min(1e-6).log().to(self.log_threshold.dtype))
 
     def before_optimizer_step(self) -> None:
         remove_parallel_grad_(self.W_dec)
+        if self.cfg.threshold_step == "shared_rms" and self.log_threshold.grad is not None:
+            self._thr_grad = self.log_threshold.grad.detach().float().clone()
+            self.log_threshold.grad = None  # Adam skips it; after_optimizer_step applies the shared-RMS step
 
+    @torch.no_grad()
     def after_optimizer_step(self) -> None:
         renormalise_rows_(self.W_dec)
-        if self.cfg.controlled and self._measured is not None:
-            target = self.cfg.target_l0 if self.cfg.controlled == "l0" else self.cfg.target_bits
-            self.log_dl_coef.copy_(controller_step(self.log_dl_coef, self._measured, target, self.cfg.controller_rate))
-            self._measured = None
+        if self._thr_grad is not None:
+            shared_rms_step_(self.log_threshold, self._thr_grad, self.thr_m, self.thr_v, self.cfg.threshold_lr)
+            self._thr_grad = None
+        if self.cfg.controlled and self._measured_fresh:
+            self._control_step()
+            self._measured_fresh = False
+
+    def _control_step(self) -> None:
+        """One controller step on `batch_stat` (the trainer has made it the global batch's by now):
+        every latent's log threshold, or log λ, moves towards the target (saekit.sae.mdl_control)."""
+        cfg = self.cfg
+        target = cfg.target_l0 if cfg.controlled == "l0" else cfg.target_bits
+        self.stat_ema.copy_(ema_step(self.stat_ema, self.batch_stat, cfg.controller_ema))
+        knob = self.log_dl_coef if self._steers_coef else self.log_threshold
+        knob.copy_(controller_step(knob, self.stat_ema, target, cfg.controller_rate))
 
     def _fold_input_scale_(self, s: float) -> None:
         """With x' = s·x, pre' = s·pre(x), so dividing both biases (and the JumpReLU threshold) by s

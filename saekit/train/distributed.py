@@ -20,6 +20,9 @@ What else must be global, and how it is made so (`StepSync.reduce_buffers`). The
   keeps the k·n_rank largest activations of its own slice (BatchTopK over a batch of n_rank rows),
   which is what other distributed SAE trainers do; a global top-(k·B) would need the whole [B, d_sae]
   pre-activation matrix gathered. Equal to one process for plain top-k, not for BatchTopK.
+* per-batch means ('mean', e.g. the MDL-SAE's batch L0 that its λ / threshold controller steers on):
+  each rank's mean times its rows, summed, over the global rows; the controller then takes the same
+  step on every rank, the one a one-process run of the global batch takes.
 * architectures that edit weights from local data after the step (MP's dead-atom revival): the
   parameters and buffers are broadcast from rank 0 after every step, so ranks never drift apart
   (rank 0's revival wins; such runs equal a one-process run only while no atom is revived).
@@ -164,9 +167,11 @@ class DistributedSync(StepSync):
                 buf.copy_(torch.where(fired_any, torch.zeros_like(buf), grown))
             elif how == "min":
                 buf.copy_(self._all_reduce(buf.clone(), dist.ReduceOp.MIN))
+            elif how == "mean":  # this rank's mean over its n_local rows -> the global batch's mean
+                buf.copy_(self._all_reduce(buf.double() * n_local).div_(n_global).to(buf.dtype))
             else:
-                raise ConfigError(f"{sae.architecture}: stat_buffers['{name}'] = {how!r}; expected 'fired_any' "
-                                  "or 'min'")
+                raise ConfigError(f"{sae.architecture}: stat_buffers['{name}'] = {how!r}; expected 'fired_any', "
+                                  "'min' or 'mean'")
 
     def after_optimizer_step(self, sae: SparseAutoencoder) -> None:
         if sae.edits_weights_locally:
