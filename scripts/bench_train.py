@@ -77,7 +77,7 @@ class NaiveTopK(nn.Module):
 
 
 def naive_step(model, opt, x):
-    loss = (model(x) - x).pow(2).sum(-1).mean()
+    loss = (model(x).float() - x).pow(2).sum(-1).mean()  # .float(): a no-op in fp32, the loss in fp32 under autocast
     opt.zero_grad(set_to_none=True)
     loss.backward()
     with torch.no_grad():  # the same algorithm as saekit (Gao et al.): unit-norm decoder rows

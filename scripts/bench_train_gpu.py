@@ -35,50 +35,14 @@ import sys
 import time
 
 import torch
-from torch import nn
+
+from bench_train import NaiveTopK, naive_step, saekit_step  # the same dense reference and steps as the CPU bench
 
 SHAPE = (768, 32768, 32, 8192)  # d_in, d_sae, k, batch
 TILE_KEYS = ("BLOCK_B", "BLOCK_F", "BLOCK_D", "TILES", "num_warps")
 # default first; compiled for sm_90 (Triton 3.9) none of these spills in either method
 SWEEP = {"bf16": [(64, 128, 64, 16, 8), (64, 64, 64, 32, 8), (128, 64, 64, 32, 8), (64, 64, 64, 32, 4)],
          "fp32": [(64, 64, 32, 32, 8), (64, 32, 32, 64, 8)]}
-
-
-# -- references (plain PyTorch, no saekit) ----------------------------------------------------------------------
-class NaiveTopK(nn.Module):
-    """The dense top-k SAE every tutorial writes: dense pre-activations, dense code, dense decode."""
-
-    def __init__(self, W_enc, W_dec, b_enc, b_dec, k):
-        super().__init__()
-        self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
-        self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
-        self.k = k
-
-    def forward(self, x):
-        pre = torch.relu((x - self.b_dec) @ self.W_enc + self.b_enc)
-        vals, idx = pre.topk(self.k, dim=-1)
-        return torch.zeros_like(pre).scatter(-1, idx, vals) @ self.W_dec + self.b_dec
-
-
-def naive_step(model, opt, x):
-    loss = (model(x).float() - x).pow(2).sum(-1).mean()
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    with torch.no_grad():  # the same algorithm as saekit (Gao et al.): unit-norm decoder rows
-        W = model.W_dec
-        W.grad -= (W.grad * W).sum(1, keepdim=True) * W
-    opt.step()
-    with torch.no_grad():
-        W /= W.norm(dim=1, keepdim=True)
-
-
-def saekit_step(sae, opt, x):
-    loss = sae.loss(x, sae(x))
-    opt.zero_grad(set_to_none=True)
-    loss.total.backward()
-    sae.before_optimizer_step()
-    opt.step()
-    sae.after_optimizer_step()
 
 
 @contextlib.contextmanager
