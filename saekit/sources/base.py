@@ -52,14 +52,19 @@ class SourceConfig(Config):
     prepend_bos: bool = param(True, "prepend the tokenizer's BOS token, which then takes the attention-sink role "
                               "(huge-norm first position) and is excluded from the store unless exclude_special=false")
     padding_side: Literal["right", "left"] = param("right", "padding side for batched forwards")
-    dtype: str = param("float32", "model dtype", choices=["float32", "bfloat16", "float16"])
+    dtype: str = param("float32", "dtype the model's weights are loaded in (HF sources)",
+                       choices=["float32", "bfloat16", "float16"])
+    forward_dtype: str = param("float32", "precision of the caching forward pass: float32, bfloat16 (autocast: fp32 "
+                               "weights, matmuls and attention in bf16, rows stored in store.dtype) or auto (bfloat16 "
+                               "on CUDA with bf16 and on CPUs with AVX512-BF16/AMX, else float32); recorded in the "
+                               "store's manifest", choices=["float32", "bfloat16", "auto"])
     device: str = param("cpu", "device for the model forward")
 
     @classmethod
     def from_spec(cls, spec: dict) -> "SourceConfig":
         """The config a store's manifest `source` spec was made with, as far as the spec records it
         (model, hooks, tokenisation); so a live page tokenises text exactly as caching did."""
-        keys = ("kind", "model", "hooks", "max_length", "exclude_special", "prepend_bos", "dtype")
+        keys = ("kind", "model", "hooks", "max_length", "exclude_special", "prepend_bos", "dtype", "forward_dtype")
         return cls.from_dict({k: spec[k] for k in keys if k in spec}, where="store manifest source")
 
     def validate(self) -> None:

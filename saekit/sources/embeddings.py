@@ -9,6 +9,7 @@ import torch
 
 from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.models import embedder_hub_id, load_embedder
+from saekit.sources.precision import forward_context, resolve_forward_dtype
 
 EMBEDDING_HOOK = "sentence_embedding"
 log = logging.getLogger(__name__)
@@ -24,8 +25,9 @@ class EmbeddingSource:
 
     @torch.no_grad()
     def embed(self, texts: list[str]) -> torch.Tensor:
-        out = self.model.encode(texts, batch_size=self.cfg.batch_size, convert_to_tensor=True,
-                                show_progress_bar=False)
+        with forward_context(self.cfg.forward_dtype, self.cfg.device):
+            out = self.model.encode(texts, batch_size=self.cfg.batch_size, convert_to_tensor=True,
+                                    show_progress_bar=False)
         return out.float().cpu()
 
     def iter_batches(self, docs: list[dict]) -> Iterator[ActivationBatch]:
@@ -44,6 +46,7 @@ class EmbeddingSource:
         models), not what was asked for, so a moving branch cannot hide a change of weights."""
         return {"kind": "embedding", "model": embedder_hub_id(self.cfg.model), "revision": self.revision(),
                 "hooks": self.hooks, "d_in": self.d_in, "dtype": "float32",
+                "forward_dtype": resolve_forward_dtype(self.cfg.forward_dtype, self.cfg.device),
                 "max_length": int(self.model.max_seq_length)}
 
     def revision(self) -> str:

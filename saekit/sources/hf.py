@@ -10,6 +10,7 @@ from torch import Tensor
 from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.hooks import capture, resolve
 from saekit.sources.models import hub_id, load_lm, model_revision, tokenizer_hash
+from saekit.sources.precision import forward_context, resolve_forward_dtype
 
 
 def tokenize(tok, texts: list[str], cfg: SourceConfig) -> dict[str, Tensor]:
@@ -70,7 +71,8 @@ class HFSource:
 
     def forward_acts(self, enc: dict[str, Tensor]) -> dict[str, Tensor]:
         enc = {k: v.to(self.cfg.device) for k, v in enc.items()}
-        return capture(self.model, self.hooks, lambda: self.model(**enc, use_cache=False))
+        with forward_context(self.cfg.forward_dtype, self.cfg.device):
+            return capture(self.model, self.hooks, lambda: self.model(**enc, use_cache=False))
 
     def iter_batches(self, docs: list[dict]) -> Iterator[ActivationBatch]:
         for i in range(0, len(docs), self.cfg.batch_size):
@@ -83,5 +85,6 @@ class HFSource:
     def spec(self) -> dict:
         return {"kind": "hf", "model": hub_id(self.cfg.model), "revision": model_revision(self.model),
                 "hooks": self.hooks, "d_in": self.d_in, "dtype": self.cfg.dtype,
+                "forward_dtype": resolve_forward_dtype(self.cfg.forward_dtype, self.cfg.device),
                 "tokenizer_hash": tokenizer_hash(self.tok), "max_length": self.cfg.max_length,
                 "exclude_special": self.cfg.exclude_special, "prepend_bos": self.cfg.prepend_bos}

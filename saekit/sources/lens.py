@@ -17,6 +17,7 @@ from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.hf import keep_mask, rows_from, tokenize
 from saekit.sources.hooks import resolve
 from saekit.sources.models import hub_id, load_lens, load_lm, model_revision, tokenizer_hash
+from saekit.sources.precision import forward_context, resolve_forward_dtype
 
 
 def stop_layer(hooks: list[str]) -> int | None:
@@ -43,8 +44,9 @@ class LensSource:
 
     @torch.no_grad()
     def forward_acts(self, enc) -> dict[str, torch.Tensor]:
-        _, cache = self.model.run_with_cache(enc["input_ids"].to(self.cfg.device), names_filter=self.hooks,
-                                             stop_at_layer=stop_layer(self.hooks))
+        with forward_context(self.cfg.forward_dtype, self.cfg.device):
+            _, cache = self.model.run_with_cache(enc["input_ids"].to(self.cfg.device), names_filter=self.hooks,
+                                                 stop_at_layer=stop_layer(self.hooks))
         return {h: cache[h].detach().cpu() for h in self.hooks}
 
     def iter_batches(self, docs: list[dict]) -> Iterator[ActivationBatch]:
@@ -59,5 +61,6 @@ class LensSource:
         hf = getattr(self.model, "original_model", None) or load_lm(self.cfg.model)[0]
         return {"kind": "lens", "model": hub_id(self.cfg.model), "revision": model_revision(hf),
                 "hooks": self.hooks, "d_in": self.d_in, "dtype": self.cfg.dtype,
+                "forward_dtype": resolve_forward_dtype(self.cfg.forward_dtype, self.cfg.device),
                 "tokenizer_hash": tokenizer_hash(self.tok), "max_length": self.cfg.max_length,
                 "exclude_special": self.cfg.exclude_special, "prepend_bos": self.cfg.prepend_bos}

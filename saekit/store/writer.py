@@ -75,6 +75,27 @@ def _identity(spec: dict, corpus_fp: str, n_docs: int, cfg: StoreConfig) -> Stor
                          docs_per_shard=cfg.docs_per_shard, dtype=cfg.dtype)
 
 
+# What a store made before a source-spec key existed was made with (so those stores resume unchanged).
+SPEC_DEFAULTS = {"forward_dtype": "float32"}
+
+
+def identity_differences(stored: dict | None, wanted: StoreIdentity) -> list[str]:
+    """'key: expected <the store's>, found <this job's>' for every identity field (source spec keys as
+    `source.<key>`) that differs; empty when the job may resume or reuse the store. A source spec
+    key missing from an older store counts as its SPEC_DEFAULTS value."""
+    if not isinstance(stored, dict):
+        return [f"identity: expected a mapping in {CACHE_INDEX}, found {json.dumps(stored)[:80]}"]
+    old, new = _flat_identity(stored), _flat_identity(dict(wanted))
+    return [f"{k}: expected {json.dumps(old.get(k))[:120]} (the store's), found {json.dumps(new.get(k))[:120]} "
+            "(this job's)" for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k)]
+
+
+def _flat_identity(identity: dict) -> dict:
+    source = identity.get("source")
+    source = {**SPEC_DEFAULTS, **source} if isinstance(source, dict) else {"": source}
+    return {**{f"source.{k}": v for k, v in source.items()}, **{k: v for k, v in identity.items() if k != "source"}}
+
+
 def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifest_name: str,
              clean: bool = True) -> dict[str, StoreManifest]:
     """Create or reopen the per-hook stores; refuse to mix with a store made differently.
@@ -88,11 +109,12 @@ def _prepare(root: Path, spec: dict, docs: list[dict], cfg: StoreConfig, manifes
     index_path = root / CACHE_INDEX
     if index_path.exists():
         old = read_json(index_path)
-        if old.get("identity") != identity:
+        differ = identity_differences(old.get("identity"), identity)
+        if differ:
             if not cfg.overwrite:
                 raise StoreExistsError(
-                    f"{root} already holds a store made from a different source or corpus "
-                    f"(found {json.dumps(old.get('identity'))[:300]}…); choose another path or set store.overwrite")
+                    f"{root} already holds a store made from a different source or corpus: {'; '.join(differ)}; "
+                    "choose another path or set store.overwrite")
             import shutil
 
             shutil.rmtree(root)
