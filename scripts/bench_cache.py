@@ -14,8 +14,19 @@
   Arrow file the process touched: page cache the kernel can drop). Target: 4N -> <= 1.2x the peak of N.
   `prepare` is `datasets`' one-time conversion of the file into its Arrow cache (a process of its
   own, before the two caching runs, which then both read that cache); its peak is reported apart.
+- precision (`--part precision`): `cache_activations` with `source.forward_dtype` float32 and bfloat16
+  (bf16 autocast), interleaved round by round (the order alternates), on the same documents (held out
+  of the main job's 3,000: documents 3000.. of the packaged corpus order), with the embedded SmolLM2
+  (layer 15, max_length 64, batch 32, as the main job) and with MiniLM (pooled, batch 128). Reported:
+  tokens/s both ways and their ratio; per-row relative error ||a_bf16 - a_fp32|| / ||a_fp32|| (median,
+  p99, max) over all rows, the ordinary rows and the massive-activation rows (the store's `outlier`
+  column, `saekit.store.outliers`) apart; the cosine (median, p1, min). With `--sae FOLDER` (an SAE
+  trained on fp32 rows of that hook, e.g. the main job's train/final_sae), its FVU on the fp32 and the
+  bf16 rows of the same tokens (ordinary rows, as the main job's headline) and their difference, each
+  with a 95 % document-bootstrap interval (paired: the same resamples for both).
 
-    python scripts/bench_cache.py [--tokens 20000] [--part all|cache|memory] [--docs 50000]
+    python scripts/bench_cache.py [--tokens 20000] [--part all|cache|memory|precision] [--docs 50000]
+                                  [--precision-docs 600] [--rounds 2] [--sae RUN/train/final_sae]
 """
 
 from __future__ import annotations
@@ -213,10 +224,131 @@ def memory_part(n_docs: int) -> dict:
     return out
 
 
+# -- bf16 caching forward against fp32 ---------------------------------------------------------------
+def _timed_cache(cfg_kw: dict, docs: list[dict], root: str, model=None) -> tuple:
+    """(store, seconds, source) of one caching run with the given source config."""
+    from saekit.sources.base import SourceConfig
+    from saekit.sources.embeddings import EmbeddingSource
+    from saekit.sources.hf import HFSource
+    from saekit.store.reader import ActivationStore
+    from saekit.store.writer import StoreConfig, cache_activations
+
+    cfg = SourceConfig(**cfg_kw)
+    src = EmbeddingSource(cfg, model[0]) if cfg.kind == "embedding" else HFSource(cfg, *model)
+    t0 = time.perf_counter()
+    paths = cache_activations(src, docs, root, StoreConfig(docs_per_shard=200))
+    seconds = time.perf_counter() - t0
+    return ActivationStore(next(iter(paths.values()))), seconds
+
+
+def _quantiles(v: torch.Tensor) -> dict:
+    if v.numel() == 0:
+        return {"rows": 0}
+    q = torch.quantile(v.double(), torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
+    return {"rows": int(v.numel()), "median": round(q[0], 6), "p99": round(q[1], 6), "max": round(float(v.max()), 6)}
+
+
+def row_errors(a_ND: torch.Tensor, ref_ND: torch.Tensor, outlier_N: torch.Tensor) -> dict:
+    """Per-row relative error of `a` against `ref` (all rows, ordinary, outliers) and the cosine."""
+    a_ND, ref_ND = a_ND.double(), ref_ND.double()
+    rel_N = (a_ND - ref_ND).norm(dim=1) / ref_ND.norm(dim=1).clamp_min(1e-30)
+    cos_N = torch.nn.functional.cosine_similarity(a_ND, ref_ND, dim=1)
+    out = outlier_N.bool()
+    q = torch.quantile(cos_N, torch.tensor([0.5, 0.01], dtype=torch.float64)).tolist()
+    return {"rel_err": _quantiles(rel_N), "rel_err_ordinary": _quantiles(rel_N[~out]),
+            "rel_err_outliers": _quantiles(rel_N[out]),
+            "cosine": {"median": round(q[0], 7), "p1": round(q[1], 7), "min": round(float(cos_N.min()), 7)}}
+
+
+@torch.no_grad()
+def fvu_pair(sae, x32_ND: torch.Tensor, x16_ND: torch.Tensor, doc_N: torch.Tensor) -> dict:
+    """FVU of `sae` on the fp32 and the bf16 rows and bf16 - fp32, 95 % document-bootstrap intervals
+    (the same resamples for both, so the difference's interval is paired)."""
+    from saekit.eval.bootstrap import Bootstrap, fvu_from_sums
+
+    _, doc_G = torch.unique(doc_N, return_inverse=True)
+    G = int(doc_G.max()) + 1
+    stats = {}
+    for tag, x_ND in (("a", x32_ND), ("b", x16_ND)):
+        x_ND = x_ND.float()
+        recon_ND = torch.cat([sae(x_ND[i: i + 4096]).recon for i in range(0, len(x_ND), 4096)])
+        xc_ND = (x_ND - x32_ND.float().mean(0)).double()  # one fixed shift for both (FVU does not depend on it)
+        for key, val in (("sse", ((recon_ND - x_ND).double() ** 2).sum(1)), ("sumsq", (xc_ND ** 2).sum(1)),
+                         ("n", torch.ones(len(x_ND), dtype=torch.float64))):
+            stats[f"{tag}_{key}"] = torch.zeros(G, dtype=torch.float64).index_add_(0, doc_G, val)
+        stats[f"{tag}_sum_x"] = torch.zeros(G, xc_ND.shape[1], dtype=torch.float64).index_add_(0, doc_G, xc_ND)
+
+    def fvu(s, tag):
+        return fvu_from_sums({k: s[f"{tag}_{k}"] for k in ("sse", "sum_x", "sumsq", "n")})
+    full = {k: v.sum(0, keepdim=True) for k, v in stats.items()}
+    boot = Bootstrap(G, resamples=1000, seed=0)
+    ci = {name: boot.ci(fn, stats) for name, fn in (("fp32", lambda s: fvu(s, "a")), ("bf16", lambda s: fvu(s, "b")),
+                                                     ("bf16_minus_fp32", lambda s: fvu(s, "b") - fvu(s, "a")))}
+    point = {"fp32": float(fvu(full, "a")[0]), "bf16": float(fvu(full, "b")[0])}
+    point["bf16_minus_fp32"] = point["bf16"] - point["fp32"]
+    return {"rows": len(x32_ND), "documents": G, **{k: round(v, 6) for k, v in point.items()},
+            "ci95": {k: [round(x, 6) for x in v] for k, v in ci.items()}, "bootstrap": boot.describe("document")}
+
+
+def precision_model(name: str, cfg_kw: dict, docs: list[dict], rounds: int, root: str, model) -> tuple:
+    """fp32 and bf16 caching of `docs`, interleaved; (summary, fp32 store, bf16 store)."""
+    secs, stores = {"float32": 0.0, "bfloat16": 0.0}, {}
+    for rnd in range(rounds):
+        order = ("float32", "bfloat16") if rnd % 2 == 0 else ("bfloat16", "float32")
+        for fd in order:
+            store, t = _timed_cache({**cfg_kw, "forward_dtype": fd}, docs, os.path.join(root, f"{name}-{fd}-{rnd}"),
+                                    model)
+            secs[fd] += t
+            stores.setdefault(fd, store)
+    ref, low = stores["float32"], stores["bfloat16"]
+    a32, a16 = ref[:], low[:]
+    assert torch.equal(ref.meta("doc_id"), low.meta("doc_id")) and torch.equal(ref.meta("pos"), low.meta("pos"))
+    rows = len(ref)
+    tok_s = {fd: round(rounds * rows / s, 1) for fd, s in secs.items()}
+    unit = "documents_per_s" if cfg_kw["kind"] == "embedding" else "tokens_per_s"  # a pooled row is a document
+    summary = {"rows": rows, unit: tok_s, "bf16_over_fp32": round(tok_s["bfloat16"] / tok_s["float32"], 3),
+               "manifest_forward_dtype": low.manifest.source.get("forward_dtype"),
+               "bit_identical": bool(torch.equal(a32, a16)),
+               **row_errors(a16, a32, ref.meta("outlier"))}
+    return summary, ref, low
+
+
+def precision_part(n_docs: int = 600, rounds: int = 2, sae_path: str | None = None, layer: int = 15) -> dict:
+    from saekit.data.corpus import CorpusConfig, load_documents
+    from saekit.sources.models import load_embedder, load_lm
+
+    torch.set_num_threads(int(os.environ.get("BENCH_THREADS", "2")))
+    docs = load_documents(CorpusConfig(max_docs=3000 + n_docs))[3000:]
+    root = tempfile.mkdtemp(prefix="bench_cache_prec_")
+    hook = f"model.layers.{layer}"
+    out: dict = {"bench": "cache-precision", "documents": len(docs), "rounds": rounds,
+                 "method": "torch.autocast bf16 (fp32 weights)", "threads": torch.get_num_threads(),
+                 "load_avg_1m": {"before": os.getloadavg()[0]}}
+    try:
+        llm, ref, low = precision_model("smollm2", dict(kind="hf", hooks=[hook], max_length=64, batch_size=32),
+                                        docs, rounds, root, load_lm("default"))
+        if sae_path:
+            from saekit import load_sae
+
+            keep = ~ref.meta("outlier").bool()
+            llm["sae_fvu_ordinary_rows"] = {"sae": os.path.basename(os.path.normpath(sae_path)), **fvu_pair(
+                load_sae(sae_path), ref[:][keep], low[:][keep], ref.meta("doc_id")[keep])}
+        out["smollm2_layer%d" % layer] = llm
+        out["minilm"] = precision_model("minilm", dict(kind="embedding", batch_size=128), docs, rounds, root,
+                                        (load_embedder("default"),))[0]
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+    out["load_avg_1m"]["after"] = os.getloadavg()[0]
+    return out
+
+
 if __name__ == "__main__":
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=20_000, help="tokens cached by the cache part")
-    ap.add_argument("--part", choices=["all", "cache", "memory"], default="all")
+    ap.add_argument("--part", choices=["all", "cache", "memory", "precision"], default="all")
+    ap.add_argument("--precision-docs", type=int, default=600, help="documents cached each way (precision part)")
+    ap.add_argument("--rounds", type=int, default=2, help="fp32/bf16 rounds, interleaved (precision part)")
+    ap.add_argument("--sae", default=None, help="SAE folder trained on fp32 rows of layer 15 (precision part: FVU)")
     ap.add_argument("--docs", type=int, default=50_000, help="documents of the smaller corpus (memory part)")
     ap.add_argument("--mem-child", nargs=3, help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -224,6 +356,9 @@ if __name__ == "__main__":
         print(json.dumps(memory_child(*a.mem_child)))
         sys.exit(0)
     result = {}
+    if a.part == "precision":
+        print(json.dumps(precision_part(a.precision_docs, a.rounds, a.sae)))
+        sys.exit(0)
     if a.part in ("all", "cache"):
         result.update(main(a.tokens))
     if a.part in ("all", "memory"):
