@@ -19,8 +19,9 @@
   of the main job's 3,000: documents 3000.. of the packaged corpus order), with the embedded SmolLM2
   (layer 15, max_length 64, batch 32, as the main job) and with MiniLM (pooled, batch 128). Reported:
   tokens/s both ways and their ratio; per-row relative error ||a_bf16 - a_fp32|| / ||a_fp32|| (median,
-  p99, max) over all rows, the ordinary rows and the massive-activation rows (the store's `outlier`
-  column, `saekit.store.outliers`) apart; the cosine (median, p1, min). With `--sae FOLDER` (an SAE
+  p99, max) over all rows, the ordinary rows, the massive-activation rows (the store's `outlier`
+  column, `saekit.store.outliers`) and the first tokens after BOS (pos 1) apart; the cosine (median, p1,
+  min); the three worst rows. With `--sae FOLDER` (an SAE
   trained on fp32 rows of that hook, e.g. the main job's train/final_sae), its FVU on the fp32 and the
   bf16 rows of the same tokens (ordinary rows, as the main job's headline) and their difference, each
   with a 95 % document-bootstrap interval (paired: the same resamples for both).
@@ -248,15 +249,16 @@ def _quantiles(v: torch.Tensor) -> dict:
     return {"rows": int(v.numel()), "median": round(q[0], 6), "p99": round(q[1], 6), "max": round(float(v.max()), 6)}
 
 
-def row_errors(a_ND: torch.Tensor, ref_ND: torch.Tensor, outlier_N: torch.Tensor) -> dict:
-    """Per-row relative error of `a` against `ref` (all rows, ordinary, outliers) and the cosine."""
+def row_errors(a_ND: torch.Tensor, ref_ND: torch.Tensor, outlier_N: torch.Tensor, pos_N: torch.Tensor) -> dict:
+    """Per-row relative error of `a` against `ref` (all rows, ordinary, outliers, the first token after BOS
+    where the massive activations form) and the cosine."""
     a_ND, ref_ND = a_ND.double(), ref_ND.double()
     rel_N = (a_ND - ref_ND).norm(dim=1) / ref_ND.norm(dim=1).clamp_min(1e-30)
     cos_N = torch.nn.functional.cosine_similarity(a_ND, ref_ND, dim=1)
     out = outlier_N.bool()
     q = torch.quantile(cos_N, torch.tensor([0.5, 0.01], dtype=torch.float64)).tolist()
     return {"rel_err": _quantiles(rel_N), "rel_err_ordinary": _quantiles(rel_N[~out]),
-            "rel_err_outliers": _quantiles(rel_N[out]),
+            "rel_err_outliers": _quantiles(rel_N[out]), "rel_err_pos1": _quantiles(rel_N[pos_N == 1]),
             "cosine": {"median": round(q[0], 7), "p1": round(q[1], 7), "min": round(float(cos_N.min()), 7)}}
 
 
@@ -309,8 +311,16 @@ def precision_model(name: str, cfg_kw: dict, docs: list[dict], rounds: int, root
     summary = {"rows": rows, unit: tok_s, "bf16_over_fp32": round(tok_s["bfloat16"] / tok_s["float32"], 3),
                "manifest_forward_dtype": low.manifest.source.get("forward_dtype"),
                "bit_identical": bool(torch.equal(a32, a16)),
-               **row_errors(a16, a32, ref.meta("outlier"))}
+               **row_errors(a16, a32, ref.meta("outlier"), ref.meta("pos")), "worst_rows": worst_rows(a16, a32, ref.meta("pos"))}
     return summary, ref, low
+
+
+def worst_rows(a_ND: torch.Tensor, ref_ND: torch.Tensor, pos_N: torch.Tensor, n: int = 3) -> list[dict]:
+    """The `n` rows with the largest relative error: position, norm over the median norm, error."""
+    norm_N = ref_ND.double().norm(dim=1)
+    rel_N = (a_ND.double() - ref_ND.double()).norm(dim=1) / norm_N.clamp_min(1e-30)
+    return [{"pos": int(pos_N[i]), "norm_over_median": round(float(norm_N[i] / norm_N.median()), 2),
+             "rel_err": round(float(rel_N[i]), 4)} for i in rel_N.argsort(descending=True)[:n].tolist()]
 
 
 def precision_part(n_docs: int = 600, rounds: int = 2, sae_path: str | None = None, layer: int = 15) -> dict:

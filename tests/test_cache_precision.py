@@ -1,14 +1,15 @@
 """`source.forward_dtype`: the caching forward in bf16 autocast, recorded in the store, refused on a mixed resume.
 
 The error bounds come from `scripts/bench_cache.py --part precision` (README, "Speed on the path users
-take"): per-row relative error ||a_bf16 - a_fp32|| / ||a_fp32|| of SmolLM2 layer-15 rows had median
-0.0075 and p99 0.021 (worst of ~6k rows 0.059); of MiniLM pooled vectors median 0.0057, worst 0.0095.
-bf16 keeps 8 mantissa bits (unit roundoff 2^-9 ~ 0.2 %), one bf16 matmul of these widths errs ~0.3 % a
-row, and the residual stream stays fp32 under autocast, so the error grows slowly with depth. The bounds
-below are ~2.5x the measured medians and ~1.7x the measured worst rows: loose enough for other CPUs'
-bf16 kernels, tight enough to catch a forward that ran in fp16 (which overflows on the massive
-activations) or a store that kept bf16 rounding twice. A lower bound checks the option changed the
-forward at all (fp32 autocast or a silently ignored option gives bit-identical rows).
+take"): the per-row relative error ||a_bf16 - a_fp32|| / ||a_fp32|| of SmolLM2 layer-15 rows had median
+0.0076 over 31.7k rows (0.0074 on this test's 16 documents) and p99 0.020, with a heavy tail on the
+first token after BOS, where the massive activations form (worst rows 0.28-0.68); of MiniLM pooled
+vectors median 0.0056, worst 0.010. Casting the weights to bf16 instead of autocast measured medians
+0.012 (SmolLM2) and 0.010 (MiniLM): the median bounds below (0.01, 0.008) sit between the two, so they
+also say that the weights, the residual stream and the norms stayed fp32. bf16 keeps 8 mantissa bits
+(unit roundoff 2^-9), one bf16 matmul of these widths errs ~0.3 % a row, and CPU bf16 kernels accumulate
+in fp32, so the median moves little between CPUs. A lower bound checks that the option changed the
+forward at all (an ignored option gives bit-identical rows).
 """
 
 from __future__ import annotations
@@ -37,6 +38,16 @@ def test_bad_forward_dtype_is_a_config_error_naming_field_expected_and_found(bad
     with pytest.raises(ConfigError, match=r"forward_dtype.*expected.*bfloat16.*found") as e:
         SourceConfig.from_dict({"kind": "embedding", "forward_dtype": bad})
     assert repr(bad) in str(e.value)
+
+
+def test_run_config_names_the_section_and_field():
+    from saekit.run.config import ActivationRunConfig
+
+    with pytest.raises(ConfigError, match=r"^source\.forward_dtype: expected one of \['float32', 'bfloat16', 'auto'\], "
+                                          r"found 'bf16'"):
+        ActivationRunConfig.from_dict({"source": {"kind": "embedding", "forward_dtype": "bf16"}})
+    cfg = ActivationRunConfig.from_dict({"source": {"kind": "embedding", "forward_dtype": "bfloat16"}})
+    assert cfg.source.forward_dtype == "bfloat16" and cfg.to_dict()["source"]["forward_dtype"] == "bfloat16"
 
 
 def test_default_stays_float32():
@@ -81,7 +92,7 @@ def test_bf16_embedding_cache_is_close_but_not_identical_and_recorded(tmp_path, 
     assert torch.equal(low.meta("doc_id"), ref.meta("doc_id"))
     err = relative_errors(a, r)
     assert not torch.equal(a, r) and err.median() > 1e-4  # the option really changed the forward
-    assert err.median() < 0.015 and err.max() < 0.03
+    assert err.median() < 0.008 and err.max() < 0.03
     assert low.manifest.source["forward_dtype"] == "bfloat16"
     assert ref.manifest.source["forward_dtype"] == "float32"
 
@@ -144,6 +155,7 @@ def test_bf16_llm_cache_is_close_but_not_identical_and_recorded(tmp_path, smollm
     assert torch.equal(low.meta("token_id"), ref.meta("token_id"))
     err = relative_errors(a, r)
     assert not torch.equal(a, r) and err.median() > 1e-4
-    assert err.median() < 0.02 and err.max() < 0.1
+    assert err.median() < 0.01 and torch.quantile(err, 0.95) < 0.04
+    assert torch.isfinite(a).all() and err.max() < 1.0  # the tail (pos 1) is large but bounded
     assert low.manifest.source["forward_dtype"] == "bfloat16"
     assert next(model.parameters()).dtype == torch.float32  # autocast: the shared model's weights untouched
