@@ -18,7 +18,8 @@
   (bf16 autocast), interleaved round by round (the order alternates), on the same documents (held out
   of the main job's 3,000: documents 3000.. of the packaged corpus order), with the embedded SmolLM2
   (layer 15, max_length 64, batch 32, as the main job) and with MiniLM (pooled, batch 128). Reported:
-  tokens/s both ways and their ratio; per-row relative error ||a_bf16 - a_fp32|| / ||a_fp32|| (median,
+  tokens/s both ways and their ratio, on the wall clock and per CPU-second of the process (the work
+  itself: on a shared machine the wall clock partly measures who had the cores); per-row relative error ||a_bf16 - a_fp32|| / ||a_fp32|| (median,
   p99, max) over all rows, the ordinary rows, the massive-activation rows (the store's `outlier`
   column, `saekit.store.outliers`) and the first tokens after BOS (pos 1) apart; the cosine (median, p1,
   min); the three worst rows. With `--sae FOLDER` (an SAE
@@ -227,7 +228,7 @@ def memory_part(n_docs: int) -> dict:
 
 # -- bf16 caching forward against fp32 ---------------------------------------------------------------
 def _timed_cache(cfg_kw: dict, docs: list[dict], root: str, model=None) -> tuple:
-    """(store, seconds, source) of one caching run with the given source config."""
+    """(store, (wall seconds, CPU seconds of the process)) of one caching run with the given source config."""
     from saekit.sources.base import SourceConfig
     from saekit.sources.embeddings import EmbeddingSource
     from saekit.sources.hf import HFSource
@@ -236,9 +237,9 @@ def _timed_cache(cfg_kw: dict, docs: list[dict], root: str, model=None) -> tuple
 
     cfg = SourceConfig(**cfg_kw)
     src = EmbeddingSource(cfg, model[0]) if cfg.kind == "embedding" else HFSource(cfg, *model)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     paths = cache_activations(src, docs, root, StoreConfig(docs_per_shard=200))
-    seconds = time.perf_counter() - t0
+    seconds = (time.perf_counter() - t0, time.process_time() - c0)
     return ActivationStore(next(iter(paths.values()))), seconds
 
 
@@ -246,7 +247,8 @@ def _quantiles(v: torch.Tensor) -> dict:
     if v.numel() == 0:
         return {"rows": 0}
     q = torch.quantile(v.double(), torch.tensor([0.5, 0.99], dtype=torch.float64)).tolist()
-    return {"rows": int(v.numel()), "median": round(q[0], 6), "p99": round(q[1], 6), "max": round(float(v.max()), 6)}
+    return {"rows": int(v.numel()), "median": round(q[0], 6), "p99": round(q[1], 6), "max": round(float(v.max()), 6),
+            "over_0.1": int((v > 0.1).sum())}
 
 
 def row_errors(a_ND: torch.Tensor, ref_ND: torch.Tensor, outlier_N: torch.Tensor, pos_N: torch.Tensor) -> dict:
@@ -294,21 +296,25 @@ def fvu_pair(sae, x32_ND: torch.Tensor, x16_ND: torch.Tensor, doc_N: torch.Tenso
 
 def precision_model(name: str, cfg_kw: dict, docs: list[dict], rounds: int, root: str, model) -> tuple:
     """fp32 and bf16 caching of `docs`, interleaved; (summary, fp32 store, bf16 store)."""
-    secs, stores = {"float32": 0.0, "bfloat16": 0.0}, {}
+    secs, cpu, stores = {"float32": 0.0, "bfloat16": 0.0}, {"float32": 0.0, "bfloat16": 0.0}, {}
     for rnd in range(rounds):
         order = ("float32", "bfloat16") if rnd % 2 == 0 else ("bfloat16", "float32")
         for fd in order:
             store, t = _timed_cache({**cfg_kw, "forward_dtype": fd}, docs, os.path.join(root, f"{name}-{fd}-{rnd}"),
                                     model)
-            secs[fd] += t
+            secs[fd] += t[0]
+            cpu[fd] += t[1]
             stores.setdefault(fd, store)
     ref, low = stores["float32"], stores["bfloat16"]
     a32, a16 = ref[:], low[:]
     assert torch.equal(ref.meta("doc_id"), low.meta("doc_id")) and torch.equal(ref.meta("pos"), low.meta("pos"))
     rows = len(ref)
     tok_s = {fd: round(rounds * rows / s, 1) for fd, s in secs.items()}
-    unit = "documents_per_s" if cfg_kw["kind"] == "embedding" else "tokens_per_s"  # a pooled row is a document
-    summary = {"rows": rows, unit: tok_s, "bf16_over_fp32": round(tok_s["bfloat16"] / tok_s["float32"], 3),
+    tok_cpu_s = {fd: round(rounds * rows / s, 1) for fd, s in cpu.items()}
+    unit = "documents" if cfg_kw["kind"] == "embedding" else "tokens"  # a pooled row is a document
+    summary = {"rows": rows, f"{unit}_per_s": tok_s, "bf16_over_fp32": round(tok_s["bfloat16"] / tok_s["float32"], 3),
+               f"{unit}_per_cpu_s": tok_cpu_s,
+               "bf16_over_fp32_cpu_time": round(tok_cpu_s["bfloat16"] / tok_cpu_s["float32"], 3),
                "manifest_forward_dtype": low.manifest.source.get("forward_dtype"),
                "bit_identical": bool(torch.equal(a32, a16)),
                **row_errors(a16, a32, ref.meta("outlier"), ref.meta("pos")), "worst_rows": worst_rows(a16, a32, ref.meta("pos"))}

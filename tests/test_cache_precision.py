@@ -18,6 +18,7 @@ import pytest
 import torch
 
 from saekit.errors import ConfigError, StoreExistsError
+from saekit.run.folders import store_summary
 from saekit.sources import precision
 from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.embeddings import EmbeddingSource
@@ -95,6 +96,7 @@ def test_bf16_embedding_cache_is_close_but_not_identical_and_recorded(tmp_path, 
     assert err.median() < 0.008 and err.max() < 0.03
     assert low.manifest.source["forward_dtype"] == "bfloat16"
     assert ref.manifest.source["forward_dtype"] == "float32"
+    assert store_summary(low)["forward_dtype"] == "bfloat16"  # what `saekit cache` prints
 
 
 def test_resume_with_another_forward_dtype_is_refused(tmp_path, emb_pair, tweets):
@@ -159,3 +161,19 @@ def test_bf16_llm_cache_is_close_but_not_identical_and_recorded(tmp_path, smollm
     assert torch.isfinite(a).all() and err.max() < 1.0  # the tail (pos 1) is large but bounded
     assert low.manifest.source["forward_dtype"] == "bfloat16"
     assert next(model.parameters()).dtype == torch.float32  # autocast: the shared model's weights untouched
+
+
+@pytest.mark.slow
+def test_bf16_lens_cache_is_close_and_recorded(tmp_path, smollm, smollm_lens, tweets):
+    from saekit.sources.lens import LensSource
+
+    _, tok = smollm
+    kw = dict(kind="lens", hooks=["blocks.15.hook_resid_post"], max_length=32, batch_size=8)
+    fp32 = LensSource(SourceConfig(**kw), smollm_lens, tok)
+    bf16 = LensSource(SourceConfig(**kw, forward_dtype="bfloat16"), smollm_lens, tok)
+    docs, cfg = tweets[:8], StoreConfig(docs_per_shard=8)
+    ref = ActivationStore(cache_activations(fp32, docs, tmp_path / "fp32", cfg)["blocks.15.hook_resid_post"])
+    low = ActivationStore(cache_activations(bf16, docs, tmp_path / "bf16", cfg)["blocks.15.hook_resid_post"])
+    err = relative_errors(low[:], ref[:])
+    assert not torch.equal(low[:], ref[:]) and 1e-4 < err.median() < 0.01
+    assert low.manifest.source["forward_dtype"] == "bfloat16"

@@ -63,7 +63,8 @@ def configured_force(folder: RunFolder) -> bool:
 def store_summary(store: ActivationStore) -> dict:
     m = store.manifest
     return {"store": str(store.path), "hook": store.hook, "kind": store.kind, "model": m["source"]["model"],
-            "rows": len(store), "d_in": store.d_in, "docs": m["n_docs"], "shards": len(m["shards"]),
+            "forward_dtype": m["source"].get("forward_dtype", "float32"), "rows": len(store), "d_in": store.d_in,
+            "docs": m["n_docs"], "shards": len(m["shards"]),
             "complete": store.complete}
 
 
