@@ -1,14 +1,14 @@
 """The precision of a caching forward pass (`source.forward_dtype`): fp32, or bf16 autocast.
 
 Why autocast and not bf16 weights: on the embedded SmolLM2 (layer 15, 192 tweets, 6.2k rows, one thread)
-bf16 autocast ran 2.7x the fp32 forward with a median per-row relative error of 0.75 % (p99 2.1 %),
-while casting the weights to bf16 ran 3.6x with 1.2 % (p99 4.1 %, worst row 20 %); on MiniLM 2.3x at
-0.57 % against 3.3x at 1.0 %. Under autocast the weights stay fp32 and only the matmuls and the
-attention run in bf16;
-the residual stream, the norms and the softmax stay fp32 (with bf16 weights the residual stream itself
-is bf16, and the rounding compounds layer after layer). Rows leave the source as fp32 and are stored in
-`store.dtype`. `auto` is bf16 where the hardware multiplies bf16 natively (CUDA with bf16 support; CPUs
-with AVX512-BF16 or AMX), and fp32 elsewhere, where emulated bf16 would be slower.
+bf16 autocast ran 2.7x the fp32 forward with a median per-row relative error of 0.75 % (p99 2.1 %), while
+casting the weights to bf16 ran 3.6x with 1.2 % (p99 4.1 %, worst row 20 %); on MiniLM 2.3x at 0.57 %
+against 3.3x at 1.0 %. Under autocast the weights stay fp32 and only the matmuls and the attention run in
+bf16 (torch's bf16 SDPA kernel, softmax included); the residual stream and the norms stay fp32 (with bf16
+weights the residual stream itself is bf16, and the rounding compounds layer after layer). Rows leave the
+source as fp32 and are stored in `store.dtype`. `auto` is bf16 where the hardware multiplies bf16
+natively (CUDA with bf16 support; CPUs with AVX512-BF16 or AMX), and fp32 elsewhere, where emulated bf16
+would be slower.
 """
 
 from __future__ import annotations
