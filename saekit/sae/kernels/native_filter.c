@@ -113,9 +113,12 @@ static inline v16f g_load_bf16(const uint16_t *p) { v16h h; memcpy(&h, p, sizeof
 static inline v16f g_splat(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s, s, s, s, s, s, s}; }
 static inline v16f g_abs(v16f a) { return (v16f)((v16u)a & 0x7fffffffu); }
 static inline v16f g_max(v16f a, v16f b) { v16i m = a > b; return (v16f)(((v16i)a & m) | ((v16i)b & ~m)); }
-static inline float g_hmax(v16f a) { /* maximum of the 16 lanes (no NaN) */
-    v8f lo = __builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), hi = __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15);
-    return f_hmax(f_max8(lo, hi));
+static inline float g_hmax(v16f a) { /* maximum of the 16 lanes (no NaN): a shuffle tree */
+    v8f m = f_max8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
+    m = f_max8(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3));
+    m = f_max8(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));
+    m = f_max8(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));
+    return m[0];
 }
 #if defined(__AVX512F__)
 static inline unsigned g_ge_mask(v16f a, v16f b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
@@ -130,7 +133,7 @@ typedef struct {
     float c, u_rel, a_rel, tiny_per_norm, tiny_const;
 } filter_args;
 
-typedef struct { float *L, *bmaxL, *bmaxU, *fh; int64_t *cand; fitem *h; } scratch;
+typedef struct { float *L, *bmaxL, *bmaxU, *fh; fitem *h; } scratch; /* per-thread, one row at a time */
 
 /* p + b (into *q) and e for 16 latents starting at j (see the file comment) */
 static inline v16f bound16(const filter_args *A, int64_t j, v16f p, v16f *q, float cx, float tiny) {
@@ -166,10 +169,10 @@ static float kth_largest(const float *L, const float *bmax, int64_t nb, int64_t 
     return fh[0];
 }
 
-/* Candidates, then their exact float32 values, top-k in the (value desc, index asc) order. Returns 1 when the
- * row is not finite (NaN/inf in the product, the bias or the norms), else 0. F % 32 == 0. */
-static int filter_row(const filter_args *A, const uint16_t *pre, const float *x, scratch *s, float *vals,
-                      int64_t *idx, int64_t *n_cand) {
+/* The candidates of one row, appended to cand: {j : U[j] >= t}, t the k-th largest L. Returns 1 when the row
+ * is not finite (NaN/inf in the product, the bias or the norms), else 0. F % 32 == 0. */
+static int row_candidates(const filter_args *A, const uint16_t *pre, const float *x, scratch *s, int32_t *cand,
+                          int64_t *n_out) {
     const int64_t F = A->F, D = A->D, k = A->k, nb = F / 32;
     const float nx = __builtin_sqrtf(f_dot(x, x, D));
     if (!(nx <= 3.0e38f)) return 1;
@@ -190,58 +193,118 @@ static int filter_row(const filter_args *A, const uint16_t *pre, const float *x,
     if (finite != 0xffffu) return 1;
     const float t = kth_largest(s->L, s->bmaxL, nb, k, s->fh);
     const v16f tv = g_splat(t);
-    int64_t n = 0; /* pass 2, in the blocks that can hold one: candidates U >= t (the same U as pass 1) */
+    int64_t n = 0; /* pass 2, in the blocks that can hold one: U >= t (the same U as pass 1) */
     for (int64_t b = 0; b < nb; b++) {
         if (!(s->bmaxU[b] >= t)) continue;
         v16f q0, q1;
         const v16f p0 = g_load_bf16(pre + b * 32), p1 = g_load_bf16(pre + b * 32 + 16);
         const v16f e0 = bound16(A, b * 32, p0, &q0, cx, tiny), e1 = bound16(A, b * 32 + 16, p1, &q1, cx, tiny);
         uint32_t mask = g_ge_mask(q0 + e0, tv) | g_ge_mask(q1 + e1, tv) << 16;
-        while (mask) { s->cand[n++] = b * 32 + __builtin_ctz(mask); mask &= mask - 1; }
+        while (mask) { cand[n++] = (int32_t)(b * 32 + __builtin_ctz(mask)); mask &= mask - 1; }
     }
-    int64_t m = 0;
-    for (int64_t c = 0; c < n; c++) {
-        const int64_t j = s->cand[c];
-        if (c + 2 < n) {
-            const char *nxt = (const char *)(A->WT + s->cand[c + 2] * D);
-            for (int64_t o = 0; o < D * 4; o += 64) __builtin_prefetch(nxt + o);
-        }
-        fitem it = {f_dot(x, A->WT + j * D, D) + (A->bias ? A->bias[j] : 0.0f), j};
-        if (m < k) { s->h[m++] = it; if (m == k) for (int64_t p = k / 2 - 1; p >= 0; p--) sift_below(s->h, k, p); }
-        else if (below(s->h[0], it)) { s->h[0] = it; sift_below(s->h, k, 0); }
-    }
-    for (int64_t q = 0; q < k; q++) { vals[q] = s->h[q].v; idx[q] = s->h[q].i; }
-    *n_cand = n;
+    *n_out = n;
     return 0;
 }
 
+/* -- a tile of rows: candidates, latent-major recompute, per-row top-k -------------------------------------- */
+/* Per-thread buffers for one tile: pair p = (row prow[p], latent plat[p]) with value pval[p]; a row's pairs are
+ * contiguous (rstart). The recompute visits the pairs latent by latent (counting sort into order), so each
+ * W^T row is read once per tile instead of once per pair (the gathers were memory-bound: ~120 ns a pair). */
+typedef struct { int32_t *plat, *prow, *order, *lstart; float *pval; int64_t *rstart, cap; } tile_buf;
+
+static int reserve(tile_buf *t, int64_t need) {
+    if (need <= t->cap) return 0;
+    int64_t cap = need > 2 * t->cap ? need : 2 * t->cap;
+    int32_t *a = realloc(t->plat, (size_t)cap * 4), *b = a ? realloc(t->prow, (size_t)cap * 4) : NULL;
+    if (a) t->plat = a;
+    if (b) t->prow = b;
+    int32_t *c = b ? realloc(t->order, (size_t)cap * 4) : NULL;
+    if (c) t->order = c;
+    float *d = c ? realloc(t->pval, (size_t)cap * 4) : NULL;
+    if (d) t->pval = d;
+    if (!d) return -1;
+    t->cap = cap;
+    return 0;
+}
+
+static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, int64_t r0, int64_t r1, scratch *s,
+                    tile_buf *t, float *vals, int64_t *idx, int64_t *n_cand) {
+    const int64_t F = A->F, D = A->D, k = A->k;
+    int64_t np = 0;
+    t->rstart[0] = 0;
+    for (int64_t r = r0; r < r1; r++) {
+        if (reserve(t, np + F)) return 2;
+        int64_t n = 0;
+        if (row_candidates(A, pre + r * F, x + r * D, s, t->plat + np, &n)) return 1;
+        for (int64_t q = np; q < np + n; q++) t->prow[q] = (int32_t)(r - r0);
+        np += n;
+        t->rstart[r - r0 + 1] = np;
+    }
+    *n_cand += np;
+    memset(t->lstart, 0, (size_t)(F + 1) * sizeof *t->lstart); /* counting sort of the pairs by latent */
+    for (int64_t p = 0; p < np; p++) t->lstart[t->plat[p] + 1]++;
+    for (int64_t j = 0; j < F; j++) t->lstart[j + 1] += t->lstart[j];
+    for (int64_t p = 0; p < np; p++) t->order[t->lstart[t->plat[p]]++] = (int32_t)p;
+    for (int64_t j = F; j > 0; j--) t->lstart[j] = t->lstart[j - 1]; /* back to the starts */
+    t->lstart[0] = 0;
+    for (int64_t o = 0; o < np;) { /* exact float32 values, one latent at a time */
+        const int64_t j = t->plat[t->order[o]], o1 = t->lstart[j + 1];
+        if (o1 < np) {
+            const char *nxt = (const char *)(A->WT + (int64_t)t->plat[t->order[o1]] * D);
+            for (int64_t c = 0; c < D * 4; c += 64) __builtin_prefetch(nxt + c);
+        }
+        const float *w = A->WT + j * D, bj = A->bias ? A->bias[j] : 0.0f;
+        for (; o < o1; o++) {
+            const int64_t p = t->order[o];
+            t->pval[p] = f_dot(x + (r0 + t->prow[p]) * D, w, D) + bj;
+        }
+    }
+    for (int64_t r = r0; r < r1; r++) { /* per row: top-k in the (value desc, index asc) order */
+        int64_t m = 0;
+        for (int64_t p = t->rstart[r - r0]; p < t->rstart[r - r0 + 1]; p++) {
+            const fitem it = {t->pval[p], t->plat[p]};
+            if (m < k) { s->h[m++] = it; if (m == k) for (int64_t q = k / 2 - 1; q >= 0; q--) sift_below(s->h, k, q); }
+            else if (below(s->h[0], it)) { s->h[0] = it; sift_below(s->h, k, 0); }
+        }
+        for (int64_t q = 0; q < k; q++) { vals[r * k + q] = s->h[q].v; idx[r * k + q] = s->h[q].i; }
+    }
+    return 0;
+}
+
+#define ROW_TILE 256 /* rows per tile: their x rows (~0.5 MB at d_in 512) stay in L2 during the recompute */
+
 /* Row-wise exact top-k (unordered within a row) of fl(x_c[b] . W[:, j] + bias[j]) over rows [0, B), from the
  * bf16 product `pre` [B, F] (raw uint16 bits), x_c [B, D] float32, WT [F, D] and nw [F] from saekit_filter_prep.
- * bias may be NULL. 1 <= k <= F. *n_cand_total receives the candidates summed over rows. Returns 0, 1 when a
- * row is not finite (the caller then takes the dense path), -1 on bad sizes or no scratch memory. */
+ * bias may be NULL. 1 <= k <= F, F % 32 == 0, F < 2^31. *n_cand_total receives the candidates summed over rows.
+ * Returns 0, 1 when a row is not finite (the caller then takes the dense path), -1 on bad sizes or no memory. */
 int saekit_topk_filtered(const uint16_t *pre, const float *bias, const float *x, const float *WT, const float *nw,
                          int64_t B, int64_t F, int64_t D, int32_t k, float c, float u_rel, float a_rel,
                          float tiny_per_norm, float tiny_const, float *vals, int64_t *idx, int64_t *n_cand_total,
                          int32_t n_threads) {
-    if (k < 1 || k > F || D < 1 || F % 32) return -1;
+    if (k < 1 || k > F || D < 1 || F % 32 || F >= ((int64_t)1 << 31)) return -1;
     const filter_args A = {bias, WT, nw, F, D, k, c, u_rel, a_rel, tiny_per_norm, tiny_const};
+    const int64_t n_tiles = (B + ROW_TILE - 1) / ROW_TILE;
     int status = 0;
     int64_t total = 0;
 #pragma omp parallel num_threads(n_threads) reduction(|:status) reduction(+:total)
     {
         scratch s = {malloc((size_t)F * sizeof(float)), malloc((size_t)(F / 32 + 1) * sizeof(float)),
                      malloc((size_t)(F / 32 + 1) * sizeof(float)), malloc((size_t)k * sizeof(float)),
-                     malloc((size_t)F * sizeof(int64_t)), malloc((size_t)k * sizeof(fitem))};
-        int ok = s.L && s.bmaxL && s.bmaxU && s.fh && s.cand && s.h;
+                     malloc((size_t)k * sizeof(fitem))};
+        tile_buf t = {NULL, NULL, NULL, malloc((size_t)(F + 1) * sizeof(int32_t)), NULL,
+                      malloc((size_t)(ROW_TILE + 1) * sizeof(int64_t)), 0};
+        int ok = s.L && s.bmaxL && s.bmaxU && s.fh && s.h && t.lstart && t.rstart;
         if (!ok) status |= 2;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < B; r++) {
-            if (!ok) continue;
+#pragma omp for schedule(dynamic, 1)
+        for (int64_t q = 0; q < n_tiles; q++) {
+            if (!ok || status) continue;
+            const int64_t r0 = q * ROW_TILE, r1 = r0 + ROW_TILE < B ? r0 + ROW_TILE : B;
             int64_t n = 0;
-            status |= filter_row(&A, pre + r * F, x + r * D, &s, vals + r * k, idx + r * k, &n);
+            status |= run_tile(&A, pre, x, r0, r1, &s, &t, vals, idx, &n);
             total += n;
         }
-        free(s.L); free(s.bmaxL); free(s.bmaxU); free(s.fh); free(s.cand); free(s.h);
+        free(s.L); free(s.bmaxL); free(s.bmaxU); free(s.fh); free(s.h);
+        free(t.plat); free(t.prow); free(t.order); free(t.lstart); free(t.pval); free(t.rstart);
     }
     *n_cand_total = total;
     return status & 2 ? -1 : status;
