@@ -127,7 +127,7 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saekit_filter_prep.argtypes = [p, i64, i64, p, p, i32]
     lib.saekit_filter_prep.restype = None
     f32 = ctypes.c_float
-    lib.saekit_topk_filtered.argtypes = [p, p, p, p, p, i64, i64, i64, i32, f32, f32, f32, f32, f32, p, p, p, i32]
+    lib.saekit_topk_filtered.argtypes = [p, p, p, p, p, i64, i64, i64, i32, f32, f32, f32, f32, f32, p, p, p, p, i32]
     lib.saekit_topk_filtered.restype = ctypes.c_int
     return lib
 

@@ -14,6 +14,7 @@
 #include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
@@ -227,10 +228,14 @@ static int reserve(tile_buf *t, int64_t need) {
     return 0;
 }
 
+static double seconds(void) { struct timespec ts; clock_gettime(CLOCK_THREAD_CPUTIME_ID, &ts); /* this thread's CPU time */ return ts.tv_sec + 1e-9 * ts.tv_nsec; }
+
+/* secs[0] += time finding candidates (bound + filter), secs[1] += time recomputing and selecting */
 static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, int64_t r0, int64_t r1, scratch *s,
-                    tile_buf *t, float *vals, int64_t *idx, int64_t *n_cand) {
+                    tile_buf *t, float *vals, int64_t *idx, int64_t *n_cand, double *secs) {
     const int64_t F = A->F, D = A->D, k = A->k;
     int64_t np = 0;
+    const double t0 = seconds();
     t->rstart[0] = 0;
     for (int64_t r = r0; r < r1; r++) {
         if (reserve(t, np + F)) return 2;
@@ -241,6 +246,7 @@ static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, i
         t->rstart[r - r0 + 1] = np;
     }
     *n_cand += np;
+    const double t1 = seconds();
     memset(t->lstart, 0, (size_t)(F + 1) * sizeof *t->lstart); /* counting sort of the pairs by latent */
     for (int64_t p = 0; p < np; p++) t->lstart[t->plat[p] + 1]++;
     for (int64_t j = 0; j < F; j++) t->lstart[j + 1] += t->lstart[j];
@@ -268,6 +274,8 @@ static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, i
         }
         for (int64_t q = 0; q < k; q++) { vals[r * k + q] = s->h[q].v; idx[r * k + q] = s->h[q].i; }
     }
+    secs[0] += t1 - t0;
+    secs[1] += seconds() - t1;
     return 0;
 }
 
@@ -275,19 +283,22 @@ static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, i
 
 /* Row-wise exact top-k (unordered within a row) of fl(x_c[b] . W[:, j] + bias[j]) over rows [0, B), from the
  * bf16 product `pre` [B, F] (raw uint16 bits), x_c [B, D] float32, WT [F, D] and nw [F] from saekit_filter_prep.
- * bias may be NULL. 1 <= k <= F, F % 32 == 0, F < 2^31. *n_cand_total receives the candidates summed over rows.
+ * bias may be NULL. 1 <= k <= F, F % 32 == 0, F < 2^31. *n_cand_total receives the candidates summed over rows,
+ * phase_s[0] and phase_s[1] the seconds spent finding candidates and recomputing (summed over threads).
  * Returns 0, 1 when a row is not finite (the caller then takes the dense path), -1 on bad sizes or no memory. */
 int saekit_topk_filtered(const uint16_t *pre, const float *bias, const float *x, const float *WT, const float *nw,
                          int64_t B, int64_t F, int64_t D, int32_t k, float c, float u_rel, float a_rel,
                          float tiny_per_norm, float tiny_const, float *vals, int64_t *idx, int64_t *n_cand_total,
-                         int32_t n_threads) {
+                         double *phase_s, int32_t n_threads) {
     if (k < 1 || k > F || D < 1 || F % 32 || F >= ((int64_t)1 << 31)) return -1;
     const filter_args A = {bias, WT, nw, F, D, k, c, u_rel, a_rel, tiny_per_norm, tiny_const};
     const int64_t n_tiles = (B + ROW_TILE - 1) / ROW_TILE;
     int status = 0;
     int64_t total = 0;
-#pragma omp parallel num_threads(n_threads) reduction(|:status) reduction(+:total)
+    double find_s = 0.0, recompute_s = 0.0;
+#pragma omp parallel num_threads(n_threads) reduction(|:status) reduction(+:total, find_s, recompute_s)
     {
+        double secs[2] = {0.0, 0.0};
         scratch s = {malloc((size_t)F * sizeof(float)), malloc((size_t)(F / 32 + 1) * sizeof(float)),
                      malloc((size_t)(F / 32 + 1) * sizeof(float)), malloc((size_t)k * sizeof(float)),
                      malloc((size_t)k * sizeof(fitem))};
@@ -300,12 +311,16 @@ int saekit_topk_filtered(const uint16_t *pre, const float *bias, const float *x,
             if (!ok || status) continue;
             const int64_t r0 = q * ROW_TILE, r1 = r0 + ROW_TILE < B ? r0 + ROW_TILE : B;
             int64_t n = 0;
-            status |= run_tile(&A, pre, x, r0, r1, &s, &t, vals, idx, &n);
+            status |= run_tile(&A, pre, x, r0, r1, &s, &t, vals, idx, &n, secs);
             total += n;
         }
+        find_s += secs[0];
+        recompute_s += secs[1];
         free(s.L); free(s.bmaxL); free(s.bmaxU); free(s.fh); free(s.h);
         free(t.plat); free(t.prow); free(t.order); free(t.lstart); free(t.pval); free(t.rstart);
     }
     *n_cand_total = total;
+    phase_s[0] = find_s;
+    phase_s[1] = recompute_s;
     return status & 2 ? -1 : status;
 }

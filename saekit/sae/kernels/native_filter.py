@@ -46,6 +46,7 @@ import ctypes
 import functools
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -56,7 +57,11 @@ from saekit.sae.kernels import native
 U_BF16, EPS32 = 2.0 ** -8, 2.0 ** -24
 C_SCALE = 1.0
 """Test-only hook: tests shrink the bound's main constant to show that a bound too tight is detected."""
-STATS = {"filtered_calls": 0, "dense_calls": 0, "rows": 0, "candidates": 0}
+STATS = {"filtered_calls": 0, "dense_calls": 0, "rows": 0, "candidates": 0,
+         "bf16_product_s": 0.0, "prep_s": 0.0, "find_s": 0.0, "recompute_s": 0.0}
+"""Counters since `reset_stats()`: calls per path, rows and candidates, and CPU seconds per part of the filter
+(`find_s`: the bound and the candidate scan, `recompute_s`: float32 dot products and the selection, both
+summed over the kernel's threads; the product and prep parts: the process's CPU time)."""
 
 
 def enabled() -> bool:
@@ -119,8 +124,11 @@ def topk(x_c_BD: Tensor, W_DF: Tensor, b_F: Tensor | None, k: int,
     F = W_DF.shape[1]
     if b_F is not None and (b_F.dtype != torch.float32 or b_F.shape != (F,)):
         return None
+    t0 = time.process_time()
     pre_BF = bf16_product(x_c_BD, W_DF, work_BF)
+    t1 = time.process_time()
     WT_FD, nw_F = prepare(W_DF)
+    t2 = time.process_time()
     nw_max = float(nw_F.max())
     if not math.isfinite(nw_max):
         return None
@@ -128,15 +136,16 @@ def topk(x_c_BD: Tensor, W_DF: Tensor, b_F: Tensor | None, k: int,
     tiny = cst["tiny_const"] + cst["tiny_per_norm"] * nw_max
     b_F = b_F.detach().contiguous() if b_F is not None else None
     vals, idx, total = torch.empty(B, k), torch.empty(B, k, dtype=torch.int64), ctypes.c_int64(0)
+    phase_s = (ctypes.c_double * 2)()
     status = native.library().saekit_topk_filtered(
         pre_BF.data_ptr(), b_F.data_ptr() if b_F is not None else None, x_c_BD.data_ptr(), WT_FD.data_ptr(),
         nw_F.data_ptr(), B, F, D, k, cst["c"], cst["u_rel"], cst["a_rel"], cst["tiny_per_norm"], tiny,
-        vals.data_ptr(), idx.data_ptr(), ctypes.byref(total), native._threads(B))
+        vals.data_ptr(), idx.data_ptr(), ctypes.byref(total), phase_s, native._threads(B))
     if status != 0:
         return None
-    STATS["filtered_calls"] += 1
-    STATS["rows"] += B
-    STATS["candidates"] += total.value
+    for key, value in (("filtered_calls", 1), ("rows", B), ("candidates", total.value), ("bf16_product_s", t1 - t0),
+                       ("prep_s", t2 - t1), ("find_s", phase_s[0]), ("recompute_s", phase_s[1])):
+        STATS[key] += value
     return vals, idx, WT_FD
 
 
@@ -147,7 +156,7 @@ def record_dense() -> None:
 
 def reset_stats() -> None:
     for key in STATS:
-        STATS[key] = 0
+        STATS[key] = 0.0 if key.endswith("_s") else 0
 
 
 def summary() -> dict:
