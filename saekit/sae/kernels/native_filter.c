@@ -54,6 +54,30 @@ static inline float f_dot(const float *a, const float *b, int64_t d) {
     return s;
 }
 
+/* f_dot of four rows with one w (each w vector loaded once for the four): per row the same operations in the
+ * same order as f_dot, so a value does not depend on which rows share its latent. */
+static inline void f_dot4(const float *const xs[4], const float *w, int64_t d, float out[4]) {
+    v8f a[4][4];
+    memset(a, 0, sizeof a);
+    int64_t q = 0;
+    for (; q + 32 <= d; q += 32) {
+        const v8f w0 = f_load8(w + q), w1 = f_load8(w + q + 8), w2 = f_load8(w + q + 16), w3 = f_load8(w + q + 24);
+        for (int r = 0; r < 4; r++) {
+            a[r][0] += f_load8(xs[r] + q) * w0;
+            a[r][1] += f_load8(xs[r] + q + 8) * w1;
+            a[r][2] += f_load8(xs[r] + q + 16) * w2;
+            a[r][3] += f_load8(xs[r] + q + 24) * w3;
+        }
+    }
+    for (int r = 0; r < 4; r++) {
+        const v8f s0 = (a[r][0] + a[r][1]) + (a[r][2] + a[r][3]);
+        float s = 0.0f;
+        for (int t = 0; t < 8; t++) s += s0[t];
+        for (int64_t e = q; e < d; e++) s += xs[r][e] * w[e];
+        out[r] = s;
+    }
+}
+
 /* -- preparation: WT [F, D] = W^T and nw[j] = ||W[:, j]||, one pass over W [D, F] ------------------------- */
 #define PREP_TILE 16
 void saekit_filter_prep(const float *W, int64_t D, int64_t F, float *WT, float *nw, int32_t n_threads) {
@@ -143,6 +167,35 @@ static inline v16f bound16(const filter_args *A, int64_t j, v16f p, v16f *q, flo
     return g_splat(cx) * g_load(A->nw + j) + g_splat(A->u_rel) * g_abs(p) + g_splat(A->a_rel) * g_abs(b) + g_splat(tiny);
 }
 
+/* L = p + b - e and U = p + b + e for the 32 latents of block `blk` */
+static inline void block_bounds(const filter_args *A, const uint16_t *pre, int64_t blk, float cx, float tiny,
+                                v16f *l0, v16f *l1, v16f *u0, v16f *u1) {
+    v16f q0, q1;
+    const v16f p0 = g_load_bf16(pre + blk * 32), p1 = g_load_bf16(pre + blk * 32 + 16);
+    const v16f e0 = bound16(A, blk * 32, p0, &q0, cx, tiny), e1 = bound16(A, blk * 32 + 16, p1, &q1, cx, tiny);
+    *l0 = q0 - e0; *l1 = q1 - e1; *u0 = q0 + e0; *u1 = q1 + e1;
+}
+
+static inline v8f half_max(v16f a) {
+    return f_max8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
+}
+
+static inline float g_hsum(v16f a) { float s = 0.0f; for (int q = 0; q < 16; q++) s += a[q]; return s; }
+
+/* lane q of the result = max over the lanes of m[q] (a shuffle tree, as in native.c) */
+static inline v8f hmax8x8(const v8f m[8]) {
+    v8f p[4], q[2];
+    for (int i = 0; i < 4; i++)
+        p[i] = f_max8(__builtin_shufflevector(m[2 * i], m[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11),
+                      __builtin_shufflevector(m[2 * i], m[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15));
+    for (int j = 0; j < 2; j++)
+        q[j] = f_max8(__builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13),
+                      __builtin_shufflevector(p[2 * j], p[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15));
+    v8f r = f_max8(__builtin_shufflevector(q[0], q[1], 0, 2, 4, 6, 8, 10, 12, 14),
+                   __builtin_shufflevector(q[0], q[1], 1, 3, 5, 7, 9, 11, 13, 15));
+    return __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
+}
+
 /* The k-th largest of L[0:32 nb] (no NaN), 1 <= k <= 32 nb. The k-th largest block maximum T0 is a lower bound
  * of the answer, so only the elements >= T0 of blocks whose maximum is >= T0 enter the size-k heap. */
 static float kth_largest(const float *L, const float *bmax, int64_t nb, int64_t k, float *fh) {
@@ -178,29 +231,42 @@ static int row_candidates(const filter_args *A, const uint16_t *pre, const float
     const float nx = __builtin_sqrtf(f_dot(x, x, D));
     if (!(nx <= 3.0e38f)) return 1;
     const float cx = A->c * nx, tiny = A->tiny_const + A->tiny_per_norm * nx;
-    const v16f big = g_splat(3.0e38f);
-    unsigned finite = 0xffffu; /* lanes whose L and U were all finite (NaN compares false) */
-    for (int64_t b = 0; b < nb; b++) { /* pass 1: L, and the block maxima of L and of U */
-        v16f q0, q1;
-        const v16f p0 = g_load_bf16(pre + b * 32), p1 = g_load_bf16(pre + b * 32 + 16);
-        const v16f e0 = bound16(A, b * 32, p0, &q0, cx, tiny), e1 = bound16(A, b * 32 + 16, p1, &q1, cx, tiny);
-        const v16f l0 = q0 - e0, l1 = q1 - e1, u0 = q0 + e0, u1 = q1 + e1;
-        finite &= g_ge_mask(big, g_abs(l0)) & g_ge_mask(big, g_abs(l1)) & g_ge_mask(big, g_abs(u0)) & g_ge_mask(big, g_abs(u1));
+    v16f acc = g_splat(0.0f); /* sum of L + U: NaN or inf when any L or U is (inf - inf = NaN included) */
+    int64_t b = 0;
+    for (; b + 8 <= nb; b += 8) { /* pass 1: L, and the block maxima of L and of U, eight blocks at a time */
+        v8f mL[8], mU[8];
+        for (int u = 0; u < 8; u++) {
+            v16f l0, l1, u0, u1;
+            block_bounds(A, pre, b + u, cx, tiny, &l0, &l1, &u0, &u1);
+            acc += (l0 + u0) + (l1 + u1);
+            memcpy(s->L + (b + u) * 32, &l0, sizeof l0);
+            memcpy(s->L + (b + u) * 32 + 16, &l1, sizeof l1);
+            mL[u] = half_max(g_max(l0, l1));
+            mU[u] = half_max(g_max(u0, u1));
+        }
+        const v8f rL = hmax8x8(mL), rU = hmax8x8(mU);
+        memcpy(s->bmaxL + b, &rL, sizeof rL);
+        memcpy(s->bmaxU + b, &rU, sizeof rU);
+    }
+    for (; b < nb; b++) {
+        v16f l0, l1, u0, u1;
+        block_bounds(A, pre, b, cx, tiny, &l0, &l1, &u0, &u1);
+        acc += (l0 + u0) + (l1 + u1);
         memcpy(s->L + b * 32, &l0, sizeof l0);
         memcpy(s->L + b * 32 + 16, &l1, sizeof l1);
         s->bmaxL[b] = g_hmax(g_max(l0, l1));
         s->bmaxU[b] = g_hmax(g_max(u0, u1));
     }
-    if (finite != 0xffffu) return 1;
+    const float total = g_hsum(acc); /* over 32 F terms each <= 6e38 in size: may overflow to inf on finite */
+    if (!(__builtin_fabsf(total) <= 3.0e38f)) return 1; /* data (a needless dense fallback), never hides NaN */
     const float t = kth_largest(s->L, s->bmaxL, nb, k, s->fh);
     const v16f tv = g_splat(t);
     int64_t n = 0; /* pass 2, in the blocks that can hold one: U >= t (the same U as pass 1) */
-    for (int64_t b = 0; b < nb; b++) {
+    for (b = 0; b < nb; b++) {
         if (!(s->bmaxU[b] >= t)) continue;
-        v16f q0, q1;
-        const v16f p0 = g_load_bf16(pre + b * 32), p1 = g_load_bf16(pre + b * 32 + 16);
-        const v16f e0 = bound16(A, b * 32, p0, &q0, cx, tiny), e1 = bound16(A, b * 32 + 16, p1, &q1, cx, tiny);
-        uint32_t mask = g_ge_mask(q0 + e0, tv) | g_ge_mask(q1 + e1, tv) << 16;
+        v16f l0, l1, u0, u1;
+        block_bounds(A, pre, b, cx, tiny, &l0, &l1, &u0, &u1);
+        uint32_t mask = g_ge_mask(u0, tv) | g_ge_mask(u1, tv) << 16;
         while (mask) { cand[n++] = (int32_t)(b * 32 + __builtin_ctz(mask)); mask &= mask - 1; }
     }
     *n_out = n;
@@ -260,6 +326,13 @@ static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, i
             for (int64_t c = 0; c < D * 4; c += 64) __builtin_prefetch(nxt + c);
         }
         const float *w = A->WT + j * D, bj = A->bias ? A->bias[j] : 0.0f;
+        for (; o + 4 <= o1; o += 4) { /* four rows at a time share the loads of w */
+            const float *xs[4];
+            float v[4];
+            for (int r = 0; r < 4; r++) xs[r] = x + (r0 + t->prow[t->order[o + r]]) * D;
+            f_dot4(xs, w, D, v);
+            for (int r = 0; r < 4; r++) t->pval[t->order[o + r]] = v[r] + bj;
+        }
         for (; o < o1; o++) {
             const int64_t p = t->order[o];
             t->pval[p] = f_dot(x + (r0 + t->prow[p]) * D, w, D) + bj;
