@@ -264,15 +264,11 @@ def _filtered_select(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: 
                      out_BF: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
     """`(idx_BK, vals_BK, W_enc^T)` through `native_filter` for a selection that declares a row-wise top-k
     (`select.rowwise_k`, completed by `select.finish(idx, vals, cols)`), float32 on CPU; else None (dense path).
-    The float32 workspace `out_BF`, when given, holds the bf16 product in its first half (pages already mapped)."""
+    The workspace `out_BF`, when given, holds the filter's bf16 product blocks (pages already mapped)."""
     k = getattr(select, "rowwise_k", None)
     if k is None or x_c_BD.device.type != "cpu" or compute_dtype(x_c_BD.device) is not None:
         return None
-    B, F_ = x_c_BD.shape[0], W_enc_DF.shape[1]
-    work = None
-    if out_BF is not None and out_BF.dtype == torch.float32 and out_BF.is_contiguous():
-        work = out_BF.view(-1).view(torch.bfloat16)[:B * F_].view(B, F_)
-    found = native_filter.topk(x_c_BD, W_enc_DF, b_enc_F, k, work)
+    found = native_filter.topk(x_c_BD, W_enc_DF, b_enc_F, k, out_BF)
     if found is None:
         native_filter.record_dense()
         return None
