@@ -106,6 +106,13 @@ def prepare(W_DF: Tensor) -> tuple[Tensor, Tensor]:
     return WT_FD, nw_F
 
 
+GIVE_UP_FRACTION, RETRY_AFTER = 0.10, 64
+"""When a call's candidates exceed this fraction of its (>= 2^22) pre-activations, the next RETRY_AFTER calls take the
+dense path (`_guard`, process-wide). Break-even measured on the benchmark shape (one thread): a candidate's
+float32 dot product costs ~13x a GEMM's per multiply-add (gathered rows), so the filter stops paying near
+6 % of d_sae; the trained SAEs measured sit at 4-6 % (README), a degenerate encoder (near-identical
+columns) at 100 %, where the dense path is ~10x faster."""
+_guard = {"skip": 0}
 CHUNK_ROWS = 1024
 """Rows per bf16 product: the [1024, d_sae] bf16 block (16 MB at d_sae 8192) is scanned while it is still in cache;
 one [B, d_sae] product streamed to memory and read back was ~10 % slower a call on the benchmark shape."""
@@ -124,6 +131,9 @@ def topk(x_c_BD: Tensor, W_DF: Tensor, b_F: Tensor | None, k: int,
     within a row, before ReLU), or None when it does not apply or a row is not finite (use the dense path).
     `work`: an optional reused buffer (any dtype, contiguous) for the bf16 product of `CHUNK_ROWS` rows."""
     if not applies(x_c_BD, W_DF, k) or (b_F is not None and (b_F.dtype != torch.float32 or b_F.shape != W_DF.shape[1:])):
+        return None
+    if _guard["skip"] > 0:
+        _guard["skip"] -= 1
         return None
     x_c_BD, b_F = x_c_BD.detach().contiguous(), (b_F.detach().contiguous() if b_F is not None else None)
     (B, D), F = x_c_BD.shape, W_DF.shape[1]
@@ -151,6 +161,8 @@ def topk(x_c_BD: Tensor, W_DF: Tensor, b_F: Tensor | None, k: int,
         if found is None:
             return None
         total, phase_s = total + found[0], [phase_s[0] + found[1], phase_s[1] + found[2]]
+    if total > GIVE_UP_FRACTION * B * F and B * F >= 2 ** 22:  # small calls cost little either way
+        _guard["skip"] = RETRY_AFTER
     for key, value in (("filtered_calls", 1), ("rows", B), ("candidates", total), ("bf16_product_s", mm_s),
                        ("prep_s", t1 - t0), ("find_s", phase_s[0]), ("recompute_s", phase_s[1])):
         STATS[key] += value
@@ -177,6 +189,8 @@ def record_dense() -> None:
 
 
 def reset_stats() -> None:
+    """Zeroes STATS and lifts the guard (a fresh start: tests, benchmark variants)."""
+    _guard["skip"] = 0
     for key in STATS:
         STATS[key] = 0.0 if key.endswith("_s") else 0
 
