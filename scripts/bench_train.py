@@ -26,6 +26,10 @@ unit-norm rows with the parallel gradient removed) did not need matching.
   (`pip install saekit[bench]`).
 * `naive` (`--naive`): a dense PyTorch top-k step, the reference of the earlier benchmark.
 
+`fp32_topk_encoder` records the path the public fp32 variant's top-k encoder took (`bf16_filter`: the exact
+float32 top-k through the certified bf16 pre-filter, `saekit.sae.kernels.native_filter`, on CPUs with bf16
+instructions; `dense_fp32` with `SAEKIT_BF16_FILTER=0` or elsewhere) and its mean candidates per row.
+
 Held-out FVU is measured on one extra planted batch never trained on (sparsify: its schedule-free
 averaged weights, the ones it saves). Timing on a shared machine is noisy: read the per-round lists.
 

@@ -136,7 +136,7 @@ def topk(x_c_BD: Tensor, W_DF: Tensor, b_F: Tensor | None, k: int,
         _guard["skip"] -= 1
         return None
     x_c_BD, b_F = x_c_BD.detach().contiguous(), (b_F.detach().contiguous() if b_F is not None else None)
-    (B, D), F = x_c_BD.shape, W_DF.shape[1]
+    B, F = x_c_BD.shape[0], W_DF.shape[1]
     t0 = time.process_time()
     WT_FD, nw_F = prepare(W_DF)
     nw_max = float(nw_F.max())
