@@ -356,14 +356,14 @@ static int run_tile(const filter_args *A, const uint16_t *pre, const float *x, i
 
 /* Row-wise exact top-k (unordered within a row) of fl(x_c[b] . W[:, j] + bias[j]) over rows [0, B), from the
  * bf16 product `pre` [B, F] (raw uint16 bits), x_c [B, D] float32, WT [F, D] and nw [F] from saekit_filter_prep.
- * bias may be NULL. 1 <= k <= F, F % 32 == 0, F < 2^31. *n_cand_total receives the candidates summed over rows,
+ * bias may be NULL. 1 <= k <= F, F % 32 == 0, F * ROW_TILE < 2^31. *n_cand_total receives the candidates summed over rows,
  * phase_s[0] and phase_s[1] the seconds spent finding candidates and recomputing (summed over threads).
  * Returns 0, 1 when a row is not finite (the caller then takes the dense path), -1 on bad sizes or no memory. */
 int saekit_topk_filtered(const uint16_t *pre, const float *bias, const float *x, const float *WT, const float *nw,
                          int64_t B, int64_t F, int64_t D, int32_t k, float c, float u_rel, float a_rel,
                          float tiny_per_norm, float tiny_const, float *vals, int64_t *idx, int64_t *n_cand_total,
                          double *phase_s, int32_t n_threads) {
-    if (k < 1 || k > F || D < 1 || F % 32 || F >= ((int64_t)1 << 31)) return -1;
+    if (k < 1 || k > F || D < 1 || F % 32 || F * ROW_TILE >= ((int64_t)1 << 31)) return -1; /* int32 pair indices */
     const filter_args A = {bias, WT, nw, F, D, k, c, u_rel, a_rel, tiny_per_norm, tiny_const};
     const int64_t n_tiles = (B + ROW_TILE - 1) / ROW_TILE;
     int status = 0;

@@ -92,7 +92,8 @@ def applies(x_c_BD: Tensor, W_enc_DF: Tensor, k: int) -> bool:
     """Whether `topk` will try: float32 CPU tensors, a CPU with bf16 instructions, the switch on, the library built."""
     return (enabled() and cpu_has_bf16() and x_c_BD.device.type == "cpu" and W_enc_DF.device.type == "cpu"
             and x_c_BD.dtype == W_enc_DF.dtype == torch.float32 and x_c_BD.dim() == 2 and W_enc_DF.dim() == 2
-            and 1 <= k <= W_enc_DF.shape[1] and x_c_BD.shape[0] > 0 and native.library() is not None)
+            and 1 <= k <= W_enc_DF.shape[1] and x_c_BD.shape[0] > 0 and W_enc_DF.shape[1] % 32 == 0
+            and W_enc_DF.shape[1] < 2 ** 23 and native.library() is not None)  # the C kernel's limits
 
 
 def prepare(W_DF: Tensor) -> tuple[Tensor, Tensor]:
