@@ -254,3 +254,30 @@ def test_the_switch_and_the_constants():
         assert native_filter.topk(x, W, b, 4) is None
     finally:
         del os.environ["SAEKIT_BF16_FILTER"]
+
+
+def aux_loss_and_grads(seed=0):
+    """One training forward of a TopKSAE whose latents 0..299 count as dead: AuxK reads their pre-activations
+    (with the filter, recomputed in float32 for those columns only)."""
+    from saekit.sae.topk import TopKConfig, TopKSAE
+
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(256, 64, generator=g)
+    sae = TopKSAE(TopKConfig(d_in=64, d_sae=1024, k=16, aux_k=32, dead_tokens_threshold=10, seed=0))
+    sae.tokens_since_fired[:300] = 100
+    out = sae.loss(x, sae(x))
+    out.total.backward()
+    return out.parts, [p.grad.clone() for p in sae.parameters()]
+
+
+@needs_filter
+def test_auxk_with_the_filter_equals_the_dense_path(monkeypatch):
+    parts1, g1 = aux_loss_and_grads()
+    assert native_filter.summary()["path"] == "bf16_filter"
+    monkeypatch.setenv("SAEKIT_BF16_FILTER", "0")
+    parts0, g0 = aux_loss_and_grads()
+    assert parts1.keys() == parts0.keys() and any("aux" in key for key in parts1)
+    for key in parts1:
+        assert parts1[key] == pytest.approx(parts0[key], rel=1e-5, abs=1e-6), key
+    for a, c in zip(g1, g0):
+        assert torch.allclose(a, c, rtol=1e-4, atol=1e-6)
