@@ -18,24 +18,9 @@
 
 typedef float v8f __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
-typedef uint32_t v8u __attribute__((vector_size(32)));
-typedef uint16_t v8h __attribute__((vector_size(16)));
 
 static inline v8f f_load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
-static inline v8f f_load8_bf16(const uint16_t *p) { /* bf16 is the high half of a float32: exact */
-    v8h h; memcpy(&h, p, sizeof h);
-    return (v8f)(__builtin_convertvector(h, v8u) << 16);
-}
-static inline v8f f_abs8(v8f a) { return (v8f)((v8u)a & 0x7fffffffu); }
-static inline v8f f_splat(float s) { v8f r = {s, s, s, s, s, s, s, s}; return r; }
 static inline v8f f_max8(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
-#if defined(__AVX__)
-#include <immintrin.h>
-static inline int f_movemask(v8i m) { return _mm256_movemask_ps((__m256)m); }
-#else
-static inline int f_movemask(v8i m) { int r = 0; for (int q = 0; q < 8; q++) r |= (m[q] != 0) << q; return r; }
-#endif
-static inline float f_hmax(v8f a) { float s = a[0]; for (int q = 1; q < 8; q++) s = a[q] > s ? a[q] : s; return s; }
 
 /* Sum of a[q] * b[q] in a fixed order: four 8-lane accumulators over 32-float steps, then the lanes. */
 static inline float f_dot(const float *a, const float *b, int64_t d) {
@@ -146,6 +131,7 @@ static inline float g_hmax(v16f a) { /* maximum of the 16 lanes (no NaN): a shuf
     return m[0];
 }
 #if defined(__AVX512F__)
+#include <immintrin.h>
 static inline unsigned g_ge_mask(v16f a, v16f b) { return _mm512_cmp_ps_mask((__m512)a, (__m512)b, _CMP_GE_OQ); }
 #else
 static inline unsigned g_ge_mask(v16f a, v16f b) { unsigned r = 0; for (int q = 0; q < 16; q++) r |= (unsigned)(a[q] >= b[q]) << q; return r; }
