@@ -244,16 +244,12 @@ def test_training_gives_the_same_codes_as_with_the_filter_off(monkeypatch):
     assert not (differ & ~near_tie).any()
 
 
-def test_the_switch_and_the_constants():
+def test_the_switch_and_the_constants(monkeypatch):
     assert 2.0 ** -7 < native_filter.bound_constants(512)["c"] < 1.01 * 2.0 ** -7 + 2.0 ** -14
-    import os
-    os.environ["SAEKIT_BF16_FILTER"] = "0"
-    try:
-        assert not native_filter.enabled()
-        x, W, b = random_case(B=8, F=64)
-        assert native_filter.topk(x, W, b, 4) is None
-    finally:
-        del os.environ["SAEKIT_BF16_FILTER"]
+    monkeypatch.setenv("SAEKIT_BF16_FILTER", "0")
+    assert not native_filter.enabled()
+    x, W, b = random_case(B=8, F=64)
+    assert native_filter.topk(x, W, b, 4) is None
 
 
 def aux_loss_and_grads(seed=0):
