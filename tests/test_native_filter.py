@@ -277,3 +277,18 @@ def test_auxk_with_the_filter_equals_the_dense_path(monkeypatch):
         assert parts1[key] == pytest.approx(parts0[key], rel=1e-5, abs=1e-6), key
     for a, c in zip(g1, g0):
         assert torch.allclose(a, c, rtol=1e-4, atol=1e-6)
+
+
+@needs_filter
+def test_the_result_does_not_depend_on_the_thread_count():
+    x, W, b = random_case(B=1200, D=64, F=2048, seed=9)
+    threads, outs = torch.get_num_threads(), []
+    try:
+        for n in (1, 2):
+            torch.set_num_threads(n)
+            vals, idx = filtered(x, W, b, 16)
+            order = idx.sort(1)
+            outs.append((order.values, vals.gather(1, order.indices)))
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(outs[0][0], outs[1][0]) and torch.equal(outs[0][1], outs[1][1])  # bitwise
