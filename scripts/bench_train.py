@@ -26,6 +26,10 @@ unit-norm rows with the parallel gradient removed) did not need matching.
   (`pip install saekit[bench]`).
 * `naive` (`--naive`): a dense PyTorch top-k step, the reference of the earlier benchmark.
 
+`fp32_topk_encoder` records the path the public fp32 variant's top-k encoder took (`bf16_filter`: the exact
+float32 top-k through the certified bf16 pre-filter, `saekit.sae.kernels.native_filter`, on CPUs with bf16
+instructions; `dense_fp32` with `SAEKIT_BF16_FILTER=0` or elsewhere) and its mean candidates per row.
+
 Held-out FVU is measured on one extra planted batch never trained on (sparsify: its schedule-free
 averaged weights, the ones it saves). Timing on a shared machine is noisy: read the per-round lists.
 
@@ -237,6 +241,7 @@ def sparsify_version() -> str | None:
 
 # -- main --------------------------------------------------------------------------------------------------
 def main() -> None:
+    from saekit.sae.kernels import native_filter
     from saekit.train.precision import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -261,7 +266,14 @@ def main() -> None:
     order_SB = batch_order(X_ND, a.steps)
     work = Path(tempfile.mkdtemp(prefix="bench-train-"))
     atexit.register(shutil.rmtree, work, True)  # every variant's run folders (checkpoints: ~130 MB a public run)
-    variants = {"public": lambda: run_public(X_ND, held_BD, a.steps, work, lr=lr),
+    filter_runs: list[dict] = []  # which fp32 top-k encoder path the public fp32 variant took, per round
+
+    def public_fp32():
+        native_filter.reset_stats()
+        out = run_public(X_ND, held_BD, a.steps, work, lr=lr)
+        filter_runs.append(native_filter.summary())
+        return out
+    variants = {"public": public_fp32,
                 "bare": lambda: run_bare(X_ND, held_BD, a.steps, order_SB, lr)}
     if cpu_has_bf16() and not a.no_bf16:
         variants["public_bf16"] = lambda: run_public(X_ND, held_BD, a.steps, work, "bf16", lr)
@@ -308,9 +320,19 @@ def main() -> None:
         "bf16_over_fp32": ratio("public_bf16", "public"),
         "public_bf16_over_sparsify": ratio("public_bf16", "sparsify"),
         "heldout_fvu": {n: round(med(fvus[n]), 5) for n in names},
+        "fp32_topk_encoder": _filter_summary(filter_runs),
         "sparsify_version": sparsify_version(),
         "notes": notes,
     }))
+
+
+def _filter_summary(runs: list[dict]) -> dict:
+    """The public fp32 variant's top-k encoder path over the rounds (`saekit.sae.kernels.native_filter`: the
+    certified bf16 pre-filter, or the dense float32 product; `SAEKIT_BF16_FILTER=0` forces the latter) and
+    its mean candidates per row (recomputed in float32) over the timed rounds."""
+    per_row = [r["candidates_per_row"] for r in runs if r["candidates_per_row"] is not None]
+    return {"path": "/".join(sorted({r["path"] for r in runs})) or "none",
+            "candidates_per_row": round(statistics.mean(per_row), 1) if per_row else None}
 
 
 if __name__ == "__main__":

@@ -90,6 +90,14 @@ class TopKSAE(SparseAutoencoder):
         batch_mode = cfg.batch_topk and self.training
         threshold = float(self.threshold) if cfg.batch_topk and not self.training else -1.0
 
+        def with_aux(idx_NK: Tensor, vals_NK: Tensor, dead_cols) -> tuple[Tensor, Tensor]:
+            """Appends the AuxK selection; `dead_cols(idx_A)` gives those latents' pre-activations [N, A]."""
+            widths["main"] = idx_NK.shape[1]
+            if dead_idx is None:
+                return idx_NK, vals_NK
+            aux_vals, aux_pos = dead_cols(dead_idx).topk(min(cfg.resolved_aux_k, dead_idx.numel()), dim=1, sorted=False)
+            return torch.cat([idx_NK, dead_idx[aux_pos]], 1), torch.cat([vals_NK, aux_vals.clamp_min_(0)], 1)
+
         def select(pre_NF: Tensor, b_F: Tensor | None = None) -> tuple[Tensor, Tensor]:
             if b_F is not None and (batch_mode or threshold >= 0):
                 pre_NF = pre_NF.add_(b_F)  # the native row-wise top-k adds the bias itself; these do not
@@ -102,15 +110,20 @@ class TopKSAE(SparseAutoencoder):
                 vals_NK, idx_NK = rowwise_topk(pre_NF, k, b_F)
                 with serial():
                     vals_NK.clamp_min_(0)  # ReLU on k values, not on the [N, F] block
-            widths["main"] = idx_NK.shape[1]
-            if dead_idx is None:
-                return idx_NK, vals_NK
-            dead_NA = pre_NF.index_select(1, dead_idx)
-            if b_F is not None:
-                dead_NA += b_F[dead_idx]
-            aux_vals, aux_pos = dead_NA.topk(min(cfg.resolved_aux_k, dead_idx.numel()), dim=1, sorted=False)
-            return torch.cat([idx_NK, dead_idx[aux_pos]], 1), torch.cat([vals_NK, aux_vals.clamp_min_(0)], 1)
+
+            def dead_cols(d_A: Tensor) -> Tensor:
+                dead_NA = pre_NF.index_select(1, d_A)
+                return dead_NA.add_(b_F[d_A]) if b_F is not None else dead_NA
+            return with_aux(idx_NK, vals_NK, dead_cols)
+
+        def finish(idx_NK: Tensor, vals_NK: Tensor, cols) -> tuple[Tensor, Tensor]:
+            """After an exact row-wise top-k computed without the dense block (`kernels.native_filter`)."""
+            with serial():
+                vals_NK.clamp_min_(0)
+            return with_aux(idx_NK, vals_NK, cols)
         select.adds_bias = True  # called as select(pre without bias, b_enc) (see kernels.sparse.SparseEncode)
+        select.rowwise_k = None if batch_mode or threshold >= 0 else k  # may skip the dense block: finish()
+        select.finish = finish
         return select
 
     def _encode_parts(self, x_ND: Tensor, with_aux: bool) -> tuple[SparseCode, SparseCode | None]:

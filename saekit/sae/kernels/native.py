@@ -36,6 +36,8 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
+SOURCES = (SOURCE, Path(__file__).with_name("native_filter.c"))
+"""Compiled into one library; `native_filter.c` holds the certified bf16 pre-filter (`native_filter.py`)."""
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
 ATTEMPTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 """Tried in order: OpenMP and this CPU's vector width first; a compiler without OpenMP (Apple clang)
@@ -75,7 +77,7 @@ def _compile(cc: str, flags: list[str], out: Path) -> None:
     fd, tmp = tempfile.mkstemp(dir=out.parent, suffix=".so.tmp")
     os.close(fd)
     try:
-        res = subprocess.run([cc, *flags, str(SOURCE), "-o", tmp], capture_output=True, text=True, timeout=120)
+        res = subprocess.run([cc, *flags, *map(str, SOURCES), "-o", tmp], capture_output=True, text=True, timeout=120)
         if res.returncode != 0:
             raise RuntimeError(f"{cc} {' '.join(flags)} failed: {res.stderr.strip()[-500:]}")
         os.replace(tmp, out)
@@ -88,7 +90,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
-    src = SOURCE.read_bytes()
+    src = b"".join(path.read_bytes() for path in SOURCES)
     errors = []
     for flags in (FLAGS + extra for extra in ATTEMPTS):
         key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_key().encode()).hexdigest()[:16]
@@ -122,6 +124,11 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saekit_rows_remove_parallel.restype = None
     lib.saekit_rows_unit_norm.argtypes = [p, i64, i64, i32]
     lib.saekit_rows_unit_norm.restype = None
+    lib.saekit_filter_prep.argtypes = [p, i64, i64, p, p, i32]
+    lib.saekit_filter_prep.restype = None
+    f32 = ctypes.c_float
+    lib.saekit_topk_filtered.argtypes = [p, p, p, p, p, i64, i64, i64, i32, f32, f32, f32, f32, f32, p, p, p, p, i32]
+    lib.saekit_topk_filtered.restype = ctypes.c_int
     return lib
 
 

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from saekit.sae.kernels import native, triton_sparse
+from saekit.sae.kernels import native, native_filter, triton_sparse
 
 Select = Callable[[Tensor], tuple[Tensor, Tensor]]
 """`select(pre_BF) -> (idx_BK, vals_BK)`: which latents fire and their values; a slot whose value
@@ -220,20 +220,28 @@ class SparseEncode(torch.autograd.Function):
                 out_BF: Tensor | None = None):
         with serial():
             x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
-        fuse_bias = getattr(select, "adds_bias", False) and x_BD.device.type == "cpu"
-        pre_BF, x_op_BD = _encoder_product(x_c_BD, W_enc_DF, None if fuse_bias else b_enc_F, out_BF)
-        idx_BK, vals_BK = select(pre_BF, b_enc_F.detach()) if fuse_bias else select(pre_BF)
-        del pre_BF  # the backward never needs the dense pre-activations
+        filtered = _filtered_select(x_c_BD, W_enc_DF, b_enc_F, select, out_BF)
+        WT_FD = None
+        if filtered is not None:  # exact float32 top-k from a certified bf16 pre-filter (CPU, native)
+            idx_BK, vals_BK, WT_FD = filtered
+            x_op_BD = x_c_BD
+        else:
+            fuse_bias = getattr(select, "adds_bias", False) and x_BD.device.type == "cpu"
+            pre_BF, x_op_BD = _encoder_product(x_c_BD, W_enc_DF, None if fuse_bias else b_enc_F, out_BF)
+            idx_BK, vals_BK = select(pre_BF, b_enc_F.detach()) if fuse_bias else select(pre_BF)
+            del pre_BF  # the backward never needs the dense pre-activations
         vals_BK = vals_BK.to(W_enc_DF.dtype)  # bf16 product: the k values in the parameters' dtype
-        # under CPU bf16 autocast the weight gradient reads the bf16 rows the product read (half the bytes)
-        ctx.save_for_backward(x_c_BD, x_op_BD if _native_bf16(x_BD.device) else x_c_BD, W_enc_DF, idx_BK, vals_BK)
+        # under CPU bf16 autocast the weight gradient reads the bf16 rows the product read (half the bytes);
+        # the filter's transposed W_enc is kept only when the input gradient will read it
+        ctx.save_for_backward(x_c_BD, x_op_BD if _native_bf16(x_BD.device) else x_c_BD, W_enc_DF, idx_BK, vals_BK,
+                              WT_FD if ctx.needs_input_grad[0] else None)
         ctx.has_b_dec = b_dec_D is not None
         ctx.mark_non_differentiable(idx_BK)
         return vals_BK, idx_BK
 
     @staticmethod
     def backward(ctx, grad_vals_BK: Tensor, _grad_idx):
-        x_c_BD, x_op_BD, W_enc_DF, idx_BK, vals_BK = ctx.saved_tensors
+        x_c_BD, x_op_BD, W_enc_DF, idx_BK, vals_BK, WT_FD = ctx.saved_tensors
         need_x, need_W, need_be, need_bd = ctx.needs_input_grad[:4]
         need_bd = need_bd and ctx.has_b_dec
         with serial():
@@ -248,8 +256,29 @@ class SparseEncode(torch.autograd.Function):
                 g_be = s_F if need_be else None
                 g_bd = -(W_enc_DF @ s_F) if need_bd else None  # sum over rows of -grad_x, without grad_x
             if need_x:
-                g_x = embed_sum(idx_BK, g_BK, W_enc_DF.t().contiguous())
+                g_x = embed_sum(idx_BK, g_BK, WT_FD if WT_FD is not None else W_enc_DF.t().contiguous())
         return g_x, g_W, g_be, g_bd, None, None
+
+
+def _filtered_select(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Select,
+                     out_BF: Tensor | None) -> tuple[Tensor, Tensor, Tensor] | None:
+    """`(idx_BK, vals_BK, W_enc^T)` through `native_filter` for a selection that declares a row-wise top-k
+    (`select.rowwise_k`, completed by `select.finish(idx, vals, cols)`), float32 on CPU; else None (dense path).
+    The workspace `out_BF`, when given, holds the filter's bf16 product blocks (pages already mapped)."""
+    k = getattr(select, "rowwise_k", None)
+    if k is None or x_c_BD.device.type != "cpu" or compute_dtype(x_c_BD.device) is not None:
+        return None
+    found = native_filter.topk(x_c_BD, W_enc_DF, b_enc_F, k, out_BF)
+    if found is None:
+        native_filter.record_dense()
+        return None
+    vals_BK, idx_BK, WT_FD = found
+
+    def cols(idx_A: Tensor) -> Tensor:  # exact float32 pre-activations of a few latents (AuxK's dead ones)
+        with torch.no_grad():
+            return torch.mm(x_c_BD.detach(), W_enc_DF.detach().index_select(1, idx_A)).add_(b_enc_F.detach()[idx_A])
+    idx_BK, vals_BK = select.finish(idx_BK, vals_BK, cols)
+    return idx_BK, vals_BK, WT_FD
 
 
 def compute_dtype(device: torch.device) -> torch.dtype | None:
@@ -338,5 +367,11 @@ def topk_select(k: int) -> Select:
         vals_BK, idx_BK = rowwise_topk(pre_BF, k, bias_F)
         with serial():
             return idx_BK, vals_BK.clamp_min_(0)
+
+    def finish(idx_BK: Tensor, vals_BK: Tensor, _cols) -> tuple[Tensor, Tensor]:
+        with serial():
+            return idx_BK, vals_BK.clamp_min_(0)
     select.adds_bias = True
+    select.rowwise_k = k  # SparseEncode may take the exact top-k from `native_filter`, then calls finish
+    select.finish = finish
     return select
