@@ -14,27 +14,13 @@ would be slower.
 from __future__ import annotations
 
 import contextlib
-import functools
-from pathlib import Path
 
 import torch
 
 from saekit.errors import ConfigError
+from saekit.hardware import cpu_has_bf16
 
 FORWARD_DTYPES = ("float32", "bfloat16", "auto")
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (avx512_bf16 or amx_bf16 in /proc/cpuinfo).
-
-    The same test as `saekit.train.precision.cpu_has_bf16`, repeated here because sources sit below
-    train in the import order."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_forward_dtype(forward_dtype: str, device: str | torch.device = "cpu") -> str:

@@ -10,24 +10,13 @@ forward run in bf16, which is where the time goes on GPUs and on CPUs with bf16 
 from __future__ import annotations
 
 import contextlib
-import functools
-from pathlib import Path
 
 import torch
 
 from saekit.errors import ConfigError
+from saekit.hardware import cpu_has_bf16
 
 PRECISIONS = ("fp32", "bf16", "auto")
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """True when the CPU has native bf16 dot products (avx512_bf16 or amx_bf16 in /proc/cpuinfo)."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def resolve_precision(precision: str, device: torch.device | str) -> str:

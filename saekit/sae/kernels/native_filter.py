@@ -43,15 +43,14 @@ and the candidates per row (the benchmark prints them).
 from __future__ import annotations
 
 import ctypes
-import functools
 import math
 import os
 import time
-from pathlib import Path
 
 import torch
 from torch import Tensor
 
+from saekit.hardware import cpu_has_bf16
 from saekit.sae.kernels import native
 
 U_BF16, EPS32 = 2.0 ** -8, 2.0 ** -24
@@ -67,17 +66,6 @@ summed over the kernel's threads; the product and prep parts: the process's CPU 
 def enabled() -> bool:
     off = ("0", "false", "no", "off")
     return native.enabled() and os.environ.get("SAEKIT_BF16_FILTER", "1").lower() not in off
-
-
-@functools.cache
-def cpu_has_bf16() -> bool:
-    """bf16 dot products in hardware (avx512_bf16 or amx_bf16 in /proc/cpuinfo): without them the bf16
-    product is emulated and no faster than float32."""
-    try:
-        flags = Path("/proc/cpuinfo").read_text()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
 def bound_constants(d_in: int) -> dict[str, float]:
