@@ -27,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from saekit.direct_write import MIN_SIZE as DIRECT_MIN_SIZE
+from saekit.direct_write import DirectFile
 from saekit.errors import CorruptArtifactError
 
 FORMAT_VERSION = 1
@@ -95,21 +97,23 @@ def atomic_write_png(fig, path: str | Path, dpi: float | None = None) -> Path:
     return Path(path)
 
 
-def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> str:
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], direct: bool = False) -> str:
     """Write what `chunks` yields to `path` (never all in memory at once) through a temporary file that
     is fsynced and then renamed, so readers see either the old file or the whole new one; returns the
-    sha256 of everything written."""
+    sha256 of everything written. `direct`: past the page cache where the system allows it (large
+    files: see saekit.direct_write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     h = hashlib.sha256()
     try:
-        with open(tmp, "wb") as f:
+        with (DirectFile(tmp) if direct else open(tmp, "wb")) as f:
             for chunk in chunks:
                 h.update(chunk)
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+            if not direct:  # DirectFile flushes and fsyncs as it closes
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -175,7 +179,8 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
     Why not `save_tensors`: it builds the whole file as one bytes object (a copy of every tensor) before
     writing; for a ~100 MB checkpoint or an SAE's weights that copy and its fresh pages cost more than the
     write. Same format (8-byte header length, JSON header padded to 8 bytes, raw little-endian data,
-    tensors in the order given), same atomic fsync'd write, hashed once while written."""
+    tensors in the order given), same atomic fsync'd write, hashed once while written; files of 8 MB
+    and more go past the page cache (saekit.direct_write)."""
     flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
     if sys.byteorder != "little" or any(t.dtype not in ST_DTYPES for t in flat.values()):
         return save_tensors(path, flat, metadata)
@@ -193,7 +198,7 @@ def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: 
         for t in flat.values():
             if t.numel():
                 yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
-    return atomic_write_chunks(path, chunks())
+    return atomic_write_chunks(path, chunks(), direct=offset >= DIRECT_MIN_SIZE)
 
 
 def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
