@@ -84,8 +84,9 @@ def test_public_train_gives_the_reference_loss_curve_and_weights_bit_for_bit(tmp
     logged = [json.loads(ln)["loss"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert logged == losses
     fold_in_place(ref)  # what train() does to the SAE it exports (a no-op without a scale)
-    for (name, a), (_, b) in zip(ref.state_dict().items(), load_sae(tmp_path).state_dict().items()):
-        assert torch.equal(a, b), name
+    for exported in (result.sae, load_sae(tmp_path)):  # the SAE train() leaves folded in place, and final_sae/
+        for (name, a), (_, b) in zip(ref.state_dict().items(), exported.state_dict().items()):
+            assert torch.equal(a, b), name
 
 
 def _short_run(tmp_path, **kw):

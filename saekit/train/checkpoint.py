@@ -26,11 +26,10 @@ the folded inference copy that works on raw activations.
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 import random
-import itertools
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -42,12 +41,10 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import (
-    FORMAT_VERSION,
     MANIFEST,
     atomic_dir,
     atomic_write_bytes,
     atomic_write_chunks,
-    atomic_write_json,
     clean_stale_tmp,
     dumps_json,
     inside,
