@@ -27,6 +27,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from saekit.direct_write import MIN_SIZE as DIRECT_MIN_SIZE
+from saekit.direct_write import DirectFile
 from saekit.errors import CorruptArtifactError
 
 FORMAT_VERSION = 1
@@ -95,21 +97,23 @@ def atomic_write_png(fig, path: str | Path, dpi: float | None = None) -> Path:
     return Path(path)
 
 
-def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes]) -> str:
+def atomic_write_chunks(path: str | Path, chunks: Iterable[bytes], direct: bool = False) -> str:
     """Write what `chunks` yields to `path` (never all in memory at once) through a temporary file that
     is fsynced and then renamed, so readers see either the old file or the whole new one; returns the
-    sha256 of everything written."""
+    sha256 of everything written. `direct`: past the page cache where the system allows it (large
+    files: see saekit.direct_write)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
     h = hashlib.sha256()
     try:
-        with open(tmp, "wb") as f:
+        with (DirectFile(tmp) if direct else open(tmp, "wb")) as f:
             for chunk in chunks:
                 h.update(chunk)
                 f.write(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+            if not direct:  # DirectFile flushes and fsyncs as it closes
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
     finally:
         if tmp.exists():
@@ -142,8 +146,9 @@ def dumps_json(obj: Any, indent: int | None = 2) -> str:
     return json.dumps(to_strict_json(obj), indent=indent, allow_nan=False, sort_keys=False)
 
 
-def atomic_write_json(path: str | Path, obj: Any) -> None:
-    atomic_write_bytes(path, (dumps_json(obj) + "\n").encode())
+def atomic_write_json(path: str | Path, obj: Any) -> str:
+    """Strict JSON written atomically; returns its sha256 (for a manifest)."""
+    return atomic_write_chunks(path, ((dumps_json(obj) + "\n").encode(),))
 
 
 def read_json(path: str | Path) -> Any:
@@ -157,10 +162,43 @@ def read_json(path: str | Path) -> Any:
 
 
 def save_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Atomically write a safetensors file; returns its sha256 (for a manifest)."""
+    """Atomically write a safetensors file (the `safetensors` library's bytes); returns its sha256 (for a
+    manifest), taken while the file is written. `write_tensors` writes large files without the copy."""
     data = st_save({k: v.detach().contiguous().cpu() for k, v in tensors.items()}, metadata=metadata)
-    atomic_write_bytes(path, data)
-    return sha256_bytes(data)
+    return atomic_write_chunks(path, (data,))
+
+
+ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
+              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+              torch.bool: "BOOL"}
+
+
+def write_tensors(path: str | Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> str:
+    """Write a safetensors file straight from the tensors' memory and return its sha256.
+
+    Why not `save_tensors`: it builds the whole file as one bytes object (a copy of every tensor) before
+    writing; for a ~100 MB checkpoint or an SAE's weights that copy and its fresh pages cost more than the
+    write. Same format (8-byte header length, JSON header padded to 8 bytes, raw little-endian data,
+    tensors in the order given), same atomic fsync'd write, hashed once while written; files of 8 MB
+    and more go past the page cache (saekit.direct_write)."""
+    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
+    if sys.byteorder != "little" or any(t.dtype not in ST_DTYPES for t in flat.values()):
+        return save_tensors(path, flat, metadata)
+    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
+    offset = 0
+    for name, t in flat.items():
+        n = t.numel() * t.element_size()
+        header[name] = {"dtype": ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = json.dumps(header, separators=(",", ":")).encode()
+    head += b" " * (-len(head) % 8)
+
+    def chunks() -> Iterator[bytes | memoryview]:
+        yield len(head).to_bytes(8, "little") + head
+        for t in flat.values():
+            if t.numel():
+                yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
+    return atomic_write_chunks(path, chunks(), direct=offset >= DIRECT_MIN_SIZE)
 
 
 def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[str, torch.Tensor]:
@@ -180,10 +218,13 @@ def load_tensors(path: str | Path, expected_sha256: str | None = None) -> dict[s
         raise CorruptArtifactError(f"{path}: not a readable safetensors file ({e})") from e
 
 
-def write_manifest(folder: str | Path, files: list[str], extra: dict | None = None) -> None:
-    """Record the sha256 of `files` (relative names) in the folder's manifest, written last."""
-    folder = Path(folder)
-    entry = {"format_version": FORMAT_VERSION, "files": {f: sha256_file(folder / f) for f in files}}
+def write_manifest(folder: str | Path, files: list[str], extra: dict | None = None,
+                   hashes: dict[str, str] | None = None) -> None:
+    """Record the sha256 of `files` (relative names) in the folder's manifest, written last. `hashes`:
+    digests taken while the files were written (`write_tensors`, `atomic_write_chunks` return them), so
+    large files are not read back; a file without one is read and hashed."""
+    folder, hashes = Path(folder), hashes or {}
+    entry = {"format_version": FORMAT_VERSION, "files": {f: hashes.get(f) or sha256_file(folder / f) for f in files}}
     entry.update(extra or {})
     atomic_write_json(folder / MANIFEST, entry)
 

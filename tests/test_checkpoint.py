@@ -61,7 +61,7 @@ def test_resume_may_change_logging_and_checkpoint_cadence(short_run):
 
 
 @pytest.mark.parametrize("exit_in, nth, expect_tmp", [
-    ("save_tensors", 5, True),  # 2nd checkpoint: weights written, killed before the optimizer file
+    ("save_tensors", 7, True),  # 2nd checkpoint: weights and buffers written, killed before the optimizer file
     ("write_manifest", 2, True),  # 2nd checkpoint: every file written, killed before its manifest
     ("atomic_write_bytes", 2, False),  # 2nd checkpoint renamed into place, killed before `latest` moved
 ])
@@ -156,8 +156,8 @@ def test_checkpoint_files_are_json_and_safetensors(short_run):
     assert ckpt.trainer["scheduler"]["step"] == 5 and ckpt.trainer["data_position"]["offset"] > 0
 
 
-@pytest.mark.parametrize("name", ["sae_cfg.json", "sae_state.safetensors", "optimizer.safetensors", "optimizer.json",
-                                  "rng.safetensors", "trainer.json"])
+@pytest.mark.parametrize("name", ["sae_cfg.json", "sae_state.safetensors", "sae_buffers.safetensors",
+                                  "optimizer.safetensors", "optimizer.json", "rng.safetensors", "trainer.json"])
 @pytest.mark.parametrize("damage", ["flip", "truncate"])
 def test_every_damaged_checkpoint_file_is_named(short_run, tmp_path, name, damage):
     """Promise 11 for checkpoints: one changed or cut byte in any file makes reading that checkpoint raise

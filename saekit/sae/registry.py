@@ -6,18 +6,22 @@ Files: `cfg.json` + `sae_weights.safetensors` (SAELens-compatible keys) + a sha2
 from __future__ import annotations
 
 import importlib
+import json
+import logging
+import os
 import pkgutil
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from saekit.artifacts import (MANIFEST, atomic_dir, atomic_write_json, load_tensors, read_json, save_tensors,
-                              to_strict_json, write_manifest)
+from saekit.artifacts import (MANIFEST, ST_DTYPES, atomic_dir, atomic_write_json, load_tensors, read_json,
+                              to_strict_json, write_manifest, write_tensors)
 from saekit.errors import (ConfigError, CorruptArtifactError, DtypeMismatchError, MissingArtifactError,
                            ShapeMismatchError, nearest)
 from saekit.sae.base import NORMALIZE_KEY, SAEConfig, SparseAutoencoder
 
+log = logging.getLogger(__name__)
 _REGISTRY: dict[str, type[SparseAutoencoder]] = {}
 CFG_FILE = "cfg.json"
 WEIGHTS_FILE = "sae_weights.safetensors"
@@ -99,9 +103,16 @@ def _class_for_config(cfg: SAEConfig) -> type[SparseAutoencoder]:
     raise ConfigError(f"no registered architecture uses config class {type(cfg).__name__}")
 
 
-def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format: str = "saekit") -> Path:  # noqa: A002
+def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format: str = "saekit",  # noqa: A002
+             weights_from: tuple[Path, str] | None = None) -> Path:
     """Write `cfg.json` + `sae_weights.safetensors` atomically; normalisation folded by default.
-    `format="saelens" | "sparsify"` writes files those tools load (see saekit.sae.formats)."""
+    `format="saelens" | "sparsify"` writes files those tools load (see saekit.sae.formats).
+
+    The weights are written straight from the tensors' memory and hashed once, while written; the
+    manifest takes that digest. `weights_from=(file, sha256)`: a safetensors file already on disk that
+    holds exactly this SAE's `state_dict()` (the trainer's final checkpoint), hard-linked instead of
+    written again; it is written as usual when its tensor names and shapes disagree or the file system
+    refuses the link."""
     if format != "saekit":
         from saekit.sae import formats
 
@@ -111,15 +122,36 @@ def save_sae(sae: SparseAutoencoder, path: str | Path, fold: bool = True, format
     if not fold and scale is not None and float(scale) != 1.0:
         raise ConfigError(f"save_sae(fold=False): the SAE has a training input scale {float(scale):.6g}; cfg.json "
                           f"cannot record it (saved SAEs take raw activations): save with fold=True")
-    model = sae.folded_copy() if (fold and sae.supports_folding) else sae
+    folds = fold and sae.supports_folding and scale is not None and float(scale) != 1.0
+    model = sae.folded_copy() if folds else sae  # without a scale to fold, a copy holds the same tensors
     meta = getattr(sae, "metadata", None)
     with atomic_dir(path) as tmp:
-        atomic_write_json(tmp / CFG_FILE, model.config_dict())
-        save_tensors(tmp / WEIGHTS_FILE, dict(model.state_dict()))
+        hashes = {CFG_FILE: atomic_write_json(tmp / CFG_FILE, model.config_dict())}
+        state = dict(model.state_dict())
+        linked = weights_from is not None and _link_weights(weights_from[0], tmp / WEIGHTS_FILE, state)
+        hashes[WEIGHTS_FILE] = weights_from[1] if linked else write_tensors(tmp / WEIGHTS_FILE, state)
         if meta is not None:
-            atomic_write_json(tmp / METADATA_FILE, to_strict_json(meta.to_dict()))
-        write_manifest(tmp, [CFG_FILE, WEIGHTS_FILE] + ([METADATA_FILE] if meta is not None else []))
+            hashes[METADATA_FILE] = atomic_write_json(tmp / METADATA_FILE, to_strict_json(meta.to_dict()))
+        write_manifest(tmp, list(hashes), hashes=hashes)
     return path
+
+
+def _link_weights(src: Path, dst: Path, state: dict[str, torch.Tensor]) -> bool:
+    """Hard-link `src` to `dst` when its header lists exactly `state`'s tensors (names, dtypes, shapes).
+    Files are only ever replaced, never changed in place, so the two names can share one inode."""
+    try:
+        with open(src, "rb") as f:
+            header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
+        header.pop("__metadata__", None)
+        same = set(header) == set(state) and all(
+            header[n]["shape"] == list(t.shape) and header[n]["dtype"] == ST_DTYPES.get(t.dtype)
+            for n, t in state.items())
+        if same:
+            os.link(src, dst)
+        return same
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        log.debug("%s not linked to %s (%s): writing it", src, dst, e)
+        return False
 
 
 def load_sae(path: str | Path, device: str | torch.device = "cpu", strict: bool = True,

@@ -77,7 +77,9 @@ class TensorBatches:
     def next_batch(self) -> Tensor:
         idx = self.next_global_indices()[self.rank:: self.world_size]
         self._last_rows = idx
-        return self.x_ND[idx].float()
+        if isinstance(self.x_ND, Tensor):  # a row copy per index: half the time of advanced indexing, same rows
+            return torch.index_select(self.x_ND, 0, idx).float()
+        return self.x_ND[idx].float()  # row views of a store (they trace rows to documents)
 
     def describe_rows(self, rows: list[int]) -> str:
         """Where rows of the latest batch come from, so a NaN can be found in the data (promise 22):

@@ -4,8 +4,10 @@ Layout of `run_dir/checkpoints/`:
 
     step-00001000/
       sae_cfg.json              the SAE config (config_dict(): architecture + fields)
-      sae_state.safetensors     every parameter and buffer of the *training* SAE (unfolded; includes
-                                training-only buffers such as dead-latent counters and input_scale)
+      sae_state.safetensors     the *training* SAE's `state_dict()` (unfolded): parameters and persistent
+                                buffers; with nothing to fold, byte for byte what final_sae/ needs
+      sae_buffers.safetensors   its training-only buffers (dead-latent counters, input_scale); format 1
+                                checkpoints kept these in sae_state.safetensors and are still read
       optimizer.safetensors     Adam per-parameter state: `exp_avg/<param>`, `exp_avg_sq/<param>`, `step/<param>`
       optimizer.json            Adam param-group hyper-parameters and the parameter order
       rng.safetensors           `torch_cpu` (uint8), `cuda/<i>`, `numpy_mt19937` generator states
@@ -24,12 +26,11 @@ the folded inference copy that works on raw activations.
 
 from __future__ import annotations
 
-import json
+import itertools
 import logging
 import os
 import random
 import shutil
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -40,34 +41,33 @@ import torch
 from torch import Tensor
 
 from saekit.artifacts import (
-    FORMAT_VERSION,
     MANIFEST,
     atomic_dir,
     atomic_write_bytes,
     atomic_write_chunks,
-    atomic_write_json,
     clean_stale_tmp,
     dumps_json,
     inside,
     load_tensors,
     read_json,
-    sha256_file,
     verify_manifest,
+    write_tensors,
 )
-from saekit.artifacts import save_tensors as _save_tensors_copying
+from saekit.artifacts import write_manifest as _write_manifest
 from saekit.errors import CorruptArtifactError, MissingCheckpointError, ResumeMismatchError
 from saekit.layout import CHECKPOINTS
 from saekit.sae.base import SAEConfig, SparseAutoencoder
 
 log = logging.getLogger(__name__)
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2  # 2: the SAE's state_dict and its training-only buffers in two files (1: one file)
+READS_FORMATS = (1, 2)
 LATEST = "latest"
-SAE_CFG, SAE_STATE = "sae_cfg.json", "sae_state.safetensors"
+SAE_CFG, SAE_STATE, SAE_BUFFERS = "sae_cfg.json", "sae_state.safetensors", "sae_buffers.safetensors"
 OPT_TENSORS, OPT_JSON = "optimizer.safetensors", "optimizer.json"
 RNG_TENSORS, TRAINER_JSON = "rng.safetensors", "trainer.json"
 BEST_TENSORS = "best_sae.safetensors"
-FILES = [SAE_CFG, SAE_STATE, OPT_TENSORS, OPT_JSON, RNG_TENSORS, TRAINER_JSON]
+FILES = [SAE_CFG, SAE_STATE, SAE_BUFFERS, OPT_TENSORS, OPT_JSON, RNG_TENSORS, TRAINER_JSON]
 # SAE config fields that are metadata: they may differ between a checkpoint and the resuming run.
 _SAE_METADATA = {"device", "model_name", "hook_name", "hook_layer", "context_size", "dataset_path", "seed",
                  "normalize_activations"}
@@ -182,36 +182,10 @@ def _optimizer_state(sae: SparseAutoencoder, opt: torch.optim.Optimizer) -> tupl
 
 
 # -- the checkpoint's file writers: each file is hashed once, while it is written --------------------
-_ST_DTYPES = {torch.float32: "F32", torch.float64: "F64", torch.bfloat16: "BF16", torch.float16: "F16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
 def save_tensors(path: Path, tensors: dict[str, Tensor], metadata: dict[str, str] | None = None) -> str:
-    """Write a safetensors file straight from the tensors' memory and return its sha256.
-
-    Why not `artifacts.save_tensors`: it builds the whole file as one bytes object (a copy of every
-    tensor) and hashes it twice, and the manifest then read the file back for a third hash; for the
-    ~100 MB checkpoint of the benchmark SAE that was most of the final checkpoint's cost. Same format
-    (8-byte header length, JSON header padded to 8 bytes, raw little-endian data), same atomic write."""
-    flat = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in flat.values()):
-        return _save_tensors_copying(path, flat, metadata)
-    header: dict[str, Any] = {"__metadata__": metadata} if metadata else {}
-    offset = 0
-    for name, t in flat.items():
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-
-    def chunks():
-        yield len(head).to_bytes(8, "little") + head
-        for t in flat.values():
-            if t.numel():
-                yield memoryview(t.reshape(-1).view(torch.uint8).numpy())
-    return atomic_write_chunks(path, chunks())
+    """`artifacts.write_tensors` (straight from the tensors' memory, hashed once while written); a name of
+    its own here so tests can fail the checkpoint's tensor writes one by one."""
+    return write_tensors(path, tensors, metadata)
 
 
 def _write_json(path: Path, obj: Any) -> str:
@@ -221,12 +195,18 @@ def _write_json(path: Path, obj: Any) -> str:
 
 def write_manifest(folder: Path, files: list[str], extra: dict | None = None,
                    hashes: dict[str, str] | None = None) -> None:
-    """`artifacts.write_manifest` with the hashes taken while the files were written (a file without
-    one is read and hashed); written last inside the folder."""
-    hashes = hashes or {}
-    entry = {"format_version": FORMAT_VERSION, "files": {f: hashes.get(f) or sha256_file(folder / f) for f in files}}
-    entry.update(extra or {})
-    atomic_write_json(folder / MANIFEST, entry)
+    """`artifacts.write_manifest` with the hashes taken while the files were written; written last."""
+    _write_manifest(folder, files, extra, hashes)
+
+
+def sae_tensor_files(sae: SparseAutoencoder) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """The SAE's tensors as a checkpoint stores them: `sae.state_dict()` (exactly what `save_sae` writes
+    for an SAE with nothing to fold, so the final checkpoint's file can become `final_sae/`'s weights
+    without being written twice) and the training-only buffers it leaves out (dead-latent counters,
+    the input scale)."""
+    own = dict(itertools.chain(sae.named_parameters(), sae.named_buffers()))
+    state = {n: t.detach() for n, t in sae.state_dict().items() if n in own}
+    return state, {n: t.detach() for n, t in own.items() if n not in state}
 
 
 def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencoder, opt: torch.optim.Optimizer,
@@ -242,8 +222,7 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencod
     """
     root = Path(run_dir) / CHECKPOINTS
     final = root / checkpoint_name(state.step)
-    sae_tensors = {n: p.detach() for n, p in sae.named_parameters()}
-    sae_tensors.update({n: b.detach() for n, b in sae.named_buffers()})
+    sae_tensors, sae_buffers = sae_tensor_files(sae)
     opt_tensors, opt_meta = _optimizer_state(sae, opt)
     rng_tensors, rng_meta = _rng_state()
     trainer = {
@@ -258,8 +237,8 @@ def save_checkpoint(run_dir: str | Path, state: TrainState, sae: SparseAutoencod
         **(extra or {}),
     }
     files = FILES + ([BEST_TENSORS] if best is not None else [])
-    tensor_files = {SAE_STATE: sae_tensors, OPT_TENSORS: opt_tensors, RNG_TENSORS: rng_tensors,
-                    **({BEST_TENSORS: best} if best is not None else {})}
+    tensor_files = {SAE_STATE: sae_tensors, SAE_BUFFERS: sae_buffers, OPT_TENSORS: opt_tensors,
+                    RNG_TENSORS: rng_tensors, **({BEST_TENSORS: best} if best is not None else {})}
     with atomic_dir(final) as tmp:
         # the tensor files are written (hashed, fsynced) two at a time: hashing and writing release the
         # GIL, so the optimizer file (the largest) overlaps the others; the pool is joined, and any error
@@ -298,11 +277,13 @@ def read_checkpoint(path: str | Path) -> Checkpoint:
         raise MissingCheckpointError(f"{path}: not a checkpoint folder (no {MANIFEST})")
     files = verify_manifest(path)["files"]
     trainer = read_json(path / TRAINER_JSON)
-    if trainer.get("format_version") != CHECKPOINT_FORMAT:
+    if trainer.get("format_version") not in READS_FORMATS:
         raise CorruptArtifactError(f"{path / TRAINER_JSON}: checkpoint format {trainer.get('format_version')}, "
-                                   f"this saekit reads format {CHECKPOINT_FORMAT}")
-    return Checkpoint(path=path, sae_config=read_json(path / SAE_CFG),
-                      sae_tensors=load_tensors(path / SAE_STATE, files[SAE_STATE]),
+                                   f"this saekit reads formats {list(READS_FORMATS)}")
+    sae_tensors = load_tensors(path / SAE_STATE, files[SAE_STATE])
+    if SAE_BUFFERS in files:  # format 2 (format 1 kept every SAE tensor in SAE_STATE)
+        sae_tensors.update(load_tensors(path / SAE_BUFFERS, files[SAE_BUFFERS]))
+    return Checkpoint(path=path, sae_config=read_json(path / SAE_CFG), sae_tensors=sae_tensors,
                       optimizer_tensors=load_tensors(path / OPT_TENSORS, files[OPT_TENSORS]),
                       optimizer_meta=read_json(path / OPT_JSON),
                       rng_tensors=load_tensors(path / RNG_TENSORS, files[RNG_TENSORS]), trainer=trainer,

@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from saekit.artifacts import atomic_write_json
+from saekit.artifacts import MANIFEST, atomic_write_json, read_json
 from saekit.errors import (
     ConfigError,
     MissingCheckpointError,
@@ -49,7 +49,7 @@ from saekit.store.batches import BatchSource
 import saekit.train.checkpoint as ckpt_io
 from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, TrainRun, ValidationCurve
 from saekit.train.config import RESUME_KEYS, SELECTION_KEYS, TrainConfig
-from saekit.train.step import bad_rows, describe_bad, train_step
+from saekit.train.step import batch_bad_rows, describe_bad, train_step
 from saekit.train.validation import TrainWindow, ValidationSet, epochs_warning, rows_per_epoch
 
 if TYPE_CHECKING:
@@ -145,6 +145,7 @@ class Trainer:
         self.last_validation: dict | None = None
         self.folded = False
         self.keep_grads = True  # see train_step; saekit.train.multi turns it off
+        self.last_checkpoint: Path | None = None  # written by this process (rank 0), the newest
 
     @contextlib.contextmanager
     def environment(self) -> Iterator["_StopSignals"]:
@@ -248,6 +249,7 @@ class Trainer:
             path = ckpt_io.save_checkpoint(self.run_dir, self.run.state, self.sae, self.opt, self.batches,
                                            self.cfg.to_dict(), self.cfg.keep_checkpoints,
                                            best=self.best if self.cfg.selects_best else None, extra=extra)
+            self.last_checkpoint = path
         self.sync.barrier()
         for cb in self.callbacks:
             cb.on_checkpoint(self.run, path)
@@ -265,7 +267,7 @@ class Trainer:
             log.info("exporting the best validation checkpoint: step %d (val_fvu %.4g)", exported, state.best_val_fvu)
         self.fold()
         if self.sync.is_main:
-            final = save_sae(self.sae, final)
+            final = save_sae(self.sae, final, weights_from=self._checkpoint_weights(exported))
             atomic_write_json(self.run_dir / TRAIN_SUMMARY, self._summary(exported))
         self.sync.barrier()
         for cb in self.callbacks:
@@ -281,6 +283,17 @@ class Trainer:
                 "exported_step": exported, "best_step": state.best_step, "best_val_fvu": state.best_val_fvu,
                 "last_validation": self.last_validation, "nonfinite_skipped": state.nonfinite_skipped,
                 "val_rows": int(self.validation.x_ND.shape[0]) if self.validation is not None else 0}
+
+    def _checkpoint_weights(self, exported: int) -> tuple[Path, str] | None:
+        """The final checkpoint's `state_dict()` file and its sha256 when final_sae/ needs exactly those
+        tensors (they were saved at the exported step, and there is no input scale to fold), so
+        `save_sae` links the file instead of serialising and hashing the weights a second time."""
+        path, state = self.last_checkpoint, self.run.state
+        if path is None or exported != state.step or state.input_scale is not None \
+                or path.name != ckpt_io.checkpoint_name(state.step):
+            return None
+        sha = read_json(path / MANIFEST).get("files", {}).get(ckpt_io.SAE_STATE)
+        return (path / ckpt_io.SAE_STATE, sha) if sha else None
 
     def fold(self) -> None:
         """Fold the training input normalisation into the SAE in place (once) and put it in eval
@@ -357,25 +370,33 @@ def _fresh_start(sae: SparseAutoencoder, batches: BatchSource, cfg: TrainConfig,
     first = []
     for i in range(n):
         x = sync.gather_rows(batches.next_batch())
-        bad = bad_rows(x)
+        bad = batch_bad_rows(x)
         if bad and cfg.nonfinite == "raise":
             raise NonFiniteError(f"non-finite activations in warm-up batch {i} (read before step 1), rows {bad}"
                                  + (describe_bad(batches, bad) if sync.world_size == 1 else ""))  # gathered rows
-        first.append(x[torch.isfinite(x).all(-1)].double())
+        first.append(x[torch.isfinite(x).all(-1)] if bad else x)
     scale = 1.0
     if cfg.normalize_activations != "none":
-        mean_sq = torch.cat(first).pow(2).sum(-1).mean().item()
+        mean_sq = torch.cat(first).double().pow(2).sum(-1).mean().item()
         scale = math.sqrt(sae.cfg.d_in / mean_sq) if mean_sq > 0 else 1.0
         state.input_scale = scale
         sae.set_input_scale(scale)
         log.info("input normalisation scale %.6g (mean squared norm %.6g)", scale, mean_sq)
     p = next(sae.parameters())
-    sae.init_from_data((torch.cat(first[: cfg.init_batches]) * scale).to(device=p.device, dtype=p.dtype))
+    sae.init_from_data(_init_rows(first[: cfg.init_batches], scale).to(device=p.device, dtype=p.dtype))
     if sync.is_main:
         atomic_write_json(run_dir / "config.json", {"train": cfg.to_dict(), "sae": sae.config_dict(),
                                                     "data_fingerprint": batches.fingerprint,
                                                     "input_scale": state.input_scale, "world_size": sync.world_size})
     return state
+
+
+def _init_rows(batches: list[Tensor], scale: float) -> Tensor:
+    """The rows `init_from_data` sees: the warm-up batches times the scale, computed in float64 (then
+    rounded to the SAE's dtype). A scale of 1 leaves every value as read, so the batches are passed
+    as they are (no float64 round trip: the same values, without four copies of the batch)."""
+    rows = torch.cat(batches) if len(batches) > 1 else batches[0]
+    return rows if scale == 1.0 else rows.double() * scale
 
 
 @contextlib.contextmanager

@@ -1,0 +1,274 @@
+"""What `saekit.train(...)` adds around the bare step, made cheaper without changing a bit:
+the same loss curve and weights as the plain formulas, final_sae/ linked from the final checkpoint,
+large files written past the page cache, format-1 checkpoints still resumed."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+
+import pytest
+import torch
+
+from saekit import artifacts as A
+from saekit import direct_write
+from saekit.artifacts import MANIFEST, load_tensors, read_json, sha256_file, verify_manifest, write_tensors
+from saekit.sae.registry import WEIGHTS_FILE, load_sae, save_sae
+from saekit.sae.topk import TopKConfig, TopKSAE
+from saekit.store.batches import TensorBatches, epoch_permutation
+from saekit.train import Callback, TrainConfig, read_checkpoint, train
+from saekit.train import checkpoint as ck
+from saekit.train.callbacks import fvu
+from saekit.train.loop import fold_in_place
+from saekit.train.schedules import lr_at
+
+D_IN, D_SAE, K, B, STEPS = 32, 128, 4, 64, 8
+
+
+def _data(scale: float = 3.0) -> torch.Tensor:
+    g = torch.Generator().manual_seed(0)
+    return torch.randn(16 * B, D_IN, generator=g) * scale + 1.0  # 16 batches: no epoch boundary in a run
+
+
+def _reference(x_ND: torch.Tensor, cfg: TrainConfig):
+    """The public path's maths written out with the formulas it used before it was made cheaper:
+    advanced-index gather, warm-up rows through float64, torch's get_total_norm/clip_grads_with_norm_,
+    fused Adam on the schedule. Returns (losses, the SAE, how many steps clipped)."""
+    cfg = cfg.resolved(D_SAE)
+    torch.manual_seed(cfg.seed)
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
+    perm = epoch_permutation(len(x_ND), 0, 0)
+    batches = [x_ND[perm[i * B:(i + 1) * B]].float() for i in range(len(x_ND) // B)]
+    n_first = max(cfg.init_batches, cfg.norm_batches if cfg.normalize_activations != "none" else 0)
+    first = [b.double() for b in batches[:n_first]]
+    scale = 1.0
+    if cfg.normalize_activations != "none":
+        scale = (D_IN / torch.cat(first).pow(2).sum(-1).mean().item()) ** 0.5
+        sae.set_input_scale(scale)
+    sae.init_from_data((torch.cat(first[: cfg.init_batches]) * scale).to(torch.float32))
+    opt = torch.optim.Adam(sae.parameters(), lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=cfg.eps, fused=True)
+    read, losses, clipped = len(first), [], 0
+    torch.use_deterministic_algorithms(True)
+    try:
+        for step in range(cfg.total_steps):
+            x = batches[read + step] * scale if scale != 1.0 else batches[read + step]
+            for group in opt.param_groups:
+                group["lr"] = lr_at(step, cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay, cfg.decay_fraction)
+            out = sae(x)
+            loss = sae.loss(x, out)
+            losses.append(float(loss.total.detach()))
+            opt.zero_grad(set_to_none=True)
+            loss.total.backward()
+            sae.before_optimizer_step()
+            norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+            if cfg.grad_clip is not None and float(cfg.grad_clip / (norm + 1e-6)) < 1.0:
+                clipped += 1
+                torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), cfg.grad_clip, norm)
+            opt.step()
+            sae.after_optimizer_step()
+    finally:
+        torch.use_deterministic_algorithms(False)
+    return losses, sae, clipped
+
+
+@pytest.mark.parametrize("normalize, clip", [("none", 45.0), ("expected_average_only_in", 4.5)])
+def test_public_train_gives_the_reference_loss_curve_and_weights_bit_for_bit(tmp_path, normalize, clip):
+    """`clip` sits inside the run's gradient norms (~63 → 43 raw, ~7 → 4.2 normalised), so some steps clip."""
+    x_ND = _data()
+    cfg = TrainConfig(total_steps=STEPS, batch_size=B, log_every=1, progress_bar=False, checkpoint_every=3,
+                      normalize_activations=normalize, norm_batches=2, lr=3e-2, grad_clip=clip)
+    losses, ref, clipped = _reference(x_ND, cfg)
+    assert 0 < clipped < STEPS  # both branches of the clip are exercised
+    result = train(TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0)), TensorBatches(x_ND, B), cfg, tmp_path)
+    logged = [json.loads(ln)["loss"] for ln in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert logged == losses
+    fold_in_place(ref)  # what train() does to the SAE it exports (a no-op without a scale)
+    for exported in (result.sae, load_sae(tmp_path)):  # the SAE train() leaves folded in place, and final_sae/
+        for (name, a), (_, b) in zip(ref.state_dict().items(), exported.state_dict().items()):
+            assert torch.equal(a, b), name
+
+
+def _short_run(tmp_path, **kw):
+    cfg = TrainConfig(total_steps=6, batch_size=B, progress_bar=False, checkpoint_every=4, **kw)
+    return train(TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0)), TensorBatches(_data(), B), cfg, tmp_path)
+
+
+def test_final_sae_weights_are_the_final_checkpoint_file(tmp_path):
+    result = _short_run(tmp_path)
+    weights, ckpt = result.final_sae / WEIGHTS_FILE, tmp_path / "checkpoints" / "step-00000006"
+    assert os.path.samefile(weights, ckpt / ck.SAE_STATE)  # serialised and hashed once
+    assert read_json(result.final_sae / MANIFEST)["files"][WEIGHTS_FILE] == sha256_file(weights)
+    verify_manifest(result.final_sae)
+    state = load_tensors(weights)
+    assert set(state) == set(result.sae.state_dict()) and "tokens_since_fired" not in state
+    assert set(load_tensors(ckpt / ck.SAE_BUFFERS)) == {"tokens_since_fired"}
+    for name, t in load_sae(tmp_path).state_dict().items():
+        assert torch.equal(t, result.sae.state_dict()[name]), name
+    # the checkpoint going away (pruned, deleted) leaves final_sae/ whole
+    import shutil
+
+    shutil.rmtree(tmp_path / "checkpoints")
+    assert set(load_sae(tmp_path).state_dict()) == set(state)
+
+
+def test_final_sae_is_written_when_it_differs_from_the_checkpoint(tmp_path):
+    result = _short_run(tmp_path, normalize_activations="expected_average_only_in")
+    weights = result.final_sae / WEIGHTS_FILE
+    assert not os.path.samefile(weights, tmp_path / "checkpoints" / "step-00000006" / ck.SAE_STATE)  # folded
+    verify_manifest(result.final_sae)
+    load_sae(tmp_path)
+
+
+def test_final_sae_falls_back_to_writing_when_links_are_refused(tmp_path, monkeypatch):
+    def no_links(*_a, **_k):
+        raise OSError(errno.EPERM, "hard links not supported here")
+
+    monkeypatch.setattr(os, "link", no_links)
+    result = _short_run(tmp_path)
+    weights = result.final_sae / WEIGHTS_FILE
+    assert not os.path.samefile(weights, tmp_path / "checkpoints" / "step-00000006" / ck.SAE_STATE)
+    verify_manifest(result.final_sae)
+    for name, t in load_sae(tmp_path).state_dict().items():
+        assert torch.equal(t, result.sae.state_dict()[name]), name
+
+
+def test_save_sae_refuses_to_link_a_file_with_other_tensors(tmp_path):
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
+    other = tmp_path / "other.safetensors"
+    sha = write_tensors(other, {"W_enc": torch.zeros(3)})
+    save_sae(sae, tmp_path / "sae", weights_from=(other, sha))
+    assert not os.path.samefile(tmp_path / "sae" / WEIGHTS_FILE, other)
+    assert torch.equal(load_sae(tmp_path / "sae").W_enc, sae.W_enc)
+
+
+def _as_format_1(folder) -> None:
+    """Rewrite a checkpoint as the previous format wrote it: every SAE tensor in sae_state.safetensors."""
+    tensors = {**load_tensors(folder / ck.SAE_STATE), **load_tensors(folder / ck.SAE_BUFFERS)}
+    (folder / ck.SAE_STATE).unlink()
+    (folder / ck.SAE_BUFFERS).unlink()
+    A.save_tensors(folder / ck.SAE_STATE, tensors)
+    trainer = read_json(folder / ck.TRAINER_JSON)
+    trainer["format_version"] = 1
+    A.atomic_write_json(folder / ck.TRAINER_JSON, trainer)
+    files = [f for f in read_json(folder / MANIFEST)["files"] if f != ck.SAE_BUFFERS]
+    A.write_manifest(folder, files, {"kind": "saekit-train-checkpoint"})
+
+
+def test_a_format_1_checkpoint_still_resumes_exactly(tmp_path):
+    full = _short_run(tmp_path / "full")
+    cfg = TrainConfig(total_steps=6, batch_size=B, progress_bar=False, checkpoint_every=4)
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
+    with pytest.raises(SystemExit):  # stop after step 4's checkpoint, as a kill would
+        train(sae, TensorBatches(_data(), B), cfg, tmp_path / "cut", callbacks=[_StopAt(4)])
+    _as_format_1(tmp_path / "cut" / "checkpoints" / "step-00000004")
+    old = read_checkpoint(tmp_path / "cut" / "checkpoints" / "step-00000004")
+    assert "tokens_since_fired" in old.sae_tensors
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
+    resumed = train(sae, TensorBatches(_data(), B), cfg, tmp_path / "cut", resume=True)
+    assert resumed.steps_run == 2
+    for name, t in full.sae.state_dict().items():
+        assert torch.equal(t, resumed.sae.state_dict()[name]), name
+
+
+class _StopAt(Callback):
+    """Raise SystemExit once the checkpoint of `step` is written (the run stops like a killed one)."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_checkpoint(self, run, path) -> None:
+        if run.state.step == self.step:
+            raise SystemExit(137)
+
+
+# -- files past the page cache -----------------------------------------------------------------------
+def _big() -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(0)
+    return {"a": torch.randn(direct_write.MIN_SIZE // 4 + 12345, generator=g),
+            "b": torch.randint(0, 9, (333, 1001), generator=g), "c": torch.randn(3, generator=g).bfloat16()}
+
+
+def _same(path, tensors, sha) -> None:
+    assert sha == sha256_file(path)
+    back = load_tensors(path, sha)
+    assert all(back[k].dtype == v.dtype and torch.equal(back[k], v) for k, v in tensors.items())
+    assert not list(path.parent.glob(".*.tmp"))
+
+
+def test_large_tensor_files_round_trip_past_the_page_cache(tmp_path):
+    tensors = _big()
+    sha = write_tensors(tmp_path / "big.safetensors", tensors)
+    _same(tmp_path / "big.safetensors", tensors, sha)
+    assert os.path.getsize(tmp_path / "big.safetensors") % direct_write.ALIGN != 0  # the padded tail was cut
+
+
+def test_o_direct_refused_at_open_writes_through_the_page_cache(tmp_path, monkeypatch):
+    real, seen = os.open, []
+
+    def refuse_direct(path, flags, *a):
+        if flags & getattr(os, "O_DIRECT", 0):
+            seen.append(path)
+            raise OSError(errno.EINVAL, "O_DIRECT not supported")
+        return real(path, flags, *a)
+
+    monkeypatch.setattr(os, "open", refuse_direct)
+    tensors = _big()
+    sha = write_tensors(tmp_path / "big.safetensors", tensors)
+    monkeypatch.setattr(os, "open", real)
+    assert seen or not hasattr(os, "O_DIRECT")
+    _same(tmp_path / "big.safetensors", tensors, sha)
+
+
+def test_o_direct_refused_midway_writes_the_rest_through_the_page_cache(tmp_path, monkeypatch):
+    real, calls = os.write, {"n": 0}
+
+    def refuse_second(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.EINVAL, "refused")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", refuse_second)
+    tensors = _big()
+    sha = write_tensors(tmp_path / "big.safetensors", tensors)
+    monkeypatch.setattr(os, "write", real)
+    assert calls["n"] > 2
+    _same(tmp_path / "big.safetensors", tensors, sha)
+
+
+def test_a_failed_large_write_propagates_and_leaves_no_temporary(tmp_path, monkeypatch):
+    real, calls = os.write, {"n": 0}
+
+    def disk_full(fd, data):
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    monkeypatch.setattr(os, "write", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        write_tensors(tmp_path / "big.safetensors", _big())
+    monkeypatch.setattr(os, "write", real)
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- cheaper pieces, same values --------------------------------------------------------------------
+def test_fvu_is_the_plain_float64_expression():
+    g = torch.Generator().manual_seed(0)
+    for dtype in (torch.float32, torch.bfloat16):
+        x = torch.randn(300, 17, generator=g).to(dtype)
+        r = (x.float() + 0.3 * torch.randn(300, 17, generator=g)).to(dtype)
+        xd, rd = x.double(), r.double()
+        plain = float((xd - rd).pow(2).sum() / (xd - xd.mean(0)).pow(2).sum())
+        assert fvu(x, r) == plain
+    assert fvu(x, x) == 0.0
+
+
+def test_tensor_batches_gather_the_rows_advanced_indexing_gives():
+    x = torch.randn(1000, 8)
+    a, b = TensorBatches(x, 64, seed=3), TensorBatches(x, 64, seed=3)
+    for _ in range(20):  # crosses epochs
+        got = a.next_batch()
+        idx = b.next_global_indices()
+        assert torch.equal(got, x[idx])
