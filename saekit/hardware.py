@@ -10,6 +10,8 @@ from __future__ import annotations
 import functools
 from pathlib import Path
 
+import torch
+
 
 @functools.cache
 def cpu_has_bf16() -> bool:
@@ -19,3 +21,12 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def bf16_native(device: str | torch.device) -> bool:
+    """True where bf16 products run natively: CUDA with bf16 support, or a CPU with bf16 instructions
+    (what every `auto` precision asks)."""
+    kind = torch.device(device).type
+    if kind == "cuda":
+        return torch.cuda.is_available() and torch.cuda.is_bf16_supported()
+    return kind == "cpu" and cpu_has_bf16()

@@ -242,7 +242,7 @@ def sparsify_version() -> str | None:
 # -- main --------------------------------------------------------------------------------------------------
 def main() -> None:
     from saekit.sae.kernels import native_filter
-    from saekit.train.precision import cpu_has_bf16
+    from saekit.hardware import cpu_has_bf16
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=128, help="training steps per variant and round")

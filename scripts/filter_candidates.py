@@ -20,6 +20,7 @@ import time
 import torch
 
 from saekit import load_sae
+from saekit.hardware import cpu_has_bf16
 from saekit.layout import RunFolder
 from saekit.sae.kernels import native_filter
 from saekit.sae.kernels.sparse import rowwise_topk
@@ -42,7 +43,7 @@ def main() -> None:
     k = sae.cfg.k
     native_filter.reset_stats()
     if native_filter.topk(x_c, W, b_enc, k) is None:  # also the warm-up (the native build)
-        print(json.dumps({"error": "filter did not apply", "cpu_bf16": native_filter.cpu_has_bf16()}))
+        print(json.dumps({"error": "filter did not apply", "cpu_bf16": cpu_has_bf16()}))
         return
     idx, stats, cpu_ms = _timed(x_c, W, b_enc, k)
     per_row = _per_row_candidates(x_c, W, b_enc, k)

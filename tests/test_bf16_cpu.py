@@ -8,6 +8,7 @@ import pytest
 import torch
 
 import saekit.train.precision as precision
+from saekit import hardware
 from saekit.sae.kernels import native
 from saekit.sae.kernels.sparse import compute_dtype, sparse_encode, topk_select
 from saekit.sae.topk import TopKConfig, TopKSAE
@@ -15,7 +16,7 @@ from saekit.sae.topk import TopKConfig, TopKSAE
 
 @pytest.mark.parametrize("has_bf16, expected", [(True, "bf16"), (False, "fp32")])
 def test_auto_on_cpu_follows_the_cpu_flags(monkeypatch, has_bf16, expected):
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: has_bf16)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: has_bf16)
     assert precision.resolve_precision("auto", "cpu") == expected
     assert precision.resolve_precision("fp32", "cpu") == "fp32"  # explicit choices are kept
     assert precision.resolve_precision("bf16", "cpu") == "bf16"

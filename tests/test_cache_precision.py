@@ -19,6 +19,7 @@ import torch
 
 from saekit.errors import ConfigError, StoreExistsError
 from saekit.run.folders import store_summary
+from saekit import hardware
 from saekit.sources import precision
 from saekit.sources.base import ActivationBatch, SourceConfig
 from saekit.sources.embeddings import EmbeddingSource
@@ -57,9 +58,9 @@ def test_default_stays_float32():
 
 
 def test_auto_follows_the_hardware(monkeypatch):
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: True)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: True)
     assert precision.resolve_forward_dtype("auto", "cpu") == "bfloat16"
-    monkeypatch.setattr(precision, "cpu_has_bf16", lambda: False)
+    monkeypatch.setattr(hardware, "cpu_has_bf16", lambda: False)
     assert precision.resolve_forward_dtype("auto", "cpu") == "float32"
     assert precision.resolve_forward_dtype("bfloat16", "cpu") == "bfloat16"  # asked for explicitly: honoured
     with precision.forward_context("auto", "cpu"):

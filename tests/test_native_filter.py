@@ -10,10 +10,11 @@ constant (the test-only `C_SCALE`) that then selects the wrong latent.
 import pytest
 import torch
 
+from saekit.hardware import cpu_has_bf16
 from saekit.sae.kernels import native, native_filter
 from saekit.sae.kernels.sparse import sparse_encode, topk_select
 
-needs_filter = pytest.mark.skipif(not (native_filter.cpu_has_bf16() and native.library() is not None),
+needs_filter = pytest.mark.skipif(not (cpu_has_bf16() and native.library() is not None),
                                   reason="no bf16 instructions or no C compiler: the filter never runs")
 
 

@@ -18,7 +18,7 @@ import contextlib
 import torch
 
 from saekit.errors import ConfigError
-from saekit.hardware import cpu_has_bf16
+from saekit.hardware import bf16_native
 
 FORWARD_DTYPES = ("float32", "bfloat16", "auto")
 
@@ -29,10 +29,7 @@ def resolve_forward_dtype(forward_dtype: str, device: str | torch.device = "cpu"
         raise ConfigError(f"source.forward_dtype: expected one of {list(FORWARD_DTYPES)}, found {forward_dtype!r}")
     if forward_dtype != "auto":
         return forward_dtype
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return "bfloat16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "float32"
-    return "bfloat16" if kind == "cpu" and cpu_has_bf16() else "float32"
+    return "bfloat16" if bf16_native(device) else "float32"
 
 
 def forward_context(forward_dtype: str, device: str | torch.device = "cpu") -> contextlib.AbstractContextManager:

@@ -14,7 +14,7 @@ import contextlib
 import torch
 
 from saekit.errors import ConfigError
-from saekit.hardware import cpu_has_bf16
+from saekit.hardware import bf16_native
 
 PRECISIONS = ("fp32", "bf16", "auto")
 
@@ -25,10 +25,7 @@ def resolve_precision(precision: str, device: torch.device | str) -> str:
         raise ConfigError(f"precision: expected one of {PRECISIONS}, found {precision!r}")
     if precision != "auto":
         return precision
-    kind = torch.device(device).type
-    if kind == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    return "bf16" if kind == "cpu" and cpu_has_bf16() else "fp32"
+    return "bf16" if bf16_native(device) else "fp32"
 
 
 def autocast_for(precision: str, device: torch.device | str) -> contextlib.AbstractContextManager:
