@@ -38,6 +38,7 @@ log = logging.getLogger(__name__)
 SOURCE = Path(__file__).with_name("native.c")
 SOURCES = (SOURCE, Path(__file__).with_name("native_filter.c"))
 """Compiled into one library; `native_filter.c` holds the certified bf16 pre-filter (`native_filter.py`)."""
+HEADER = Path(__file__).with_name("native_simd.h")  # vector helpers both sources include (part of the build key)
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
 ATTEMPTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
 """Tried in order: OpenMP and this CPU's vector width first; a compiler without OpenMP (Apple clang)
@@ -90,7 +91,7 @@ def _build() -> Path:
     cc = os.environ.get("CC") or shutil.which("cc") or shutil.which("gcc") or shutil.which("clang")
     if cc is None:
         raise RuntimeError("no C compiler found (looked for $CC, cc, gcc, clang)")
-    src = b"".join(path.read_bytes() for path in SOURCES)
+    src = b"".join(path.read_bytes() for path in (*SOURCES, HEADER))
     errors = []
     for flags in (FLAGS + extra for extra in ATTEMPTS):
         key = hashlib.sha256(src + " ".join([cc, *flags]).encode() + _cpu_key().encode()).hexdigest()[:16]

@@ -16,21 +16,17 @@
 #include <string.h>
 #include <time.h>
 
-typedef float v8f __attribute__((vector_size(32)));
-typedef int32_t v8i __attribute__((vector_size(32)));
-
-static inline v8f f_load8(const float *p) { v8f x; memcpy(&x, p, sizeof x); return x; }
-static inline v8f f_max8(v8f a, v8f b) { v8i m = a > b; return (v8f)(((v8i)a & m) | ((v8i)b & ~m)); }
+#include "native_simd.h"
 
 /* Sum of a[q] * b[q] in a fixed order: four 8-lane accumulators over 32-float steps, then the lanes. */
 static inline float f_dot(const float *a, const float *b, int64_t d) {
     v8f s0 = {0}, s1 = {0}, s2 = {0}, s3 = {0};
     int64_t q = 0;
     for (; q + 32 <= d; q += 32) {
-        s0 += f_load8(a + q) * f_load8(b + q);
-        s1 += f_load8(a + q + 8) * f_load8(b + q + 8);
-        s2 += f_load8(a + q + 16) * f_load8(b + q + 16);
-        s3 += f_load8(a + q + 24) * f_load8(b + q + 24);
+        s0 += load8(a + q) * load8(b + q);
+        s1 += load8(a + q + 8) * load8(b + q + 8);
+        s2 += load8(a + q + 16) * load8(b + q + 16);
+        s3 += load8(a + q + 24) * load8(b + q + 24);
     }
     s0 = (s0 + s1) + (s2 + s3);
     float s = 0.0f;
@@ -46,12 +42,12 @@ static inline void f_dot4(const float *const xs[4], const float *w, int64_t d, f
     memset(a, 0, sizeof a);
     int64_t q = 0;
     for (; q + 32 <= d; q += 32) {
-        const v8f w0 = f_load8(w + q), w1 = f_load8(w + q + 8), w2 = f_load8(w + q + 16), w3 = f_load8(w + q + 24);
+        const v8f w0 = load8(w + q), w1 = load8(w + q + 8), w2 = load8(w + q + 16), w3 = load8(w + q + 24);
         for (int r = 0; r < 4; r++) {
-            a[r][0] += f_load8(xs[r] + q) * w0;
-            a[r][1] += f_load8(xs[r] + q + 8) * w1;
-            a[r][2] += f_load8(xs[r] + q + 16) * w2;
-            a[r][3] += f_load8(xs[r] + q + 24) * w3;
+            a[r][0] += load8(xs[r] + q) * w0;
+            a[r][1] += load8(xs[r] + q + 8) * w1;
+            a[r][2] += load8(xs[r] + q + 16) * w2;
+            a[r][3] += load8(xs[r] + q + 24) * w3;
         }
     }
     for (int r = 0; r < 4; r++) {
@@ -124,10 +120,10 @@ static inline v16f g_splat(float s) { return (v16f){s, s, s, s, s, s, s, s, s, s
 static inline v16f g_abs(v16f a) { return (v16f)((v16u)a & 0x7fffffffu); }
 static inline v16f g_max(v16f a, v16f b) { v16i m = a > b; return (v16f)(((v16i)a & m) | ((v16i)b & ~m)); }
 static inline float g_hmax(v16f a) { /* maximum of the 16 lanes (no NaN): a shuffle tree */
-    v8f m = f_max8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
-    m = f_max8(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3));
-    m = f_max8(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));
-    m = f_max8(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));
+    v8f m = vmax8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
+    m = vmax8(m, __builtin_shufflevector(m, m, 4, 5, 6, 7, 0, 1, 2, 3));
+    m = vmax8(m, __builtin_shufflevector(m, m, 2, 3, 0, 1, 6, 7, 4, 5));
+    m = vmax8(m, __builtin_shufflevector(m, m, 1, 0, 3, 2, 5, 4, 7, 6));
     return m[0];
 }
 #if defined(__AVX512F__)
@@ -163,24 +159,11 @@ static inline void block_bounds(const filter_args *A, const uint16_t *pre, int64
 }
 
 static inline v8f half_max(v16f a) {
-    return f_max8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
+    return vmax8(__builtin_shufflevector(a, a, 0, 1, 2, 3, 4, 5, 6, 7), __builtin_shufflevector(a, a, 8, 9, 10, 11, 12, 13, 14, 15));
 }
 
 static inline float g_hsum(v16f a) { float s = 0.0f; for (int q = 0; q < 16; q++) s += a[q]; return s; }
 
-/* lane q of the result = max over the lanes of m[q] (a shuffle tree, as in native.c) */
-static inline v8f hmax8x8(const v8f m[8]) {
-    v8f p[4], q[2];
-    for (int i = 0; i < 4; i++)
-        p[i] = f_max8(__builtin_shufflevector(m[2 * i], m[2 * i + 1], 0, 1, 2, 3, 8, 9, 10, 11),
-                      __builtin_shufflevector(m[2 * i], m[2 * i + 1], 4, 5, 6, 7, 12, 13, 14, 15));
-    for (int j = 0; j < 2; j++)
-        q[j] = f_max8(__builtin_shufflevector(p[2 * j], p[2 * j + 1], 0, 1, 8, 9, 4, 5, 12, 13),
-                      __builtin_shufflevector(p[2 * j], p[2 * j + 1], 2, 3, 10, 11, 6, 7, 14, 15));
-    v8f r = f_max8(__builtin_shufflevector(q[0], q[1], 0, 2, 4, 6, 8, 10, 12, 14),
-                   __builtin_shufflevector(q[0], q[1], 1, 3, 5, 7, 9, 11, 13, 15));
-    return __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
-}
 
 /* The k-th largest of L[0:32 nb] (no NaN), 1 <= k <= 32 nb. The k-th largest block maximum T0 is a lower bound
  * of the answer, so only the elements >= T0 of blocks whose maximum is >= T0 enter the size-k heap. */
