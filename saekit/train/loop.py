@@ -25,7 +25,6 @@ import logging
 import math
 import random
 import signal
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, Iterator, Literal
@@ -48,6 +47,7 @@ from saekit.sae.registry import save_sae
 from saekit.store.batches import BatchSource
 import saekit.train.checkpoint as ckpt_io
 from saekit.train.callbacks import Callback, MetricsLogger, ProgressBar, TrainRun, ValidationCurve
+from saekit.train.environment import StopSignals, deterministic
 from saekit.train.config import RESUME_KEYS, SELECTION_KEYS, TrainConfig
 from saekit.train.step import batch_bad_rows, describe_bad, train_step
 from saekit.train.validation import TrainWindow, ValidationSet, epochs_warning, rows_per_epoch
@@ -148,9 +148,9 @@ class Trainer:
         self.last_checkpoint: Path | None = None  # written by this process (rank 0), the newest
 
     @contextlib.contextmanager
-    def environment(self) -> Iterator["_StopSignals"]:
+    def environment(self) -> Iterator["StopSignals"]:
         """Deterministic kernels and the SIGINT/SIGTERM handler, for the whole training."""
-        with _deterministic(self.cfg.deterministic, warn_only=not self.on_cpu), _StopSignals() as stop:
+        with deterministic(self.cfg.deterministic, warn_only=not self.on_cpu), StopSignals() as stop:
             yield stop
 
     def start(self) -> None:
@@ -397,53 +397,6 @@ def _init_rows(batches: list[Tensor], scale: float) -> Tensor:
     as they are (no float64 round trip: the same values, without four copies of the batch)."""
     rows = torch.cat(batches) if len(batches) > 1 else batches[0]
     return rows if scale == 1.0 else rows.double() * scale
-
-
-@contextlib.contextmanager
-def _deterministic(on: bool, warn_only: bool = False) -> Iterator[None]:
-    """Deterministic kernels while training. On accelerators some kernels have no deterministic
-    version (and cuBLAS needs CUBLAS_WORKSPACE_CONFIG): there they only warn instead of raising.
-
-    Deterministic mode also NaN-fills every fresh `torch.empty` (`fill_uninitialized_memory`, a
-    debugging aid: reads of uninitialised memory become reproducible). Training never reads memory it
-    did not write, and the fill is a write pass over every new gradient and kernel output (~2.4 ms per
-    16 MB here, several per step), so it is off while training; results are the same bit for bit."""
-    before, before_warn = torch.are_deterministic_algorithms_enabled(), torch.is_deterministic_algorithms_warn_only_enabled()
-    fill_before = torch.utils.deterministic.fill_uninitialized_memory
-    if on:
-        torch.use_deterministic_algorithms(True, warn_only=warn_only)
-        torch.utils.deterministic.fill_uninitialized_memory = False
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(before, warn_only=before_warn)
-        torch.utils.deterministic.fill_uninitialized_memory = fill_before
-
-
-class _StopSignals:
-    """SIGINT/SIGTERM set `signum` (the loop checkpoints and stops); a second signal aborts at once.
-    The previous handlers are restored on exit. Outside the main thread nothing is installed."""
-
-    def __init__(self) -> None:
-        self.signum = 0
-        self._previous: dict[int, object] = {}
-
-    def _handle(self, signum, frame) -> None:
-        if self.signum:
-            raise KeyboardInterrupt(f"second signal {signum}: aborting without a checkpoint")
-        self.signum = signum
-        log.warning("signal %d received: finishing the current step and writing a checkpoint "
-                    "(send it again to abort at once)", signum)
-
-    def __enter__(self) -> "_StopSignals":
-        if threading.current_thread() is threading.main_thread():
-            for s in (signal.SIGINT, signal.SIGTERM):
-                self._previous[s] = signal.signal(s, self._handle)
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for s, h in self._previous.items():
-            signal.signal(s, h)
 
 
 def _check_kinds(sae, batches, cfg) -> None:
