@@ -28,19 +28,6 @@ static void sift_items(item *h, int k, int p) { /* min-heap on v */
     h[p] = x;
 }
 
-static void sift_floats(float *h, int k, int p) {
-    float x = h[p];
-    for (;;) {
-        int c = 2 * p + 1;
-        if (c >= k) break;
-        if (c + 1 < k && h[c + 1] < h[c]) c++;
-        if (!(h[c] < x)) break;
-        h[p] = h[c];
-        p = c;
-    }
-    h[p] = x;
-}
-
 #define BS 32          /* block width: four 8-float vectors */
 #define MAX_BLOCKS 65536
 #define MAX_K 1024

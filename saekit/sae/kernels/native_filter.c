@@ -96,19 +96,6 @@ static void sift_below(fitem *h, int64_t k, int64_t p) { /* min-heap in the `bel
     h[p] = x;
 }
 
-static void sift_f(float *h, int64_t k, int64_t p) { /* plain float min-heap */
-    float x = h[p];
-    for (;;) {
-        int64_t c = 2 * p + 1;
-        if (c >= k) break;
-        if (c + 1 < k && h[c + 1] < h[c]) c++;
-        if (!(h[c] < x)) break;
-        h[p] = h[c];
-        p = c;
-    }
-    h[p] = x;
-}
-
 /* -- one row ----------------------------------------------------------------------------------------------- */
 typedef float v16f __attribute__((vector_size(64)));
 typedef int32_t v16i __attribute__((vector_size(64)));
@@ -171,9 +158,9 @@ static float kth_largest(const float *L, const float *bmax, int64_t nb, int64_t 
     float T0 = -__builtin_inff();
     if (k <= nb) {
         for (int64_t q = 0; q < k; q++) fh[q] = bmax[q];
-        for (int64_t p = k / 2 - 1; p >= 0; p--) sift_f(fh, k, p);
+        for (int64_t p = k / 2 - 1; p >= 0; p--) sift_floats(fh, k, p);
         for (int64_t b = k; b < nb; b++)
-            if (bmax[b] > fh[0]) { fh[0] = bmax[b]; sift_f(fh, k, 0); }
+            if (bmax[b] > fh[0]) { fh[0] = bmax[b]; sift_floats(fh, k, 0); }
         T0 = fh[0];
     }
     const v16f T0v = g_splat(T0);
@@ -185,8 +172,8 @@ static float kth_largest(const float *L, const float *bmax, int64_t nb, int64_t 
         while (mask) {
             const float v = l[__builtin_ctz(mask)];
             mask &= mask - 1;
-            if (m < k) { fh[m++] = v; if (m == k) for (int64_t p = k / 2 - 1; p >= 0; p--) sift_f(fh, k, p); }
-            else if (v > fh[0]) { fh[0] = v; sift_f(fh, k, 0); }
+            if (m < k) { fh[m++] = v; if (m == k) for (int64_t p = k / 2 - 1; p >= 0; p--) sift_floats(fh, k, p); }
+            else if (v > fh[0]) { fh[0] = v; sift_floats(fh, k, 0); }
         }
     }
     return fh[0];

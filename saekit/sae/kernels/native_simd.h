@@ -1,5 +1,6 @@
 /* Vector helpers shared by native.c and native_filter.c (two translation units of one library):
- * 8-float vectors, their maximum and NaN tests, and the shuffle-tree maxima of eight vectors. */
+ * 8-float vectors, their maximum and NaN tests, the shuffle-tree maxima of eight vectors, and a float
+ * min-heap's sift-down (the k-th largest value of a row). */
 #ifndef SAEKIT_NATIVE_SIMD_H
 #define SAEKIT_NATIVE_SIMD_H
 #include <stdint.h>
@@ -35,4 +36,19 @@ static inline v8f hmax8x8(const v8f m[8]) {
                   __builtin_shufflevector(q[0], q[1], 1, 3, 5, 7, 9, 11, 13, 15));
     return __builtin_shufflevector(r, r, 0, 2, 1, 3, 4, 6, 5, 7);
 }
+
+/* Restore the min-heap h[0:k] below position p (h[p] may have grown). */
+static inline void sift_floats(float *h, int64_t k, int64_t p) {
+    float x = h[p];
+    for (;;) {
+        int64_t c = 2 * p + 1;
+        if (c >= k) break;
+        if (c + 1 < k && h[c + 1] < h[c]) c++;
+        if (!(h[c] < x)) break;
+        h[p] = h[c];
+        p = c;
+    }
+    h[p] = x;
+}
+
 #endif
