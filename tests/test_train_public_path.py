@@ -220,16 +220,22 @@ def test_o_direct_refused_at_open_writes_through_the_page_cache(tmp_path, monkey
     _same(tmp_path / "big.safetensors", tensors, sha)
 
 
-def test_o_direct_refused_midway_writes_the_rest_through_the_page_cache(tmp_path, monkeypatch):
+def _fail_second_write(monkeypatch, error: OSError) -> tuple[dict, object]:
+    """Make the second `os.write` raise `error`; returns the call counter and the real `os.write`."""
     real, calls = os.write, {"n": 0}
 
-    def refuse_second(fd, data):
+    def write(fd, data):
         calls["n"] += 1
         if calls["n"] == 2:
-            raise OSError(errno.EINVAL, "refused")
+            raise error
         return real(fd, data)
 
-    monkeypatch.setattr(os, "write", refuse_second)
+    monkeypatch.setattr(os, "write", write)
+    return calls, real
+
+
+def test_o_direct_refused_midway_writes_the_rest_through_the_page_cache(tmp_path, monkeypatch):
+    calls, real = _fail_second_write(monkeypatch, OSError(errno.EINVAL, "refused"))
     tensors = _big()
     sha = write_tensors(tmp_path / "big.safetensors", tensors)
     monkeypatch.setattr(os, "write", real)
@@ -238,15 +244,7 @@ def test_o_direct_refused_midway_writes_the_rest_through_the_page_cache(tmp_path
 
 
 def test_a_failed_large_write_propagates_and_leaves_no_temporary(tmp_path, monkeypatch):
-    real, calls = os.write, {"n": 0}
-
-    def disk_full(fd, data):
-        calls["n"] += 1
-        if calls["n"] == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(fd, data)
-
-    monkeypatch.setattr(os, "write", disk_full)
+    _, real = _fail_second_write(monkeypatch, OSError(errno.ENOSPC, "No space left on device"))
     with pytest.raises(OSError, match="No space left"):
         write_tensors(tmp_path / "big.safetensors", _big())
     monkeypatch.setattr(os, "write", real)
