@@ -3,6 +3,8 @@ refactor of the real one is compared with something it cannot share a bug with (
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -39,3 +41,96 @@ class NaiveTopK(nn.Module):
         opt.step()
         with torch.no_grad():
             W /= W.norm(dim=1, keepdim=True)
+
+
+class _SurrogateStep(torch.autograd.Function):
+    """The firing indicator 1[pre > θ] (times a fixed keep mask) with the gradient of σ((pre − θ)/τ).
+
+    Written as its own autograd function (saekit writes `hard + soft − soft.detach()`), so the oracle and
+    the library reach the same straight-through gradient by different code. The derivative of the
+    sigmoid is σ'(u)/τ = σ(u)(1 − σ(u))/τ; θ gets its negative; pre gets it only when `to_encoder`.
+    The keep mask (a row's top-k under the cap) does not enter the gradient: the surrogate is the
+    sigmoid alone, as the MDL module docstring states."""
+
+    @staticmethod
+    def forward(ctx, pre_NF, theta_F, keep_NF, tau: float, to_encoder: bool):
+        ctx.save_for_backward(pre_NF, theta_F)
+        ctx.tau, ctx.to_encoder = tau, to_encoder
+        return (pre_NF > theta_F).to(pre_NF.dtype) * keep_NF
+
+    @staticmethod
+    def backward(ctx, g_NF):
+        pre_NF, theta_F = ctx.saved_tensors
+        s_NF = torch.sigmoid((pre_NF - theta_F) / ctx.tau)
+        d_NF = g_NF * s_NF * (1 - s_NF) / ctx.tau
+        return (d_NF if ctx.to_encoder else None), -d_NF.sum(0), None, None, None
+
+
+def binary_entropy_bits(p):
+    """H(p) in bits through `torch.special.entr` (−p ln p), not log2 as saekit writes it."""
+    return (torch.special.entr(p) + torch.special.entr(1 - p)) / math.log(2)
+
+
+class NaiveMDL(nn.Module):
+    """MDL-SAE (Ayonrinde, Pearce & Sharkey 2024) from its formulas, dense, batch-FVU error only:
+
+        pre = (x − b_dec) W_enc + b_enc,  θ = exp(log θ),  g = 1[pre > θ] (∧ row top-k when capped)
+        z = pre · g,  x̂ = z W_dec + b_dec
+        p̂_j = mean_rows g_j,  p = ε + (1 − 2ε) p̂ with ε = 1/(2N)
+        loss = Σ‖x − x̂‖² / Σ‖x − x̄‖²  +  λ (Σ_j H(p_j) + b Σ_j p̂_j)
+
+    Training step: Adam on every parameter, the decoder rows' gradient projected off the rows and the
+    rows renormalised after it; with `target_l0`, every log θ then moves by rate·clip((L0 − t)/t, ±1)
+    where L0 = Σ_j p̂_j of the batch just trained on (the threshold controller)."""
+
+    def __init__(self, W_enc, W_dec, b_enc, b_dec, log_threshold, dl_coef: float, value_bits: float = 4.0,
+                 tau: float = 0.05, k: int | None = None, to_encoder: bool = False,
+                 target_l0: float | None = None, rate: float = 0.1):
+        super().__init__()
+        self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
+        self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
+        self.log_threshold = nn.Parameter(log_threshold.clone())
+        self.dl_coef, self.value_bits, self.tau, self.k, self.to_encoder = dl_coef, value_bits, tau, k, to_encoder
+        self.target_l0, self.rate = target_l0, rate
+
+    def gate(self, x_ND):
+        pre_NF = (x_ND - self.b_dec) @ self.W_enc + self.b_enc
+        keep_NF = torch.ones_like(pre_NF)
+        if self.k is not None:
+            keep_NF = torch.zeros_like(pre_NF).scatter(1, pre_NF.detach().topk(self.k, dim=1).indices, 1.0)
+        return pre_NF, _SurrogateStep.apply(pre_NF, self.log_threshold.exp(), keep_NF, self.tau, self.to_encoder)
+
+    def codes(self, x_ND):
+        pre_NF, g_NF = self.gate(x_ND)
+        return pre_NF * g_NF
+
+    def forward(self, x_ND):
+        return self.codes(x_ND) @ self.W_dec + self.b_dec
+
+    def loss(self, x_ND):
+        """(total, parts) where parts holds the FVU, the activity and value bits and the batch L0."""
+        pre_NF, g_NF = self.gate(x_ND)
+        recon_ND = (pre_NF * g_NF) @ self.W_dec + self.b_dec
+        fvu = (x_ND - recon_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum()
+        n = x_ND.shape[0]
+        p_hat_F = g_NF.mean(0)
+        eps = 1 / (2 * n)
+        activity = binary_entropy_bits(eps + (1 - 2 * eps) * p_hat_F).sum()
+        value = self.value_bits * p_hat_F.sum()
+        parts = {"fvu": fvu, "activity_bits": activity, "value_bits": value, "l0": p_hat_F.detach().sum()}
+        return fvu + self.dl_coef * (activity + value), parts
+
+    def step(self, opt, x_ND) -> None:
+        """One Adam step, decoder rows kept unit-norm, then the threshold controller's step when targeted."""
+        loss, parts = self.loss(x_ND)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W = self.W_dec
+            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+        opt.step()
+        with torch.no_grad():
+            W /= W.norm(dim=1, keepdim=True)
+            if self.target_l0 is not None:
+                rel = (float(parts["l0"]) - self.target_l0) / self.target_l0
+                self.log_threshold += self.rate * min(max(rel, -1.0), 1.0)
