@@ -186,6 +186,77 @@ def test_cache_and_splice_leave_zero_hooks_after_an_exception_in_the_forward(tmp
     assert count_hooks(model) == 0
 
 
+def _hooks_left(model) -> list[str]:
+    """Every module hook left anywhere (forward, pre-forward, backward, backward-pre, and torch's global
+    module hooks): promise 29 says none, not "as many as before"."""
+    from torch.nn.modules import module as torch_module
+
+    left = [f"global {n}" for n in ("_global_forward_hooks", "_global_forward_pre_hooks", "_global_backward_hooks",
+                                     "_global_backward_pre_hooks") if getattr(torch_module, n, None)]
+    for name, m in model.named_modules():
+        for kind in ("_forward_hooks", "_forward_pre_hooks", "_backward_hooks", "_backward_pre_hooks"):
+            if getattr(m, kind, None):
+                left.append(f"{name or '<root>'}.{kind}")
+    return left
+
+
+def _raising_while_hooked(model, index: int, hooked) -> None:
+    """Make block `index` raise only while `hooked` (a module) holds a forward hook: the exception then
+    comes from inside the steered forward, never from the unsteered one before it."""
+    block = model.transformer.h[index]
+    plain = type(block).forward.__get__(block)
+
+    def forward(*args, **kwargs):
+        if hooked._forward_hooks:
+            raise RuntimeError("inside the steered forward")
+        return plain(*args, **kwargs)
+
+    block.forward = forward
+
+
+def test_steering_leaves_zero_hooks_on_every_module_after_an_exception(tmp_path):
+    """Promise 29 for steering: `steer`, `steer_conditional` and `generate_steered` raise from the body,
+    from the edit itself and from a later layer, and afterwards no module holds any hook."""
+    import torch
+    from support.runs import tiny_lm
+
+    from saekit.analysis.conditional import steer_conditional
+    from saekit.analysis.steering import FeatureEdit, generate_steered, steer
+    from saekit.errors import ShapeMismatchError
+    from saekit.sae.registry import create
+    from saekit.sources.models import load_lm
+
+    model, tok = load_lm(str(tiny_lm(tmp_path / "lm")))
+    hook, d = "transformer.h.0", model.config.n_embd
+    ids = tok("the cat runs", return_tensors="pt").input_ids
+    sae = create({"architecture": "topk", "d_in": d, "d_sae": 4 * d, "k": 4, "seed": 0}).eval()
+    wrong_sae = create({"architecture": "topk", "d_in": d + 1, "d_sae": 8, "k": 2, "seed": 0}).eval()
+    assert _hooks_left(model) == []
+    with pytest.raises(RuntimeError, match="in the body"), steer(model, hook, vector=torch.randn(d), alpha=1.0):
+        assert _hooks_left(model) == [f"{hook}._forward_hooks"]  # the steering hook is really installed
+        raise RuntimeError("in the body")
+    assert _hooks_left(model) == []
+    with pytest.raises(ShapeMismatchError), torch.no_grad():  # the SAE's own check raises inside the hook
+        with steer(model, hook, sae=wrong_sae, edits=[FeatureEdit(0, "clamp", value=1.0)]):
+            model(ids)
+    assert _hooks_left(model) == []
+    with pytest.raises(RuntimeError, match="in the body"):
+        with steer_conditional(model, hook, sae=sae, detector=0, edits=[FeatureEdit(1, alpha=2.0)]):
+            raise RuntimeError("in the body")
+    assert _hooks_left(model) == []
+    _raising_while_hooked(model, 1, model.transformer.h[0])  # a layer after the steered one raises
+    with pytest.raises(RuntimeError, match="inside the steered forward"), torch.no_grad():
+        with steer(model, hook, sae=sae, edits=[FeatureEdit(2, alpha=3.0)]):
+            model(ids)
+    assert _hooks_left(model) == []
+    with pytest.raises(RuntimeError, match="inside the steered forward"):
+        generate_steered(model, tok, "the cat", hook, vector=torch.randn(d), alpha=2.0, max_new_tokens=3)
+    assert _hooks_left(model) == []
+    del model.transformer.h[1].forward  # the model still generates, unsteered and steered
+    out = generate_steered(model, tok, "the cat", hook, vector=torch.randn(d), alpha=2.0, max_new_tokens=3)
+    assert set(out) >= {"default", "steered"} and _hooks_left(model) == []
+
+
 # -- promise 30: repeated extractions hold on to nothing ------------------------------------------
 def test_fifty_extractions_leave_no_tensors_or_python_memory_behind(tmp_path):
     import gc
