@@ -59,7 +59,8 @@ def test_training_steps_equal_the_oracle():
 
 
 # -- MDL ----------------------------------------------------------------------------------------------
-MDL_VARIANTS = {"plain": {}, "capped, surrogate to encoder": {"k": 3, "surrogate_to_encoder": True}}
+MDL_VARIANTS = {"plain": {}, "capped, surrogate to encoder": {"k": 3, "surrogate_to_encoder": True},
+                "row error": {"loss_scale": "row"}, "clipped error": {"loss_scale": "clipped"}}
 
 
 def _mdl_pair(seed: int = 0, **cfg):
@@ -73,7 +74,9 @@ def _mdl_pair(seed: int = 0, **cfg):
         sae.log_threshold.add_(torch.randn(D_SAE, generator=g))  # θ from ~0.02 to ~0.4: gates fire at varied rates
     oracle = NaiveMDL(*(getattr(sae, n).detach() for n in MDL_PARAMS), dl_coef=0.05, value_bits=sae.cfg.value_bits,
                       tau=sae.cfg.gate_temperature, k=sae.cfg.k, to_encoder=sae.cfg.surrogate_to_encoder,
-                      target_l0=sae.cfg.target_l0, rate=sae.cfg.controller_rate)
+                      target_l0=sae.cfg.target_l0, rate=sae.cfg.controller_rate, scale=sae.cfg.loss_scale,
+                      clip_multiple=sae.cfg.clip_multiple,
+                      shared_rms_lr=sae.cfg.threshold_lr if sae.cfg.threshold_step == "shared_rms" else None)
     return sae, oracle
 
 
@@ -83,7 +86,7 @@ MDL_PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold")
 @pytest.mark.parametrize("variant", list(MDL_VARIANTS))
 def test_mdl_outputs_loss_and_gradients_equal_the_oracle(variant):
     sae, oracle = _mdl_pair(**MDL_VARIANTS[variant])
-    x = _x()
+    x = _x_massive()
     out = sae(x)
     codes = oracle.codes(x)
     assert 0 < int((codes != 0).sum()) < codes.numel()  # some gates open, some shut: the test has teeth
@@ -93,6 +96,8 @@ def test_mdl_outputs_loss_and_gradients_equal_the_oracle(variant):
     torch.testing.assert_close(got.total, ref, rtol=1e-5, atol=1e-6)
     for name in ("fvu", "activity_bits", "value_bits", "l0"):
         assert got.parts[name] == pytest.approx(float(parts[name].detach()), rel=1e-5, abs=1e-6), name
+    if "loss_scale" in MDL_VARIANTS[variant]:  # the massive rows make the scaled error differ from the FVU
+        assert abs(got.parts["scaled_error"] - got.parts["fvu"]) > 0.01 * got.parts["fvu"]
     got.total.backward()
     ref.backward()
     for name in MDL_PARAMS:
@@ -101,15 +106,26 @@ def test_mdl_outputs_loss_and_gradients_equal_the_oracle(variant):
                                    msg=lambda m, n=name: f"gradient of {n}: {m}")
 
 
-@pytest.mark.parametrize("variant", [*MDL_VARIANTS, "threshold controller"])
+def _x_massive(seed: int = 5):
+    """Rows with a few 'massive' ones (x20), so that the clipped error's weights are not all 1."""
+    x = _x(seed)
+    x[::16] *= 20.0
+    return x
+
+
+STEP_VARIANTS = {**MDL_VARIANTS, "threshold controller": {"target_l0": 6.0},
+                 "shared-RMS thresholds": {"threshold_step": "shared_rms", "threshold_lr": 0.05}}
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
 def test_mdl_training_steps_equal_the_oracle(variant):
-    cfg = MDL_VARIANTS.get(variant, {"target_l0": 6.0, "dl_coef": 0.05})
+    cfg = STEP_VARIANTS[variant]
     sae, oracle = _mdl_pair(seed=2, **cfg)
     opt_s = torch.optim.Adam(sae.parameters(), lr=1e-3)
     opt_o = torch.optim.Adam(oracle.parameters(), lr=1e-3)
     start = oracle.log_threshold.detach().clone()
     for step in range(5):
-        x = _x(10 + step)
+        x = _x_massive(10 + step)
         loss = sae.loss(x, sae(x))
         opt_s.zero_grad(set_to_none=True)
         loss.total.backward()
