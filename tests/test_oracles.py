@@ -3,8 +3,10 @@ codes, reconstructions, loss and gradients at a fixed seed, and after several Ad
 
 from __future__ import annotations
 
-import torch
+import math
+
 import pytest
+import torch
 from support.oracles import NaiveMDL, NaiveTopK
 
 from saekit.sae.registry import create
@@ -76,7 +78,8 @@ def _mdl_pair(seed: int = 0, **cfg):
                       tau=sae.cfg.gate_temperature, k=sae.cfg.k, to_encoder=sae.cfg.surrogate_to_encoder,
                       target_l0=sae.cfg.target_l0, rate=sae.cfg.controller_rate, scale=sae.cfg.loss_scale,
                       clip_multiple=sae.cfg.clip_multiple,
-                      shared_rms_lr=sae.cfg.threshold_lr if sae.cfg.threshold_step == "shared_rms" else None)
+                      shared_rms_lr=sae.cfg.threshold_lr if sae.cfg.threshold_step == "shared_rms" else None,
+                      steer_coef=sae.cfg.controller == "dl_coef")
     return sae, oracle
 
 
@@ -114,6 +117,7 @@ def _x_massive(seed: int = 5):
 
 
 STEP_VARIANTS = {**MDL_VARIANTS, "threshold controller": {"target_l0": 6.0},
+                 "controller on dl_coef": {"target_l0": 6.0, "controller": "dl_coef", "controller_rate": 0.5},
                  "shared-RMS thresholds": {"threshold_step": "shared_rms", "threshold_lr": 0.05}}
 
 
@@ -138,3 +142,5 @@ def test_mdl_training_steps_equal_the_oracle(variant):
                                    msg=lambda m, n=name: f"{n} after 5 steps: {m}")
     moved = (oracle.log_threshold.detach() - start).abs().max()
     assert moved > (0.05 if variant == "threshold controller" else 1e-4)  # the controller's steps are in play
+    if "controller" in cfg:
+        assert sae.dl_coef == pytest.approx(oracle.dl_coef, rel=1e-5) and abs(math.log(oracle.dl_coef / 0.05)) > 0.1
