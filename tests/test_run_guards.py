@@ -361,3 +361,67 @@ def test_the_buffer_holds_what_its_estimate_says_right_after_filling(monkeypatch
     buf, estimate = _buffer_and_estimate(monkeypatch)
     held = _held_bytes(buf)
     assert held <= estimate + (BLOCK + BATCH) * D_BUF * 4, f"held {held} bytes, estimate {estimate}"
+
+
+class _TwoHookSource:
+    """A stand-in model with two hooks of different widths: 4 documents x 10 rows per forward."""
+
+    hooks, d_in = ["layer.a", "layer.b"], {"layer.a": 12, "layer.b": 20}
+
+    def iter_batches(self, docs):
+        import torch
+
+        from saekit.sources.base import ActivationBatch
+
+        g = torch.Generator().manual_seed(0)
+        for i in range(0, len(docs), 4):
+            n = 10 * len(docs[i:i + 4])
+            ids = torch.tensor([d["doc_id"] for d in docs[i:i + 4]]).repeat_interleave(10)
+            yield ActivationBatch({h: torch.randn(n, d, generator=g) for h, d in self.d_in.items()}, ids,
+                                  torch.arange(10).repeat(n // 10), torch.zeros(n, dtype=torch.int32))
+
+    def spec(self):
+        return {"kind": "test", "model": "two-hook", "hooks": self.hooks, "d_in": self.d_in}
+
+
+def test_a_stream_runs_buffer_estimate_matches_the_buffers_it_makes(tmp_path, monkeypatch):
+    """The run-level estimate (`run/multi.py`: capacity x 4 bytes x the hooks' summed d_in, checked against
+    buffer.max_gb before any buffer exists) against the buffers the run really made, after training: their
+    tensors are the estimate exactly, and with the carries within estimate + (one forward's rows + one
+    batch) x d_in x 4 per hook. A run whose estimate exceeds max_gb is refused before it allocates."""
+    from saekit.run import multi as run_multi
+    from saekit.run.config import MultiConfig
+    from saekit.train.multi import MemoryBudgetError
+
+    made, estimates, check = [], [], run_multi.check_memory
+
+    class Recorded(run_multi.ShuffleBuffer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            made.append(self)
+
+    def spy(n_bytes, max_bytes, what):
+        estimates.append(n_bytes)
+        return check(n_bytes, max_bytes, what)
+
+    monkeypatch.setattr(run_multi, "ShuffleBuffer", Recorded)
+    monkeypatch.setattr(run_multi, "check_memory", spy)
+    saes = [{"name": "a", "hook": "layer.a", "sae": {"architecture": "topk", "d_sae": 24, "k": 2}},
+            {"name": "a2", "hook": "layer.a", "sae": {"architecture": "topk", "d_sae": 36, "k": 3}},
+            {"name": "b", "hook": "layer.b", "sae": {"architecture": "topk", "d_sae": 40, "k": 2}}]
+    train = {"total_steps": 6, "batch_size": 16, "checkpoint_every": 0, "log_every": 3, "progress_bar": False}
+    docs = [{"doc_id": i, "text": "", "labels": {}} for i in range(40)]
+    base = {"mode": "stream", "train": train, "saes": saes}
+    cfg = MultiConfig.from_dict({**base, "name": "s", "output_dir": str(tmp_path / "s"), "buffer": {"capacity_rows": 128}})
+    run_multi.train_multi(cfg, source=_TwoHookSource(), docs=docs)
+    assert estimates[0] == 128 * 4 * (12 + 20) and len(made) == 2  # one buffer per hook, shared by its SAEs
+    assert sum(b.buf_CD.nbytes for b in made) == estimates[0]
+    slack = sum((40 + 16) * b.d_in * 4 for b in made)
+    held = sum(_held_bytes(b) for b in made)
+    assert estimates[0] <= held <= estimates[0] + slack, f"held {held}, estimate {estimates[0]}, slack {slack}"
+    small = MultiConfig.from_dict({**base, "name": "t", "output_dir": str(tmp_path / "t"),
+                                   "buffer": {"capacity_rows": 128, "max_gb": 0.5 * estimates[0] / 2**30}})
+    made.clear()
+    with pytest.raises(MemoryBudgetError, match="buffer.max_gb"):
+        run_multi.train_multi(small, source=_TwoHookSource(), docs=docs)
+    assert made == []  # refused before any buffer was allocated
