@@ -150,7 +150,7 @@ def dl_bootstrap(sae, codes, units_N: torch.Tensor, n_units: int, x_rows, boot: 
         return act_bits + val_bits / n_R1[:, 0]
 
     point = float(dl_of(torch.ones(1, n_units, dtype=torch.float64))[0])
-    vals = torch.cat([dl_of(W) for W in boot._weights()])
+    vals = torch.cat([dl_of(W) for W in boot.replicate_weights()])
     q_lo, q_hi = torch.quantile(vals[torch.isfinite(vals)], torch.tensor([0.025, 0.975], dtype=torch.float64)).tolist()
     # a resample repeats documents, which lowers every plug-in entropy, so the percentile interval
     # sits below the estimate: it is recentred by the resamples' mean shift

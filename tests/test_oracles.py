@@ -1,10 +1,13 @@
-"""Promise 39 for top-k: saekit's sparse top-k SAE equals a vendored dense oracle (tests/support/oracles.py)
-in codes, reconstructions, loss and gradients at a fixed seed, and after several Adam steps."""
+"""Promise 39 for top-k and MDL: saekit's SAE equals a vendored dense oracle (tests/support/oracles.py) in
+codes, reconstructions, loss and gradients at a fixed seed, and after several Adam steps."""
 
 from __future__ import annotations
 
+import math
+
+import pytest
 import torch
-from support.oracles import NaiveTopK
+from support.oracles import NaiveMDL, NaiveTopK
 
 from saekit.sae.registry import create
 
@@ -55,3 +58,89 @@ def test_training_steps_equal_the_oracle():
         oracle.step(opt_o, x)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(sae, name).detach(), getattr(oracle, name).detach(), rtol=1e-4, atol=1e-5)
+
+
+# -- MDL ----------------------------------------------------------------------------------------------
+MDL_VARIANTS = {"plain": {}, "capped, surrogate to encoder": {"k": 3, "surrogate_to_encoder": True},
+                "row error": {"loss_scale": "row"}, "clipped error": {"loss_scale": "clipped"}}
+
+
+def _mdl_pair(seed: int = 0, **cfg):
+    """saekit's MDL SAE in training mode and the oracle on the same weights. The biases and thresholds are
+    moved off their init so every term is in play (b_dec enters the encoder, thresholds differ by latent)."""
+    sae = create({"architecture": "mdl", "d_in": D_IN, "d_sae": D_SAE, "dl_coef": 0.05, "seed": seed, **cfg}).train()
+    with torch.no_grad():
+        g = torch.Generator().manual_seed(seed + 1)
+        sae.b_enc.add_(0.1 * torch.randn(D_SAE, generator=g))
+        sae.b_dec.add_(0.1 * torch.randn(D_IN, generator=g))
+        sae.log_threshold.add_(torch.randn(D_SAE, generator=g))  # θ from ~0.02 to ~0.4: gates fire at varied rates
+    oracle = NaiveMDL(*(getattr(sae, n).detach() for n in MDL_PARAMS), dl_coef=0.05, value_bits=sae.cfg.value_bits,
+                      tau=sae.cfg.gate_temperature, k=sae.cfg.k, to_encoder=sae.cfg.surrogate_to_encoder,
+                      target_l0=sae.cfg.target_l0, rate=sae.cfg.controller_rate, scale=sae.cfg.loss_scale,
+                      clip_multiple=sae.cfg.clip_multiple,
+                      shared_rms_lr=sae.cfg.threshold_lr if sae.cfg.threshold_step == "shared_rms" else None,
+                      steer_coef=sae.cfg.controller == "dl_coef")
+    return sae, oracle
+
+
+MDL_PARAMS = ("W_enc", "W_dec", "b_enc", "b_dec", "log_threshold")
+
+
+@pytest.mark.parametrize("variant", list(MDL_VARIANTS))
+def test_mdl_outputs_loss_and_gradients_equal_the_oracle(variant):
+    sae, oracle = _mdl_pair(**MDL_VARIANTS[variant])
+    x = _x_massive()
+    out = sae(x)
+    codes = oracle.codes(x)
+    assert 0 < int((codes != 0).sum()) < codes.numel()  # some gates open, some shut: the test has teeth
+    torch.testing.assert_close(out.code.dense(), codes, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.recon, oracle(x), rtol=1e-5, atol=1e-5)
+    got, (ref, parts) = sae.loss(x, out), oracle.loss(x)
+    torch.testing.assert_close(got.total, ref, rtol=1e-5, atol=1e-6)
+    for name in ("fvu", "activity_bits", "value_bits", "l0"):
+        assert got.parts[name] == pytest.approx(float(parts[name].detach()), rel=1e-5, abs=1e-6), name
+    if "loss_scale" in MDL_VARIANTS[variant]:  # the massive rows make the scaled error differ from the FVU
+        assert abs(got.parts["scaled_error"] - got.parts["fvu"]) > 0.01 * got.parts["fvu"]
+    got.total.backward()
+    ref.backward()
+    for name in MDL_PARAMS:
+        assert getattr(oracle, name).grad.abs().sum() > 0, name  # every parameter learns (θ included)
+        torch.testing.assert_close(getattr(sae, name).grad, getattr(oracle, name).grad, rtol=1e-4, atol=1e-6,
+                                   msg=lambda m, n=name: f"gradient of {n}: {m}")
+
+
+def _x_massive(seed: int = 5):
+    """Rows with a few 'massive' ones (x20), so that the clipped error's weights are not all 1."""
+    x = _x(seed)
+    x[::16] *= 20.0
+    return x
+
+
+STEP_VARIANTS = {**MDL_VARIANTS, "threshold controller": {"target_l0": 6.0},
+                 "controller on dl_coef": {"target_l0": 6.0, "controller": "dl_coef", "controller_rate": 0.5},
+                 "shared-RMS thresholds": {"threshold_step": "shared_rms", "threshold_lr": 0.05}}
+
+
+@pytest.mark.parametrize("variant", list(STEP_VARIANTS))
+def test_mdl_training_steps_equal_the_oracle(variant):
+    cfg = STEP_VARIANTS[variant]
+    sae, oracle = _mdl_pair(seed=2, **cfg)
+    opt_s = torch.optim.Adam(sae.parameters(), lr=1e-3)
+    opt_o = torch.optim.Adam(oracle.parameters(), lr=1e-3)
+    start = oracle.log_threshold.detach().clone()
+    for step in range(5):
+        x = _x_massive(10 + step)
+        loss = sae.loss(x, sae(x))
+        opt_s.zero_grad(set_to_none=True)
+        loss.total.backward()
+        sae.before_optimizer_step()
+        opt_s.step()
+        sae.after_optimizer_step()
+        oracle.step(opt_o, x)
+    for name in MDL_PARAMS:
+        torch.testing.assert_close(getattr(sae, name).detach(), getattr(oracle, name).detach(), rtol=1e-4, atol=1e-5,
+                                   msg=lambda m, n=name: f"{n} after 5 steps: {m}")
+    moved = (oracle.log_threshold.detach() - start).abs().max()
+    assert moved > (0.05 if variant == "threshold controller" else 1e-4)  # the controller's steps are in play
+    if "controller" in cfg:
+        assert sae.dl_coef == pytest.approx(oracle.dl_coef, rel=1e-5) and abs(math.log(oracle.dl_coef / 0.05)) > 0.1

@@ -19,7 +19,7 @@ difference their data can detect (the sum of the two half-widths).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
@@ -73,7 +73,12 @@ class Bootstrap:
         self.chunk = max(1, min(self.resamples, self.MAX_WEIGHTS // self.n_units))
         self._kept: Tensor | None = None
 
-    def _weights(self):
+    def replicate_weights(self) -> Iterator[Tensor]:
+        """The resample weights `[R_chunk, n_units]` (float32 counts), chunk by chunk, the same every call.
+
+        Public for statistics that are not a function of per-unit sums (`values` covers those): a caller
+        that needs each resample's weights itself (scripts/mdl_real.py resamples per-document histograms
+        through a sparse product) draws exactly the resamples every other figure of the report uses."""
         if self._kept is not None and self._kept.shape[0] == self.chunk == self.resamples:
             yield self._kept
             return
@@ -93,7 +98,7 @@ class Bootstrap:
         bounds = torch.tensor([0] + [c.shape[1] for c in cols]).cumsum(0).tolist()
         S_GM = torch.cat(cols, 1)
         out = []
-        for W_RG in self._weights():
+        for W_RG in self.replicate_weights():
             P_RM = (W_RG @ S_GM).double()
             out.append(fn({k: P_RM[:, a:b].reshape(-1, *v.shape[1:])
                            for (k, v), a, b in zip(stats.items(), bounds, bounds[1:])}))

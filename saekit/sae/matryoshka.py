@@ -39,7 +39,7 @@ from saekit.errors import ConfigError
 from saekit.sae.base import ForwardOutput, LossOutput, SparseCode
 from saekit.sae.kernels.sparse import Select, serial, sparse_decode, squared_error_sum
 from saekit.sae.registry import register
-from saekit.sae.topk import TopKConfig, TopKSAE, _batch_topk
+from saekit.sae.topk import TopKConfig, TopKSAE, batch_topk
 
 
 def default_widths(d_sae: int) -> list[int]:
@@ -94,7 +94,7 @@ def _prefix_topk(pre_NW: Tensor, k: int, batch: bool) -> tuple[Tensor, Tensor]:
     """`(idx, vals)` of a prefix's own selection: each row's top-k (ReLU on the k values), or BatchTopK's
     k*N largest of the batch, packed per row."""
     if batch:
-        return _batch_topk(pre_NW, k * pre_NW.shape[0])
+        return batch_topk(pre_NW, k * pre_NW.shape[0])
     vals_NK, idx_NK = pre_NW.topk(min(k, pre_NW.shape[1]), dim=1, sorted=False)
     return idx_NK, vals_NK.clamp_min(0)
 

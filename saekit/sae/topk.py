@@ -103,7 +103,7 @@ class TopKSAE(SparseAutoencoder):
                 pre_NF = pre_NF.add_(b_F)  # the native row-wise top-k adds the bias itself; these do not
                 b_F = None
             if batch_mode:
-                idx_NK, vals_NK = _batch_topk(pre_NF, k * pre_NF.shape[0])
+                idx_NK, vals_NK = batch_topk(pre_NF, k * pre_NF.shape[0])
             elif threshold >= 0:
                 idx_NK, vals_NK = _threshold_select(pre_NF, threshold)
             else:
@@ -291,8 +291,11 @@ def _pad_rows(rows: Tensor, cols: Tensor, vals: Tensor, n_rows: int) -> tuple[Te
     return idx_NK, vals_NK
 
 
-def _batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
-    """The `n_keep` largest pre-activations of the whole batch (ReLU after), packed per row."""
+def batch_topk(pre_NF: Tensor, n_keep: int) -> tuple[Tensor, Tensor]:
+    """The `n_keep` largest pre-activations of the whole batch (ReLU after), packed per row.
+
+    Public because BatchTopK selection is shared: the matryoshka SAE selects each prefix's batch top-k
+    with it, so both architectures keep one selection (and its tie and padding rules)."""
     N, F = pre_NF.shape
     vals, flat = pre_NF.reshape(-1).topk(min(n_keep, N * F), sorted=False)
     return _pad_rows(torch.div(flat, F, rounding_mode="floor"), flat % F, vals.clamp_min(0), N)

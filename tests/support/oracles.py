@@ -3,6 +3,8 @@ refactor of the real one is compared with something it cannot share a bug with (
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import nn
 
@@ -39,3 +41,132 @@ class NaiveTopK(nn.Module):
         opt.step()
         with torch.no_grad():
             W /= W.norm(dim=1, keepdim=True)
+
+
+class _SurrogateStep(torch.autograd.Function):
+    """The firing indicator 1[pre > θ] (times a fixed keep mask) with the gradient of σ((pre − θ)/τ).
+
+    Written as its own autograd function (saekit writes `hard + soft − soft.detach()`), so the oracle and
+    the library reach the same straight-through gradient by different code. The derivative of the
+    sigmoid is σ'(u)/τ = σ(u)(1 − σ(u))/τ; θ gets its negative; pre gets it only when `to_encoder`.
+    The keep mask (a row's top-k under the cap) does not enter the gradient: the surrogate is the
+    sigmoid alone, as the MDL module docstring states."""
+
+    @staticmethod
+    def forward(ctx, pre_NF, theta_F, keep_NF, tau: float, to_encoder: bool):
+        ctx.save_for_backward(pre_NF, theta_F)
+        ctx.tau, ctx.to_encoder = tau, to_encoder
+        return (pre_NF > theta_F).to(pre_NF.dtype) * keep_NF
+
+    @staticmethod
+    def backward(ctx, g_NF):
+        pre_NF, theta_F = ctx.saved_tensors
+        s_NF = torch.sigmoid((pre_NF - theta_F) / ctx.tau)
+        d_NF = g_NF * s_NF * (1 - s_NF) / ctx.tau
+        return (d_NF if ctx.to_encoder else None), -d_NF.sum(0), None, None, None
+
+
+def binary_entropy_bits(p):
+    """H(p) in bits through `torch.special.entr` (−p ln p), not log2 as saekit writes it."""
+    return (torch.special.entr(p) + torch.special.entr(1 - p)) / math.log(2)
+
+
+def scaled_error(x_ND, recon_ND, scale: str, clip_multiple: float = 4.0):
+    """The error term: 'batch' Σ‖e_i‖² / Σ‖x_i − x̄‖²; 'row' the mean of ‖e_i‖² / ‖x_i − x̄‖²; 'clipped' the
+    batch ratio with row weights w_i = min(1, c²·m / ‖x_i − x̄‖²), m the lower median of ‖x_i − x̄‖² (the
+    middle value for odd N, the smaller middle one for even N). Row norms and weights are constants."""
+    e_N = (x_ND - recon_ND).pow(2).sum(1)
+    c_N = (x_ND - x_ND.mean(0)).pow(2).sum(1).detach()
+    if scale == "row":
+        return (e_N / c_N).mean()
+    if scale == "clipped":
+        m = c_N.sort().values[(len(c_N) - 1) // 2]
+        w_N = torch.minimum(torch.ones_like(c_N), clip_multiple ** 2 * m / c_N)
+        return (w_N * e_N).sum() / (w_N * c_N).sum()
+    return e_N.sum() / c_N.sum()
+
+
+class NaiveMDL(nn.Module):
+    """MDL-SAE (Ayonrinde, Pearce & Sharkey 2024) from its formulas, dense:
+
+        pre = (x − b_dec) W_enc + b_enc,  θ = exp(log θ),  g = 1[pre > θ] (∧ row top-k when capped)
+        z = pre · g,  x̂ = z W_dec + b_dec
+        p̂_j = mean_rows g_j,  p = ε + (1 − 2ε) p̂ with ε = 1/(2N)
+        loss = error(x, x̂)  +  λ (Σ_j H(p_j) + b Σ_j p̂_j)          (error: `scaled_error`)
+
+    Training step: Adam on every parameter, the decoder rows' gradient projected off the rows and the
+    rows renormalised after it; with `shared_rms`, log θ leaves Adam and steps by lr·m/√v with momentum m
+    (β 0.9) and ONE second moment v of mean(g²) over latents (β 0.999, the first v = mean(g²)); with
+    `target_l0`, every log θ then moves by rate·clip((L0 − t)/t, ±1) where L0 = Σ_j p̂_j of the batch
+    just trained on (the threshold controller), or log λ does (`steer_coef`: the controller on λ)."""
+
+    def __init__(self, W_enc, W_dec, b_enc, b_dec, log_threshold, dl_coef: float, value_bits: float = 4.0,
+                 tau: float = 0.05, k: int | None = None, to_encoder: bool = False,
+                 target_l0: float | None = None, rate: float = 0.1, scale: str = "batch", clip_multiple: float = 4.0,
+                 shared_rms_lr: float | None = None, steer_coef: bool = False):
+        super().__init__()
+        self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
+        self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
+        self.log_threshold = nn.Parameter(log_threshold.clone())
+        self.dl_coef, self.value_bits, self.tau, self.k, self.to_encoder = dl_coef, value_bits, tau, k, to_encoder
+        self.target_l0, self.rate, self.scale, self.clip_multiple = target_l0, rate, scale, clip_multiple
+        self.shared_rms_lr, self.thr_m, self.thr_v = shared_rms_lr, torch.zeros_like(log_threshold), None
+        self.steer_coef = steer_coef
+
+    def gate(self, x_ND):
+        pre_NF = (x_ND - self.b_dec) @ self.W_enc + self.b_enc
+        keep_NF = torch.ones_like(pre_NF)
+        if self.k is not None:
+            keep_NF = torch.zeros_like(pre_NF).scatter(1, pre_NF.detach().topk(self.k, dim=1).indices, 1.0)
+        return pre_NF, _SurrogateStep.apply(pre_NF, self.log_threshold.exp(), keep_NF, self.tau, self.to_encoder)
+
+    def codes(self, x_ND):
+        pre_NF, g_NF = self.gate(x_ND)
+        return pre_NF * g_NF
+
+    def forward(self, x_ND):
+        return self.codes(x_ND) @ self.W_dec + self.b_dec
+
+    def loss(self, x_ND):
+        """(total, parts) where parts holds the FVU, the activity and value bits and the batch L0."""
+        pre_NF, g_NF = self.gate(x_ND)
+        recon_ND = (pre_NF * g_NF) @ self.W_dec + self.b_dec
+        err = scaled_error(x_ND, recon_ND, self.scale, self.clip_multiple)
+        fvu = (x_ND - recon_ND).pow(2).sum() / (x_ND - x_ND.mean(0)).pow(2).sum()
+        n = x_ND.shape[0]
+        p_hat_F = g_NF.mean(0)
+        eps = 1 / (2 * n)
+        activity = binary_entropy_bits(eps + (1 - 2 * eps) * p_hat_F).sum()
+        value = self.value_bits * p_hat_F.sum()
+        parts = {"fvu": fvu.detach(), "activity_bits": activity, "value_bits": value, "l0": p_hat_F.detach().sum()}
+        return err + self.dl_coef * (activity + value), parts
+
+    def step(self, opt, x_ND) -> None:
+        """One Adam step, decoder rows kept unit-norm, then the threshold controller's step when targeted."""
+        loss, parts = self.loss(x_ND)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        with torch.no_grad():
+            W = self.W_dec
+            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+            g_F = self.log_threshold.grad.clone()
+            if self.shared_rms_lr is not None:
+                self.log_threshold.grad = None  # Adam skips a parameter without a gradient
+        opt.step()
+        with torch.no_grad():
+            W /= W.norm(dim=1, keepdim=True)
+            if self.shared_rms_lr is not None:
+                self._shared_rms(g_F)
+            if self.target_l0 is not None:
+                rel = (float(parts["l0"]) - self.target_l0) / self.target_l0
+                step = self.rate * min(max(rel, -1.0), 1.0)
+                if self.steer_coef:
+                    self.dl_coef = math.exp(math.log(self.dl_coef) + step)
+                else:
+                    self.log_threshold += step
+
+    def _shared_rms(self, g_F) -> None:
+        g2 = float(g_F.double().pow(2).mean())
+        self.thr_v = g2 if self.thr_v is None else 0.999 * self.thr_v + 0.001 * g2
+        self.thr_m = 0.9 * self.thr_m + 0.1 * g_F
+        self.log_threshold -= self.shared_rms_lr * self.thr_m / (math.sqrt(self.thr_v) + 1e-12)
