@@ -171,7 +171,7 @@ class ShuffleBuffer:
             parts.append(block)
             have += block.shape[0]
         rows = torch.cat(parts)
-        self._carry = rows[n:]
+        self._carry = rows[n:].clone()  # a view would pin all of `rows` (right after filling: 2x the buffer)
         return rows[:n]
 
     def next_global_batch(self) -> Tensor:
@@ -197,7 +197,9 @@ class ShuffleBuffer:
 
 
 def check_memory(n_bytes: float, max_bytes: float | None, what: str) -> None:
-    """Refuse an allocation larger than `max_bytes` or than the memory currently available."""
+    """Log the estimate, then refuse an allocation larger than `max_bytes` or than the memory currently
+    available: the user sees what a buffer will take before it is allocated, not only when it is refused."""
+    log.info("%s: %.3f GiB (estimate, before allocating)", what, n_bytes / 2**30)
     available = _available_bytes()
     if max_bytes is not None and n_bytes > max_bytes:
         raise MemoryBudgetError(f"{what}: expected at most {max_bytes / 2**30:.2f} GiB (buffer.max_gb), "
