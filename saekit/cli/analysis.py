@@ -27,7 +27,8 @@ from saekit.store.locate import store_for_hook
 # -- CLI logic `saekit probe` -------------------------------------------------------------
 
 
-def _int_list(text: str) -> list[int]:
+def int_list(text: str) -> list[int]:
+    """"1,2, 4" -> [1, 2, 4] for the --ks style options (shared by the analysis and retrieval commands)."""
     try:
         return [int(x) for x in text.replace(" ", "").split(",") if x]
     except ValueError as e:
@@ -72,7 +73,7 @@ def cmd_probe(args) -> int:
 def _probe_one(args, folder: RunFolder) -> None:
     sae, store, checked = (None, store_for_hook(folder.store, None), None) if args.no_sae \
         else checked_sae_and_store(folder, force=args.force)
-    report = probe_sweep(store, args.label, sae=sae, ks=_int_list(args.ks),
+    report = probe_sweep(store, args.label, sae=sae, ks=int_list(args.ks),
                          methods=[m for m in args.methods.split(",") if m], test_frac=args.test_frac,
                          seed=args.seed, max_rows=args.max_rows, positive=args.positive, pooling=args.pooling,
                          classes="all" if args.one_vs_rest else None,

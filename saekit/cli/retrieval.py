@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from saekit.artifacts import atomic_write_json, to_strict_json
-from saekit.cli.analysis import _int_list, edits_from_args
+from saekit.cli.analysis import int_list, edits_from_args
 from saekit.errors import ConfigError
 from saekit.eval.bootstrap import mean_interval
 from saekit.layout import RunFolder
@@ -67,7 +67,7 @@ def cmd_index(args) -> int:
     index = SparseIndex.from_store(sae, store)
     g = torch.Generator().manual_seed(args.seed)
     rows = torch.randperm(index.n_docs, generator=g)[: args.queries].tolist()
-    points = pareto_sweep(index, sae, rows, _int_list(args.ks), reranks=_int_list(args.reranks))
+    points = pareto_sweep(index, sae, rows, int_list(args.ks), reranks=int_list(args.reranks))
     table = sweep_table(points, args.resamples, args.seed)
     dense_flops = 2.0 * index.n_docs * store.d_in
     out = Path(args.out) if args.out else folder.retrieval

@@ -98,7 +98,9 @@ def dequantise(bins: Tensor, lo: Tensor, span: Tensor, bits: int) -> Tensor:
     return lo + bins.float() * (span / ((1 << bits) - 1))
 
 
-def _check_precisions(precisions: Sequence[int]) -> tuple[int, ...]:
+def check_precisions(precisions: Sequence[int]) -> tuple[int, ...]:
+    """Distinct bit precisions in 1..24, else ConfigError (shared with the float64 reference, which must refuse
+    exactly what the fast path refuses)."""
     ps = tuple(int(b) for b in precisions)
     if not ps or any(b < 1 or b > 24 for b in ps) or len(set(ps)) != len(ps):
         raise ConfigError(f"description length: expected distinct precisions (bits) in 1..24, found {list(precisions)}")
@@ -173,7 +175,7 @@ class DescriptionLengthAccumulator:
     def __init__(self, lo_F: Tensor, hi_F: Tensor, precisions: Sequence[int] = DEFAULT_PRECISIONS, *,
                  decoder_FD: Tensor | None = None, decode_fn: DecodeFn | None = None, error_chunk: int | None = None,
                  max_hist_entries: int = DEFAULT_MAX_HIST_ENTRIES):
-        self.precisions = _check_precisions(precisions)
+        self.precisions = check_precisions(precisions)
         if lo_F.shape != hi_F.shape or lo_F.ndim != 1:
             raise ShapeMismatchError(f"description length: expected lo_F and hi_F of shape [d_sae], "
                                      f"found {tuple(lo_F.shape)} and {tuple(hi_F.shape)}")

@@ -16,7 +16,7 @@ from saekit.eval.description_length import (
     DEFAULT_FVU_TOLERANCE,
     DEFAULT_PRECISIONS,
     DecodeFn,
-    _check_precisions,
+    check_precisions,
     dequantise,
     quantise_bins,
     range_tables,
@@ -31,7 +31,7 @@ def description_length_reference(indices_NK: Tensor, values_NK: Tensor, d_sae: i
                                  decode_fn: DecodeFn | None = None, recon_ND: Tensor | None = None,
                                  fvu_tolerance: float = DEFAULT_FVU_TOLERANCE, per_latent: bool = False) -> dict:
     """Plain per-latent loop over an in-memory code; same result dict as `description_length`."""
-    precisions = _check_precisions(precisions)
+    precisions = check_precisions(precisions)
     k = indices_NK.shape[-1]
     idx = indices_NK.reshape(-1, k).cpu()
     val = values_NK.detach().reshape(-1, k).cpu()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 
 from saekit.artifacts import atomic_write_png
-from saekit.eval.report_text import _fmt
+from saekit.eval.report_text import fmt_value
 
 
 def _figure():
@@ -28,7 +28,7 @@ def plot_l0_histogram(report: dict, path: str | Path) -> Path:
     ax.bar(h["l0"], h["counts"], width=1.0, color="tab:blue")
     ax.set_xlabel("active latents per row (L0)")
     ax.set_ylabel("rows")
-    ax.set_title(f"L0 distribution (mean {_fmt(report['sparsity']['l0_mean'])})")
+    ax.set_title(f"L0 distribution (mean {fmt_value(report['sparsity']['l0_mean'])})")
     return atomic_write_png(fig, path)
 
 

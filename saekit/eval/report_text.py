@@ -13,7 +13,9 @@ from typing import Any
 from saekit.artifacts import dumps_json
 from saekit.eval.bootstrap import compare_figures
 
-def _fmt(v: Any, digits: int = 4) -> str:
+def fmt_value(v: Any, digits: int = 4) -> str:
+    """A report cell: `digits` significant figures, "-" for missing or non-finite (shared with report_plots'
+    captions so a figure and its table print the same number)."""
     if v is None:
         return "-"
     if isinstance(v, bool):
@@ -39,41 +41,41 @@ def format_report(report: dict) -> str:
     s, rec, sp = report["sae"], report["reconstruction"], report["sparsity"]
     rci, sci = rec.get("ci95") or {}, sp.get("ci95") or {}
     rows = [
-        ["architecture", _fmt(s.get("architecture")), ""], ["d_in / d_sae", f"{s.get('d_in')} / {s.get('d_sae')}", ""],
-        ["rows", _fmt(report["n_rows"]), ""],
-        ["MSE", _fmt(rec["mse"]), _fmt_ci(rci.get("mse"))], ["FVU", _fmt(rec["fvu"]), _fmt_ci(rci.get("fvu"))],
-        ["explained variance", _fmt(rec["explained_variance"]), _fmt_ci(rci.get("explained_variance"))],
-        ["cosine(x, x_hat)", _fmt(rec["cosine_mean"]), _fmt_ci(rci.get("cosine_mean"))],
-        ["shrinkage |x_hat|/|x|", _fmt(rec["shrinkage_mean"]), ""],
-        ["L0 mean (std)", f"{_fmt(sp['l0_mean'])} ({_fmt(sp['l0_std'])})", _fmt_ci(sci.get("l0_mean"))],
-        ["dead fraction", _fmt(sp["dead_fraction"]), ""],
-        [f"dense fraction (>{sp['dense_threshold']})", _fmt(sp["dense_fraction"]), ""],
+        ["architecture", fmt_value(s.get("architecture")), ""], ["d_in / d_sae", f"{s.get('d_in')} / {s.get('d_sae')}", ""],
+        ["rows", fmt_value(report["n_rows"]), ""],
+        ["MSE", fmt_value(rec["mse"]), _fmt_ci(rci.get("mse"))], ["FVU", fmt_value(rec["fvu"]), _fmt_ci(rci.get("fvu"))],
+        ["explained variance", fmt_value(rec["explained_variance"]), _fmt_ci(rci.get("explained_variance"))],
+        ["cosine(x, x_hat)", fmt_value(rec["cosine_mean"]), _fmt_ci(rci.get("cosine_mean"))],
+        ["shrinkage |x_hat|/|x|", fmt_value(rec["shrinkage_mean"]), ""],
+        ["L0 mean (std)", f"{fmt_value(sp['l0_mean'])} ({fmt_value(sp['l0_std'])})", _fmt_ci(sci.get("l0_mean"))],
+        ["dead fraction", fmt_value(sp["dead_fraction"]), ""],
+        [f"dense fraction (>{sp['dense_threshold']})", fmt_value(sp["dense_fraction"]), ""],
     ]
     rows += _outlier_rows(report)
     gt = report.get("ground_truth")
     if gt:
-        rows += [["GT mean max cos", _fmt(gt["mean_max_cosine"]), ""],
-                 [f"GT recovered (>{gt['threshold']})", _fmt(gt["fraction_recovered"]), ""],
-                 ["GT MCC (Hungarian)", _fmt(gt.get("mcc")), ""]]
+        rows += [["GT mean max cos", fmt_value(gt["mean_max_cosine"]), ""],
+                 [f"GT recovered (>{gt['threshold']})", fmt_value(gt["fraction_recovered"]), ""],
+                 ["GT MCC (Hungarian)", fmt_value(gt.get("mcc")), ""]]
     rt = report.get("retrieval")
     if rt:
-        rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", _fmt(rt["recall_at_k"]),
+        rows += [[f"recall@{rt['k']} ({rt['n_docs']} docs)", fmt_value(rt["recall_at_k"]),
                   _fmt_ci((rt.get("ci95") or {}).get("recall_at_k"))],
-                 ["retrieval cosine", _fmt(rt["cosine_mean"]), ""]]
+                 ["retrieval cosine", fmt_value(rt["cosine_mean"]), ""]]
     sp_in = (report.get("downstream") or {}).get("splice_in")
     if sp_in:
         sci_ = sp_in.get("ci95") or {}
-        rows += [[f"loss recovered ({sp_in.get('n_tokens')} tokens)", _fmt(sp_in.get("loss_recovered")),
+        rows += [[f"loss recovered ({sp_in.get('n_tokens')} tokens)", fmt_value(sp_in.get("loss_recovered")),
                   _fmt_ci(sci_.get("loss_recovered"))],
-                 ["KL(clean || spliced)", _fmt(sp_in.get("kl_spliced")), _fmt_ci(sci_.get("kl_spliced"))]]
+                 ["KL(clean || spliced)", fmt_value(sp_in.get("kl_spliced")), _fmt_ci(sci_.get("kl_spliced"))]]
     dl = report.get("description_length")
     out = _table(rows, ["metric", "value", "95% CI"]) + _row_set_note(report) + _bootstrap_note(report)
     if dl:
-        out += (f"\n\nDescription length (bits per activation vector; activity {_fmt(dl['activity_bits_per_row'])}; "
-                f"selected {_fmt(dl['selected_bits'])} bits -> DL {_fmt(dl['dl_bits_per_row'])} "
+        out += (f"\n\nDescription length (bits per activation vector; activity {fmt_value(dl['activity_bits_per_row'])}; "
+                f"selected {fmt_value(dl['selected_bits'])} bits -> DL {fmt_value(dl['dl_bits_per_row'])} "
                 f"within FVU +{dl['fvu_tolerance']})\n")
-        out += _table([[str(e["bits"]), _fmt(e["dl_bits_per_row"]), _fmt(e["dl_flat_bits_per_row"]),
-                        _fmt(e.get("fvu")), _fmt(e.get("fvu_increase"))] for e in dl["sweep"]],
+        out += _table([[str(e["bits"]), fmt_value(e["dl_bits_per_row"]), fmt_value(e["dl_flat_bits_per_row"]),
+                        fmt_value(e.get("fvu")), fmt_value(e.get("fvu_increase"))] for e in dl["sweep"]],
                       ["bits", "DL (entropy)", "DL (flat b)", "FVU", "FVU increase"])
     gen = report.get("generalisation")
     if gen:
@@ -84,7 +86,7 @@ def format_report(report: dict) -> str:
 
 
 def _fmt_ci(ci: list[float] | None) -> str:
-    return "" if not ci else f"[{_fmt(ci[0])}, {_fmt(ci[1])}]"
+    return "" if not ci else f"[{fmt_value(ci[0])}, {fmt_value(ci[1])}]"
 
 
 def _bootstrap_note(report: dict) -> str:
@@ -101,10 +103,10 @@ def _outlier_rows(report: dict) -> list[list[str]]:
     if not rs or not out:
         return []
     rows = [["headline rows", f"ordinary ({rs['outlier_rows']} outliers apart)", ""],
-            ["outlier rows: count / FVU", f"{out['count']} / {_fmt(out.get('fvu'))}",
+            ["outlier rows: count / FVU", f"{out['count']} / {fmt_value(out.get('fvu'))}",
              _fmt_ci((out.get("ci95") or {}).get("fvu"))]]
     if out.get("all_rows"):
-        rows.append(["FVU all rows (incl. outliers)", _fmt(out["all_rows"]["fvu"]), ""])
+        rows.append(["FVU all rows (incl. outliers)", fmt_value(out["all_rows"]["fvu"]), ""])
     return rows
 
 
@@ -116,21 +118,21 @@ def _row_set_note(report: dict) -> str:
     note = (f"\nHeadline figures are on {rs['ordinary_rows']} ordinary held-out rows; {out['count']} massive-activation "
             f"outlier rows ({rs['outlier_rule'].get('description')}) are reported apart")
     if out.get("all_rows"):
-        note += f" (FVU of all rows together: {_fmt(out['all_rows']['fvu'])})"
+        note += f" (FVU of all rows together: {fmt_value(out['all_rows']['fvu'])})"
     return note + "."
 
 
 def format_generalisation(gen: dict) -> str:
     """Training rows vs held-out rows, side by side, the gap, and the warning when there is one."""
     tr, ho = gen["train"], gen["heldout"]
-    rows = [[name, _fmt(tr[key]), _fmt(ho[key])] for name, key in
+    rows = [[name, fmt_value(tr[key]), fmt_value(ho[key])] for name, key in
             (("rows", "rows"), ("FVU", "fvu"), ("explained variance", "explained_variance"),
              ("cosine(x, x_hat)", "cosine_mean"), ("L0 mean", "l0_mean"))]
     out = "Training vs held-out reconstruction\n" + _table(rows, ["metric", "training rows", "held-out rows"])
-    out += f"\ngap (held-out - training FVU): {_fmt(gen['gap'])} ({_fmt(gen['ratio'], 3)}x)"
+    out += f"\ngap (held-out - training FVU): {fmt_value(gen['gap'])} ({fmt_value(gen['ratio'], 3)}x)"
     t = gen.get("training") or {}
     if t.get("epochs") is not None:
-        out += f"; trained for {_fmt(t['epochs'], 3)} epochs over {_fmt(t.get('rows_per_epoch'))} rows"
+        out += f"; trained for {fmt_value(t['epochs'], 3)} epochs over {fmt_value(t.get('rows_per_epoch'))} rows"
     if gen.get("warning"):
         out += f"\nWARNING: {gen['warning']}"
     return out
@@ -142,11 +144,11 @@ def compare_table(reports: dict[str, dict]) -> str:
     for name, r in reports.items():
         rec, sp = r["reconstruction"], r["sparsity"]
         dl, gt, rt = r.get("description_length"), r.get("ground_truth"), r.get("retrieval")
-        rows.append([name, _fmt(r["n_rows"]), _fmt(sp["l0_mean"]), _fmt(rec["fvu"]), _fmt(rec["explained_variance"]),
-                     _fmt(rec["cosine_mean"]), _fmt(rec["shrinkage_mean"]), _fmt(sp["dead_fraction"]),
-                     _fmt(sp["dense_fraction"]), _fmt(dl["dl_bits_per_row"]) if dl else "-",
-                     _fmt(dl["selected_bits"]) if dl else "-", _fmt(gt.get("mcc")) if gt else "-",
-                     _fmt(rt["recall_at_k"]) if rt else "-"])
+        rows.append([name, fmt_value(r["n_rows"]), fmt_value(sp["l0_mean"]), fmt_value(rec["fvu"]), fmt_value(rec["explained_variance"]),
+                     fmt_value(rec["cosine_mean"]), fmt_value(rec["shrinkage_mean"]), fmt_value(sp["dead_fraction"]),
+                     fmt_value(sp["dense_fraction"]), fmt_value(dl["dl_bits_per_row"]) if dl else "-",
+                     fmt_value(dl["selected_bits"]) if dl else "-", fmt_value(gt.get("mcc")) if gt else "-",
+                     fmt_value(rt["recall_at_k"]) if rt else "-"])
     table = _table(rows, ["run", "rows", "L0", "FVU", "EV", "cos", "shrink", "dead", "dense", "DL bits", "DL prec",
                           "MCC", "recall@k"])
     warning = row_set_mismatch(reports)
@@ -192,8 +194,8 @@ def format_differences(diffs: list[dict]) -> str:
             verdict = "no intervals (re-evaluate to get them)"
         else:
             verdict = ("distinguishable" if d["distinguishable"] else "not distinguishable") + \
-                f" (smallest detectable difference {_fmt(d['detectable'], 2)})"
-        lines.append(f"{d['figure']}: {d['a']} - {d['b']} = {_fmt(d['difference'], 3)}: {verdict}")
+                f" (smallest detectable difference {fmt_value(d['detectable'], 2)})"
+        lines.append(f"{d['figure']}: {d['a']} - {d['b']} = {fmt_value(d['difference'], 3)}: {verdict}")
     return "Differences (95% bootstrap intervals overlap = not distinguishable)\n" + "\n".join(lines) if lines else ""
 
 
@@ -215,8 +217,8 @@ def seed_spread(reports: dict[str, dict]) -> dict:
 
 
 def format_seed_spread(spread: dict) -> str:
-    rows = [[label, _fmt(f["mean"]), _fmt(f["std"]), f"{_fmt(f['min'])} .. {_fmt(f['max'])}",
-             _fmt(f["ci95_half_width_mean"], 2)] for label, f in spread["figures"].items()]
+    rows = [[label, fmt_value(f["mean"]), fmt_value(f["std"]), f"{fmt_value(f['min'])} .. {fmt_value(f['max'])}",
+             fmt_value(f["ci95_half_width_mean"], 2)] for label, f in spread["figures"].items()]
     return (f"Spread over {len(spread['seeds'])} seeds ({', '.join(spread['seeds'])})\n"
             + _table(rows, ["figure", "mean", "std", "range", "+-ci95 (data)"]))
 
