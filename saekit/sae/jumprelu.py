@@ -69,18 +69,22 @@ class StepSTE(torch.autograd.Function):
 
 
 class JumpReLUSTE(torch.autograd.Function):
-    """z * H(z - theta): backward H(z - theta) for z (exact) and -(theta/eps) K((z - theta)/eps) for theta."""
+    """z * H(z - theta) * H(z): backward H(z - theta) H(z) for z (exact) and -(theta/eps) K((z - theta)/eps)
+    for theta. The H(z) (a ReLU after the jump) only matters for a threshold < 0 (possible in loaded files,
+    never after a saekit step): like SAELens and Gemma Scope, no negative value gets through. It is inside
+    the function because a `torch.relu` outside would zero theta's pseudo-derivative for every z in
+    (theta - eps/2, theta], whose code is 0, so theta learnt from only half the paper's window."""
 
     @staticmethod
     def forward(ctx, z: Tensor, theta: Tensor, eps: float) -> Tensor:
         ctx.save_for_backward(z, theta)
         ctx.eps = eps
-        return z * (z > theta).to(z.dtype)
+        return z * ((z > theta) & (z > 0)).to(z.dtype)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
         z, theta = ctx.saved_tensors
-        g_z = (z > theta).to(z.dtype) * grad
+        g_z = ((z > theta) & (z > 0)).to(z.dtype) * grad
         g_theta = -(theta / ctx.eps) * _rectangle((z - theta) / ctx.eps) * grad
         return g_z, _sum_to(g_theta, theta.shape), None
 
@@ -110,9 +114,7 @@ class JumpReLUSAE(SparseAutoencoder):
         return x_in @ self.W_enc + self.b_enc
 
     def _dense(self, pre_NF: Tensor) -> Tensor:
-        # The ReLU after the jump only matters for a threshold < 0 (possible in loaded files, never after a
-        # saekit step): like SAELens and Gemma Scope, it never lets a negative value through.
-        return torch.relu(JumpReLUSTE.apply(pre_NF, self.threshold, self.cfg.bandwidth))
+        return JumpReLUSTE.apply(pre_NF, self.threshold, self.cfg.bandwidth)
 
     def _encode_flat(self, x_ND: Tensor) -> SparseCode:
         return code_from_dense(self._dense(self._pre(x_ND)))

@@ -170,3 +170,146 @@ class NaiveMDL(nn.Module):
         self.thr_v = g2 if self.thr_v is None else 0.999 * self.thr_v + 0.001 * g2
         self.thr_m = 0.9 * self.thr_m + 0.1 * g_F
         self.log_threshold -= self.shared_rms_lr * self.thr_m / (math.sqrt(self.thr_v) + 1e-12)
+
+
+# -- ReLU, JumpReLU, gated, matryoshka ------------------------------------------------------------------
+class NaiveReLU(nn.Module):
+    """The standard SAE with the decoder-norm-weighted L1 (Anthropic, April 2024 update), dense:
+
+        z = ReLU((x − b_dec) W_enc + b_enc),  x̂ = z W_dec + b_dec
+        loss = mean_rows ‖x − x̂‖² + λ · mean_rows Σ_j z_j ‖W_dec,j‖
+
+    The decoder is unconstrained (the norm sits in the penalty), so a step is plain Adam."""
+
+    def __init__(self, W_enc, W_dec, b_enc, b_dec, l1_coef: float, b_dec_to_input: bool = True):
+        super().__init__()
+        self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
+        self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
+        self.l1_coef, self.b_dec_to_input = l1_coef, b_dec_to_input
+
+    def codes(self, x_ND):
+        x_in = x_ND - self.b_dec if self.b_dec_to_input else x_ND
+        return torch.relu(x_in @ self.W_enc + self.b_enc)
+
+    def forward(self, x_ND):
+        return self.codes(x_ND) @ self.W_dec + self.b_dec
+
+    def loss(self, x_ND):
+        z_NF = self.codes(x_ND)
+        mse = (z_NF @ self.W_dec + self.b_dec - x_ND).pow(2).sum(-1).mean()
+        l1 = (z_NF * torch.linalg.vector_norm(self.W_dec, dim=1)).sum(-1).mean()
+        return mse + self.l1_coef * l1, {"mse": mse.detach(), "l1": l1.detach(), "l0": (z_NF > 0).sum(-1).float().mean()}
+
+    def step(self, opt, x_ND) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.loss(x_ND)[0].backward()
+        opt.step()
+
+
+def _window(pre_NF, theta_F, eps: float):
+    """A term with value 0 whose gradient in θ is −(1/ε)·1[|pre − θ| < ε/2] and 0 in pre: the clamp of
+    (pre − θ)/ε + ½ to [0, 1] has slope −1/ε in θ exactly inside the rectangle kernel's window."""
+    s_NF = ((pre_NF.detach() - theta_F) / eps + 0.5).clamp(0.0, 1.0)
+    return s_NF - s_NF.detach()
+
+
+class NaiveJumpReLU(nn.Module):
+    """JumpReLU SAE (Rajamanoharan et al. 2024, "Jumping Ahead"), dense, from the paper's pseudo-derivatives:
+
+        pre = x W_enc + b_enc  (x − b_dec when `b_dec_to_input`),  z = pre · H(pre − θ),  x̂ = z W_dec + b_dec
+        loss = mean_rows ‖x − x̂‖² + λ · mean_rows Σ_j H(pre_j − θ_j)
+        ∂H(pre − θ)/∂θ := −(1/ε) K((pre − θ)/ε),   ∂z/∂θ := −(θ/ε) K((pre − θ)/ε),   K = 1[|u| < ½]
+        ∂H/∂pre := 0,  ∂z/∂pre = H(pre − θ)   (the true ones)
+
+    Written with a clamp whose slope is the kernel (`_window`), not an autograd function. A step: Adam,
+    decoder rows' gradient projected off the unit rows, rows renormalised, θ clamped to ≥ `min_theta`."""
+
+    def __init__(self, W_enc, W_dec, b_enc, b_dec, theta, l0_coef: float, eps: float, min_theta: float = 1e-6,
+                 b_dec_to_input: bool = False):
+        super().__init__()
+        self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
+        self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
+        self.theta = nn.Parameter(theta.clone())
+        self.l0_coef, self.eps, self.min_theta, self.b_dec_to_input = l0_coef, eps, min_theta, b_dec_to_input
+
+    def pre(self, x_ND):
+        x_in = x_ND - self.b_dec if self.b_dec_to_input else x_ND
+        return x_in @ self.W_enc + self.b_enc
+
+    def codes(self, x_ND):
+        pre_NF = self.pre(x_ND)
+        H_NF = (pre_NF > self.theta).to(pre_NF.dtype)
+        return pre_NF * H_NF + self.theta.detach() * _window(pre_NF, self.theta, self.eps)
+
+    def forward(self, x_ND):
+        return self.codes(x_ND) @ self.W_dec + self.b_dec
+
+    def loss(self, x_ND):
+        pre_NF = self.pre(x_ND)
+        H_NF = (pre_NF > self.theta).to(pre_NF.dtype)
+        z_NF = pre_NF * H_NF + self.theta.detach() * _window(pre_NF, self.theta, self.eps)
+        mse = (z_NF @ self.W_dec + self.b_dec - x_ND).pow(2).sum(-1).mean()
+        l0 = (H_NF + _window(pre_NF, self.theta, self.eps)).sum(-1).mean()
+        return mse + self.l0_coef * l0, {"mse": mse.detach(), "l0": l0.detach()}
+
+    def step(self, opt, x_ND) -> None:
+        opt.zero_grad(set_to_none=True)
+        self.loss(x_ND)[0].backward()
+        with torch.no_grad():
+            W = self.W_dec
+            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+        opt.step()
+        with torch.no_grad():
+            W /= W.norm(dim=1, keepdim=True)
+            self.theta.copy_(torch.maximum(self.theta, torch.full_like(self.theta, self.min_theta)))
+
+
+class NaiveGated:
+    """Gated SAE (Rajamanoharan et al. 2024, "Improving Dictionary Learning with Gated SAEs"), inference,
+    with the paper's weight sharing W_mag = diag(exp r_mag) W_gate written column by column:
+
+        x̃ = x − b_dec,  f_gate = 1[x̃ W_gate + b_gate > 0],  f_mag = ReLU(x̃ W_mag + b_mag),  z = f_gate ⊙ f_mag
+        x̂ = z W_dec + b_dec"""
+
+    def __init__(self, W_enc, W_dec, b_gate, b_mag, r_mag, b_dec, b_dec_to_input: bool = True):
+        self.W_gate, self.W_dec, self.b_gate, self.b_mag = W_enc.clone(), W_dec.clone(), b_gate.clone(), b_mag.clone()
+        self.r_mag, self.b_dec, self.b_dec_to_input = r_mag.clone(), b_dec.clone(), b_dec_to_input
+
+    def codes(self, x_ND):
+        x_in = x_ND - self.b_dec if self.b_dec_to_input else x_ND
+        W_mag = torch.stack([self.W_gate[:, j] * math.exp(float(self.r_mag[j])) for j in range(len(self.r_mag))], 1)
+        gate = torch.heaviside(x_in @ self.W_gate + self.b_gate, torch.zeros(()))
+        return gate * (x_in @ W_mag + self.b_mag).clamp(min=0)
+
+    def __call__(self, x_ND):
+        return self.codes(x_ND) @ self.W_dec + self.b_dec
+
+
+class NaiveMatryoshka(NaiveTopK):
+    """Matryoshka top-k SAE (Bussmann et al. 2025), dense: one top-k code over the whole dictionary; the
+    loss sums, over the nested prefixes w_1 < … < w_P = d_sae, the MSE of decoding only the code's latents
+    below w_p (a masked copy of the code). With `nested`, an inner prefix instead decodes the top-k of its
+    own first w_p ReLU pre-activations."""
+
+    def __init__(self, W_enc, W_dec, b_enc, b_dec, k: int, widths: list[int], nested: bool = False):
+        super().__init__(W_enc, W_dec, b_enc, b_dec, k)
+        self.widths, self.nested = list(widths), nested
+
+    def prefix_codes(self, x_ND):
+        pre_NF = torch.relu((x_ND - self.b_dec) @ self.W_enc + self.b_enc)
+        z_NF = self.codes(x_ND)
+        out = []
+        for w in self.widths[:-1]:
+            if self.nested:
+                vals, idx = pre_NF[:, :w].topk(min(self.k, w), dim=-1)
+                out.append(torch.zeros_like(pre_NF).scatter(-1, idx, vals))
+            else:
+                mask_F = (torch.arange(z_NF.shape[1]) < w).to(z_NF.dtype)
+                out.append(z_NF * mask_F)
+        return out + [z_NF]
+
+    def prefix_losses(self, x_ND):
+        return [(z_NF @ self.W_dec + self.b_dec - x_ND).pow(2).sum(-1).mean() for z_NF in self.prefix_codes(x_ND)]
+
+    def loss(self, x_ND):
+        return sum(self.prefix_losses(x_ND))
