@@ -98,22 +98,29 @@ def load_lm(name: str = "default", revision: str | None = None, dtype: str = "fl
 
     path = _converted_default_lm() if is_default_lm(name) else name
     _require_local_path(name, "language model")
+    hub = not is_default_lm(name) and not Path(name).expanduser().exists()
+    if revision is not None and not hub:
+        raise ModelNotAvailableError(f"language model '{name}' is the embedded model or a local folder, which has no "
+                                     f"revisions; found revision={revision!r} (drop it, or name a hub model)")
     try:
         tok = AutoTokenizer.from_pretrained(path, revision=revision)
         model = AutoModelForCausalLM.from_pretrained(path, revision=revision, dtype=getattr(torch, dtype))
     except OSError as e:
-        raise ModelNotAvailableError(f"could not load language model '{name}' locally or from the hub ({e})") from e
+        at = f" at revision {revision!r}" if revision else ""
+        raise ModelNotAvailableError(f"could not load language model '{name}'{at} locally or from the hub ({e})") from e
     model.eval()
+    if hub:  # transformers 5 no longer leaves `_commit_hash` on the config: resolve it from the cache
+        model.saekit_revision = _cached_commit(name, revision, ("config.json",), "language model")
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return model, tok
 
 
 def model_revision(model) -> str:
-    """The resolved commit sha when loaded from the hub, else a content hash of the config."""
+    """The resolved commit sha when loaded from the hub (by `load_lm`), else a content hash of the config."""
     import hashlib
 
-    sha = getattr(model.config, "_commit_hash", None)
+    sha = getattr(model, "saekit_revision", None) or getattr(model.config, "_commit_hash", None)
     if sha:
         return sha
     return "local-" + hashlib.sha256(model.config.to_json_string().encode()).hexdigest()[:12]
@@ -171,13 +178,19 @@ def _embedder_revision(name: str, revision: str | None, packaged: bool, local: b
         config = folder / "config.json"
         data = config.read_bytes() if config.exists() else b""
         return "local-" + hashlib.sha256(data).hexdigest()[:12]
+    return _cached_commit(name, revision, ("modules.json", "config.json"), "embedding model")
+
+
+def _cached_commit(name: str, revision: str | None, filenames: tuple[str, ...], what: str) -> str:
+    """The commit sha that `revision` (default: main) resolved to in the local hub cache: the snapshot
+    folder a loaded file sits in."""
     from huggingface_hub import try_to_load_from_cache
 
-    for filename in ("modules.json", "config.json"):
+    for filename in filenames:
         cached = try_to_load_from_cache(name, filename, revision=revision)
         if isinstance(cached, str):
             return Path(cached).parent.name  # .../snapshots/<commit sha>/<file>
-    log.warning("could not resolve the commit of embedding model %s (revision %s)", name, revision or "main")
+    log.warning("could not resolve the commit of %s %s (revision %s)", what, name, revision or "main")
     return f"unresolved-{revision or 'main'}"
 
 
