@@ -74,24 +74,25 @@ void saekit_embed_sum_rows_bf16(const int64_t *idx, const float *w, int64_t n_ro
  * magnitude bits. */
 static inline int32_t okey(float f) { int32_t b; memcpy(&b, &f, 4); return b ^ ((b >> 31) & 0x7fffffff); }
 
-/* The k-th largest of key[0:n] (1 <= k <= n): the largest t with count(key >= t) >= k, by bisection over the
- * int32 range (32 rounds of a vectorisable count). */
-static int32_t kth_key(const int32_t *key, int64_t n, int64_t k) {
-    int64_t lo = INT32_MIN, hi = INT32_MAX; /* invariant: count(>= lo) >= k; answer in [lo, hi] */
+/* The largest multiple t of 2^shift with count(key[0:n] >= t) >= k (1 <= k <= n), by bisection (32 - shift
+ * rounds of a vectorisable count): shift 0 gives the k-th largest key exactly; shift 16 a lower bound of it
+ * within one bf16 step, in half the rounds (enough for a threshold that only has to be a lower bound). */
+static int32_t kth_key(const int32_t *key, int64_t n, int64_t k, int shift) {
+    int64_t lo = INT32_MIN >> shift, hi = INT32_MAX >> shift; /* in units of 2^shift; count(>= lo) >= k */
     while (lo < hi) {
         const int64_t mid = lo + (hi - lo + 1) / 2;
-        const int32_t t = (int32_t)mid;
+        const int32_t t = (int32_t)(mid * ((int64_t)1 << shift));
         int32_t c = 0;
         for (int64_t i = 0; i < n; i++) c += key[i] >= t;
         if (c >= k) lo = mid; else hi = mid - 1;
     }
-    return (int32_t)lo;
+    return (int32_t)(lo * ((int64_t)1 << shift));
 }
 
 typedef struct { int32_t *bkey, *ckey; float *cval; int64_t *cidx; } topk_scratch; /* per thread */
 
-/* One row: pass 1 reads every block (pre + bias) for its maximum; T = the k-th largest block maximum bounds the
- * row's k-th largest value from below, so pass 2 collects, from the blocks whose maximum is >= T, every element
+/* One row: pass 1 reads every block (pre + bias) for its maximum; T = the k-th largest block maximum (rounded
+ * down to a multiple of 2^16 in key order) bounds the row's k-th largest value from below, so pass 2 collects, from the blocks whose maximum is >= T, every element
  * >= T (at least k); the answer is the k largest of those: all above their k-th largest value, then the ones
  * equal to it in index order (the lower index wins a tie, as native.c's heap, which keeps the first seen).
  * Returns 1 if the row holds a NaN (outputs unspecified), else 0. */
@@ -116,7 +117,7 @@ static int topk_row_bf16_bisect(const uint16_t *row, const float *bias, int64_t 
         memcpy(s->bkey + b, &key, sizeof key);
     }
     if (movemask8(nan_acc)) return 1;
-    const int32_t T = kth_key(s->bkey, nb, k);
+    const int32_t T = kth_key(s->bkey, nb, k, 16); /* <= the k-th largest block maximum <= the k-th largest value */
     const int32_t Tb = T ^ ((T >> 31) & 0x7fffffff); /* okey is its own inverse */
     float Tf;
     memcpy(&Tf, &Tb, 4);
@@ -138,7 +139,7 @@ static int topk_row_bf16_bisect(const uint16_t *row, const float *bias, int64_t 
             s->ckey[n] = okey(xs[q]); s->cval[n] = xs[q]; s->cidx[n] = b * BSZ + q; n++;
         }
     }
-    const int32_t t = n == k ? INT32_MIN : kth_key(s->ckey, n, k);
+    const int32_t t = n == k ? INT32_MIN : kth_key(s->ckey, n, k, 0);
     int32_t m = 0;
     for (int64_t i = 0; i < n; i++)
         if (s->ckey[i] > t) { vals[m] = s->cval[i]; idx[m] = s->cidx[i]; m++; }
