@@ -6,11 +6,12 @@
  * Why separate from native.c's bf16 twins (measured on the benchmark shape, one thread):
  * - top-k: native.c finds the k-th largest block maximum with a size-k min-heap fed 256 block maxima (~70
  *   data-dependent sifts a row) and runs the final selection through a heap as well; that k-dependent part was
- *   ~15 of its ~28 ms (k 1: 13 ms). Here both thresholds are found by bisection on the float's ordered bits:
- *   32 rounds of a vectorised count, no data-dependent branches.
+ *   ~15 of its ~28 ms (k 1: 13 ms). Here both thresholds are found by bisection on the float's ordered bits,
+ *   rounds of a vectorised count without data-dependent branches (16 for the row's lower bound, 32 for the exact
+ *   k-th value among the few candidates): 25 -> 14 ms a step inside the bf16 training step (scripts/profile_step.py).
  * - gather: native.c keeps 32 output columns in registers while the k rows stream past strip by strip, so each
  *   random 1 KB row is visited in d / 32 separate pieces; here each row is read whole, in order, the next rows
- *   prefetched, into float32 accumulators in L1 (13 -> 9 ms). The sums are the same terms in the same order
+ *   prefetched, into float32 accumulators in L1 (13 -> 9 ms alone, 10.5 -> 9.3 ms inside the step). The sums are the same terms in the same order
  *   (slot order), so the result equals native.c's up to the compiler's fused multiply-adds.
  * (Reordering native.c's decoder backward and encoder weight gradient the same way measured no faster.) */
 #include <stdint.h>
