@@ -11,6 +11,10 @@ per-round ratio. Variants:
   run_dir)`, other defaults untouched (deterministic kernels, metrics.jsonl, the progress bar, the final
   checkpoint and final_sae/ written with fsync; the timed span is the whole call, SAE construction
   included). `public_bf16` is the same with `precision="bf16"` (only on CPUs with bf16 instructions).
+  `public_fp32_dense` is the public fp32 variant with the certified bf16 pre-filter switched off
+  (`SAEKIT_BF16_FILTER=0` set around that variant only): the dense float32 encoder product and top-k, the
+  step `precision="bf16"` was first measured against (`bf16_over_fp32_dense`; `bf16_over_fp32` is against the
+  filtered fp32 step, what fp32 users get). Present where the filter would run (bf16 instructions, filter on).
 * `bare`: the kernel alone, `sae.loss(x, sae(x))`, backward, fused Adam (the same lr), on pre-drawn batches.
 
 Schedule (`--schedule`, recorded in the JSON line as `schedule`). `sparsify` (the default): Adam at sparsify's
@@ -273,8 +277,17 @@ def main() -> None:
         out = run_public(X_ND, held_BD, a.steps, work, lr=lr)
         filter_runs.append(native_filter.summary())
         return out
+    dense_runs: list[dict] = []  # the same for the public fp32 variant with the pre-filter switched off
+
+    def public_fp32_dense():
+        native_filter.reset_stats()
+        out = _dense(lambda: run_public(X_ND, held_BD, a.steps, work, lr=lr))
+        dense_runs.append(native_filter.summary())
+        return out
     variants = {"public": public_fp32,
                 "bare": lambda: run_bare(X_ND, held_BD, a.steps, order_SB, lr)}
+    if native_filter.enabled() and cpu_has_bf16():  # else "public" already is the dense float32 step
+        variants["public_fp32_dense"] = public_fp32_dense
     if cpu_has_bf16() and not a.no_bf16:
         variants["public_bf16"] = lambda: run_public(X_ND, held_BD, a.steps, work, "bf16", lr)
     notes = []
@@ -289,12 +302,15 @@ def main() -> None:
     # the native kernels' build, first-touch allocations
     warm_order = batch_order(X_ND, 2)
     for name, fn in {"public": lambda: run_public(X_ND, held_BD, 2, work),
+                     **({"public_fp32_dense": lambda: _dense(lambda: run_public(X_ND, held_BD, 2, work))}
+                        if "public_fp32_dense" in variants else {}),
                      "bare": lambda: run_bare(X_ND, held_BD, 2, warm_order),
                      **({"sparsify": lambda: run_sparsify(X_ND, held_BD, 2, warm_order, work)}
                         if "sparsify" in variants else {})}.items():
         fn()
     secs: dict[str, list[float]] = {n: [] for n in names}
     fvus: dict[str, list[float]] = {n: [] for n in names}
+    dense_runs.clear()
     for r in range(a.rounds):
         for name in names[r % len(names):] + names[: r % len(names)]:  # rotating order
             dt, f = variants[name]()
@@ -318,12 +334,29 @@ def main() -> None:
         "public_over_bare": ratio("public", "bare"),
         "public_over_sparsify": ratio("public", "sparsify"),
         "bf16_over_fp32": ratio("public_bf16", "public"),
+        "bf16_over_fp32_dense": ratio("public_bf16", "public_fp32_dense"),
+        "fp32_filter_over_dense": ratio("public", "public_fp32_dense"),
         "public_bf16_over_sparsify": ratio("public_bf16", "sparsify"),
         "heldout_fvu": {n: round(med(fvus[n]), 5) for n in names},
         "fp32_topk_encoder": _filter_summary(filter_runs),
+        "fp32_dense_topk_encoder": _filter_summary(dense_runs) if dense_runs else None,
         "sparsify_version": sparsify_version(),
         "notes": notes,
     }))
+
+
+def _dense(fn):
+    """`fn()` with the certified bf16 pre-filter switched off (`SAEKIT_BF16_FILTER=0`, which
+    `native_filter.enabled()` reads at every call), the variable restored after."""
+    before = os.environ.get("SAEKIT_BF16_FILTER")
+    os.environ["SAEKIT_BF16_FILTER"] = "0"
+    try:
+        return fn()
+    finally:
+        if before is None:
+            os.environ.pop("SAEKIT_BF16_FILTER")
+        else:
+            os.environ["SAEKIT_BF16_FILTER"] = before
 
 
 def _filter_summary(runs: list[dict]) -> dict:

@@ -71,3 +71,61 @@ def test_topk_sae_workspace_follows_the_autocast_dtype():
     assert sae._workspace.dtype == torch.bfloat16 and out.recon.dtype == torch.float32
     sae(x)
     assert sae._workspace.dtype == torch.float32
+
+
+def _topk_ref_lowest_index(pre_f32: torch.Tensor, k: int) -> torch.Tensor:
+    """Row-wise top-k indices, ties at the k-th value broken by the lower index (a stable descending sort)."""
+    order = torch.sort(pre_f32, dim=1, descending=True, stable=True).indices
+    return order[:, :k].sort(1).values
+
+
+def _tie_heavy_rows(g: torch.Generator, n: int, F: int) -> torch.Tensor:
+    pre = torch.randn(n, F, generator=g).bfloat16()
+    pre[1] = torch.randint(-3, 4, (F,), generator=g).bfloat16()  # seven values: ties at every threshold
+    pre[2] = -1.0  # one value
+    pre[3, ::3] = float("-inf")
+    pre[4, 5] = float("inf")
+    pre[5] = -pre[5].abs()  # no positive value
+    return pre
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch path is tested elsewhere")
+@pytest.mark.parametrize("with_bias", [False, True])
+@pytest.mark.parametrize("k", [1, 5, 32])
+def test_bisection_topk_is_the_exact_topk_with_lower_index_ties(monkeypatch, with_bias, k):
+    g = torch.Generator().manual_seed(k)
+    F = 1024  # a multiple of 256: the bisection kernel (native_bf16.c)
+    pre = _tie_heavy_rows(g, 64, F)
+    bias = (torch.randint(-2, 3, (F,), generator=g) / 4).float() if with_bias else None
+    vals, idx = native.topk_rows(pre, k, bias)
+    full = pre.float() + (bias if bias is not None else 0)
+    assert torch.equal(vals, full.gather(1, idx))  # bf16 value + float32 bias, exactly
+    assert torch.equal(idx.sort(1).values, _topk_ref_lowest_index(full, k))
+    monkeypatch.setitem(native.BISECT, "on", False)  # native.c's heap kernel: the same values (ties may differ)
+    vals_h, _ = native.topk_rows(pre, k, bias)
+    assert torch.equal(vals.sort(1).values, vals_h.sort(1).values)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch path is tested elsewhere")
+def test_bisection_topk_gives_nan_rows_back_and_other_widths_take_the_heap_kernel():
+    g = torch.Generator().manual_seed(3)
+    pre = torch.randn(8, 512, generator=g).bfloat16()
+    pre[6, 100] = float("nan")
+    assert native.topk_rows(pre, 4) is None  # the caller's torch.topk then decides how NaN ranks
+    odd = torch.randn(8, 288, generator=g).bfloat16()  # 9 blocks of 32: not a multiple of 256
+    vals, idx = native.topk_rows(odd, 4)
+    assert torch.equal(vals.sort(1).values, odd.float().topk(4, dim=1).values.sort(1).values)
+
+
+@pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch path is tested elsewhere")
+@pytest.mark.parametrize("d", [512, 40])
+def test_bf16_gather_reads_whole_rows_and_sums_in_float32(d):
+    g = torch.Generator().manual_seed(d)
+    table = torch.randn(300, d, generator=g).bfloat16()
+    idx, w = torch.randint(0, 300, (70, 9), generator=g), torch.randn(70, 9, generator=g)
+    out = native.embed_sum(idx, w, table)
+    ref = (w.double().unsqueeze(-1) * table.double()[idx]).sum(1)
+    assert out.dtype == torch.float32
+    assert torch.allclose(out.double(), ref, rtol=1e-5, atol=1e-5)
+    with pytest.raises(IndexError):
+        native.embed_sum(idx.clone().fill_(300), w, table)

@@ -36,8 +36,9 @@ from torch import Tensor
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
-SOURCES = (SOURCE, Path(__file__).with_name("native_filter.c"))
-"""Compiled into one library; `native_filter.c` holds the certified bf16 pre-filter (`native_filter.py`)."""
+SOURCES = (SOURCE, Path(__file__).with_name("native_filter.c"), Path(__file__).with_name("native_bf16.c"))
+"""Compiled into one library; `native_filter.c` holds the certified bf16 pre-filter (`native_filter.py`),
+`native_bf16.c` the bf16 step's top-k and gather (the bisection top-k, the row-order gather)."""
 HEADER = Path(__file__).with_name("native_simd.h")  # vector helpers both sources include (part of the build key)
 FLAGS = ["-O3", "-std=gnu11", "-shared", "-fPIC", "-Wno-unknown-pragmas"]
 ATTEMPTS = (["-march=native", "-fopenmp"], ["-march=native"], [])
@@ -125,6 +126,10 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saekit_rows_remove_parallel.restype = None
     lib.saekit_rows_unit_norm.argtypes = [p, i64, i64, i32]
     lib.saekit_rows_unit_norm.restype = None
+    lib.saekit_topk_rows_bf16_bisect.argtypes = [p, p, i64, i64, i32, p, p, i32]
+    lib.saekit_topk_rows_bf16_bisect.restype = ctypes.c_int
+    lib.saekit_embed_sum_rows_bf16.argtypes = [p, p, i64, i32, p, i64, p, i32]
+    lib.saekit_embed_sum_rows_bf16.restype = None
     lib.saekit_filter_prep.argtypes = [p, i64, i64, p, p, i32]
     lib.saekit_filter_prep.restype = None
     f32 = ctypes.c_float
@@ -176,10 +181,21 @@ def topk_rows(pre_BF: Tensor, k: int, bias_F: Tensor | None = None) -> tuple[Ten
         return None
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
-    fn = lib.saekit_topk_rows if pre_BF.dtype == torch.float32 else lib.saekit_topk_rows_bf16
+    fn = lib.saekit_topk_rows if pre_BF.dtype == torch.float32 else _topk_bf16_fn(lib, F)
     status = fn(pre_BF.data_ptr(), bias_F.data_ptr() if bias_F is not None else None, B, F, k, vals.data_ptr(),
                 idx.data_ptr(), _threads(B))
     return (vals, idx) if status == 0 else None
+
+
+BISECT = {"on": True}
+"""Test hook: False gives native.c's heap top-k for bf16 too (the two are compared in tests/test_bf16_cpu.py)."""
+
+
+def _topk_bf16_fn(lib: ctypes.CDLL, F: int):
+    """The bf16 top-k: `native_bf16.c`'s bisection kernel (~0.6x the time at k 32 on the benchmark shape: its
+    thresholds take no data-dependent heap sifts) where d_sae is a multiple of 256, else native.c's heap kernel.
+    Both return the same set (ties: the lower latent index)."""
+    return lib.saekit_topk_rows_bf16_bisect if BISECT["on"] and F % 256 == 0 else lib.saekit_topk_rows_bf16
 
 
 def check_indices(idx: Tensor, n: int) -> None:
@@ -190,10 +206,13 @@ def check_indices(idx: Tensor, n: int) -> None:
 
 
 def _table_fn(lib: ctypes.CDLL, name: str, table: Tensor):
-    """The float32 kernel, or its `_bf16` twin for a bf16 table (float32 sums either way)."""
+    """The float32 kernel, or its `_bf16` twin for a bf16 table (float32 sums either way); the gather of a
+    bf16 table is `native_bf16.c`'s row-order one (whole rows, prefetched: ~0.7x the time)."""
     if table.dtype == torch.float32:
         return getattr(lib, name)
-    return getattr(lib, name + "_bf16") if table.dtype == torch.bfloat16 else None
+    if table.dtype != torch.bfloat16:
+        return None
+    return lib.saekit_embed_sum_rows_bf16 if name == "saekit_embed_sum" else getattr(lib, name + "_bf16")
 
 
 def gather_dot(idx_BK: Tensor, table_FD: Tensor, rows_BD: Tensor) -> Tensor | None:

@@ -219,7 +219,7 @@ class SparseEncode(torch.autograd.Function):
     def forward(ctx, x_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, b_dec_D: Tensor | None, select: Select,
                 out_BF: Tensor | None = None):
         with serial():
-            x_c_BD = x_BD - b_dec_D if b_dec_D is not None else x_BD
+            x_c_BD = _centred(x_BD, b_dec_D)
         filtered = _filtered_select(x_c_BD, W_enc_DF, b_enc_F, select, out_BF)
         WT_FD = None
         if filtered is not None:  # exact float32 top-k from a certified bf16 pre-filter (CPU, native)
@@ -258,6 +258,18 @@ class SparseEncode(torch.autograd.Function):
             if need_x:
                 g_x = embed_sum(idx_BK, g_BK, WT_FD if WT_FD is not None else W_enc_DF.t().contiguous())
         return g_x, g_W, g_be, g_bd, None, None
+
+
+def _centred(x_BD: Tensor, b_dec_D: Tensor | None) -> Tensor:
+    """`x - b_dec`; under CPU bf16 autocast with the native kernels, written straight into bf16 (the product's
+    operand, and what the weight gradient reads): one pass, the same bits as the float32 difference cast after
+    (the float32 `x_c` has no other reader there)."""
+    if b_dec_D is None:
+        return x_BD
+    if _native_bf16(x_BD.device) and x_BD.dtype == b_dec_D.dtype == torch.float32:
+        with torch.autocast("cpu", enabled=False):
+            return torch.sub(x_BD, b_dec_D, out=torch.empty(x_BD.shape, dtype=torch.bfloat16))
+    return x_BD - b_dec_D
 
 
 def _filtered_select(x_c_BD: Tensor, W_enc_DF: Tensor, b_enc_F: Tensor, select: Select,
