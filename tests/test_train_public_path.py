@@ -14,6 +14,7 @@ import torch
 from saekit import artifacts as A
 from saekit import direct_write
 from saekit.artifacts import MANIFEST, load_tensors, read_json, sha256_file, verify_manifest, write_tensors
+from saekit.sae.kernels import grad_sumsq
 from saekit.sae.registry import WEIGHTS_FILE, load_sae, save_sae
 from saekit.sae.topk import TopKConfig, TopKSAE
 from saekit.store.batches import TensorBatches, epoch_permutation
@@ -22,6 +23,7 @@ from saekit.train import checkpoint as ck
 from saekit.train.callbacks import fvu
 from saekit.train.loop import fold_in_place
 from saekit.train.schedules import lr_at
+from saekit.train.step import grad_norm
 
 D_IN, D_SAE, K, B, STEPS = 32, 128, 4, 64, 8
 
@@ -33,8 +35,9 @@ def _data(scale: float = 3.0) -> torch.Tensor:
 
 def _reference(x_ND: torch.Tensor, cfg: TrainConfig):
     """The public path's maths written out with the formulas it used before it was made cheaper:
-    advanced-index gather, warm-up rows through float64, torch's get_total_norm/clip_grads_with_norm_,
-    fused Adam on the schedule. Returns (losses, the SAE, how many steps clipped)."""
+    advanced-index gather, warm-up rows through float64, clip_grads_with_norm_ with the gradient norm
+    (`grad_norm`: the kernels' sums of squares, within 1e-5 of torch's get_total_norm every step), fused Adam
+    on the schedule. Returns (losses, the SAE, how many steps clipped)."""
     cfg = cfg.resolved(D_SAE)
     torch.manual_seed(cfg.seed)
     sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
@@ -59,9 +62,12 @@ def _reference(x_ND: torch.Tensor, cfg: TrainConfig):
             loss = sae.loss(x, out)
             losses.append(float(loss.total.detach()))
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            sae.before_optimizer_step()
-            norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+            with grad_sumsq.collecting():  # the norm from the kernels' by-products, checked against torch's
+                loss.total.backward()
+                sae.before_optimizer_step()
+                grads = [p.grad for p in sae.parameters() if p.grad is not None]
+                norm = grad_norm(grads)
+            torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(grads), rtol=1e-5, atol=0)
             if cfg.grad_clip is not None and float(cfg.grad_clip / (norm + 1e-6)) < 1.0:
                 clipped += 1
                 torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), cfg.grad_clip, norm)
