@@ -81,21 +81,6 @@ class TensorBatches:
             return torch.index_select(self.x_ND, 0, idx).float()
         return self.x_ND[idx].float()  # row views of a store (they trace rows to documents)
 
-    def next_batch_into(self, out_BD: Tensor) -> Tensor:
-        """`next_batch()`, the same rows in the same order, written into `out_BD` when it fits (float32 rows
-        of a float32 tensor, the batch's shape); else a fresh tensor. Why: a fresh 8 MB batch every step
-        page-faults its memory in (~2 ms of a ~180 ms CPU step on the benchmark shape). Only for a caller
-        that drops every batch before it draws the next (the trainer without callbacks of the user's,
-        which could keep `StepInfo.batch_BD`): the next call overwrites the rows."""
-        n = len(range(self.rank, self.batch_size, self.world_size))
-        fits = (isinstance(self.x_ND, Tensor) and self.x_ND.dtype == torch.float32 == out_BD.dtype
-                and out_BD.shape == (n, self.d_in) and out_BD.device == self.x_ND.device and out_BD.is_contiguous())
-        if not fits:
-            return self.next_batch()
-        idx = self.next_global_indices()[self.rank:: self.world_size]
-        self._last_rows = idx
-        return torch.index_select(self.x_ND, 0, idx, out=out_BD)
-
     def describe_rows(self, rows: list[int]) -> str:
         """Where rows of the latest batch come from, so a NaN can be found in the data (promise 22):
         the document and position when the data is a store (or a view of one), else the data row."""

@@ -145,9 +145,6 @@ class Trainer:
         self.last_validation: dict | None = None
         self.folded = False
         self.keep_grads = True  # see train_step; saekit.train.multi turns it off
-        # the trainer's own callbacks drop each batch within its step; a user's might keep StepInfo.batch_BD
-        self.reuse_batches = not callbacks and callable(getattr(batches, "next_batch_into", None))
-        self._batch_buffer: Tensor | None = None
         self.last_checkpoint: Path | None = None  # written by this process (rank 0), the newest
 
     @contextlib.contextmanager
@@ -201,8 +198,7 @@ class Trainer:
         Then raises TrainingInterrupted unless `raise_on_stop=False` (the caller stops; see
         `stop_requested`). Returns the checkpoint written, if any."""
         run, cfg = self.run, self.cfg
-        info = train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync, self.keep_grads,
-                          self.batch_buffer())
+        info = train_step(self.sae, self.opt, self.batches, run.state, cfg, self.sync, self.keep_grads)
         info.epochs = run.epochs
         if self.validation is not None and info.out is not None and info.x_BD is not None:
             self.window.add(info.x_BD, info.out.recon)
@@ -223,17 +219,6 @@ class Trainer:
             log.warning("signal %d: stopped at step %d with checkpoint %s", signum, step, path)
             raise TrainingInterrupted(signum, path)
         return path
-
-    def batch_buffer(self) -> Tensor | None:
-        """One `[local batch, d_in]` float32 buffer the batch source refills every step (`next_batch_into`:
-        the same rows without page-faulting a fresh batch each step), or None when something might keep
-        a batch (callbacks of the user's) or the source cannot fill a buffer."""
-        if not self.reuse_batches:
-            return None
-        if self._batch_buffer is None:
-            rows = len(range(self.sync.rank, self.cfg.batch_size, self.sync.world_size))
-            self._batch_buffer = torch.empty(rows, self.sae.cfg.d_in, dtype=torch.float32)
-        return self._batch_buffer
 
     def validate(self, step: int) -> dict:
         """Measure the fixed held-out sample; track the best evaluation and early stopping."""

@@ -34,8 +34,7 @@ log = logging.getLogger(__name__)
 
 
 def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: BatchSource,
-                state: ckpt_io.TrainState, cfg: TrainConfig, sync: "StepSync", keep_grads: bool = False,
-                batch_out: Tensor | None = None) -> StepInfo:
+                state: ckpt_io.TrainState, cfg: TrainConfig, sync: "StepSync", keep_grads: bool = False) -> StepInfo:
     """One optimizer step; a non-finite batch, loss or gradient raises or is skipped (cfg.nonfinite).
 
     Every decision that ends or skips a step is taken on values reduced over ranks (a bad row on
@@ -46,11 +45,8 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Batc
     allocator then hands the new gradients the memory the old ones had; freed at the end of the step,
     that memory went to the next forward's tensors and the new gradients page-faulted fresh pages
     (~4 ms per 16 MB gradient on the benchmark, ~3 % of a CPU step). Off when several SAEs step in
-    turn (saekit.train.multi), where every SAE would hold its gradients at once.
-
-    `batch_out`: a buffer the batch source may write the rows into (`next_batch_into`), passed only when
-    nothing keeps a batch past its step (see `Trainer.batch_buffer`)."""
-    batch_BD = batches.next_batch_into(batch_out) if batch_out is not None else batches.next_batch()
+    turn (saekit.train.multi), where every SAE would hold its gradients at once."""
+    batch_BD = batches.next_batch()
     step, lr = state.step + 1, lr_at(state.step, cfg.lr, cfg.total_steps, cfg.warmup_steps, cfg.decay,
                                      cfg.decay_fraction)
     bad = batch_bad_rows(batch_BD)
