@@ -103,11 +103,17 @@ def grad_norm(grads: list[Tensor]) -> Tensor:
     known = [grad_sumsq.lookup(g) for g in grads]
     if all(ss is None for ss in known):
         return torch.nn.utils.get_total_norm(grads)
-    rest = [g for g, ss in zip(grads, known) if ss is None]
-    total = sum(ss for ss in known if ss is not None)
-    if rest:
-        total += float(torch.nn.utils.get_total_norm(rest).double() ** 2)
+    total = sum(ss if ss is not None else _sumsq(g) for g, ss in zip(grads, known))
     return torch.tensor(math.sqrt(total) if total >= 0 else math.nan, dtype=torch.float32, device=grads[0].device)
+
+
+def _sumsq(g: Tensor) -> float:
+    """Sum of squares of one (small: the biases') gradient: a BLAS dot, ~20x cheaper than `get_total_norm`'s
+    foreach/stack/norm calls on such tensors."""
+    if g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
+        flat = g.view(-1)
+        return float(torch.dot(flat, flat))
+    return float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
 
 
 def clip_(sae: SparseAutoencoder, max_norm: float, norm: Tensor) -> None:
