@@ -10,11 +10,11 @@ that runs a backward on its own never keeps tensors alive through this module.
 
 A record holds the tensor's storage (so that memory cannot be freed and reused while recorded; not the
 tensor itself, which autograd then could not hand to `.grad` without a copy), where the tensor starts, its
-shape, strides and dtype, and its version counter at the time: `lookup(g)` answers only for a tensor over
+shape, strides and dtype, and its version counter at the time. `lookup(g)` answers only for a tensor over
 the same memory, shape, strides and dtype whose version is unchanged (autograd's `.grad` is the kernel's
-output or a detached alias of it, which shares the counter), i.e. nothing wrote to it since (an in-place torch op such as a distributed
-average or a clip bumps the version; native kernels that write through raw pointers bump it themselves
-with `torch.autograd.graph.increment_version`). Anything else falls back to torch.
+output or a detached alias of it, which shares the counter), i.e. nothing wrote to it since: an in-place
+torch op such as a distributed average or a clip bumps the version, and native kernels that write through
+raw pointers bump it themselves (`torch.autograd.graph.increment_version`). Anything else falls back to torch.
 """
 
 from __future__ import annotations
@@ -24,7 +24,7 @@ from typing import Iterator
 
 from torch import Tensor
 
-_records: list[tuple] | None = None  # (storage, data_ptr, shape, stride, dtype, version, sum of squares)
+_records: list[tuple] | None = None  # (storage, _key(t), version, sum of squares); None: not collecting
 
 
 def active() -> bool:

@@ -408,9 +408,9 @@ static inline float dot_row(const float *a, const float *b, int64_t d) {
 
 /* g[f] -= (g[f] . w[f]) w[f] for every row f of [n, d]: the decoder gradient without its component along
  * each (unit) row, one read of g and w and one write of g (each row stays in L1 between the two passes).
- * Rows are independent, so the result does not depend on the thread count. With row_ss (n doubles), also
- * *ss_out = the sum of squares of the new g (row sums in double, added in row order: the gradient-norm
- * by-product, read while the row is in L1). Returns -1 (nothing changed) if scratch memory is unavailable. */
+ * Rows are independent, so the result does not depend on the thread count. With ss_out, also *ss_out = the
+ * sum of squares of the new g (row sums in double, added in row order: the gradient-norm by-product, read
+ * while the row is in L1). Returns -1 (nothing changed) if scratch memory is unavailable. */
 int saekit_rows_remove_parallel(float *g, const float *w, int64_t n, int64_t d, int32_t n_threads, double *ss_out) {
     double *row_ss = ss_out ? malloc((size_t)(n ? n : 1) * sizeof *row_ss) : NULL;
     if (ss_out && !row_ss) return -1;
