@@ -68,8 +68,10 @@ def piece_timers(clock) -> dict[str, list]:
 
     pieces: dict[str, list] = {k: [] for k in ("batch_gather", "batch_check", "grad_norm", "clip", "callbacks",
                                                "fresh_start", "checkpoints")}
+    # saekit before the kernels' sums of squares called get_total_norm directly: time that as the norm there
+    norm = (st, "grad_norm") if hasattr(st, "grad_norm") else (torch.nn.utils, "get_total_norm")
     for owner, name, key in [(TensorBatches, "next_batch", "batch_gather"), (st, "batch_bad_rows", "batch_check"),
-                             (st, "grad_norm", "grad_norm"), (st, "clip_", "clip"),
+                             (*norm, "grad_norm"), (st, "clip_", "clip"),
                              (cb.MetricsLogger, "on_step_end", "callbacks"), (cb.ProgressBar, "on_step_end", "callbacks"),
                              (loop, "_fresh_start", "fresh_start"), (loop.Trainer, "checkpoint", "checkpoints")]:
         timed(owner, name, pieces[key], clock)
