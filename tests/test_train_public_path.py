@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import json
+import math
 import os
 
 import pytest
@@ -14,6 +15,7 @@ import torch
 from saekit import artifacts as A
 from saekit import direct_write
 from saekit.artifacts import MANIFEST, load_tensors, read_json, sha256_file, verify_manifest, write_tensors
+from saekit.sae.kernels import grad_sumsq, native
 from saekit.sae.registry import WEIGHTS_FILE, load_sae, save_sae
 from saekit.sae.topk import TopKConfig, TopKSAE
 from saekit.store.batches import TensorBatches, epoch_permutation
@@ -22,6 +24,7 @@ from saekit.train import checkpoint as ck
 from saekit.train.callbacks import fvu
 from saekit.train.loop import fold_in_place
 from saekit.train.schedules import lr_at
+from saekit.train.step import grad_norm
 
 D_IN, D_SAE, K, B, STEPS = 32, 128, 4, 64, 8
 
@@ -33,8 +36,9 @@ def _data(scale: float = 3.0) -> torch.Tensor:
 
 def _reference(x_ND: torch.Tensor, cfg: TrainConfig):
     """The public path's maths written out with the formulas it used before it was made cheaper:
-    advanced-index gather, warm-up rows through float64, torch's get_total_norm/clip_grads_with_norm_,
-    fused Adam on the schedule. Returns (losses, the SAE, how many steps clipped)."""
+    advanced-index gather, warm-up rows through float64, clip_grads_with_norm_ with the gradient norm
+    (`grad_norm`: the kernels' sums of squares, within 1e-5 of torch's get_total_norm every step), fused Adam
+    on the schedule. Returns (losses, the SAE, how many steps clipped)."""
     cfg = cfg.resolved(D_SAE)
     torch.manual_seed(cfg.seed)
     sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0))
@@ -59,9 +63,12 @@ def _reference(x_ND: torch.Tensor, cfg: TrainConfig):
             loss = sae.loss(x, out)
             losses.append(float(loss.total.detach()))
             opt.zero_grad(set_to_none=True)
-            loss.total.backward()
-            sae.before_optimizer_step()
-            norm = torch.nn.utils.get_total_norm([p.grad for p in sae.parameters() if p.grad is not None])
+            with grad_sumsq.collecting():  # the norm from the kernels' by-products, checked against torch's
+                loss.total.backward()
+                sae.before_optimizer_step()
+                grads = [p.grad for p in sae.parameters() if p.grad is not None]
+                norm = grad_norm(grads)
+            torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(grads), rtol=1e-5, atol=0)
             if cfg.grad_clip is not None and float(cfg.grad_clip / (norm + 1e-6)) < 1.0:
                 clipped += 1
                 torch.nn.utils.clip_grads_with_norm_(list(sae.parameters()), cfg.grad_clip, norm)
@@ -270,3 +277,88 @@ def test_tensor_batches_gather_the_rows_advanced_indexing_gives():
         got = a.next_batch()
         idx = b.next_global_indices()
         assert torch.equal(got, x[idx])
+
+
+# -- the gradient norm from the kernels' sums of squares (saekit.sae.kernels.grad_sumsq) --------------------
+needs_native = pytest.mark.skipif(native.library() is None, reason="no C compiler: the torch fallbacks are used")
+
+
+def _final_grads(sae: TopKSAE, x_ND: torch.Tensor) -> list[torch.Tensor]:
+    sae.zero_grad(set_to_none=True)
+    sae.loss(x_ND, sae(x_ND)).total.backward()
+    sae.before_optimizer_step()
+    return [p.grad for p in sae.parameters()]
+
+
+@needs_native
+def test_grad_norm_uses_the_kernels_sums_and_agrees_with_torch(tmp_path):
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0)).train()
+    with grad_sumsq.collecting():
+        grads = _final_grads(sae, _data()[:B])
+        found = {name: grad_sumsq.lookup(p.grad) is not None for name, p in sae.named_parameters()}
+        norm = grad_norm(grads)
+    assert found == {"W_enc": True, "W_dec": True, "b_enc": False, "b_dec": False}
+    torch.testing.assert_close(norm, torch.nn.utils.get_total_norm(grads), rtol=1e-5, atol=0)
+    assert grad_sumsq.lookup(grads[0]) is None  # forgotten outside the block: nothing kept alive
+    assert torch.equal(grad_norm(grads), torch.nn.utils.get_total_norm(grads))  # no sums: exactly torch's
+
+
+@needs_native
+@pytest.mark.parametrize("where", ["W_enc", "W_dec", "b_enc"])
+def test_a_nan_in_any_gradient_makes_the_norm_nonfinite(where):
+    sae = TopKSAE(TopKConfig(d_in=D_IN, d_sae=D_SAE, k=K, seed=0)).train()
+    with grad_sumsq.collecting():
+        grads = _final_grads(sae, _data()[:B])
+        getattr(sae, where).grad.view(-1)[7] = float("nan")  # an in-place edit: the recorded sum expires
+        assert not torch.isfinite(grad_norm(grads))
+
+
+@needs_native
+def test_nan_written_by_the_kernels_reaches_their_sums():
+    idx = torch.tensor([[0, 2], [1, 2]])
+    w = torch.tensor([[1.0, 2.0], [3.0, 4.0]])
+    M = torch.ones(2, 5)
+    M[1, 3] = float("nan")
+    with grad_sumsq.collecting():
+        out = native.sparse_t_matmul(idx, w, M, 3, transposed=True)
+        assert math.isnan(grad_sumsq.lookup(out))
+        g, W = torch.ones(4, 8), torch.nn.functional.normalize(torch.randn(4, 8), dim=1)
+        g[2, 5] = float("inf")
+        assert native.remove_parallel_rows_(g, W)
+        assert not math.isfinite(grad_sumsq.lookup(g))
+
+
+@needs_native
+def test_kernel_sums_are_exact_enough_and_the_same_on_any_thread_count():
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, 700, (300, 8), generator=g)
+    w, M = torch.randn(300, 8, generator=g), torch.randn(300, 48, generator=g)
+    sums = []
+    for threads in (1, 2):
+        before = torch.get_num_threads()
+        torch.set_num_threads(threads)
+        try:
+            with grad_sumsq.collecting():
+                out = native.sparse_t_matmul(idx, w, M, 700, transposed=True)
+                sums.append(grad_sumsq.lookup(out))
+        finally:
+            torch.set_num_threads(before)
+    assert sums[0] == sums[1]
+    assert sums[0] == pytest.approx(float(out.double().pow(2).sum()), rel=1e-6)
+
+
+def test_a_record_answers_only_for_the_same_unchanged_tensor():
+    t = torch.ones(4, 4)
+    with grad_sumsq.collecting():
+        grad_sumsq.record(t, 16.0)
+        assert grad_sumsq.lookup(t) == 16.0 and grad_sumsq.lookup(t.detach()) == 16.0  # an alias, same values
+        assert grad_sumsq.lookup(t[:2]) is None and grad_sumsq.lookup(t.t()) is None and grad_sumsq.lookup(t.clone()) is None
+        t.mul_(2)
+        assert grad_sumsq.lookup(t) is None  # written since
+        grad_sumsq.record(t, 64.0)
+        assert grad_sumsq.lookup(t) == 64.0
+        grad_sumsq.forget()
+        assert grad_sumsq.lookup(t) is None
+    grad_sumsq.record(t, 1.0)  # not collecting: nothing is kept
+    with grad_sumsq.collecting():
+        assert grad_sumsq.lookup(t) is None

@@ -105,6 +105,7 @@ class MetricsLogger(Callback):
     def __init__(self, path: str | Path, every: int = 100, dead_window_tokens: int = 10_000_000):
         self.path, self.every, self.window = Path(path), every, dead_window_tokens
         self._since_fired: Tensor | None = None
+        self._count_firing: bool | None = None
         self._f = None
 
     def on_train_start(self, run: TrainRun) -> None:
@@ -115,7 +116,9 @@ class MetricsLogger(Callback):
         self._t, self._tokens = time.perf_counter(), run.state.tokens
 
     def on_step_end(self, run: TrainRun, info: StepInfo) -> None:
-        if info.out is not None and run.sae.dead_fraction() is None:
+        if self._count_firing is None:  # asked once: whether an SAE keeps its own statistic follows from its
+            self._count_firing = run.sae.dead_fraction() is None  # config (each step it cost ~0.3 ms on the benchmark)
+        if info.out is not None and self._count_firing:
             self._track_firing(info.out, run.sae.cfg.d_sae)
         if info.step % self.every == 0 or info.step == run.cfg.total_steps or info.val is not None:
             self._write(run, info)

@@ -19,6 +19,7 @@ from saekit.errors import (
     NonFiniteError,
 )
 from saekit.sae.base import SparseAutoencoder
+from saekit.sae.kernels import grad_sumsq
 from saekit.store.batches import BatchSource
 import saekit.train.checkpoint as ckpt_io
 from saekit.train.callbacks import StepInfo
@@ -71,11 +72,13 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Batc
         bad = bad_rows((out.recon.detach() - x_BD).pow(2).sum(-1, keepdim=True))
         return nonfinite_step(sae, opt, state, cfg, info, buffers, f"non-finite loss (rows {bad} of the reconstruction)")
     opt.zero_grad(set_to_none=True)
-    loss.total.backward()
-    sync.average_gradients(sae, x_BD.shape[0], n_global)
-    sae.before_optimizer_step()
-    grads = [q.grad for q in sae.parameters() if q.grad is not None]
-    norm = torch.nn.utils.get_total_norm(grads)
+    with grad_sumsq.collecting():  # the kernels' sums of squares, for a norm without another pass (grad_norm)
+        loss.total.backward()
+        sync.average_gradients(sae, x_BD.shape[0], n_global)
+        if sync.world_size > 1:
+            grad_sumsq.forget()  # averaged across ranks: the sums taken in backward no longer hold
+        sae.before_optimizer_step()
+        norm = grad_norm([q.grad for q in sae.parameters() if q.grad is not None])
     info.grad_norm = float(norm)
     if not math.isfinite(info.grad_norm):
         return nonfinite_step(sae, opt, state, cfg, info, buffers, "non-finite gradient")
@@ -88,6 +91,29 @@ def train_step(sae: SparseAutoencoder, opt: torch.optim.Optimizer, batches: Batc
         opt.zero_grad(set_to_none=True)
     state.step, state.lr, state.consecutive_nonfinite = step, lr, 0
     return info
+
+
+def grad_norm(grads: list[Tensor]) -> Tensor:
+    """The global 2-norm of the final gradients (float32 scalar tensor), what `torch.nn.utils.get_total_norm`
+    returns, up to the order of the float32 summation: where a native kernel wrote a gradient (or its last
+    edit) it summed the squares on the way (`saekit.sae.kernels.grad_sumsq`, per tile/row in float32 lanes,
+    then in double), and those sums are used instead of reading ~32 MB of gradients again (~4 ms of a CPU
+    step on the benchmark shape); the others are summed by torch. Without any such sum it is exactly
+    `get_total_norm`. A NaN or inf in any element makes the norm non-finite either way."""
+    known = [grad_sumsq.lookup(g) for g in grads]
+    if all(ss is None for ss in known):
+        return torch.nn.utils.get_total_norm(grads)
+    total = sum(ss if ss is not None else _sumsq(g) for g, ss in zip(grads, known))
+    return torch.tensor(math.sqrt(total) if total >= 0 else math.nan, dtype=torch.float32, device=grads[0].device)
+
+
+def _sumsq(g: Tensor) -> float:
+    """Sum of squares of one (small: the biases') gradient: a BLAS dot, ~20x cheaper than `get_total_norm`'s
+    foreach/stack/norm calls on such tensors."""
+    if g.dtype in (torch.float32, torch.float64) and g.is_contiguous():
+        flat = g.view(-1)
+        return float(torch.dot(flat, flat))
+    return float(torch.linalg.vector_norm(g, dtype=torch.float64)) ** 2
 
 
 def clip_(sae: SparseAutoencoder, max_norm: float, norm: Tensor) -> None:

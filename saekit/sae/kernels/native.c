@@ -184,6 +184,16 @@ GATHER_DOT(saekit_gather_dot_bf16, uint16_t, load8_bf16, bf16_to_float)
 
 /* -- transposed sparse products ------------------------------------------------------------------- */
 #define TILE 32 /* latents per tile: each row of a [D, TILE] block of the transposed output is 2 cache lines */
+/* sum of x[i]^2 in float vector lanes, added up in double (the gradient-norm by-products below) */
+static double sum_squares(const float *x, int64_t m) {
+    v8f s0 = {0}, s1 = {0};
+    int64_t q = 0;
+    for (; q + 16 <= m; q += 16) { v8f a = load8(x + q), b = load8(x + q + 8); s0 += a * a; s1 += b * b; }
+    double s = 0.0;
+    for (int t = 0; t < 8; t++) s += (double)s0[t] + (double)s1[t];
+    for (; q < m; q++) s += (double)x[q] * (double)x[q];
+    return s;
+}
 
 /* out = S^T @ M, [n, d] (or its transpose M^T @ S, [d, n], when `transposed`), where S [n_rows, n] holds
  * w[b, j] at (b, idx[b, j]) (duplicates add): the sparse weight gradients of the encoder and decoder.
@@ -233,11 +243,16 @@ static int sort_by_latent(const int64_t *idx, int64_t n_entries, int64_t n, int6
     return 0;
 }
 
+/* With ss_out, also *ss_out = the sum of squares of everything written (the gradient-norm by-product: each
+ * tile is squared while it is still in cache; per-tile sums in double, added in tile order, so the result
+ * does not depend on the thread count). */
 int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const void *M, int32_t m_bf16,
-                           int64_t d, int64_t n, int32_t transposed, float *out, int32_t n_threads) {
+                           int64_t d, int64_t n, int32_t transposed, float *out, int32_t n_threads, double *ss_out) {
     int64_t *start, *order;
     if (sort_by_latent(idx, n_rows * k, n, &start, &order)) return -1;
     int64_t n_tiles = (n + TILE - 1) / TILE;
+    double *tile_ss = ss_out ? malloc((size_t)(n_tiles ? n_tiles : 1) * sizeof *tile_ss) : NULL;
+    if (ss_out && !tile_ss) { free(start); free(order); return -1; }
     int failed = 0;
 #pragma omp parallel num_threads(n_threads) reduction(|:failed)
     {
@@ -253,6 +268,7 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
                 else
                     accumulate_rows(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
             }
+            if (tile_ss) tile_ss[t] = sum_squares(acc, (f1 - f0) * d);
             if (transposed) {
                 for (int64_t q = 0; q < d; q++)
                     for (int64_t f = f0; f < f1; f++) out[q * n + f] = acc[(f - f0) * d + q];
@@ -261,6 +277,12 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
             }
         }
         free(acc);
+    }
+    if (tile_ss) {
+        double total = 0.0;
+        for (int64_t t = 0; t < n_tiles; t++) total += tile_ss[t];
+        *ss_out = total;
+        free(tile_ss);
     }
     free(start);
     free(order);
@@ -386,15 +408,27 @@ static inline float dot_row(const float *a, const float *b, int64_t d) {
 
 /* g[f] -= (g[f] . w[f]) w[f] for every row f of [n, d]: the decoder gradient without its component along
  * each (unit) row, one read of g and w and one write of g (each row stays in L1 between the two passes).
- * Rows are independent, so the result does not depend on the thread count. */
-void saekit_rows_remove_parallel(float *g, const float *w, int64_t n, int64_t d, int32_t n_threads) {
+ * Rows are independent, so the result does not depend on the thread count. With ss_out, also *ss_out = the
+ * sum of squares of the new g (row sums in double, added in row order: the gradient-norm by-product, read
+ * while the row is in L1). Returns -1 (nothing changed) if scratch memory is unavailable. */
+int saekit_rows_remove_parallel(float *g, const float *w, int64_t n, int64_t d, int32_t n_threads, double *ss_out) {
+    double *row_ss = ss_out ? malloc((size_t)(n ? n : 1) * sizeof *row_ss) : NULL;
+    if (ss_out && !row_ss) return -1;
 #pragma omp parallel for num_threads(n_threads) schedule(static)
     for (int64_t f = 0; f < n; f++) {
         float *gf = g + f * d;
         const float *wf = w + f * d;
         const float c = dot_row(gf, wf, d);
         for (int64_t q = 0; q < d; q++) gf[q] -= c * wf[q];
+        if (row_ss) row_ss[f] = sum_squares(gf, d);
     }
+    if (row_ss) {
+        double total = 0.0;
+        for (int64_t f = 0; f < n; f++) total += row_ss[f];
+        *ss_out = total;
+        free(row_ss);
+    }
+    return 0;
 }
 
 /* w[f] /= max(||w[f]||, 1e-12) for every row f of [n, d], in place, one read and one write. */

@@ -33,6 +33,8 @@ from pathlib import Path
 import torch
 from torch import Tensor
 
+from saekit.sae.kernels import grad_sumsq
+
 log = logging.getLogger(__name__)
 
 SOURCE = Path(__file__).with_name("native.c")
@@ -115,15 +117,15 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     for name in ("saekit_gather_dot", "saekit_gather_dot_bf16"):
         getattr(lib, name).argtypes = [p, i64, i32, p, p, i64, p, i32]
         getattr(lib, name).restype = None
-    lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i32, i64, i64, i32, p, i32]
+    lib.saekit_sparse_t_matmul.argtypes = [p, p, i64, i32, p, i32, i64, i64, i32, p, i32, p]
     lib.saekit_sparse_t_matmul.restype = ctypes.c_int
     for name in ("saekit_embed_sum", "saekit_embed_sum_bf16"):
         getattr(lib, name).argtypes = [p, p, i64, i32, p, i64, p, i32]
         getattr(lib, name).restype = None
     lib.saekit_decode_backward.argtypes = [p, p, i64, i32, p, p, i32, i64, i64, p, p, i32]
     lib.saekit_decode_backward.restype = ctypes.c_int
-    lib.saekit_rows_remove_parallel.argtypes = [p, p, i64, i64, i32]
-    lib.saekit_rows_remove_parallel.restype = None
+    lib.saekit_rows_remove_parallel.argtypes = [p, p, i64, i64, i32, p]
+    lib.saekit_rows_remove_parallel.restype = ctypes.c_int
     lib.saekit_rows_unit_norm.argtypes = [p, i64, i64, i32]
     lib.saekit_rows_unit_norm.restype = None
     lib.saekit_topk_rows_bf16_bisect.argtypes = [p, p, i64, i64, i32, p, p, i32]
@@ -245,9 +247,12 @@ def sparse_t_matmul(idx_BK: Tensor, w_BK: Tensor, M_BD: Tensor, n: int, transpos
     D = M_BD.shape[1]
     check_indices(idx_BK, n)
     out = torch.empty((D, n) if transposed else (n, D), dtype=torch.float32)
+    ss = ctypes.c_double(0.0) if grad_sumsq.active() else None  # a trainer's gradient norm: see grad_sumsq
     status = lib.saekit_sparse_t_matmul(idx_BK.data_ptr(), w_BK.data_ptr(), B, K, M_BD.data_ptr(),
                                         int(M_BD.dtype == torch.bfloat16), D, n, int(transposed), out.data_ptr(),
-                                        _threads(max(n // 16, 1)))
+                                        _threads(max(n // 16, 1)), ctypes.byref(ss) if ss is not None else None)
+    if status == 0 and ss is not None:
+        grad_sumsq.record(out, ss.value)
     return out if status == 0 else None
 
 
@@ -296,11 +301,18 @@ def _rows_usable(*tensors: Tensor) -> bool:
 
 def remove_parallel_rows_(g_FD: Tensor, W_FD: Tensor) -> bool:
     """`g[f] -= (g[f] . W[f]) W[f]` in place for float32 CPU `[F, D]` tensors (one pass instead of torch's
-    three and a `[F, D]` temporary); False when the native path does not apply (nothing changed)."""
+    three and a `[F, D]` temporary); False when the native path does not apply (nothing changed).
+    While a trainer collects gradient sums of squares (`grad_sumsq`), the same pass sums the new rows' squares."""
     lib = library()
     if lib is None or not _rows_usable(g_FD, W_FD):
         return False
-    lib.saekit_rows_remove_parallel(g_FD.data_ptr(), W_FD.data_ptr(), *g_FD.shape, _threads(g_FD.shape[0]))
+    ss = ctypes.c_double(0.0) if grad_sumsq.active() else None
+    if lib.saekit_rows_remove_parallel(g_FD.data_ptr(), W_FD.data_ptr(), *g_FD.shape, _threads(g_FD.shape[0]),
+                                       ctypes.byref(ss) if ss is not None else None) != 0:
+        return False
+    torch.autograd.graph.increment_version(g_FD)  # written through a raw pointer: records of the old values expire
+    if ss is not None:
+        grad_sumsq.record(g_FD, ss.value)
     return True
 
 
