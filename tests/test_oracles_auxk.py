@@ -21,22 +21,25 @@ VARIANTS = {"topk": {}, "topk, aux_k above the dead count": {"aux_k": 32},
             "batchtopk": {"batch_topk": True}, "batchtopk, threshold momentum 0.5": {"batch_topk": True,
                                                                                    "threshold_momentum": 0.5},
             "matryoshka": {"architecture": "matryoshka", "matryoshka_widths": WIDTHS},
-            "matryoshka, batchtopk": {"architecture": "matryoshka", "matryoshka_widths": WIDTHS, "batch_topk": True}}
+            "matryoshka, batchtopk": {"architecture": "matryoshka", "matryoshka_widths": WIDTHS, "batch_topk": True},
+            "matryoshka, first level alive": {"architecture": "matryoshka", "matryoshka_widths": WIDTHS,
+                                              "dead_from": WIDTHS[0]}}
 
 
 def _x(seed: int):
     return torch.randn(N, D_IN, generator=torch.Generator().manual_seed(seed))
 
 
-def _pair(seed: int = 0, **cfg):
+def _pair(seed: int = 0, dead_from: int = 0, **cfg):
     """saekit's SAE (training mode) and the oracle on the same weights, with `N_DEAD` latents spread over
     every matryoshka level counted dead from the start (`dead_tokens_threshold` = one batch) and their
-    encoder columns shrunk, so they mostly lose the top-k yet have positive pre-activations for AuxK."""
+    encoder columns shrunk, so they mostly lose the top-k yet have positive pre-activations for AuxK.
+    `dead_from`: the dead latents are drawn from latents >= it (a matryoshka level with none adds no AuxK term)."""
     arch = cfg.pop("architecture", "topk")
     sae = create({"architecture": arch, "d_in": D_IN, "d_sae": D_SAE, "k": K, "aux_coef": AUX_COEF,
                   "dead_tokens_threshold": N, "seed": seed, **cfg}).train()
     g = torch.Generator().manual_seed(seed + 1)
-    dead = torch.randperm(D_SAE, generator=g)[:N_DEAD]
+    dead = dead_from + torch.randperm(D_SAE - dead_from, generator=g)[:N_DEAD]
     with torch.no_grad():
         sae.b_enc.add_(0.1 * torch.randn(D_SAE, generator=g))
         sae.b_dec.add_(0.1 * torch.randn(D_IN, generator=g))
