@@ -10,7 +10,7 @@ import os
 
 import pytest
 import torch
-from support import network_guard
+from support import network_guard, tiers
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # forced: a caller's HF_HUB_OFFLINE=0 does not put the suite online
 os.environ["TRANSFORMERS_OFFLINE"] = "1"
@@ -55,3 +55,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_TIERS = tiers.TierClock()
+
+
+def pytest_runtest_logreport(report):
+    _TIERS.add(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each tier's summed time next to its budget (reported, not asserted: support/tiers.py says why)."""
+    if _TIERS.seconds:
+        terminalreporter.write_sep("-", "tier times (docs/RELIABILITY.md 37)")
+        for line in _TIERS.lines():
+            terminalreporter.write_line(line)

@@ -66,3 +66,20 @@ def test_the_guard_keeps_loopback_open():
             client.sendall(b"ok")
             assert conn.recv(2) == b"ok"
             conn.close()
+
+
+# -- tier times: reported, not asserted ------------------------------------------------------------
+class _Report:
+    def __init__(self, when, duration, *markers):
+        self.when, self.duration, self.keywords = when, duration, {m: 1 for m in markers} | {"test_x": 1}
+
+
+def test_tier_clock_sums_every_phase_by_marker_and_flags_an_over_budget_tier():
+    from support.tiers import TierClock
+
+    clock = TierClock()
+    for r in [_Report("setup", 1.0), _Report("call", 50.0), _Report("teardown", 10.5),
+              _Report("setup", 0.5, "slow"), _Report("call", 2.0, "slow"), _Report("call", 3.0, "slow", "browser")]:
+        clock.add(r)
+    assert clock.lines() == ["browser: 1 tests, 3.0 s", "slow: 1 tests, 2.5 s (budget 600 s)",
+                             "unit: 1 tests, 61.5 s (budget 60 s, OVER)"]
