@@ -79,7 +79,8 @@ def test_tier_clock_sums_every_phase_by_marker_and_flags_an_over_budget_tier():
 
     clock = TierClock()
     for r in [_Report("setup", 1.0), _Report("call", 50.0), _Report("teardown", 10.5),
-              _Report("setup", 0.5, "slow"), _Report("call", 2.0, "slow"), _Report("call", 3.0, "slow", "browser")]:
+              _Report("setup", 0.5, "slow"), _Report("call", 2.0, "slow"), _Report("setup", 3.0, "slow", "browser"),
+              _Report("setup", 0.0, "gpu")]:
         clock.add(r)
-    assert clock.lines() == ["browser: 1 tests, 3.0 s", "slow: 1 tests, 2.5 s (budget 600 s)",
+    assert clock.lines() == ["browser: 1 tests, 3.0 s", "gpu: 1 tests, 0.0 s", "slow: 1 tests, 2.5 s (budget 600 s)",
                              "unit: 1 tests, 61.5 s (budget 60 s, OVER)"]

@@ -17,7 +17,8 @@ def tier_of(keywords) -> str:
 
 
 class TierClock:
-    """Sums the phases' durations per tier and counts each test once (at its call phase)."""
+    """Sums the phases' durations per tier and counts each test once, at its setup phase (a skipped test
+    has no call phase, and is counted too)."""
 
     def __init__(self):
         self.seconds: dict[str, float] = {}
@@ -26,7 +27,7 @@ class TierClock:
     def add(self, report) -> None:
         tier = tier_of(report.keywords)
         self.seconds[tier] = self.seconds.get(tier, 0.0) + float(report.duration)
-        if report.when == "call":
+        if report.when == "setup":
             self.tests[tier] = self.tests.get(tier, 0) + 1
 
     def lines(self) -> list[str]:
