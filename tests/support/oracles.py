@@ -98,12 +98,14 @@ class NaiveMDL(nn.Module):
     rows renormalised after it; with `shared_rms`, log θ leaves Adam and steps by lr·m/√v with momentum m
     (β 0.9) and ONE second moment v of mean(g²) over latents (β 0.999, the first v = mean(g²)); with
     `target_l0`, every log θ then moves by rate·clip((L0 − t)/t, ±1) where L0 = Σ_j p̂_j of the batch
-    just trained on (the threshold controller), or log λ does (`steer_coef`: the controller on λ)."""
+    just trained on (the threshold controller), or log λ does (`steer_coef`: the controller on λ); with
+    `ema` > 0 the controller steers on the moving average L̄0 ← ema·L̄0 + (1 − ema)·L0 (the first batch's L0
+    taken as it is) instead of the batch's own L0."""
 
     def __init__(self, W_enc, W_dec, b_enc, b_dec, log_threshold, dl_coef: float, value_bits: float = 4.0,
                  tau: float = 0.05, k: int | None = None, to_encoder: bool = False,
                  target_l0: float | None = None, rate: float = 0.1, scale: str = "batch", clip_multiple: float = 4.0,
-                 shared_rms_lr: float | None = None, steer_coef: bool = False):
+                 shared_rms_lr: float | None = None, steer_coef: bool = False, ema: float = 0.0):
         super().__init__()
         self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
         self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
@@ -111,7 +113,7 @@ class NaiveMDL(nn.Module):
         self.dl_coef, self.value_bits, self.tau, self.k, self.to_encoder = dl_coef, value_bits, tau, k, to_encoder
         self.target_l0, self.rate, self.scale, self.clip_multiple = target_l0, rate, scale, clip_multiple
         self.shared_rms_lr, self.thr_m, self.thr_v = shared_rms_lr, torch.zeros_like(log_threshold), None
-        self.steer_coef = steer_coef
+        self.steer_coef, self.ema, self.l0_avg = steer_coef, ema, None
 
     def gate(self, x_ND):
         pre_NF = (x_ND - self.b_dec) @ self.W_enc + self.b_enc
@@ -158,7 +160,9 @@ class NaiveMDL(nn.Module):
             if self.shared_rms_lr is not None:
                 self._shared_rms(g_F)
             if self.target_l0 is not None:
-                rel = (float(parts["l0"]) - self.target_l0) / self.target_l0
+                l0 = float(parts["l0"])
+                self.l0_avg = l0 if self.l0_avg is None else self.ema * self.l0_avg + (1 - self.ema) * l0
+                rel = (self.l0_avg - self.target_l0) / self.target_l0
                 step = self.rate * min(max(rel, -1.0), 1.0)
                 if self.steer_coef:
                     self.dl_coef = math.exp(math.log(self.dl_coef) + step)
