@@ -1,4 +1,8 @@
-"""Shared fixtures: the embedded default models, loaded once per test session (offline)."""
+"""Shared fixtures: the embedded default models, loaded once per test session (offline).
+
+Offline is enforced, not defaulted (docs/RELIABILITY.md 37): the hub clients' offline switches are forced
+on whatever the caller's environment says, and `support.network_guard` refuses every connection and name
+lookup to a host other than this machine (tests/test_offline_suite.py proves both)."""
 
 from __future__ import annotations
 
@@ -6,10 +10,13 @@ import os
 
 import pytest
 import torch
+from support import network_guard, tiers
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+os.environ["HF_HUB_OFFLINE"] = "1"  # forced: a caller's HF_HUB_OFFLINE=0 does not put the suite online
+os.environ["TRANSFORMERS_OFFLINE"] = "1"
+os.environ["HF_DATASETS_OFFLINE"] = "1"
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+network_guard.install()
 
 
 @pytest.fixture(scope="session")
@@ -48,3 +55,18 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+_TIERS = tiers.TierClock()
+
+
+def pytest_runtest_logreport(report):
+    _TIERS.add(report)
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Each tier's summed time next to its budget (reported, not asserted: support/tiers.py says why)."""
+    if _TIERS.seconds:
+        terminalreporter.write_sep("-", "tier times (docs/RELIABILITY.md 37)")
+        for line in _TIERS.lines():
+            terminalreporter.write_line(line)

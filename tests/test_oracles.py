@@ -79,7 +79,7 @@ def _mdl_pair(seed: int = 0, **cfg):
                       target_l0=sae.cfg.target_l0, rate=sae.cfg.controller_rate, scale=sae.cfg.loss_scale,
                       clip_multiple=sae.cfg.clip_multiple,
                       shared_rms_lr=sae.cfg.threshold_lr if sae.cfg.threshold_step == "shared_rms" else None,
-                      steer_coef=sae.cfg.controller == "dl_coef")
+                      steer_coef=sae.cfg.controller == "dl_coef", ema=sae.cfg.controller_ema)
     return sae, oracle
 
 
@@ -118,7 +118,8 @@ def _x_massive(seed: int = 5):
 
 STEP_VARIANTS = {**MDL_VARIANTS, "threshold controller": {"target_l0": 6.0},
                  "controller on dl_coef": {"target_l0": 6.0, "controller": "dl_coef", "controller_rate": 0.5},
-                 "shared-RMS thresholds": {"threshold_step": "shared_rms", "threshold_lr": 0.05}}
+                 "shared-RMS thresholds": {"threshold_step": "shared_rms", "threshold_lr": 0.05},
+                 "threshold controller on an EMA": {"target_l0": 24.0, "controller_ema": 0.7}}  # error unclipped
 
 
 @pytest.mark.parametrize("variant", list(STEP_VARIANTS))
@@ -141,7 +142,7 @@ def test_mdl_training_steps_equal_the_oracle(variant):
         torch.testing.assert_close(getattr(sae, name).detach(), getattr(oracle, name).detach(), rtol=1e-4, atol=1e-5,
                                    msg=lambda m, n=name: f"{n} after 5 steps: {m}")
     moved = (oracle.log_threshold.detach() - start).abs().max()
-    assert moved > (0.05 if variant == "threshold controller" else 1e-4)  # the controller's steps are in play
+    assert moved > (0.05 if variant.startswith("threshold controller") else 1e-4)  # the controller's steps are in play
     if "controller" in cfg:
         assert sae.dl_coef == pytest.approx(oracle.dl_coef, rel=1e-5) and abs(math.log(oracle.dl_coef / 0.05)) > 0.1
 

@@ -162,6 +162,10 @@ class SparseAutoencoder(nn.Module):
 
     W_dec: nn.Parameter
     """Decoder directions `[d_sae, d_in]` (SAELens name); every architecture has a dictionary."""
+    decoder_norm_folded: ClassVar[tuple[str, ...]] = ()
+    """Per-latent tensors `[d_sae]` that `fold_W_dec_norm` multiplies by the decoder row norms along with
+    W_enc's columns (biases, thresholds). Empty: folding would change the computation (a top-k selection,
+    a pursuit, a gate on log θ) and `fold_W_dec_norm` raises NotImplementedError."""
 
     def __init__(self, cfg: SAEConfig):
         super().__init__()
@@ -234,6 +238,23 @@ class SparseAutoencoder(nn.Module):
             if scale is not None and float(scale) != 1.0:
                 new._fold_input_scale_(float(scale))
         return new.train(self.training)
+
+    @torch.no_grad()
+    def fold_W_dec_norm(self) -> "SparseAutoencoder":
+        """SAELens's name: decoder rows to unit norm, each row's norm n_j moved into the encoder (W_enc's
+        column j and the `decoder_norm_folded` tensors times n_j), in place. Why: with an unconstrained
+        decoder (ReLU, loaded files) code magnitudes are only comparable across latents once the norms are
+        folded; pre-activations scale by n_j > 0, so ReLU/jump/gate codes come out times n_j and the
+        reconstruction is unchanged (a zero row stays zero: its norm is clamped, its codes vanish)."""
+        if not self.decoder_norm_folded:
+            raise NotImplementedError(f"{self.architecture}: folding decoder norms is not valid for this "
+                                      "architecture (it would change which latents are selected)")
+        n_F = self.W_dec.norm(dim=1).clamp_min(torch.finfo(self.W_dec.dtype).tiny)
+        self.W_enc.mul_(n_F)
+        for name in self.decoder_norm_folded:
+            getattr(self, name).mul_(n_F)
+        self.W_dec.div_(n_F[:, None])
+        return self
 
     def _fold_input_scale_(self, s: float) -> None:
         """Rewrite the weights in place so that on raw x this SAE gives what it gave on `x * s`, divided

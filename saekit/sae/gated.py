@@ -34,6 +34,7 @@ class GatedSAE(SparseAutoencoder):
     architecture = "gated"
     config_class = GatedConfig
     decoder_is_affine = True  # z @ W_dec + b_dec
+    decoder_norm_folded = ("b_gate", "b_mag")  # W_mag = W_enc * exp(r_mag) scales with W_enc
 
     def __init__(self, cfg: GatedConfig):
         super().__init__(cfg)

@@ -101,6 +101,7 @@ class JumpReLUSAE(SparseAutoencoder):
     architecture = "jumprelu"
     config_class = JumpReLUConfig
     decoder_is_affine = True  # z @ W_dec + b_dec
+    decoder_norm_folded = ("b_enc", "threshold")  # pre and θ both times n: the same latents jump
 
     def __init__(self, cfg: JumpReLUConfig):
         super().__init__(cfg)

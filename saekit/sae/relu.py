@@ -45,6 +45,7 @@ class ReLUSAE(SparseAutoencoder):
     architecture = "relu"
     config_class = ReLUConfig
     decoder_is_affine = True  # z @ W_dec + b_dec
+    decoder_norm_folded = ("b_enc",)  # ReLU(n*pre) = n*ReLU(pre)
 
     def __init__(self, cfg: ReLUConfig):
         super().__init__(cfg)

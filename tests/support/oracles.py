@@ -98,12 +98,14 @@ class NaiveMDL(nn.Module):
     rows renormalised after it; with `shared_rms`, log θ leaves Adam and steps by lr·m/√v with momentum m
     (β 0.9) and ONE second moment v of mean(g²) over latents (β 0.999, the first v = mean(g²)); with
     `target_l0`, every log θ then moves by rate·clip((L0 − t)/t, ±1) where L0 = Σ_j p̂_j of the batch
-    just trained on (the threshold controller), or log λ does (`steer_coef`: the controller on λ)."""
+    just trained on (the threshold controller), or log λ does (`steer_coef`: the controller on λ); with
+    `ema` > 0 the controller steers on the moving average L̄0 ← ema·L̄0 + (1 − ema)·L0 (the first batch's L0
+    taken as it is) instead of the batch's own L0."""
 
     def __init__(self, W_enc, W_dec, b_enc, b_dec, log_threshold, dl_coef: float, value_bits: float = 4.0,
                  tau: float = 0.05, k: int | None = None, to_encoder: bool = False,
                  target_l0: float | None = None, rate: float = 0.1, scale: str = "batch", clip_multiple: float = 4.0,
-                 shared_rms_lr: float | None = None, steer_coef: bool = False):
+                 shared_rms_lr: float | None = None, steer_coef: bool = False, ema: float = 0.0):
         super().__init__()
         self.W_enc, self.W_dec = nn.Parameter(W_enc.clone()), nn.Parameter(W_dec.clone())
         self.b_enc, self.b_dec = nn.Parameter(b_enc.clone()), nn.Parameter(b_dec.clone())
@@ -111,7 +113,7 @@ class NaiveMDL(nn.Module):
         self.dl_coef, self.value_bits, self.tau, self.k, self.to_encoder = dl_coef, value_bits, tau, k, to_encoder
         self.target_l0, self.rate, self.scale, self.clip_multiple = target_l0, rate, scale, clip_multiple
         self.shared_rms_lr, self.thr_m, self.thr_v = shared_rms_lr, torch.zeros_like(log_threshold), None
-        self.steer_coef = steer_coef
+        self.steer_coef, self.ema, self.l0_avg = steer_coef, ema, None
 
     def gate(self, x_ND):
         pre_NF = (x_ND - self.b_dec) @ self.W_enc + self.b_enc
@@ -158,7 +160,9 @@ class NaiveMDL(nn.Module):
             if self.shared_rms_lr is not None:
                 self._shared_rms(g_F)
             if self.target_l0 is not None:
-                rel = (float(parts["l0"]) - self.target_l0) / self.target_l0
+                l0 = float(parts["l0"])
+                self.l0_avg = l0 if self.l0_avg is None else self.ema * self.l0_avg + (1 - self.ema) * l0
+                rel = (self.l0_avg - self.target_l0) / self.target_l0
                 step = self.rate * min(max(rel, -1.0), 1.0)
                 if self.steer_coef:
                     self.dl_coef = math.exp(math.log(self.dl_coef) + step)
@@ -313,3 +317,120 @@ class NaiveMatryoshka(NaiveTopK):
 
     def loss(self, x_ND):
         return sum(self.prefix_losses(x_ND))
+
+
+# -- AuxK and BatchTopK ---------------------------------------------------------------------------------
+def dead_topk(pre_NF, dead_F, aux_k: int):
+    """The AuxK selection (Gao et al. 2024, §A.2): in every row, the `aux_k` largest pre-activations among
+    the dead latents (fewer when fewer are dead). Returns (indices [N, A], dense codes [N, F] with ReLU)."""
+    masked_NF = torch.where(dead_F, pre_NF, torch.full_like(pre_NF, -math.inf))
+    vals, idx = masked_NF.topk(min(aux_k, int(dead_F.sum())), dim=-1)
+    return idx, torch.zeros_like(pre_NF).scatter(-1, idx, torch.relu(vals))
+
+
+class NaiveAuxTopK(NaiveTopK):
+    """Top-k with AuxK (Gao et al. 2024) and optionally BatchTopK (Bussmann et al. 2024), dense.
+
+    Dead: a latent whose code has not been > 0 for `dead_after` or more tokens, counted over the batches
+    stepped on so far (the current batch does not count for its own loss). AuxK: ê = z_aux W_dec (no bias)
+    reconstructs the detached residual e = x − x̂; loss = mse + aux_coef · mean_rows ‖e − ê‖² (saekit's
+    variant: no division by the residual's variance). BatchTopK (training): the k·N largest pre-activations
+    of the whole batch, ReLU after. Its inference threshold θ: the smallest positive kept value of each
+    training batch, averaged with an EMA (θ ← m θ + (1 − m) min; the first batch sets it); at inference
+    z = ReLU(pre) · 1[pre > θ]."""
+
+    def __init__(self, W_enc, W_dec, b_enc, b_dec, k: int, aux_k: int, aux_coef: float, dead_after: int,
+                 since=None, batch: bool = False, momentum: float = 0.99):
+        super().__init__(W_enc, W_dec, b_enc, b_dec, k)
+        self.aux_k, self.aux_coef, self.dead_after, self.batch, self.momentum = aux_k, aux_coef, dead_after, batch, momentum
+        self.since = since.clone() if since is not None else torch.zeros(W_dec.shape[0], dtype=torch.long)
+        self.threshold = None
+
+    def pre(self, x_ND):
+        return (x_ND - self.b_dec) @ self.W_enc + self.b_enc
+
+    def codes(self, x_ND):
+        pre_NF = self.pre(x_ND)
+        if self.batch and self.training:
+            vals, flat = pre_NF.flatten().topk(self.k * pre_NF.shape[0])
+            return torch.zeros_like(pre_NF).flatten().scatter(0, flat, torch.relu(vals)).view_as(pre_NF)
+        if self.batch and self.threshold is not None:
+            return torch.relu(pre_NF) * (pre_NF > self.threshold).to(pre_NF.dtype)
+        return super().codes(x_ND)
+
+    def dead(self):
+        return self.since >= self.dead_after
+
+    def aux(self, x_ND):
+        """(indices, dense codes) of the AuxK selection, or None when no latent is dead or AuxK is off."""
+        dead_F = self.dead()
+        if not bool(dead_F.any()) or self.aux_coef == 0:
+            return None
+        return dead_topk(self.pre(x_ND), dead_F, self.aux_k)
+
+    def loss_parts(self, x_ND):
+        z_NF = self.codes(x_ND)
+        recon_ND = z_NF @ self.W_dec + self.b_dec
+        parts = {"mse": (recon_ND - x_ND).pow(2).sum(-1).mean()}
+        aux = self.aux(x_ND)
+        if aux is not None:
+            parts["auxk"] = (aux[1] @ self.W_dec - (x_ND - recon_ND).detach()).pow(2).sum(-1).mean()
+        return parts, z_NF
+
+    def total(self, parts):
+        return sum(v for n, v in parts.items() if n != "auxk") + self.aux_coef * parts.get("auxk", 0.0)
+
+    def loss(self, x_ND):
+        return self.total(self.loss_parts(x_ND)[0])
+
+    def observe(self, z_NF) -> None:
+        """After a training batch: the dead counters and, for BatchTopK, the threshold's EMA."""
+        with torch.no_grad():
+            self.since += z_NF.shape[0]
+            self.since[(z_NF > 0).any(0)] = 0
+            if self.batch:
+                low = float(z_NF[z_NF > 0].min())
+                m = self.momentum
+                self.threshold = low if self.threshold is None else m * self.threshold + (1 - m) * low
+
+    def step(self, opt, x_ND) -> None:
+        parts, z_NF = self.loss_parts(x_ND)
+        opt.zero_grad(set_to_none=True)
+        self.total(parts).backward()
+        with torch.no_grad():
+            W = self.W_dec
+            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
+        opt.step()
+        with torch.no_grad():
+            W /= W.norm(dim=1, keepdim=True)
+        self.observe(z_NF)
+
+
+class NaiveMatryoshkaAux(NaiveAuxTopK):
+    """Matryoshka top-k (global prefixes) with AuxK per level (SAELens's matryoshka aux loss, the variant
+    saekit states): the AuxK selection is made over all dead latents as in `NaiveAuxTopK`; its part in level
+    l (latents w_{l−1} ≤ j < w_l) reconstructs the residual of prefix l, e_l = x − x̂_l (detached; x̂_l: the
+    code's latents below w_l decoded with b_dec). auxk = Σ_l mean_rows ‖e_l − ê_l‖², over the levels that
+    some row's AuxK selection reaches (a level no row selects in adds nothing, not ‖e_l‖²)."""
+
+    def __init__(self, *args, widths: list[int], **kw):
+        super().__init__(*args, **kw)
+        self.widths = list(widths)
+
+    def loss_parts(self, x_ND):
+        z_NF = self.codes(x_ND)
+        cols_F = torch.arange(z_NF.shape[1])
+        recons = [(z_NF * (cols_F < w).to(z_NF.dtype)) @ self.W_dec + self.b_dec for w in self.widths]
+        parts = {f"mse_w{w}": (r - x_ND).pow(2).sum(-1).mean() for w, r in zip(self.widths[:-1], recons)}
+        parts["mse"] = (recons[-1] - x_ND).pow(2).sum(-1).mean()
+        aux = self.aux(x_ND)
+        if aux is not None:
+            idx_NA, z_aux_NF = aux
+            parts["auxk"], lo = torch.zeros(()), 0
+            for w, r in zip(self.widths, recons):
+                level_F = (cols_F >= lo) & (cols_F < w)
+                lo = w
+                if bool(level_F[idx_NA].any()):
+                    e_hat_ND = (z_aux_NF * level_F.to(z_aux_NF.dtype)) @ self.W_dec
+                    parts["auxk"] = parts["auxk"] + (e_hat_ND - (x_ND - r).detach()).pow(2).sum(-1).mean()
+        return parts, z_NF
