@@ -21,13 +21,10 @@ spends its latents on mixtures of atoms.) Each case ~8-15 s on one thread, hence
 from __future__ import annotations
 
 import pytest
-import torch
+from support.recovery import recover
 
-from saekit.data.synthetic import planted_features
 from saekit.eval.ground_truth import max_cosine_per_atom
 from saekit.sae.registry import create
-from saekit.store.batches import TensorBatches
-from saekit.train import TrainConfig, train
 
 CASES = {  # name: (config, least mean max-cosine, least fraction of atoms above 0.9, L0 range[, data seed])
     "relu": ({"architecture": "relu", "l1_coefficient": 1.0}, 0.95, 0.90, (2.5, 7.0)),
@@ -43,20 +40,11 @@ CASES = {  # name: (config, least mean max-cosine, least fraction of atoms above
 @pytest.mark.parametrize("case", list(CASES))
 def test_recovers_a_planted_dictionary(case, tmp_path, one_thread):
     arch_cfg, least_mean, least_frac, (lo, hi), *data_seed = CASES[case]
-    data = planted_features(32768, 16, 32, avg_active=3, seed=data_seed[0] if data_seed else 0)
-    sae = create({"d_in": 16, "d_sae": 64, "seed": 0, **arch_cfg})
-    chance = max_cosine_per_atom(sae.W_dec.detach(), data.D_FD)
-    cfg = TrainConfig.from_dict(dict(total_steps=2000, batch_size=256, lr=3e-3, checkpoint_every=0,
-                                     progress_bar=False, log_every=2000))
-    res = train(sae, TensorBatches(data.x_ND, 256, seed=0), cfg, tmp_path / "run")
-    W_FD = res.sae.W_dec.detach()
-    best_G = max_cosine_per_atom(W_FD, data.D_FD)
-    summary = f"mean {best_G.mean():.3f}, above 0.9: {(best_G > 0.9).float().mean():.3f}, chance {chance.mean():.3f}"
-    assert chance.mean() < 0.7, summary  # the untrained rows are far from the atoms: recovery is learnt
-    assert best_G.mean() >= least_mean, summary
-    assert (best_G > 0.9).float().mean() >= least_frac, summary
-    with torch.no_grad():
-        l0 = float(res.sae.eval().encode(data.x_ND[:4096]).l0().float().mean())
-    assert lo < l0 < hi, f"L0 {l0}: the planted rows have ~3 active atoms"
+    r = recover(create({"d_in": 16, "d_sae": 64, "seed": 0, **arch_cfg}), tmp_path / "run",
+                data_seed[0] if data_seed else 0)
+    assert r.chance_G.mean() < 0.7, r.summary()  # the untrained rows are far from the atoms: recovery is learnt
+    assert r.best_G.mean() >= least_mean, r.summary()
+    assert (r.best_G > 0.9).float().mean() >= least_frac, r.summary()
+    assert lo < r.l0 < hi, f"{r.summary()}: the planted rows have ~3 active atoms"
     if case == "matryoshka":  # the first prefix alone (as wide as the planted dictionary) recovers the atoms
-        assert max_cosine_per_atom(W_FD[:32], data.D_FD).mean() >= 0.9, summary
+        assert max_cosine_per_atom(r.W_FD[:32], r.D_GD).mean() >= 0.9, r.summary()

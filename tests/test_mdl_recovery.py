@@ -16,13 +16,9 @@ steps recovery was still 0.67-0.75: the test needs the 2,000 steps, ~10 s each c
 from __future__ import annotations
 
 import pytest
-import torch
+from support.recovery import recover
 
-from saekit.data.synthetic import planted_features
-from saekit.eval.ground_truth import max_cosine_per_atom
 from saekit.sae.mdl import MDLConfig, MDLSAE
-from saekit.store.batches import TensorBatches
-from saekit.train import TrainConfig, train
 
 CASES = {  # name: (extra config, least mean max-cosine, least fraction of atoms above 0.9)
     "target_l0": ({"target_l0": 3.0}, 0.95, 0.85),
@@ -34,17 +30,8 @@ CASES = {  # name: (extra config, least mean max-cosine, least fraction of atoms
 @pytest.mark.parametrize("case", list(CASES))
 def test_mdl_recovers_a_planted_dictionary(case, tmp_path, one_thread):
     extra, least_mean, least_frac = CASES[case]
-    data = planted_features(32768, 16, 32, avg_active=3, seed=0)
-    sae = MDLSAE(MDLConfig(d_in=16, d_sae=64, dl_coef=1e-2, seed=0, **extra))
-    chance = max_cosine_per_atom(sae.W_dec.detach(), data.D_FD)
-    cfg = TrainConfig.from_dict(dict(total_steps=2000, batch_size=256, lr=3e-3, checkpoint_every=0,
-                                     progress_bar=False, log_every=2000))
-    res = train(sae, TensorBatches(data.x_ND, 256, seed=0), cfg, tmp_path / "run")
-    best_G = max_cosine_per_atom(res.sae.W_dec.detach(), data.D_FD)
-    summary = f"mean {best_G.mean():.3f}, above 0.9: {(best_G > 0.9).float().mean():.3f}, chance {chance.mean():.3f}"
-    assert chance.mean() < 0.7, summary  # the untrained rows are far from the atoms: recovery is learnt
-    assert best_G.mean() >= least_mean, summary
-    assert (best_G > 0.9).float().mean() >= least_frac, summary
-    with torch.no_grad():
-        l0 = float(res.sae.eval().encode(data.x_ND[:4096]).l0().float().mean())
-    assert 1.5 < l0 < 4.5, f"L0 {l0}: the planted rows have ~3 active atoms"
+    r = recover(MDLSAE(MDLConfig(d_in=16, d_sae=64, dl_coef=1e-2, seed=0, **extra)), tmp_path / "run")
+    assert r.chance_G.mean() < 0.7, r.summary()  # the untrained rows are far from the atoms: recovery is learnt
+    assert r.best_G.mean() >= least_mean, r.summary()
+    assert (r.best_G > 0.9).float().mean() >= least_frac, r.summary()
+    assert 1.5 < r.l0 < 4.5, f"{r.summary()}: the planted rows have ~3 active atoms"

@@ -7,7 +7,7 @@ import math
 
 import pytest
 import torch
-from support.oracles import NaiveGated, NaiveJumpReLU, NaiveMatryoshka, NaiveMDL, NaiveReLU, NaiveTopK
+from support.oracles import saekit_step, NaiveGated, NaiveJumpReLU, NaiveMatryoshka, NaiveMDL, NaiveReLU, NaiveTopK
 
 from saekit.sae.registry import create
 
@@ -49,12 +49,7 @@ def test_training_steps_equal_the_oracle():
     opt_o = torch.optim.Adam(oracle.parameters(), lr=1e-3)
     for step in range(5):
         x = _x(10 + step)
-        loss = sae.loss(x, sae(x))
-        opt_s.zero_grad(set_to_none=True)
-        loss.total.backward()
-        sae.before_optimizer_step()
-        opt_s.step()
-        sae.after_optimizer_step()
+        saekit_step(sae, opt_s, x)
         oracle.step(opt_o, x)
     for name in ("W_enc", "W_dec", "b_enc", "b_dec"):
         torch.testing.assert_close(getattr(sae, name).detach(), getattr(oracle, name).detach(), rtol=1e-4, atol=1e-5)
@@ -131,12 +126,7 @@ def test_mdl_training_steps_equal_the_oracle(variant):
     start = oracle.log_threshold.detach().clone()
     for step in range(5):
         x = _x_massive(10 + step)
-        loss = sae.loss(x, sae(x))
-        opt_s.zero_grad(set_to_none=True)
-        loss.total.backward()
-        sae.before_optimizer_step()
-        opt_s.step()
-        sae.after_optimizer_step()
+        saekit_step(sae, opt_s, x)
         oracle.step(opt_o, x)
     for name in MDL_PARAMS:
         torch.testing.assert_close(getattr(sae, name).detach(), getattr(oracle, name).detach(), rtol=1e-4, atol=1e-5,
@@ -236,12 +226,7 @@ def test_arch_training_steps_equal_the_oracle(variant):
     start = {n: p.detach().clone() for n, p in oracle.named_parameters()}
     for step in range(5):
         x = _x(10 + step)
-        loss = sae.loss(x, sae(x))
-        opt_s.zero_grad(set_to_none=True)
-        loss.total.backward()
-        sae.before_optimizer_step()
-        opt_s.step()
-        sae.after_optimizer_step()
+        saekit_step(sae, opt_s, x)
         oracle.step(opt_o, x)
     for name, p in oracle.named_parameters():
         assert (p.detach() - start[name]).abs().max() > 1e-3, name  # every parameter moved

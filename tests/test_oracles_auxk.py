@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from support.oracles import NaiveAuxTopK, NaiveMatryoshkaAux
+from support.oracles import saekit_step, NaiveAuxTopK, NaiveMatryoshkaAux
 
 from saekit.sae.registry import create
 
@@ -98,12 +98,7 @@ def test_auxk_training_steps_equal_the_oracle(variant):
     for step in range(5):
         x = _x(10 + step)
         n_dead.append(int(oracle.dead().sum()))
-        loss = sae.loss(x, sae(x))
-        opt_s.zero_grad(set_to_none=True)
-        loss.total.backward()
-        sae.before_optimizer_step()
-        opt_s.step()
-        sae.after_optimizer_step()
+        saekit_step(sae, opt_s, x)
         oracle.step(opt_o, x)
         assert torch.equal(sae.tokens_since_fired, oracle.since), f"dead counters after step {step}"
     assert min(n_dead) > 0  # AuxK is in play at every step

@@ -32,15 +32,7 @@ class NaiveTopK(nn.Module):
 
     def step(self, opt, x_ND) -> None:
         """One Adam step with the decoder rows' gradient projected off the rows and the rows renormalised."""
-        loss = self.loss(x_ND)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        with torch.no_grad():
-            W = self.W_dec
-            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
-        opt.step()
-        with torch.no_grad():
-            W /= W.norm(dim=1, keepdim=True)
+        unit_rows_step(self.W_dec, opt, self.loss(x_ND))
 
 
 class _SurrogateStep(torch.autograd.Function):
@@ -64,6 +56,29 @@ class _SurrogateStep(torch.autograd.Function):
         s_NF = torch.sigmoid((pre_NF - theta_F) / ctx.tau)
         d_NF = g_NF * s_NF * (1 - s_NF) / ctx.tau
         return (d_NF if ctx.to_encoder else None), -d_NF.sum(0), None, None, None
+
+
+def unit_rows_step(W_dec, opt, loss) -> None:
+    """Backward and one optimiser step with the decoder rows kept unit-norm the plain way: the gradient's
+    component along each row removed before the step, the rows renormalised after."""
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    with torch.no_grad():
+        W_dec.grad -= (W_dec.grad * W_dec).sum(1, keepdim=True) * W_dec
+    opt.step()
+    with torch.no_grad():
+        W_dec /= W_dec.norm(dim=1, keepdim=True)
+
+
+def saekit_step(sae, opt, x_ND) -> None:
+    """One training step of saekit's SAE as the trainer takes it (loss, backward, the decoder hook before
+    and the bookkeeping after the optimiser): the side the oracles' `step` is compared with."""
+    loss = sae.loss(x_ND, sae(x_ND))
+    opt.zero_grad(set_to_none=True)
+    loss.total.backward()
+    sae.before_optimizer_step()
+    opt.step()
+    sae.after_optimizer_step()
 
 
 def binary_entropy_bits(p):
@@ -257,14 +272,8 @@ class NaiveJumpReLU(nn.Module):
         return mse + self.l0_coef * l0, {"mse": mse.detach(), "l0": l0.detach()}
 
     def step(self, opt, x_ND) -> None:
-        opt.zero_grad(set_to_none=True)
-        self.loss(x_ND)[0].backward()
+        unit_rows_step(self.W_dec, opt, self.loss(x_ND)[0])
         with torch.no_grad():
-            W = self.W_dec
-            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
-        opt.step()
-        with torch.no_grad():
-            W /= W.norm(dim=1, keepdim=True)
             self.theta.copy_(torch.maximum(self.theta, torch.full_like(self.theta, self.min_theta)))
 
 
@@ -395,14 +404,7 @@ class NaiveAuxTopK(NaiveTopK):
 
     def step(self, opt, x_ND) -> None:
         parts, z_NF = self.loss_parts(x_ND)
-        opt.zero_grad(set_to_none=True)
-        self.total(parts).backward()
-        with torch.no_grad():
-            W = self.W_dec
-            W.grad -= (W.grad * W).sum(1, keepdim=True) * W
-        opt.step()
-        with torch.no_grad():
-            W /= W.norm(dim=1, keepdim=True)
+        unit_rows_step(self.W_dec, opt, self.total(parts))
         self.observe(z_NF)
 
 
