@@ -138,13 +138,11 @@ static int NAME(const ELEM *row, const float *bias, int64_t nb, int32_t k, float
         uint32_t mask = (uint32_t)movemask8((v8i)(x[0] >= Tv)) | (uint32_t)movemask8((v8i)(x[1] >= Tv)) << 8 \
                         | (uint32_t)movemask8((v8i)(x[2] >= Tv)) << 16 | (uint32_t)movemask8((v8i)(x[3] >= Tv)) << 24; \
         float xs[BSZ]; \
-        int32_t ks[BSZ]; \
         memcpy(xs, x, sizeof xs); \
-        for (int u = 0; u < 4; u++) { const v8i kv = okey8(x[u]); memcpy(ks + 8 * u, &kv, sizeof kv); } \
         while (mask) { /* float >= Tf: a superset of key >= T, harmless: the selection below uses keys */ \
             const int q = __builtin_ctz(mask); \
             mask &= mask - 1; \
-            s->ckey[n] = ks[q]; s->cval[n] = xs[q]; s->cidx[n] = b * BSZ + q; n++; \
+            s->ckey[n] = okey(xs[q] + 0.0f); s->cval[n] = xs[q]; s->cidx[n] = b * BSZ + q; n++; \
         } \
     } \
     const int32_t t = n == k ? INT32_MIN : kth_key(s->ckey, n, k, 0); \
