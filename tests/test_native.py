@@ -119,7 +119,8 @@ def test_library_is_cached_and_rebuilt_atomically(monkeypatch, tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33)])
+@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33),
+                                     (200, 4, 44, 96), (100, 2, 13, 64)])
 def test_sparse_t_matmul_matches_reference_both_layouts(B, K, D, n):
     g = torch.Generator().manual_seed(B + n)
     idx = torch.randint(0, n, (B, K), generator=g)
@@ -132,6 +133,7 @@ def test_sparse_t_matmul_matches_reference_both_layouts(B, K, D, n):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out_T.shape == (D, n) and out_T.is_contiguous()
     torch.testing.assert_close(out_T, ref.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_T, out.t())  # the same sums, transposed by a copy (8 x 8 blocks, streamed whole tiles, edges)
     unused = torch.ones(n, dtype=torch.bool)
     unused[idx.flatten()] = False
     assert (out[unused] == 0).all()  # latents nobody selected get exactly zero gradient
@@ -224,7 +226,8 @@ def test_topk_rows_odd_block_counts_match_torch():
 
 @needs_native
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33)])
+@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33),
+                                     (200, 4, 44, 96), (100, 2, 13, 64)])
 def test_decode_backward_equals_the_two_separate_kernels(B, K, D, n, grad_dtype):
     g = torch.Generator().manual_seed(B + D)
     idx = torch.randint(0, n, (B, K), generator=g)
