@@ -203,8 +203,7 @@ static double sum_squares(const float *x, int64_t m) {
  * are float32. Returns -1 if scratch memory is unavailable. */
 /* a[0:d] = sum_s ws[s] * M[rows[s]]: the accumulators for 32 columns stay in registers while the entries
  * stream past (no read-modify-write of `a` per entry). rows and ws are the entries' rows and weights, gathered
- * once by sort_by_latent: each entry is visited d / 32 times, and a 64-bit division per visit (e / k) measured
- * as much as the loads. */
+ * once by sort_by_latent (each entry is visited d / 32 times; no division or indirect weight load per visit). */
 #define ACCUMULATE_ROWS(NAME, ELEM, LOAD8, LOAD1) \
 static void NAME(float *restrict a, const int64_t *rows, const float *ws, int64_t n_entries, const ELEM *M, int64_t d) { \
     int64_t q = 0; \
@@ -343,14 +342,18 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
 }
 
 /* -- fused backward of a sparse decode ---------------------------------------------------------------- */
-/* For one latent f: gw[0:d] = sum_s vals[e_s] * M[e_s / k] (the decoder-weight gradient row) and
- * gv[e_s] = W[f] . M[e_s / k] (the gradient of each selected value), e_s = entries[s], in one pass over the
- * rows of M: the separate gather_dot + sparse_t_matmul read ~2^17 random rows twice (once of W, once of
- * M); here each M row is read once and W[f] once per latent. dacc holds one vector of dot partials per entry. */
+/* For one latent f: gw[0:d] = sum_s vs[s] * M[rows[s]] (the decoder-weight gradient row) and
+ * gv[e_s] = W[f] . M[rows[s]] (the gradient of each selected value), e_s = entries[s], rows[s] = e_s / k,
+ * vs[s] = vals[e_s], in one pass over the rows of M: the separate gather_dot + sparse_t_matmul read ~2^17 random
+ * rows twice (once of W, once of M); here each M row is read once and W[f] once per latent. dacc holds one vector
+ * of dot partials per entry. Measured no faster here and in the encoder weight gradient (one thread, benchmark
+ * shape): streamed gW stores, rows and weights gathered once instead of e / k per visit (kept: simpler loops), prefetching the next
+ * latent's rows, a column-strip-outer order that keeps M's [n_rows, 128] slice in L2 (the per-byte gather cost
+ * was the same for an L2-resident M: the time is the ~4M single-use line fills, not where they come from). */
 static inline float hsum8(v8f a) { float s = 0.0f; for (int t = 0; t < 8; t++) s += a[t]; return s; }
 #define DECODE_BWD_LATENT(NAME, ELEM, LOAD8, LOAD1) \
 static void NAME(float *restrict gw, float *restrict gv, v8f *restrict dacc, const float *wf, const int64_t *entries, \
-                 const int64_t *rows, const float *vs, int64_t n_e, const ELEM *M, int64_t d, int nt) { \
+                 const int64_t *rows, const float *vs, int64_t n_e, const ELEM *M, int64_t d) { \
     const v8f zero = {0}; \
     for (int64_t s = 0; s < n_e; s++) dacc[s] = zero; \
     int64_t q = 0; \
@@ -364,8 +367,7 @@ static void NAME(float *restrict gw, float *restrict gv, v8f *restrict dacc, con
             a0 += c * g0; a1 += c * g1; a2 += c * g2; a3 += c * g3; \
             dacc[s] += (w0 * g0 + w1 * g1) + (w2 * g2 + w3 * g3); \
         } \
-        if (nt) { stream8(gw + q, a0); stream8(gw + q + 8, a1); stream8(gw + q + 16, a2); stream8(gw + q + 24, a3); } \
-        else { memcpy(gw + q, &a0, 32); memcpy(gw + q + 8, &a1, 32); memcpy(gw + q + 16, &a2, 32); memcpy(gw + q + 24, &a3, 32); } \
+        memcpy(gw + q, &a0, 32); memcpy(gw + q + 8, &a1, 32); memcpy(gw + q + 16, &a2, 32); memcpy(gw + q + 24, &a3, 32); \
     } \
     for (; q < d; q++) { \
         float t = 0.0f; \
@@ -391,7 +393,6 @@ int saekit_decode_backward(const int64_t *idx, const float *vals, int64_t n_rows
     sorted_entries se;
     if (sort_by_latent(idx, vals, n_rows * k, k, n, &se)) return -1;
     const int64_t *start = se.start;
-    const int nt = d % 8 == 0 && (uintptr_t)gW % 32 == 0; /* gW rows streamed (see store_transposed) */
     int64_t most = 1;
     for (int64_t f = 0; f < n; f++) most = start[f + 1] - start[f] > most ? start[f + 1] - start[f] : most;
     int failed = 0;
@@ -404,12 +405,11 @@ int saekit_decode_backward(const int64_t *idx, const float *vals, int64_t n_rows
             if (!dacc) continue;
             const int64_t s0 = start[f], ns = start[f + 1] - s0;
             if (m_bf16)
-                decode_bwd_latent_bf16(gW + f * d, gvals, dacc, W + f * d, se.order + s0, se.rows + s0, se.ws + s0, ns, M, d, nt);
+                decode_bwd_latent_bf16(gW + f * d, gvals, dacc, W + f * d, se.order + s0, se.rows + s0, se.ws + s0, ns, M, d);
             else
-                decode_bwd_latent(gW + f * d, gvals, dacc, W + f * d, se.order + s0, se.rows + s0, se.ws + s0, ns, M, d, nt);
+                decode_bwd_latent(gW + f * d, gvals, dacc, W + f * d, se.order + s0, se.rows + s0, se.ws + s0, ns, M, d);
         }
         free(dacc);
-        stream_fence();
     }
     free(se.start);
     return failed ? -1 : 0;
