@@ -119,7 +119,8 @@ def test_library_is_cached_and_rebuilt_atomically(monkeypatch, tmp_path):
 
 
 @needs_native
-@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33)])
+@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33),
+                                     (200, 4, 44, 96), (100, 2, 13, 64)])
 def test_sparse_t_matmul_matches_reference_both_layouts(B, K, D, n):
     g = torch.Generator().manual_seed(B + n)
     idx = torch.randint(0, n, (B, K), generator=g)
@@ -132,6 +133,7 @@ def test_sparse_t_matmul_matches_reference_both_layouts(B, K, D, n):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
     assert out_T.shape == (D, n) and out_T.is_contiguous()
     torch.testing.assert_close(out_T, ref.t(), rtol=1e-5, atol=1e-5)
+    assert torch.equal(out_T, out.t())  # the same sums, transposed by a copy (8 x 8 blocks, streamed whole tiles, edges)
     unused = torch.ones(n, dtype=torch.bool)
     unused[idx.flatten()] = False
     assert (out[unused] == 0).all()  # latents nobody selected get exactly zero gradient
@@ -224,7 +226,8 @@ def test_topk_rows_odd_block_counts_match_torch():
 
 @needs_native
 @pytest.mark.parametrize("grad_dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33)])
+@pytest.mark.parametrize("B,K,D,n", [(300, 8, 512, 1000), (64, 3, 40, 70), (5, 1, 7, 3), (128, 32, 64, 33),
+                                     (200, 4, 44, 96), (100, 2, 13, 64)])
 def test_decode_backward_equals_the_two_separate_kernels(B, K, D, n, grad_dtype):
     g = torch.Generator().manual_seed(B + D)
     idx = torch.randint(0, n, (B, K), generator=g)
@@ -308,3 +311,49 @@ def test_decoder_row_kernels_match_torch():
     torch.testing.assert_close(grad, ref.grad, rtol=1e-5, atol=1e-5)
     assert (grad * mine).sum(1).abs().max() < 1e-4  # no component along the rows is left
     assert not native.unit_norm_rows_(W.double()) and not native.remove_parallel_rows_(grad, mine[:5])
+
+
+def _fp32_tie_heavy_rows(g: torch.Generator, n: int, F: int) -> torch.Tensor:
+    pre = torch.randn(n, F, generator=g)
+    pre[1] = torch.randint(-3, 4, (F,), generator=g).float()  # seven values: ties at every threshold
+    pre[2] = -1.0  # one value
+    pre[3, ::3] = float("-inf")
+    pre[4, 5], pre[4, 9] = float("inf"), float("inf")
+    pre[5] = -pre[5].abs()  # no positive value
+    pre[6] = torch.where(torch.rand(F, generator=g) < 0.5, -0.0, 0.0)  # -0 and +0: one value, ties by index
+    pre[7, F - 40:] = 1e30  # the winners at the end of the row
+    return pre
+
+
+@needs_native
+@pytest.mark.parametrize("F,k", [(1024, 1), (1024, 5), (1024, 32), (256, 8), (2048, 64), (512, 16)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_fp32_bisection_topk_is_the_exact_topk_with_lower_index_ties(monkeypatch, F, k, with_bias):
+    """native_bf16.c's bisection body on float32 rows: the k largest of pre + bias, exactly, ties at the k-th value
+    to the lower latent index (a stable descending sort), and the same values as native.c's heap kernel."""
+    assert native._topk_fn(native.library(), torch.float32, F) is native.library().saekit_topk_rows_bisect
+    g = torch.Generator().manual_seed(F + k)
+    pre = _fp32_tie_heavy_rows(g, 48, F)
+    bias = (torch.randint(-2, 3, (F,), generator=g) / 4).float() if with_bias else None
+    vals, idx = native.topk_rows(pre, k, bias)
+    full = pre + (bias if bias is not None else 0)
+    assert torch.equal(vals, full.gather(1, idx))  # pre + bias, exactly, at the indices returned
+    order = torch.sort(full, dim=1, descending=True, stable=True).indices
+    assert torch.equal(idx.sort(1).values, order[:, :k].sort(1).values)
+    monkeypatch.setitem(native.BISECT, "on", False)  # native.c's heap kernel: the same values
+    vals_h, _ = native.topk_rows(pre, k, bias)
+    assert torch.equal(vals.sort(1).values, vals_h.sort(1).values)
+
+
+@needs_native
+def test_fp32_bisection_topk_gives_nan_rows_back_and_other_widths_take_the_heap_kernel():
+    g = torch.Generator().manual_seed(5)
+    pre = torch.randn(8, 512, generator=g)
+    pre[6, 100] = float("nan")
+    assert native.topk_rows(pre, 4) is None  # NaN: the caller's torch.topk decides how it ranks
+    assert native.topk_rows(pre, 17) is None  # k > width / 32: declined, as the heap kernel does
+    odd = torch.randn(8, 288, generator=g)  # 9 blocks of 32: not a multiple of 256
+    assert native._topk_fn(native.library(), torch.float32, 288) is native.library().saekit_topk_rows
+    _same_topk(odd, *native.topk_rows(odd, 4), 4)
+    every_block = torch.randn(8, 512, generator=g)
+    _same_topk(every_block, *native.topk_rows(every_block, 16), 16)  # k = the number of blocks

@@ -201,25 +201,24 @@ static double sum_squares(const float *x, int64_t m) {
  * count), then each thread accumulates whole tiles of latents in a small buffer and writes them once.
  * Indices must be in [0, n) (checked by the caller); with m_bf16, M is bf16 (raw uint16 bits) and the sums
  * are float32. Returns -1 if scratch memory is unavailable. */
-/* a[0:d] = sum_s w[e_s] * M[e_s / k], e_s = entries[s]: the accumulators for 32 columns stay in
- * registers while the entries stream past (no read-modify-write of `a` per entry). */
+/* a[0:d] = sum_s ws[s] * M[rows[s]]: the accumulators for 32 columns stay in registers while the entries
+ * stream past (no read-modify-write of `a` per entry). rows and ws are the entries' rows and weights, gathered
+ * once by sort_by_latent (each entry is visited d / 32 times; no division or indirect weight load per visit). */
 #define ACCUMULATE_ROWS(NAME, ELEM, LOAD8, LOAD1) \
-static void NAME(float *restrict a, const int64_t *entries, int64_t n_entries, const float *w, int32_t k, \
-                 const ELEM *M, int64_t d) { \
+static void NAME(float *restrict a, const int64_t *rows, const float *ws, int64_t n_entries, const ELEM *M, int64_t d) { \
     int64_t q = 0; \
     for (; q + 32 <= d; q += 32) { \
         v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; \
         for (int64_t s = 0; s < n_entries; s++) { \
-            const int64_t e = entries[s]; \
-            const ELEM *m = M + (e / k) * d + q; \
-            const v8f c = {w[e], w[e], w[e], w[e], w[e], w[e], w[e], w[e]}; \
+            const ELEM *m = M + rows[s] * d + q; \
+            const v8f c = {ws[s], ws[s], ws[s], ws[s], ws[s], ws[s], ws[s], ws[s]}; \
             a0 += c * LOAD8(m); a1 += c * LOAD8(m + 8); a2 += c * LOAD8(m + 16); a3 += c * LOAD8(m + 24); \
         } \
         memcpy(a + q, &a0, 32); memcpy(a + q + 8, &a1, 32); memcpy(a + q + 16, &a2, 32); memcpy(a + q + 24, &a3, 32); \
     } \
     for (; q < d; q++) { \
         float t = 0.0f; \
-        for (int64_t s = 0; s < n_entries; s++) t += w[entries[s]] * LOAD1(M[(entries[s] / k) * d + q]); \
+        for (int64_t s = 0; s < n_entries; s++) t += ws[s] * LOAD1(M[rows[s] * d + q]); \
         a[q] = t; \
     } \
 }
@@ -227,20 +226,72 @@ ACCUMULATE_ROWS(accumulate_rows, float, load8, IDENTITY)
 ACCUMULATE_ROWS(accumulate_rows_bf16, uint16_t, load8_bf16, bf16_to_float)
 
 /* Counting sort of the n_entries = n_rows * k entries by latent, stable: entries of latent f are
- * order[start[f] .. start[f + 1]), in row order. Returns -1 if memory is unavailable (nothing allocated). */
-static int sort_by_latent(const int64_t *idx, int64_t n_entries, int64_t n, int64_t **start_out, int64_t **order_out) {
-    int64_t *start = calloc((size_t)n + 1, sizeof *start);
-    int64_t *order = malloc((size_t)(n_entries ? n_entries : 1) * sizeof *order);
-    int64_t *fill = malloc((size_t)(n ? n : 1) * sizeof *fill);
-    if (!start || !order || !fill) { free(start); free(order); free(fill); return -1; }
+ * order[start[f] .. start[f + 1]), in row order; rows[s] = order[s] / k and ws[s] = w[order[s]] (the row and
+ * the weight of each, in the same order, so the kernels divide and gather once per entry, not once per visit).
+ * One allocation, freed by the caller through *start_out. Returns -1 if memory is unavailable. */
+typedef struct { int64_t *start, *order, *rows; float *ws; } sorted_entries;
+static int sort_by_latent(const int64_t *idx, const float *w, int64_t n_entries, int32_t k, int64_t n, sorted_entries *out) {
+    const size_t ne = (size_t)(n_entries ? n_entries : 1);
+    int64_t *start = calloc((size_t)n + 1 + (size_t)n + 2 * ne + (ne + 1) / 2, sizeof *start);
+    if (!start) return -1;
+    int64_t *fill = start + n + 1, *order = fill + n, *rows = order + ne;
+    float *ws = (float *)(rows + ne);
     for (int64_t e = 0; e < n_entries; e++) start[idx[e] + 1]++;
     for (int64_t f = 0; f < n; f++) start[f + 1] += start[f];
     memcpy(fill, start, (size_t)n * sizeof *fill);
-    for (int64_t e = 0; e < n_entries; e++) order[fill[idx[e]]++] = e;
-    free(fill);
-    *start_out = start;
-    *order_out = order;
+    for (int64_t e = 0; e < n_entries; e++) {
+        const int64_t s = fill[idx[e]]++;
+        order[s] = e; rows[s] = e / k; ws[s] = w[e];
+    }
+    *out = (sorted_entries){start, order, rows, ws};
     return 0;
+}
+
+/* out[q * n + f0 + r] = acc[r * d + q] for r < rows, q < d: a [rows, d] tile written transposed into a [d, n]
+ * output, 8 x 8 blocks transposed in registers (a pure copy). Why: the scalar copy read acc down a column (stride
+ * 2 KiB at d 512) and wrote 32-float pieces 32 KiB apart, both strides that fall into one or two L1 sets; it took
+ * 4.3 of the encoder weight gradient's 16 ms on the benchmark shape. */
+static void store8(float *p, v8f x) { memcpy(p, &x, sizeof x); }
+static void transpose8x8(const float *a, int64_t lda, float *o, int64_t ldo) {
+    v8f r[8], t[8], u[8];
+    for (int i = 0; i < 8; i++) r[i] = load8(a + i * lda);
+    for (int i = 0; i < 8; i += 2) {
+        t[i] = __builtin_shufflevector(r[i], r[i + 1], 0, 8, 1, 9, 4, 12, 5, 13);
+        t[i + 1] = __builtin_shufflevector(r[i], r[i + 1], 2, 10, 3, 11, 6, 14, 7, 15);
+    }
+    for (int i = 0; i < 8; i += 4) {
+        u[i] = __builtin_shufflevector(t[i], t[i + 2], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 1] = __builtin_shufflevector(t[i], t[i + 2], 2, 3, 10, 11, 6, 7, 14, 15);
+        u[i + 2] = __builtin_shufflevector(t[i + 1], t[i + 3], 0, 1, 8, 9, 4, 5, 12, 13);
+        u[i + 3] = __builtin_shufflevector(t[i + 1], t[i + 3], 2, 3, 10, 11, 6, 7, 14, 15);
+    }
+    for (int i = 0; i < 4; i++) { /* column i from u[i] (rows 0-3) and u[i + 4] (rows 4-7), column i + 4 likewise */
+        store8(o + i * ldo, __builtin_shufflevector(u[i], u[i + 4], 0, 1, 2, 3, 8, 9, 10, 11));
+        store8(o + (i + 4) * ldo, __builtin_shufflevector(u[i], u[i + 4], 4, 5, 6, 7, 12, 13, 14, 15));
+    }
+}
+#if defined(__AVX__)
+static inline void stream8(float *p, v8f x) { _mm256_stream_ps(p, (__m256)x); }
+static inline void stream_fence(void) { _mm_sfence(); } /* streamed stores are weakly ordered: fence before the barrier */
+#else
+static inline void stream8(float *p, v8f x) { store8(p, x); }
+static inline void stream_fence(void) {}
+#endif
+static void store_transposed(const float *acc, int64_t rows, int64_t d, float *out, int64_t n) {
+    const int64_t r8 = rows & ~(int64_t)7, d8 = d & ~(int64_t)7;
+    if (rows == TILE && n % 8 == 0 && (uintptr_t)out % 32 == 0) { /* whole lines: streamed, no read for ownership */
+        float buf[8 * TILE];
+        for (int64_t q = 0; q < d8; q += 8) {
+            for (int64_t r = 0; r < TILE; r += 8) transpose8x8(acc + r * d + q, d, buf + r, TILE);
+            for (int i = 0; i < 8; i++)
+                for (int r = 0; r < TILE; r += 8) stream8(out + (q + i) * n + r, load8(buf + i * TILE + r));
+        }
+    } else {
+        for (int64_t q = 0; q < d8; q += 8)
+            for (int64_t r = 0; r < r8; r += 8) transpose8x8(acc + r * d + q, d, out + q * n + r, n);
+    }
+    for (int64_t q = 0; q < d; q++) /* the edges: columns past d8, rows past r8 */
+        for (int64_t r = q < d8 ? r8 : 0; r < rows; r++) out[q * n + r] = acc[r * d + q];
 }
 
 /* With ss_out, also *ss_out = the sum of squares of everything written (the gradient-norm by-product: each
@@ -248,11 +299,12 @@ static int sort_by_latent(const int64_t *idx, int64_t n_entries, int64_t n, int6
  * does not depend on the thread count). */
 int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, int32_t k, const void *M, int32_t m_bf16,
                            int64_t d, int64_t n, int32_t transposed, float *out, int32_t n_threads, double *ss_out) {
-    int64_t *start, *order;
-    if (sort_by_latent(idx, n_rows * k, n, &start, &order)) return -1;
+    sorted_entries se;
+    if (sort_by_latent(idx, w, n_rows * k, k, n, &se)) return -1;
+    const int64_t *start = se.start;
     int64_t n_tiles = (n + TILE - 1) / TILE;
     double *tile_ss = ss_out ? malloc((size_t)(n_tiles ? n_tiles : 1) * sizeof *tile_ss) : NULL;
-    if (ss_out && !tile_ss) { free(start); free(order); return -1; }
+    if (ss_out && !tile_ss) { free(se.start); return -1; }
     int failed = 0;
 #pragma omp parallel num_threads(n_threads) reduction(|:failed)
     {
@@ -263,20 +315,21 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
             if (!acc) continue;
             int64_t f0 = t * TILE, f1 = f0 + TILE < n ? f0 + TILE : n;
             for (int64_t f = f0; f < f1; f++) {
+                const int64_t s0 = start[f], ns = start[f + 1] - s0;
                 if (m_bf16)
-                    accumulate_rows_bf16(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
+                    accumulate_rows_bf16(acc + (f - f0) * d, se.rows + s0, se.ws + s0, ns, M, d);
                 else
-                    accumulate_rows(acc + (f - f0) * d, order + start[f], start[f + 1] - start[f], w, k, M, d);
+                    accumulate_rows(acc + (f - f0) * d, se.rows + s0, se.ws + s0, ns, M, d);
             }
             if (tile_ss) tile_ss[t] = sum_squares(acc, (f1 - f0) * d);
             if (transposed) {
-                for (int64_t q = 0; q < d; q++)
-                    for (int64_t f = f0; f < f1; f++) out[q * n + f] = acc[(f - f0) * d + q];
+                store_transposed(acc, f1 - f0, d, out + f0, n);
             } else {
                 memcpy(out + f0 * d, acc, (size_t)(f1 - f0) * (size_t)d * sizeof *acc);
             }
         }
         free(acc);
+        stream_fence();
     }
     if (tile_ss) {
         double total = 0.0;
@@ -284,20 +337,23 @@ int saekit_sparse_t_matmul(const int64_t *idx, const float *w, int64_t n_rows, i
         *ss_out = total;
         free(tile_ss);
     }
-    free(start);
-    free(order);
+    free(se.start);
     return failed ? -1 : 0;
 }
 
 /* -- fused backward of a sparse decode ---------------------------------------------------------------- */
-/* For one latent f: gw[0:d] = sum_s vals[e_s] * M[e_s / k] (the decoder-weight gradient row) and
- * gv[e_s] = W[f] . M[e_s / k] (the gradient of each selected value), e_s = entries[s], in one pass over the
- * rows of M: the separate gather_dot + sparse_t_matmul read ~2^17 random rows twice (once of W, once of
- * M); here each M row is read once and W[f] once per latent. dacc holds one vector of dot partials per entry. */
+/* For one latent f: gw[0:d] = sum_s vs[s] * M[rows[s]] (the decoder-weight gradient row) and
+ * gv[e_s] = W[f] . M[rows[s]] (the gradient of each selected value), e_s = entries[s], rows[s] = e_s / k,
+ * vs[s] = vals[e_s], in one pass over the rows of M: the separate gather_dot + sparse_t_matmul read ~2^17 random
+ * rows twice (once of W, once of M); here each M row is read once and W[f] once per latent. dacc holds one vector
+ * of dot partials per entry. Measured no faster here and in the encoder weight gradient (one thread, benchmark
+ * shape): streamed gW stores, rows and weights gathered once instead of e / k per visit (kept: simpler loops), prefetching the next
+ * latent's rows, a column-strip-outer order that keeps M's [n_rows, 128] slice in L2 (the per-byte gather cost
+ * was the same for an L2-resident M: the time is the ~4M single-use line fills, not where they come from). */
 static inline float hsum8(v8f a) { float s = 0.0f; for (int t = 0; t < 8; t++) s += a[t]; return s; }
 #define DECODE_BWD_LATENT(NAME, ELEM, LOAD8, LOAD1) \
 static void NAME(float *restrict gw, float *restrict gv, v8f *restrict dacc, const float *wf, const int64_t *entries, \
-                 int64_t n_e, const float *vals, int32_t k, const ELEM *M, int64_t d) { \
+                 const int64_t *rows, const float *vs, int64_t n_e, const ELEM *M, int64_t d) { \
     const v8f zero = {0}; \
     for (int64_t s = 0; s < n_e; s++) dacc[s] = zero; \
     int64_t q = 0; \
@@ -305,9 +361,8 @@ static void NAME(float *restrict gw, float *restrict gv, v8f *restrict dacc, con
         const v8f w0 = load8(wf + q), w1 = load8(wf + q + 8), w2 = load8(wf + q + 16), w3 = load8(wf + q + 24); \
         v8f a0 = {0}, a1 = {0}, a2 = {0}, a3 = {0}; \
         for (int64_t s = 0; s < n_e; s++) { \
-            const int64_t e = entries[s]; \
-            const ELEM *m = M + (e / k) * d + q; \
-            const v8f c = {vals[e], vals[e], vals[e], vals[e], vals[e], vals[e], vals[e], vals[e]}; \
+            const ELEM *m = M + rows[s] * d + q; \
+            const v8f c = {vs[s], vs[s], vs[s], vs[s], vs[s], vs[s], vs[s], vs[s]}; \
             const v8f g0 = LOAD8(m), g1 = LOAD8(m + 8), g2 = LOAD8(m + 16), g3 = LOAD8(m + 24); \
             a0 += c * g0; a1 += c * g1; a2 += c * g2; a3 += c * g3; \
             dacc[s] += (w0 * g0 + w1 * g1) + (w2 * g2 + w3 * g3); \
@@ -317,9 +372,8 @@ static void NAME(float *restrict gw, float *restrict gv, v8f *restrict dacc, con
     for (; q < d; q++) { \
         float t = 0.0f; \
         for (int64_t s = 0; s < n_e; s++) { \
-            const int64_t e = entries[s]; \
-            const float g = LOAD1(M[(e / k) * d + q]); \
-            t += vals[e] * g; \
+            const float g = LOAD1(M[rows[s] * d + q]); \
+            t += vs[s] * g; \
             dacc[s][0] += wf[q] * g; \
         } \
         gw[q] = t; \
@@ -336,8 +390,9 @@ DECODE_BWD_LATENT(decode_bwd_latent_bf16, uint16_t, load8_bf16, bf16_to_float)
 int saekit_decode_backward(const int64_t *idx, const float *vals, int64_t n_rows, int32_t k, const float *W,
                            const void *M, int32_t m_bf16, int64_t d, int64_t n, float *gW, float *gvals,
                            int32_t n_threads) {
-    int64_t *start, *order;
-    if (sort_by_latent(idx, n_rows * k, n, &start, &order)) return -1;
+    sorted_entries se;
+    if (sort_by_latent(idx, vals, n_rows * k, k, n, &se)) return -1;
+    const int64_t *start = se.start;
     int64_t most = 1;
     for (int64_t f = 0; f < n; f++) most = start[f + 1] - start[f] > most ? start[f + 1] - start[f] : most;
     int failed = 0;
@@ -348,17 +403,15 @@ int saekit_decode_backward(const int64_t *idx, const float *vals, int64_t n_rows
 #pragma omp for schedule(dynamic, 64)
         for (int64_t f = 0; f < n; f++) {
             if (!dacc) continue;
+            const int64_t s0 = start[f], ns = start[f + 1] - s0;
             if (m_bf16)
-                decode_bwd_latent_bf16(gW + f * d, gvals, dacc, W + f * d, order + start[f], start[f + 1] - start[f],
-                                       vals, k, M, d);
+                decode_bwd_latent_bf16(gW + f * d, gvals, dacc, W + f * d, se.order + s0, se.rows + s0, se.ws + s0, ns, M, d);
             else
-                decode_bwd_latent(gW + f * d, gvals, dacc, W + f * d, order + start[f], start[f + 1] - start[f],
-                                  vals, k, M, d);
+                decode_bwd_latent(gW + f * d, gvals, dacc, W + f * d, se.order + s0, se.rows + s0, se.ws + s0, ns, M, d);
         }
         free(dacc);
     }
-    free(start);
-    free(order);
+    free(se.start);
     return failed ? -1 : 0;
 }
 

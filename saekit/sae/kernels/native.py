@@ -128,8 +128,9 @@ def _declare(lib: ctypes.CDLL) -> ctypes.CDLL:
     lib.saekit_rows_remove_parallel.restype = ctypes.c_int
     lib.saekit_rows_unit_norm.argtypes = [p, i64, i64, i32]
     lib.saekit_rows_unit_norm.restype = None
-    lib.saekit_topk_rows_bf16_bisect.argtypes = [p, p, i64, i64, i32, p, p, i32]
-    lib.saekit_topk_rows_bf16_bisect.restype = ctypes.c_int
+    for name in ("saekit_topk_rows_bisect", "saekit_topk_rows_bf16_bisect"):
+        getattr(lib, name).argtypes = [p, p, i64, i64, i32, p, p, i32]
+        getattr(lib, name).restype = ctypes.c_int
     lib.saekit_embed_sum_rows_bf16.argtypes = [p, p, i64, i32, p, i64, p, i32]
     lib.saekit_embed_sum_rows_bf16.restype = None
     lib.saekit_filter_prep.argtypes = [p, i64, i64, p, p, i32]
@@ -183,21 +184,25 @@ def topk_rows(pre_BF: Tensor, k: int, bias_F: Tensor | None = None) -> tuple[Ten
         return None
     vals = torch.empty(B, k, dtype=torch.float32)
     idx = torch.empty(B, k, dtype=torch.int64)
-    fn = lib.saekit_topk_rows if pre_BF.dtype == torch.float32 else _topk_bf16_fn(lib, F)
+    fn = _topk_fn(lib, pre_BF.dtype, F)
     status = fn(pre_BF.data_ptr(), bias_F.data_ptr() if bias_F is not None else None, B, F, k, vals.data_ptr(),
                 idx.data_ptr(), _threads(B))
     return (vals, idx) if status == 0 else None
 
 
 BISECT = {"on": True}
-"""Test hook: False gives native.c's heap top-k for bf16 too (the two are compared in tests/test_bf16_cpu.py)."""
+"""Test hook: False gives native.c's heap top-k (the two are compared in tests/test_native.py, tests/test_bf16_cpu.py)."""
 
 
-def _topk_bf16_fn(lib: ctypes.CDLL, F: int):
-    """The bf16 top-k: `native_bf16.c`'s bisection kernel (~0.6x the time at k 32 on the benchmark shape: its
-    thresholds take no data-dependent heap sifts) where d_sae is a multiple of 256, else native.c's heap kernel.
-    Both return the same set (ties: the lower latent index)."""
-    return lib.saekit_topk_rows_bf16_bisect if BISECT["on"] and F % 256 == 0 else lib.saekit_topk_rows_bf16
+def _topk_fn(lib: ctypes.CDLL, dtype: torch.dtype, F: int):
+    """`native_bf16.c`'s bisection kernel (one body for float32 and bf16 rows; its thresholds take no
+    data-dependent heap sifts: at k 32 on the benchmark shape ~0.6x the time for bf16 and for float32) where
+    d_sae is a multiple of 256, else native.c's heap kernel. Both return the same values (the bisection: ties to
+    the lower latent index)."""
+    bisect = BISECT["on"] and F % 256 == 0
+    if dtype == torch.float32:
+        return lib.saekit_topk_rows_bisect if bisect else lib.saekit_topk_rows
+    return lib.saekit_topk_rows_bf16_bisect if bisect else lib.saekit_topk_rows_bf16
 
 
 def check_indices(idx: Tensor, n: int) -> None:

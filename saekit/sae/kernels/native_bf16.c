@@ -1,5 +1,7 @@
 /* saekit native kernels of the CPU bf16 step (`precision: bf16`), reading bf16 (raw uint16 bits) and computing in
- * float32: the row-wise top-k of the bf16 encoder product and the sparse decode's gather. Built into the same
+ * float32: the row-wise top-k of the bf16 encoder product and the sparse decode's gather. The bisection top-k is one
+ * body for bf16 and float32 rows: the dense float32 step selects with it too (26 -> 17 ms alone on the benchmark
+ * shape, one thread; native.c's heap kernel stays for widths that are not a multiple of 256). Built into the same
  * library as native.c (see native.py), called from kernels/sparse.py under CPU bf16 autocast; each has a torch
  * reference and native.c's kernel it is tested against (tests/test_bf16_cpu.py).
  *
@@ -92,82 +94,90 @@ static int32_t kth_key(const int32_t *key, int64_t n, int64_t k, int shift) {
 
 typedef struct { int32_t *bkey, *ckey; float *cval; int64_t *cidx; } topk_scratch; /* per thread */
 
+/* okey of x + 0: -0 becomes +0 first, so the two zeros are one key (they are one value, and a tie between them goes
+ * to the lower index, as between any equal values) */
+static inline v8i okey8(v8f x) { const v8i r = (v8i)(x + splat8(0.0f)); return r ^ ((r >> 31) & 0x7fffffff); }
+
 /* One row: pass 1 reads every block (pre + bias) for its maximum; T = the k-th largest block maximum (rounded
  * down to a multiple of 2^16 in key order) bounds the row's k-th largest value from below, so pass 2 collects, from the blocks whose maximum is >= T, every element
  * >= T (at least k); the answer is the k largest of those: all above their k-th largest value, then the ones
- * equal to it in index order (the lower index wins a tie, as native.c's heap, which keeps the first seen).
- * Returns 1 if the row holds a NaN (outputs unspecified), else 0. */
-static int topk_row_bf16_bisect(const uint16_t *row, const float *bias, int64_t nb, int32_t k, float *vals,
-                                int64_t *idx, topk_scratch *s) {
-    v8i nan_acc = {0};
-    int64_t b = 0;
-    for (; b < nb; b += 8) { /* nb % 8 == 0 (checked by the caller): eight block maxima per shuffle tree */
-        v8f m[8];
-        for (int u = 0; u < 8; u++) {
-            const uint16_t *p = row + (b + u) * BSZ;
-            v8f x0 = ld8_bf16(p), x1 = ld8_bf16(p + 8), x2 = ld8_bf16(p + 16), x3 = ld8_bf16(p + 24);
-            if (bias) {
-                const float *c = bias + (b + u) * BSZ;
-                x0 += load8(c); x1 += load8(c + 8); x2 += load8(c + 16); x3 += load8(c + 24);
-            }
-            nan_acc |= unord8(x0, x1) | unord8(x2, x3);
-            m[u] = vmax8(vmax8(x0, x1), vmax8(x2, x3));
-        }
-        const v8i r = (v8i)hmax8x8(m);
-        const v8i key = r ^ ((r >> 31) & 0x7fffffff);
-        memcpy(s->bkey + b, &key, sizeof key);
-    }
-    if (movemask8(nan_acc)) return 1;
-    const int32_t T = kth_key(s->bkey, nb, k, 16); /* <= the k-th largest block maximum <= the k-th largest value */
-    const int32_t Tb = T ^ ((T >> 31) & 0x7fffffff); /* okey is its own inverse */
-    float Tf;
-    memcpy(&Tf, &Tb, 4);
-    const v8f Tv = splat8(Tf);
-    int64_t n = 0;
-    for (b = 0; b < nb; b++) {
-        if (s->bkey[b] < T) continue;
-        const uint16_t *p = row + b * BSZ;
-        const float *c = bias ? bias + b * BSZ : NULL;
-        v8f x[4] = {ld8_bf16(p), ld8_bf16(p + 8), ld8_bf16(p + 16), ld8_bf16(p + 24)};
-        if (c) for (int u = 0; u < 4; u++) x[u] += load8(c + 8 * u);
-        uint32_t mask = (uint32_t)movemask8((v8i)(x[0] >= Tv)) | (uint32_t)movemask8((v8i)(x[1] >= Tv)) << 8
-                        | (uint32_t)movemask8((v8i)(x[2] >= Tv)) << 16 | (uint32_t)movemask8((v8i)(x[3] >= Tv)) << 24;
-        float xs[BSZ];
-        memcpy(xs, x, sizeof xs);
-        while (mask) { /* float >= Tf: a superset of key >= T (-0 vs +0), harmless: the selection below uses keys */
-            const int q = __builtin_ctz(mask);
-            mask &= mask - 1;
-            s->ckey[n] = okey(xs[q]); s->cval[n] = xs[q]; s->cidx[n] = b * BSZ + q; n++;
-        }
-    }
-    const int32_t t = n == k ? INT32_MIN : kth_key(s->ckey, n, k, 0);
-    int32_t m = 0;
-    for (int64_t i = 0; i < n; i++)
-        if (s->ckey[i] > t) { vals[m] = s->cval[i]; idx[m] = s->cidx[i]; m++; }
-    for (int64_t i = 0; i < n && m < k; i++)
-        if (s->ckey[i] == t) { vals[m] = s->cval[i]; idx[m] = s->cidx[i]; m++; }
-    return 0;
+ * equal to it in index order (the lower index wins a tie).
+ * Returns 1 if the row holds a NaN (outputs unspecified), else 0. One body for float32 and bf16 rows (ELEM, LOAD8). */
+#define TOPK_ROW_BISECT(NAME, ELEM, LOAD8) \
+static int NAME(const ELEM *row, const float *bias, int64_t nb, int32_t k, float *vals, int64_t *idx, topk_scratch *s) { \
+    v8i nan_acc = {0}; \
+    int64_t b = 0; \
+    for (; b < nb; b += 8) { /* nb % 8 == 0 (checked by the caller): eight block maxima per shuffle tree */ \
+        v8f m[8]; \
+        for (int u = 0; u < 8; u++) { \
+            const ELEM *p = row + (b + u) * BSZ; \
+            v8f x0 = LOAD8(p), x1 = LOAD8(p + 8), x2 = LOAD8(p + 16), x3 = LOAD8(p + 24); \
+            if (bias) { \
+                const float *c = bias + (b + u) * BSZ; \
+                x0 += load8(c); x1 += load8(c + 8); x2 += load8(c + 16); x3 += load8(c + 24); \
+            } \
+            nan_acc |= unord8(x0, x1) | unord8(x2, x3); \
+            m[u] = vmax8(vmax8(x0, x1), vmax8(x2, x3)); \
+        } \
+        const v8i key = okey8(hmax8x8(m)); \
+        memcpy(s->bkey + b, &key, sizeof key); \
+    } \
+    if (movemask8(nan_acc)) return 1; \
+    const int32_t T = kth_key(s->bkey, nb, k, 16); /* <= the k-th largest block maximum <= the k-th largest value */ \
+    const int32_t Tb = T ^ ((T >> 31) & 0x7fffffff); /* okey is its own inverse */ \
+    float Tf; \
+    memcpy(&Tf, &Tb, 4); \
+    const v8f Tv = splat8(Tf); \
+    int64_t n = 0; \
+    for (b = 0; b < nb; b++) { \
+        if (s->bkey[b] < T) continue; \
+        const ELEM *p = row + b * BSZ; \
+        const float *c = bias ? bias + b * BSZ : NULL; \
+        v8f x[4] = {LOAD8(p), LOAD8(p + 8), LOAD8(p + 16), LOAD8(p + 24)}; \
+        if (c) for (int u = 0; u < 4; u++) x[u] += load8(c + 8 * u); \
+        uint32_t mask = (uint32_t)movemask8((v8i)(x[0] >= Tv)) | (uint32_t)movemask8((v8i)(x[1] >= Tv)) << 8 \
+                        | (uint32_t)movemask8((v8i)(x[2] >= Tv)) << 16 | (uint32_t)movemask8((v8i)(x[3] >= Tv)) << 24; \
+        float xs[BSZ]; \
+        memcpy(xs, x, sizeof xs); \
+        while (mask) { /* float >= Tf: a superset of key >= T, harmless: the selection below uses keys */ \
+            const int q = __builtin_ctz(mask); \
+            mask &= mask - 1; \
+            s->ckey[n] = okey(xs[q] + 0.0f); s->cval[n] = xs[q]; s->cidx[n] = b * BSZ + q; n++; \
+        } \
+    } \
+    const int32_t t = n == k ? INT32_MIN : kth_key(s->ckey, n, k, 0); \
+    int32_t m = 0; \
+    for (int64_t i = 0; i < n; i++) \
+        if (s->ckey[i] > t) { vals[m] = s->cval[i]; idx[m] = s->cidx[i]; m++; } \
+    for (int64_t i = 0; i < n && m < k; i++) \
+        if (s->ckey[i] == t) { vals[m] = s->cval[i]; idx[m] = s->cidx[i]; m++; } \
+    return 0; \
 }
+TOPK_ROW_BISECT(topk_row_bf16_bisect, uint16_t, ld8_bf16)
+TOPK_ROW_BISECT(topk_row_f32_bisect, float, load8)
 
-/* Row-wise top-k of pre (bf16 [n_rows, n_cols]) + bias (float32 [n_cols] or NULL) on n_threads threads, the k
- * values float32 (the bf16 values exactly, plus the bias), unordered. Requires n_cols % 256 == 0 and
- * 1 <= k <= n_cols / 32. Returns 1 if a NaN was seen (the caller falls back to torch.topk), -1 on bad sizes or
- * no memory, else 0. */
-int saekit_topk_rows_bf16_bisect(const uint16_t *pre, const float *bias, int64_t n_rows, int64_t n_cols, int32_t k,
-                                 float *vals, int64_t *idx, int32_t n_threads) {
-    const int64_t nb = n_cols / BSZ;
-    if (k < 1 || n_cols % (8 * BSZ) || k > nb) return -1;
-    int nan_seen = 0, failed = 0;
-#pragma omp parallel num_threads(n_threads) reduction(|:nan_seen, failed)
-    {
-        topk_scratch s = {malloc((size_t)nb * 4), malloc((size_t)n_cols * 4), malloc((size_t)n_cols * 4),
-                          malloc((size_t)n_cols * 8)};
-        const int ok = s.bkey && s.ckey && s.cval && s.cidx;
-        failed |= !ok;
-#pragma omp for schedule(static)
-        for (int64_t r = 0; r < n_rows; r++)
-            if (ok) nan_seen |= topk_row_bf16_bisect(pre + r * n_cols, bias, nb, k, vals + r * k, idx + r * k, &s);
-        free(s.bkey); free(s.ckey); free(s.cval); free(s.cidx);
-    }
-    return failed ? -1 : nan_seen;
+/* Row-wise top-k of pre ([n_rows, n_cols], float32 or bf16 raw bits: ELEM) + bias (float32 [n_cols] or NULL) on
+ * n_threads threads, the k values float32 (the stored values exactly, plus the bias), unordered. Requires
+ * n_cols % 256 == 0 and 1 <= k <= n_cols / 32. Returns 1 if a NaN was seen (the caller falls back to torch.topk),
+ * -1 on bad sizes or no memory, else 0. */
+#define TOPK_ROWS_BISECT(NAME, ROW, ELEM) \
+int NAME(const ELEM *pre, const float *bias, int64_t n_rows, int64_t n_cols, int32_t k, float *vals, int64_t *idx, \
+         int32_t n_threads) { \
+    const int64_t nb = n_cols / BSZ; \
+    if (k < 1 || n_cols % (8 * BSZ) || k > nb) return -1; \
+    int nan_seen = 0, failed = 0; \
+_Pragma("omp parallel num_threads(n_threads) reduction(|:nan_seen, failed)") \
+    { \
+        topk_scratch s = {malloc((size_t)nb * 4), malloc((size_t)n_cols * 4), malloc((size_t)n_cols * 4), \
+                          malloc((size_t)n_cols * 8)}; \
+        const int ok = s.bkey && s.ckey && s.cval && s.cidx; \
+        failed |= !ok; \
+_Pragma("omp for schedule(static)") \
+        for (int64_t r = 0; r < n_rows; r++) \
+            if (ok) nan_seen |= ROW(pre + r * n_cols, bias, nb, k, vals + r * k, idx + r * k, &s); \
+        free(s.bkey); free(s.ckey); free(s.cval); free(s.cidx); \
+    } \
+    return failed ? -1 : nan_seen; \
 }
+TOPK_ROWS_BISECT(saekit_topk_rows_bf16_bisect, topk_row_bf16_bisect, uint16_t)
+TOPK_ROWS_BISECT(saekit_topk_rows_bisect, topk_row_f32_bisect, float)
