@@ -32,19 +32,20 @@ def run(filter_on: bool, batches, held_BD, lr: float, clock) -> dict:
     from saekit.sae.kernels import native_filter
     from saekit.sae.topk import TopKConfig, TopKSAE
 
-    os.environ["SAEKIT_BF16_FILTER"] = "1" if filter_on else "0"
-    sae = TopKSAE(TopKConfig(d_in=bt.D_IN, d_sae=bt.D_SAE, k=bt.K, seed=0))
-    sae.init_from_data(batches[0])
-    opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
-    native_filter.reset_stats()
-    t = clock()
-    for x in batches:
-        bt.saekit_step(sae, opt, x)
-    dt = clock() - t
-    stats = dict(native_filter.STATS)
-    sae.eval()
-    with torch.no_grad():
-        return {"s": dt, "fvu": bt.fvu(held_BD, sae(held_BD).recon), "stats": stats, "path": native_filter.summary()}
+    with bt.bf16_filter(filter_on):
+        sae = TopKSAE(TopKConfig(d_in=bt.D_IN, d_sae=bt.D_SAE, k=bt.K, seed=0))
+        sae.init_from_data(batches[0])
+        opt = torch.optim.Adam(sae.parameters(), lr=lr, fused=True)
+        native_filter.reset_stats()
+        t = clock()
+        for x in batches:
+            bt.saekit_step(sae, opt, x)
+        dt = clock() - t
+        stats = dict(native_filter.STATS)
+        sae.eval()
+        with torch.no_grad():
+            return {"s": dt, "fvu": bt.fvu(held_BD, sae(held_BD).recon), "stats": stats,
+                    "path": native_filter.summary()}
 
 
 def main() -> None:
@@ -68,7 +69,6 @@ def main() -> None:
         for name in (["filter", "dense"] if r % 2 == 0 else ["dense", "filter"]):
             res[name].append(run(name == "filter", batches, held_BD, lr, clock))
             print(f"round {r} {name}: {res[name][-1]['s'] / a.steps * 1e3:.1f} ms/step", file=sys.stderr)
-    os.environ.pop("SAEKIT_BF16_FILTER", None)
     med = statistics.median
     step_ms = {n: round(med(v["s"] for v in res[n]) / a.steps * 1e3, 1) for n in res}
     f = res["filter"][-1]["stats"]

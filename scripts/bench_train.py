@@ -345,18 +345,26 @@ def main() -> None:
     }))
 
 
-def _dense(fn):
-    """`fn()` with the certified bf16 pre-filter switched off (`SAEKIT_BF16_FILTER=0`, which
-    `native_filter.enabled()` reads at every call), the variable restored after."""
+@contextlib.contextmanager
+def bf16_filter(on: bool):
+    """The certified bf16 pre-filter switched on or off inside the block (`SAEKIT_BF16_FILTER`, which
+    `native_filter.enabled()` reads at every call), the variable restored after (shared by bench_filter.py
+    and profile_step.py)."""
     before = os.environ.get("SAEKIT_BF16_FILTER")
-    os.environ["SAEKIT_BF16_FILTER"] = "0"
+    os.environ["SAEKIT_BF16_FILTER"] = "1" if on else "0"
     try:
-        return fn()
+        yield
     finally:
         if before is None:
             os.environ.pop("SAEKIT_BF16_FILTER")
         else:
             os.environ["SAEKIT_BF16_FILTER"] = before
+
+
+def _dense(fn):
+    """`fn()` on the dense float32 product (the pre-filter off)."""
+    with bf16_filter(False):
+        return fn()
 
 
 def _filter_summary(runs: list[dict]) -> dict:

@@ -126,20 +126,22 @@ def ranges(clock: Clock):
 
 def step(sae, opt, x_BD, precision: str, clock: Clock | None = None):
     """train_step's compute (saekit/train/step.py), in its order."""
+    from saekit.sae.kernels import grad_sumsq
     from saekit.train.precision import autocast_for
-    from saekit.train.step import clip_
+    from saekit.train.step import clip_, grad_norm
 
     rng = clock.range if clock else (lambda name: contextlib.nullcontext())
     with autocast_for(precision, "cpu"):
         out = sae(x_BD)
         loss = sae.loss(x_BD, out)
     opt.zero_grad(set_to_none=True)
-    loss.total.backward()
-    sae.before_optimizer_step()
-    with rng("grad_norm"):
-        norm = torch.nn.utils.get_total_norm([q.grad for q in sae.parameters() if q.grad is not None])
-        float(norm)
-        clip_(sae, 1.0, norm)
+    with grad_sumsq.collecting():  # the norm as train_step takes it: the kernels' sums of squares
+        loss.total.backward()
+        sae.before_optimizer_step()
+        with rng("grad_norm"):
+            norm = grad_norm([q.grad for q in sae.parameters() if q.grad is not None])
+            float(norm)
+            clip_(sae, 1.0, norm)
     with rng("adam"):
         opt.step()
     sae.after_optimizer_step()
@@ -156,8 +158,7 @@ def make(batches, lr):
 def profile_variant(batches, lr, precision: str, filter_on: bool, n_steps: int, trace: str | None) -> dict:
     from saekit.sae.kernels import native_filter
 
-    os.environ["SAEKIT_BF16_FILTER"] = "1" if filter_on else "0"
-    try:
+    with bt.bf16_filter(filter_on):
         sae, opt = make(batches, lr)
         for x in batches[:2]:  # warm-up: allocations, the workspace, Adam's state
             step(sae, opt, x, precision)
@@ -176,8 +177,6 @@ def profile_variant(batches, lr, precision: str, filter_on: bool, n_steps: int, 
         if trace:
             prof.export_chrome_trace(f"{trace}-{precision}-{'filter' if filter_on else 'dense'}.json")
         path = native_filter.summary()["path"]
-    finally:
-        os.environ.pop("SAEKIT_BF16_FILTER", None)
     ms = {k: v / n_steps * 1e3 for k, v in clock.parts.items()}
     named = {k: round(v, 1) for k, v in sorted(ms.items(), key=lambda kv: -kv[1]) if not k.startswith("op:")}
     ops = sorted(((k, v) for k, v in ms.items() if k.startswith("op:")), key=lambda kv: -kv[1])
